@@ -1,0 +1,166 @@
+"""The whole optimizer, and ascent from any Optax optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import optax
+
+from gradient_ascent_jax import progress
+from gradient_ascent_jax import schedules
+from gradient_ascent_jax import transforms
+from gradient_ascent_jax import validation
+
+
+def gradient_ascent(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    momentum: jax.typing.ArrayLike = 0.9,
+    beta: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    nesterov: bool = False,
+    clip_value: Optional[jax.typing.ArrayLike] = None,
+    lr_decay: Optional[jax.typing.ArrayLike] = None,
+    warmup_steps: jax.typing.ArrayLike = 0,
+    logging_interval: Optional[jax.typing.ArrayLike] = 10,
+    *,
+    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
+
+  Give it the gradient of the objective to MAXIMIZE; the updates it returns
+  increase that objective when added with ``optax.apply_updates``. It is the
+  chain::
+
+    log_progress (if logging_interval) -> flip_sign -> clip_by_value (if
+    clip_value) -> scale_by_adaptive_rms -> momentum -> scale_by_warmup_decay
+
+  With ``clip_value=None, nesterov=False`` this is
+  ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, momentum=momentum,
+  maximize=True)`` under a ``LambdaLR`` with the warmup/decay factor.
+
+  Args:
+    learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``).
+    momentum: momentum coefficient in ``[0, 1)``.
+    beta: decay of the squared-gradient average in ``[0, 1)``.
+    eps: > 0, added to the root mean square.
+    nesterov: standard Nesterov momentum.
+    clip_value: clip gradients element-wise to ``[-clip_value, clip_value]``;
+      None (default) for no clipping.
+    lr_decay: multiply the rate by this factor once per step; None for none.
+    warmup_steps: linear warmup over this many steps; 0 for none.
+    logging_interval: log progress every N steps; None or 0 for off.
+    accumulator_dtype: dtype of the two moment buffers; default: the params'.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.chain``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import gradient_ascent_jax as gax
+    >>> objective = lambda x: -jnp.sum((x - 3.0) ** 2)  # maximum at x = 3
+    >>> tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=None)
+    >>> x = jnp.zeros(2)
+    >>> state = tx.init(x)
+    >>> for _ in range(200):
+    ...   updates, state = tx.update(jax.grad(objective)(x), state, x)
+    ...   x = optax.apply_updates(x, updates)
+    >>> bool(jnp.allclose(x, 3.0, atol=0.05))
+    True
+  """
+  validation.check_learning_rate("learning_rate", learning_rate)
+  validation.check_decay_rate("momentum", momentum)
+  validation.check_decay_rate("beta", beta)
+  validation.check_optional_positive(
+      "eps", eps, "eps guards the division; use a small value such as 1e-8."
+  )
+  validation.check_bool("nesterov", nesterov)
+  validation.check_optional_positive(
+      "clip_value", clip_value, "Use None for no clipping."
+  )
+  validation.check_lr_decay(lr_decay)
+  validation.check_count(
+      "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
+  )
+  validation.check_logging_interval(logging_interval)
+
+  schedule = schedules.warmup_decay_schedule(
+      learning_rate, warmup_steps, lr_decay
+  )
+  stages = []
+  if validation.logging_enabled(logging_interval):
+    stages.append(progress.log_progress(logging_interval, schedule))
+  stages.append(transforms.flip_sign())
+  if clip_value is not None:
+    stages.append(transforms.clip_by_value(clip_value))
+  stages += [
+      transforms.scale_by_adaptive_rms(
+          beta, eps, accumulator_dtype=accumulator_dtype
+      ),
+      transforms.momentum(
+          momentum, nesterov, accumulator_dtype=accumulator_dtype
+      ),
+      transforms.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
+  ]
+  return optax.chain(*stages)
+
+
+_OBJECTIVE_ARGS = ("value", "grad")
+
+
+def maximize(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Turns any Optax (descent) optimizer into an ascent optimizer.
+
+  The incoming gradients are negated before ``tx`` sees them, so ``tx``
+  descends on ``-objective``: its momentum and statistics see the right sign
+  and decoupled weight decay still shrinks the weights. The state is exactly
+  ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
+  it was). The extra arguments ``value`` and ``grad`` are negated and
+  ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
+  optimizers such as ``optax.lbfgs()`` maximize too.
+
+  Args:
+    tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with the state of ``tx``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import gradient_ascent_jax as gax
+    >>> objective = lambda x: -jnp.sum((x - 1.0) ** 2)
+    >>> tx = gax.maximize(optax.sgd(0.1))
+    >>> x = jnp.zeros(1)
+    >>> state = tx.init(x)
+    >>> updates, state = tx.update(jax.grad(objective)(x), state, x)
+    >>> optax.apply_updates(x, updates)  # moves towards the maximum at 1
+    Array([0.2], dtype=float32)
+  """
+  if not isinstance(tx, optax.GradientTransformation):
+    hint = ""
+    if callable(tx):
+      hint = " It looks like a factory: call it, e.g. optax.adam(1e-3)."
+    raise TypeError(
+        "maximize expects an optax.GradientTransformation such as "
+        f"optax.adam(1e-3), got {tx!r}.{hint}"
+    )
+  inner = optax.with_extra_args_support(tx)
+
+  def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
+    extra_args = dict(extra_args)
+    for key in _OBJECTIVE_ARGS:
+      if extra_args.get(key) is not None:
+        extra_args[key] = transforms.negate(extra_args[key])
+    value_fn = extra_args.get("value_fn")
+    if value_fn is not None:
+      extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
+    return extra_args
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return inner.update(
+        transforms.negate(updates), state, params, **negate_objective(extra_args)
+    )
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

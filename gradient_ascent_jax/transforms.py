@@ -1,0 +1,308 @@
+"""The composable stages of gradient ascent, each a pure Optax transform.
+
+Every stage is odd in its input (``f(-g) = -f(g)``), so the order of the sign
+flip does not change the result; it comes first because that is what
+``maximize`` needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradient_ascent_jax import schedules
+from gradient_ascent_jax import validation
+
+
+class ScaleByAdaptiveRmsState(NamedTuple):
+  """State of :func:`scale_by_adaptive_rms`."""
+
+  second_moment: optax.Updates
+
+
+class MomentumState(NamedTuple):
+  """State of :func:`momentum`."""
+
+  velocity: optax.Updates
+
+
+class ScaleByWarmupDecayState(NamedTuple):
+  """State of :func:`scale_by_warmup_decay`: steps already taken (int32)."""
+
+  count: chex.Array
+
+
+def negate(tree: Any) -> Any:
+  """Element-wise ``-x`` of every leaf; ``None`` leaves stay ``None``."""
+  return jax.tree.map(jnp.negative, tree)
+
+
+def flip_sign() -> optax.GradientTransformation:
+  """Negates the updates, ``u -> -u``: the flip that turns descent into ascent.
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> tx = gax.flip_sign()
+    >>> tx.update(jnp.array([1.0, -2.0]), tx.init(None))[0]
+    Array([-1.,  2.], dtype=float32)
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    return negate(updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformation:
+  """Clips every element of the updates to ``[-clip_value, clip_value]``.
+
+  Args:
+    clip_value: bound > 0. May be a JAX scalar or tracer.
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> tx = gax.clip_by_value(1.0)
+    >>> tx.update(jnp.array([0.5, -3.0, 2.0]), tx.init(None))[0]
+    Array([ 0.5, -1. ,  1. ], dtype=float32)
+  """
+  validation.check_optional_positive(
+      "clip_value", clip_value, "Use None for no clipping."
+  )
+
+  def clip_leaf(u):
+    bound = jnp.asarray(clip_value, u.dtype)
+    return jnp.clip(u, -bound, bound)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(clip_leaf, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _compute_dtype(*dtypes) -> jnp.dtype:
+  # float16/bfloat16 state is updated in float32: beta=0.999 rounds to 1 in
+  # bfloat16, and eps=1e-8 flushes to 0 in float16 (0/0 on zero gradients).
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
+def _init_accumulator(params, accumulator_dtype, transform: str):
+  validation.check_floating_params(params, transform)
+  return optax.tree.zeros_like(params, dtype=accumulator_dtype)
+
+
+def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
+  """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
+  try:
+    chex.assert_trees_all_equal_structs(updates, accumulator)
+    chex.assert_trees_all_equal_shapes(updates, accumulator)
+    if accumulator_dtype is None:
+      chex.assert_trees_all_equal_dtypes(updates, accumulator)
+  except AssertionError as error:
+    raise ValueError(
+        f"{transform}: the gradients do not match the optimizer state, which "
+        "was initialised from the params. Pass gradients with the same tree "
+        "structure, shapes and dtypes as those params (or re-run init). "
+        f"Details: {error}"
+    ) from None
+
+
+def scale_by_adaptive_rms(
+    beta: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """Divides each element by the root of an EMA of its square (RMSprop).
+
+  With ``h`` the incoming update::
+
+    m_t = beta * m_{t-1} + (1 - beta) * h**2     # m_0 = 0, no bias correction
+    s   = h / (sqrt(m_t) + eps)                  # eps outside the sqrt
+
+  The new second moment saturates at the largest finite value of its dtype
+  instead of overflowing to ``inf``: an inf moment would pin every later step
+  of that element to zero forever, a saturated one decays back by ``beta``
+  per step. float16/bfloat16 state is updated in float32 and stored back.
+
+  Args:
+    beta: decay of the second-moment average, in ``[0, 1)``.
+    eps: added to the root mean square, > 0.
+    accumulator_dtype: dtype of ``second_moment``; default: that of params.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`ScaleByAdaptiveRmsState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> tx = gax.scale_by_adaptive_rms(beta=0.75, eps=0.0001)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> s, state = tx.update(jnp.array([2.0]), state)  # 2 / (sqrt(1) + eps)
+    >>> float(s[0]), float(state.second_moment[0])
+    (1.999800..., 1.0)
+
+  References:
+    Tieleman and Hinton, 2012, Lecture 6.5 - rmsprop, COURSERA.
+  """
+  validation.check_decay_rate("beta", beta)
+  validation.check_optional_positive(
+      "eps", eps, "eps guards the division; use a small value such as 1e-8."
+  )
+  name = "scale_by_adaptive_rms"
+
+  def init_fn(params):
+    second_moment = _init_accumulator(params, accumulator_dtype, name)
+    return ScaleByAdaptiveRmsState(second_moment=second_moment)
+
+  def new_moment(h, m):
+    dtype = _compute_dtype(h.dtype, m.dtype)
+    m_new = beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
+    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
+
+  def scale(h, m):
+    dtype = _compute_dtype(h.dtype, m.dtype)
+    scaled = h.astype(dtype) / (jnp.sqrt(m.astype(dtype)) + eps)
+    return scaled.astype(h.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
+    second_moment = jax.tree.map(new_moment, updates, state.second_moment)
+    scaled = jax.tree.map(scale, updates, second_moment)
+    return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def momentum(
+    decay: jax.typing.ArrayLike = 0.9,
+    nesterov: bool = False,
+    *,
+    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """Heavy-ball or Nesterov momentum on the incoming updates.
+
+  With ``s`` the incoming update::
+
+    v_t = decay * v_{t-1} + s                          # v_0 = 0
+    d   = s + decay * v_t  if nesterov else  v_t
+
+  This is the standard form (``optax.trace``, ``torch.optim.SGD``), not the
+  original ``GradientAscent``'s Nesterov, which fed ``s + decay * v`` back into
+  ``v`` and grew like ``(2 * decay)**t``.
+
+  Args:
+    decay: momentum coefficient in ``[0, 1)``; 0 passes updates through.
+    nesterov: use the Nesterov form. A Python bool selects the program; a JAX
+      boolean (e.g. under ``vmap``) selects with ``jnp.where``.
+    accumulator_dtype: dtype of ``velocity``; default: that of params.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`MomentumState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> tx = gax.momentum(decay=0.5)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> d1, state = tx.update(jnp.array([1.0]), state)
+    >>> d2, state = tx.update(jnp.array([1.0]), state)  # 0.5 * 1 + 1
+    >>> float(d1[0]), float(d2[0])
+    (1.0, 1.5)
+
+  References:
+    Polyak, 1964; Sutskever et al., 2013, On the importance of initialization
+    and momentum in deep learning.
+  """
+  validation.check_decay_rate("momentum", decay)
+  validation.check_bool("nesterov", nesterov)
+  name = "momentum"
+
+  def init_fn(params):
+    velocity = _init_accumulator(params, accumulator_dtype, name)
+    return MomentumState(velocity=velocity)
+
+  def new_velocity(s, v):
+    dtype = _compute_dtype(s.dtype, v.dtype)
+    return (decay * v.astype(dtype) + s.astype(dtype)).astype(v.dtype)
+
+  def direction(s, v):
+    dtype = _compute_dtype(s.dtype, v.dtype)
+    s_wide, v_wide = s.astype(dtype), v.astype(dtype)
+    if isinstance(nesterov, (bool, np.bool_)):
+      out = s_wide + decay * v_wide if nesterov else v_wide
+    else:
+      out = jnp.where(nesterov, s_wide + decay * v_wide, v_wide)
+    return out.astype(s.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_matches_state(updates, state.velocity, accumulator_dtype, name)
+    velocity = jax.tree.map(new_velocity, updates, state.velocity)
+    return jax.tree.map(direction, updates, velocity), MomentumState(velocity)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_warmup_decay(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    warmup_steps: jax.typing.ArrayLike = 0,
+    lr_decay: Optional[jax.typing.ArrayLike] = None,
+) -> optax.GradientTransformation:
+  """Multiplies the updates by ``-lr_t`` of :func:`warmup_decay_schedule`.
+
+  The minus sign is Optax's descent convention, as in
+  ``optax.scale_by_learning_rate``: after :func:`flip_sign` the chain ascends.
+  The step counter is int32 and saturates at its maximum instead of wrapping.
+
+  Args:
+    learning_rate: base rate, a float >= 0, a JAX scalar or an Optax schedule.
+    warmup_steps: steps of linear warmup; 0 turns it off.
+    lr_decay: per-step decay factor in ``(0, 1]``, or ``None``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`ScaleByWarmupDecayState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> tx = gax.scale_by_warmup_decay(0.1, warmup_steps=2)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> u1, state = tx.update(jnp.array([1.0]), state)  # -0.1 * 1/2
+    >>> u2, state = tx.update(jnp.array([1.0]), state)  # -0.1 * 2/2
+    >>> float(u1[0]), float(u2[0]), int(state.count)
+    (-0.05, -0.1, 2)
+  """
+  schedule = schedules.warmup_decay_schedule(
+      learning_rate, warmup_steps, lr_decay
+  )
+
+  def init_fn(params):
+    del params
+    return ScaleByWarmupDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    rate = schedule(state.count)
+    updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+    count = optax.safe_increment(state.count)
+    return updates, ScaleByWarmupDecayState(count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
