@@ -2,17 +2,17 @@
 
 from gradient_ascent_jax.alias import gradient_ascent
 from gradient_ascent_jax.alias import maximize
-from gradient_ascent_jax.progress import log_progress
 from gradient_ascent_jax.progress import LogProgressState
+from gradient_ascent_jax.progress import log_progress
 from gradient_ascent_jax.schedules import warmup_decay_schedule
+from gradient_ascent_jax.transforms import MomentumState
+from gradient_ascent_jax.transforms import ScaleByAdaptiveRmsState
+from gradient_ascent_jax.transforms import ScaleByWarmupDecayState
 from gradient_ascent_jax.transforms import clip_by_value
 from gradient_ascent_jax.transforms import flip_sign
 from gradient_ascent_jax.transforms import momentum
-from gradient_ascent_jax.transforms import MomentumState
 from gradient_ascent_jax.transforms import scale_by_adaptive_rms
 from gradient_ascent_jax.transforms import scale_by_warmup_decay
-from gradient_ascent_jax.transforms import ScaleByAdaptiveRmsState
-from gradient_ascent_jax.transforms import ScaleByWarmupDecayState
 
 __version__ = "0.1.0"
 

@@ -8,10 +8,12 @@ and reports the objective before and after, with the progress log visible.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from collections.abc import Sequence
 import logging
 import math
 import sys
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +85,7 @@ class Result(NamedTuple):
 def run_example(
     example: Example,
     steps: int = 100,
-    logging_interval: Optional[int] = 10,
+    logging_interval: int | None = 10,
     learning_rate: float = 0.01,
     seed: int = 0,
 ) -> Result:
@@ -112,7 +114,7 @@ def run_example(
   return Result(before, after, optimized, history)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m gradient_ascent_jax",
       description="Run the original GradientAscent usage examples in JAX.",

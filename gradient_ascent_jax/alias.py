@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
@@ -19,12 +19,12 @@ def gradient_ascent(
     beta: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     nesterov: bool = False,
-    clip_value: Optional[jax.typing.ArrayLike] = None,
-    lr_decay: Optional[jax.typing.ArrayLike] = None,
+    clip_value: jax.typing.ArrayLike | None = None,
+    lr_decay: jax.typing.ArrayLike | None = None,
     warmup_steps: jax.typing.ArrayLike = 0,
-    logging_interval: Optional[jax.typing.ArrayLike] = 10,
+    logging_interval: jax.typing.ArrayLike | None = 10,
     *,
-    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import chex
 import jax
@@ -24,8 +24,8 @@ class LogProgressState(NamedTuple):
 
 
 def log_progress(
-    logging_interval: Optional[jax.typing.ArrayLike] = 10,
-    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    logging_interval: jax.typing.ArrayLike | None = 10,
+    learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   """Logs the step, learning rate and gradient norm every N steps.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +12,7 @@ from gradient_ascent_jax import validation
 def warmup_decay_schedule(
     learning_rate: optax.ScalarOrSchedule = 0.01,
     warmup_steps: jax.typing.ArrayLike = 0,
-    lr_decay: Optional[jax.typing.ArrayLike] = None,
+    lr_decay: jax.typing.ArrayLike | None = None,
 ) -> optax.Schedule:
   """Linear warmup and per-step exponential decay of a learning rate.
 

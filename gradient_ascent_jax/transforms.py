@@ -7,7 +7,8 @@ flip does not change the result; it comes first because that is what
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any
+from typing import NamedTuple
 
 import chex
 import jax
@@ -125,7 +126,7 @@ def scale_by_adaptive_rms(
     beta: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
-    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Divides each element by the root of an EMA of its square (RMSprop).
 
@@ -154,8 +155,8 @@ def scale_by_adaptive_rms(
     >>> tx = gax.scale_by_adaptive_rms(beta=0.75, eps=0.0001)
     >>> state = tx.init(jnp.zeros(1))
     >>> s, state = tx.update(jnp.array([2.0]), state)  # 2 / (sqrt(1) + eps)
-    >>> float(s[0]), float(state.second_moment[0])
-    (1.999800..., 1.0)
+    >>> round(float(s[0]), 5), float(state.second_moment[0])
+    (1.9998, 1.0)
 
   References:
     Tieleman and Hinton, 2012, Lecture 6.5 - rmsprop, COURSERA.
@@ -194,7 +195,7 @@ def momentum(
     decay: jax.typing.ArrayLike = 0.9,
     nesterov: bool = False,
     *,
-    accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Heavy-ball or Nesterov momentum on the incoming updates.
 
@@ -263,7 +264,7 @@ def momentum(
 def scale_by_warmup_decay(
     learning_rate: optax.ScalarOrSchedule = 0.01,
     warmup_steps: jax.typing.ArrayLike = 0,
-    lr_decay: Optional[jax.typing.ArrayLike] = None,
+    lr_decay: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   """Multiplies the updates by ``-lr_t`` of :func:`warmup_decay_schedule`.
 
@@ -287,7 +288,7 @@ def scale_by_warmup_decay(
     >>> state = tx.init(jnp.zeros(1))
     >>> u1, state = tx.update(jnp.array([1.0]), state)  # -0.1 * 1/2
     >>> u2, state = tx.update(jnp.array([1.0]), state)  # -0.1 * 2/2
-    >>> float(u1[0]), float(u2[0]), int(state.count)
+    >>> round(float(u1[0]), 6), round(float(u2[0]), 6), int(state.count)
     (-0.05, -0.1, 2)
   """
   schedule = schedules.warmup_decay_schedule(
