@@ -231,7 +231,7 @@ def momentum(
     Polyak, 1964; Sutskever et al., 2013, On the importance of initialization
     and momentum in deep learning.
   """
-  validation.check_decay_rate("momentum", decay)
+  validation.check_decay_rate("decay", decay)
   validation.check_bool("nesterov", nesterov)
   name = "momentum"
 
