@@ -54,7 +54,7 @@ class ExecutionModesTest(chex.TestCase):
         state = tx.init(params)
 
         @self.variant
-        def step(params, state, g):
+        def step(params, state, g, tx=tx):
           updates, state = tx.update(g, state, params)
           return jax.tree.map(jnp.add, params, updates), state
 
@@ -84,7 +84,7 @@ def test_pmap_over_8_devices_with_different_data():
     params, state = step(params, state, g)
   for d in range(n):
     expected = _reference_trajectory(CONFIGS["everything"], per_device[d])
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[d], params), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x, d=d: x[d], params), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -105,7 +105,7 @@ def test_vmap_over_learning_rates_matches_separate_runs(name):
   batched = jax.jit(jax.vmap(run))(rates)
   for i, lr in enumerate([0.0, 0.001, 0.01, 0.05, 0.3]):
     expected = run(lr)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)
   # Rate 0 must not move anything; the others must.
   np.testing.assert_array_equal(batched["w"][0], np.ones((3, 2)))
   assert not np.allclose(batched["w"][1], 1.0)
@@ -131,4 +131,4 @@ def test_vmap_over_momentum_beta_and_nesterov_flag():
   batched = jax.vmap(run)(momenta, betas, flags)
   for i in range(2):
     expected = run(float(momenta[i]), float(betas[i]), bool(flags[i]))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)

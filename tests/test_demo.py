@@ -1,0 +1,70 @@
+"""The demo command: the three original examples run and their objectives rise."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gradient_ascent_jax import _demo
+
+
+def _run_demo(*args):
+  result = subprocess.run(
+      [sys.executable, "-m", "gradient_ascent_jax", *args],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  return result
+
+
+def test_demo_command_runs_all_three_examples_and_objectives_rise():
+  result = _run_demo()
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  for name in ("basic", "clipping", "warmup-decay"):
+    assert f"Example '{name}'" in out
+  before = [float(x) for x in re.findall(r"before: ([-+0-9.e]+)", out)]
+  after = [float(x) for x in re.findall(r"after:\s+([-+0-9.e]+)", out)]
+  optimized = [float(x) for x in re.findall(r"Optimized Value: ([-+0-9.e]+)", out)]
+  assert len(before) == len(after) == len(optimized) == 3
+  assert all(a > b for a, b in zip(after, before))
+  # The objective is -model(1.0), so the optimized value is its negative.
+  assert all(abs(o + a) < 1e-4 * max(1.0, abs(a)) for o, a in zip(optimized, after))
+  # The progress log is visible: 10 records per example at the default interval.
+  assert len(re.findall(r"\[gradient_ascent_jax\] step \d+:", out)) == 30
+  assert "DID NOT RISE" not in out
+
+
+def test_demo_flags():
+  result = _run_demo("--example", "clipping", "--steps", "7", "--logging-interval", "3",
+                     "--learning-rate", "0.001")
+  assert result.returncode == 0, result.stderr
+  steps = re.findall(r"\[gradient_ascent_jax\] step (\d+): learning rate ([0-9.e-]+)", result.stdout)
+  assert [int(s) for s, _ in steps] == [3, 6]
+  assert all(float(lr) == pytest.approx(0.001) for _, lr in steps)
+  assert "Example 'basic'" not in result.stdout
+  assert "(7 steps)" in result.stdout
+
+
+def test_demo_logging_off():
+  result = _run_demo("--example", "basic", "--steps", "5", "--logging-interval", "0")
+  assert result.returncode == 0, result.stderr
+  assert "[gradient_ascent_jax]" not in result.stdout
+
+
+@pytest.mark.parametrize("name", list(_demo.EXAMPLES))
+def test_each_example_objective_rises_in_process(name):
+  result = _demo.run_example(_demo.EXAMPLES[name], steps=100, logging_interval=None)
+  assert result.after > result.before
+  # The recorded history is increasing on average over the run.
+  assert result.history[-1] > result.history[0]
+
+
+def test_warmup_decay_example_uses_its_settings():
+  options = _demo.EXAMPLES["warmup-decay"].options
+  assert options == {"clip_value": 1.0, "lr_decay": 0.95, "warmup_steps": 50}
+  assert _demo.EXAMPLES["clipping"].options == {"clip_value": 1.0}
+  assert _demo.EXAMPLES["basic"].options == {}

@@ -1,0 +1,114 @@
+"""optax.inject_hyperparams over every numeric hyperparameter, without retracing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradient_ascent_jax as gax
+
+NUMERIC = {
+    "learning_rate": 0.05,
+    "momentum": 0.8,
+    "beta": 0.9,
+    "eps": 1e-6,
+    "clip_value": 0.7,
+    "lr_decay": 0.95,
+    "warmup_steps": 4,
+    "logging_interval": 0,
+}
+GRAD = {"w": jnp.array([[0.3, -2.0], [1.5, 0.01]]), "b": jnp.array([-0.4, 0.9])}
+
+
+def _params():
+  return jax.tree.map(jnp.zeros_like, GRAD)
+
+
+def _plain_run(steps, **hyperparams):
+  tx = gax.gradient_ascent(**hyperparams)
+  params = _params()
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = tx.update(GRAD, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_every_numeric_hyperparameter_is_injected():
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
+      nesterov=True, **NUMERIC
+  )
+  state = tx.init(_params())
+  assert set(state.hyperparams) == set(NUMERIC)
+
+
+def test_injected_run_equals_plain_run_and_never_retraces():
+  traces = []
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
+      nesterov=True, **NUMERIC
+  )
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)  # runs only while tracing
+    updates, state = tx.update(GRAD, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = _params()
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  np.testing.assert_allclose(
+      params["w"], _plain_run(3, nesterov=True, **NUMERIC)["w"], rtol=1e-5
+  )
+
+  # Change every injected value between steps: same compiled step, new numbers.
+  changed = {
+      "learning_rate": 0.2,
+      "momentum": 0.5,
+      "beta": 0.5,
+      "eps": 1e-3,
+      "clip_value": 0.1,
+      "lr_decay": 0.5,
+      "warmup_steps": 1,
+      "logging_interval": 0,
+  }
+  unchanged = jax.tree.map(jnp.copy, state)
+  for name, value in changed.items():
+    # full_like keeps dtype and weak type, so the compiled step is reused.
+    state.hyperparams[name] = jnp.full_like(state.hyperparams[name], value)
+  params_new, _ = step(params, state)
+  params_old, _ = step(params, unchanged)
+  assert len(traces) == 1
+  assert not np.allclose(params_new["w"], params_old["w"])
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "momentum", "beta", "eps", "lr_decay"])
+def test_injected_value_is_used(name):
+  """Each injected value changes the result exactly like passing it directly."""
+  values = dict(NUMERIC, logging_interval=None)
+  values.pop("logging_interval")
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=None, **values)
+  params = _params()
+  state = tx.init(params)
+  new_value = {"learning_rate": 0.01, "momentum": 0.3, "beta": 0.5, "eps": 0.1, "lr_decay": 0.5}[name]
+  state.hyperparams[name] = jnp.asarray(new_value, jnp.float32)
+  step = jax.jit(lambda p, s: tx.update(GRAD, s, p))
+  for _ in range(3):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  expected = _plain_run(3, logging_interval=None, **dict(values, **{name: new_value}))
+  np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-5)
+  stale = _plain_run(3, logging_interval=None, **values)
+  assert not np.allclose(params["w"], stale["w"], rtol=1e-5)
+
+
+def test_schedule_as_injected_learning_rate():
+  schedule = optax.linear_schedule(0.1, 0.0, transition_steps=10)
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=schedule, logging_interval=None)
+  params = _params()
+  state = tx.init(params)
+  for k in range(3):
+    _, state = tx.update(GRAD, state, params)
+    np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1 * (1 - k / 10), rtol=1e-6)
