@@ -106,6 +106,25 @@ def gradient_ascent(
 
 
 _OBJECTIVE_ARGS = ("value", "grad")
+_LINESEARCH_STATES = tuple(
+    getattr(optax, name)
+    for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
+    if hasattr(optax, name)
+)
+
+
+def _negate_cached_objective(state: Any) -> Any:
+  # Line searches cache the value and gradient of the objective THEY see
+  # (-objective) for optax.value_and_grad_from_state; the caller must read
+  # those of its own objective, or every step after the first descends.
+  def negate_cache(node):
+    if isinstance(node, _LINESEARCH_STATES):
+      return node._replace(value=-node.value, grad=transforms.negate(node.grad))
+    return node
+
+  return jax.tree.map(
+      negate_cache, state, is_leaf=lambda node: isinstance(node, _LINESEARCH_STATES)
+  )
 
 
 def maximize(
@@ -119,7 +138,9 @@ def maximize(
   ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
   it was). The extra arguments ``value`` and ``grad`` are negated and
   ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
-  optimizers such as ``optax.lbfgs()`` maximize too.
+  optimizers such as ``optax.lbfgs()`` maximize too. The objective value and
+  gradient that a line search caches in its state are kept with the sign of
+  YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
 
   Args:
     tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``.
@@ -158,9 +179,16 @@ def maximize(
       extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
     return extra_args
 
-  def update_fn(updates, state, params=None, **extra_args):
-    return inner.update(
-        transforms.negate(updates), state, params, **negate_objective(extra_args)
-    )
+  def init_fn(params):
+    return _negate_cached_objective(inner.init(params))
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = inner.update(
+        transforms.negate(updates),
+        _negate_cached_objective(state),
+        params,
+        **negate_objective(extra_args),
+    )
+    return updates, _negate_cached_objective(state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
