@@ -101,9 +101,19 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
+def _zeros_like_on_same_devices(param, dtype):
+  # jnp.zeros_like puts the zeros of a weakly typed array (e.g. jnp.asarray(1.5)
+  # placed on a mesh) on one default device: name the param's sharding.
+  sharding = None
+  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+    if len(param.sharding.device_set) > 1:
+      sharding = param.sharding
+  return jnp.zeros_like(param, dtype=dtype, device=sharding)
+
+
 def _init_accumulator(params, accumulator_dtype, transform: str):
   validation.check_floating_params(params, transform)
-  return optax.tree.zeros_like(params, dtype=accumulator_dtype)
+  return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):

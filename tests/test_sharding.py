@@ -1,0 +1,291 @@
+"""Multi-device use on the 8 fake CPU devices of conftest.py.
+
+Model parallelism: params sharded over a 2x4 mesh; the optimizer state must
+follow each parameter's sharding and the update must need no communication.
+Data parallelism: replicated params, a sharded batch, gradients averaged
+across devices with ``jax.shard_map`` and with ``jax.pmap``; both must match a
+single-device step on the whole batch. Logging must give one record per
+logging step, not one per device.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import gradient_ascent_jax as gax
+
+STEPS = 5
+COMMUNICATION = ("all-gather", "all-to-all", "collective-permute")
+
+# Every kind of leaf: both mesh axes on one weight, one axis, replicated, scalar.
+SPECS = {
+    "w1": P("x", "y"),
+    "b1": P("y"),
+    "w2": P("y", None),
+    "b2": P(),
+    "temperature": P(),
+}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8, "conftest.py should give 8 CPU devices"
+  return Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+
+
+def make_params():
+  keys = jax.random.split(jax.random.key(0), 4)
+  return {
+      "w1": jax.random.normal(keys[0], (8, 16)),
+      "b1": jax.random.normal(keys[1], (16,)),
+      "w2": jax.random.normal(keys[2], (16, 4)),
+      "b2": jax.random.normal(keys[3], (4,)),
+      "temperature": jnp.asarray(1.5),
+  }
+
+
+def shard(tree, mesh):
+  return jax.device_put(tree, {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+
+
+def elementwise_objective(params):
+  """Separable in the parameters, so its gradient needs no communication."""
+  return sum(jnp.sum(jnp.log1p(jnp.cos(p) ** 2) - 0.1 * p**2) for p in jax.tree.leaves(params))
+
+
+def gradient_stream(params, steps):
+  for k in range(steps):
+    key = jax.random.fold_in(jax.random.key(7), k)
+    yield jax.tree.map(lambda p, key=key: jax.random.normal(key, p.shape), params)
+
+
+def make_tx(logging_interval=None):
+  return gax.gradient_ascent(
+      learning_rate=0.05, clip_value=0.8, nesterov=True, warmup_steps=2, lr_decay=0.99,
+      logging_interval=logging_interval,
+  )
+
+
+def apply_update(tx):
+  def update(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return update
+
+
+def assert_state_follows_params(state, params):
+  """Moment buffers are sharded like their parameter; counters are replicated."""
+  moments = [s for s in state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)]
+  assert len(moments) == 2
+  for moment in moments:
+    (buffers,) = moment
+    for name, param in params.items():
+      leaf = buffers[name]
+      assert leaf.sharding.is_equivalent_to(param.sharding, param.ndim), (
+          f"{type(moment).__name__}.{name}: {leaf.sharding} vs {param.sharding}"
+      )
+  counts = [
+      s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
+  ]
+  assert counts and all(c.sharding.is_fully_replicated for c in counts)
+
+
+def test_state_sharding_follows_params_and_matches_one_device(mesh):
+  single = make_params()
+  params = shard(single, mesh)
+  assert params["w1"].sharding.spec == P("x", "y")
+  assert len(params["w1"].addressable_shards) == 8
+  assert params["w1"].addressable_shards[0].data.shape == (4, 4)
+  tx = make_tx()
+  state = tx.init(params)  # eager init puts each buffer where its param lives
+  assert_state_follows_params(state, params)
+  single_state = tx.init(single)
+
+  update = jax.jit(apply_update(tx))
+  for grads in gradient_stream(single, STEPS):
+    params, state = update(params, state, shard(grads, mesh))
+    single, single_state = update(single, single_state, grads)
+    assert_state_follows_params(state, params)
+    for name, spec in SPECS.items():
+      assert params[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), params[name].ndim)
+  # Element-wise arithmetic: sharding must not change a single bit.
+  jax.tree.map(np.testing.assert_array_equal, params, single)
+  jax.tree.map(np.testing.assert_array_equal, state, single_state)
+
+
+def test_jitted_init_follows_params_with_explicit_mesh_axes():
+  mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    params = shard(make_params(), mesh)
+    state = jax.jit(make_tx().init)(params)
+    assert_state_follows_params(state, params)
+
+
+@pytest.mark.parametrize("logging_interval", [None, 2])
+def test_compiled_sharded_step_needs_no_communication(mesh, logging_interval):
+  params = shard(make_params(), mesh)
+  tx = make_tx(logging_interval)
+  state = tx.init(params)
+  grads = jax.grad(elementwise_objective)(params)
+
+  update_text = jax.jit(apply_update(tx)).lower(params, state, grads).compile().as_text().lower()
+
+  def train_step(params, state):
+    return apply_update(tx)(params, state, jax.grad(elementwise_objective)(params))
+
+  step_text = jax.jit(train_step).lower(params, state).compile().as_text().lower()
+
+  for text in (update_text, step_text):
+    for collective in COMMUNICATION:
+      assert collective not in text, f"{collective} in the compiled step"
+  if logging_interval is None:
+    # Nothing at all crosses devices or reaches the host.
+    assert "all-reduce" not in update_text
+    assert "callback" not in update_text
+    assert "callback" not in step_text
+  else:
+    # The search does find things: the log needs the global gradient norm.
+    assert "all-reduce" in update_text
+    assert "callback" in update_text
+
+
+def test_sharded_logging_emits_one_record_per_logging_step(mesh, caplog):
+  single = make_params()
+  params = shard(single, mesh)
+  tx = make_tx(logging_interval=2)
+  state = tx.init(params)
+  update = jax.jit(apply_update(tx))
+  norms = []
+  with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
+    for grads in gradient_stream(single, 6):
+      norms.append(float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))))
+      params, state = update(params, state, shard(grads, mesh))
+    jax.effects_barrier()
+  records = [r for r in caplog.records if r.name == "gradient_ascent_jax"]
+  assert [r.step for r in records] == [2, 4, 6]
+  np.testing.assert_allclose([r.grad_norm for r in records], norms[1::2], rtol=1e-5)
+
+
+# Data parallelism: a logistic-regression log-likelihood on a sharded batch.
+
+BATCH, FEATURES, CLASSES = 64, 6, 3
+
+
+def data():
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (BATCH, FEATURES))
+  y = jnp.argmax(x @ jax.random.normal(kw, (FEATURES, CLASSES)), axis=1)
+  return x, y
+
+
+def classifier_params():
+  return {"w": jnp.zeros((FEATURES, CLASSES)), "b": jnp.zeros((CLASSES,))}
+
+
+def mean_log_likelihood(params, x, y):
+  log_probs = jax.nn.log_softmax(x @ params["w"] + params["b"])
+  return jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+
+
+def single_device_run(tx, steps):
+  x, y = data()
+  params = classifier_params()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(mean_log_likelihood)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def shard_map_run(tx, mesh, steps):
+  x, y = data()
+  axes = ("x", "y")
+  params = classifier_params()
+  state = tx.init(params)
+
+  def local_step(params, state, x, y):
+    # Mark the replicated params as per-device values so that grad gives each
+    # device its local gradient; pmean then averages them.
+    local = jax.lax.pcast(params, axes, to="varying")
+    grads = jax.lax.pmean(jax.grad(mean_log_likelihood)(local, x, y), axes)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(
+      jax.shard_map(
+          local_step,
+          mesh=mesh,
+          in_specs=(P(), P(), P(axes), P(axes)),
+          out_specs=(P(), P()),
+      )
+  )
+  for _ in range(steps):
+    params, state = step(params, state, x, y)
+  return params, state
+
+
+def pmap_run(tx, steps):
+  x, y = data()
+  n = jax.device_count()
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)  # noqa: E731
+  params = replicate(classifier_params())
+  state = replicate(tx.init(classifier_params()))
+
+  def local_step(params, state, x, y):
+    grads = jax.lax.pmean(jax.grad(mean_log_likelihood)(params, x, y), "devices")
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.pmap(local_step, axis_name="devices")
+  xs, ys = x.reshape(n, BATCH // n, FEATURES), y.reshape(n, BATCH // n)
+  for _ in range(steps):
+    params, state = step(params, state, xs, ys)
+  # Every device holds the same copy.
+  for leaf in jax.tree.leaves((params, state)):
+    np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))
+  return jax.tree.map(lambda a: a[0], (params, state))
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_data_parallel_matches_single_device(mesh, mode, caplog):
+  steps = 6
+  expected_params, expected_state = single_device_run(make_tx(), steps)
+  with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
+    tx = make_tx(logging_interval=3)
+    if mode == "shard_map":
+      params, state = shard_map_run(tx, mesh, steps)
+    else:
+      params, state = pmap_run(tx, steps)
+    jax.effects_barrier()
+
+  # Averaging 8 partial means sums in another order: equal up to rounding.
+  for actual, expected in zip(
+      jax.tree.leaves(params), jax.tree.leaves(expected_params), strict=True
+  ):
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6)
+  moments = [s for s in state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)]
+  expected_moments = [
+      s for s in expected_state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)
+  ]
+  for actual, expected in zip(
+      jax.tree.leaves(moments), jax.tree.leaves(expected_moments), strict=True
+  ):
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-7)
+  assert not np.allclose(params["w"], 0.0)
+  # Eight devices call back on each logging step; one record comes out.
+  assert [r.step for r in caplog.records if r.name == "gradient_ascent_jax"] == [3, 6]
