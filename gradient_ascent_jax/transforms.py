@@ -171,21 +171,25 @@ def scale_by_adaptive_rms(
     second_moment = _init_accumulator(params, accumulator_dtype, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
-  def new_moment(h, m):
+  def wide_moment(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
-    m_new = beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
-    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
+    return beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
+
+  def new_moment(h, m):
+    return jnp.minimum(wide_moment(h, m), jnp.finfo(m.dtype).max).astype(m.dtype)
 
   def scale(h, m):
-    dtype = _compute_dtype(h.dtype, m.dtype)
-    scaled = h.astype(dtype) / (jnp.sqrt(m.astype(dtype)) + eps)
+    # Divide by the moment before it is rounded to its storage dtype: a float16
+    # moment of a small gradient underflows to 0, and h / eps then overflows.
+    m_new = wide_moment(h, m)
+    scaled = h.astype(m_new.dtype) / (jnp.sqrt(m_new) + eps)
     return scaled.astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
+    scaled = jax.tree.map(scale, updates, state.second_moment)
     second_moment = jax.tree.map(new_moment, updates, state.second_moment)
-    scaled = jax.tree.map(scale, updates, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
