@@ -138,7 +138,9 @@ def scale_by_adaptive_rms(
   The new second moment saturates at the largest finite value of its dtype
   instead of overflowing to ``inf``: an inf moment would pin every later step
   of that element to zero forever, a saturated one decays back by ``beta``
-  per step. float16/bfloat16 state is updated in float32 and stored back.
+  per step. The step whose ``h**2`` overflowed still divides by the exact
+  ``sqrt(m_t)``. float16/bfloat16 state is updated in float32 and stored
+  back; ``s`` is computed from the float32 moment, before that rounding.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -182,8 +184,14 @@ def scale_by_adaptive_rms(
     # Divide by the moment before it is rounded to its storage dtype: a float16
     # moment of a small gradient underflows to 0, and h / eps then overflows.
     m_new = wide_moment(h, m)
-    scaled = h.astype(m_new.dtype) / (jnp.sqrt(m_new) + eps)
-    return scaled.astype(h.dtype)
+    h_wide = h.astype(m_new.dtype)
+    # Where h**2 overflows, sqrt(m_t) itself is still finite: form it as a
+    # hypot, or s would be h / inf = 0 (or h / sqrt(finfo.max), far too big).
+    overflow_safe_root = jnp.hypot(
+        jnp.sqrt(beta * m.astype(m_new.dtype)), jnp.sqrt(1 - beta) * jnp.abs(h_wide)
+    )
+    root = jnp.where(jnp.isinf(m_new), overflow_safe_root, jnp.sqrt(m_new))
+    return (h_wide / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
