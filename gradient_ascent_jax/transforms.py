@@ -64,6 +64,23 @@ def flip_sign() -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def _round_down(value: Any, dtype: jnp.dtype) -> Any:
+  """The largest number of ``dtype`` that is <= ``value`` (> 0).
+
+  Rounding to nearest could round a clip bound up (0.3 is 0.30005 in
+  float16), and values above ``clip_value`` would pass.
+  """
+  if isinstance(value, jax.Array):
+    bound = value.astype(dtype)
+    wide = jnp.promote_types(value.dtype, dtype)
+    rounded_up = bound.astype(wide) > value.astype(wide)
+    return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
+  bound = np.asarray(value, dtype)
+  if float(bound) > float(value):
+    bound = np.nextafter(bound, np.zeros_like(bound))
+  return bound
+
+
 def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformation:
   """Clips every element of the updates to ``[-clip_value, clip_value]``.
 
@@ -85,7 +102,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   )
 
   def clip_leaf(u):
-    bound = jnp.asarray(clip_value, u.dtype)
+    bound = _round_down(clip_value, u.dtype)
     return jnp.clip(u, -bound, bound)
 
   def update_fn(updates, state, params=None):
