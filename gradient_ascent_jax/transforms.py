@@ -64,6 +64,23 @@ def flip_sign() -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def _round_down(value: Any, dtype: jnp.dtype) -> Any:
+  """The largest number of ``dtype`` that is <= ``value`` (> 0).
+
+  Rounding to nearest could round a clip bound up (0.3 is 0.30005 in
+  float16), and values above ``clip_value`` would pass.
+  """
+  if isinstance(value, jax.Array):
+    bound = value.astype(dtype)
+    wide = jnp.promote_types(value.dtype, dtype)
+    rounded_up = bound.astype(wide) > value.astype(wide)
+    return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
+  bound = np.asarray(value, dtype)
+  if float(bound) > float(value):
+    bound = np.nextafter(bound, np.zeros_like(bound))
+  return bound
+
+
 def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformation:
   """Clips every element of the updates to ``[-clip_value, clip_value]``.
 
@@ -85,7 +102,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   )
 
   def clip_leaf(u):
-    bound = jnp.asarray(clip_value, u.dtype)
+    bound = _round_down(clip_value, u.dtype)
     return jnp.clip(u, -bound, bound)
 
   def update_fn(updates, state, params=None):
@@ -148,7 +165,9 @@ def scale_by_adaptive_rms(
   The new second moment saturates at the largest finite value of its dtype
   instead of overflowing to ``inf``: an inf moment would pin every later step
   of that element to zero forever, a saturated one decays back by ``beta``
-  per step. float16/bfloat16 state is updated in float32 and stored back.
+  per step. The step whose ``h**2`` overflowed still divides by the exact
+  ``sqrt(m_t)``. float16/bfloat16 state is updated in float32 and stored
+  back; ``s`` is computed from the float32 moment, before that rounding.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -181,21 +200,31 @@ def scale_by_adaptive_rms(
     second_moment = _init_accumulator(params, accumulator_dtype, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
-  def new_moment(h, m):
+  def wide_moment(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
-    m_new = beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
-    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
+    return beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
+
+  def new_moment(h, m):
+    return jnp.minimum(wide_moment(h, m), jnp.finfo(m.dtype).max).astype(m.dtype)
 
   def scale(h, m):
-    dtype = _compute_dtype(h.dtype, m.dtype)
-    scaled = h.astype(dtype) / (jnp.sqrt(m.astype(dtype)) + eps)
-    return scaled.astype(h.dtype)
+    # Divide by the moment before it is rounded to its storage dtype: a float16
+    # moment of a small gradient underflows to 0, and h / eps then overflows.
+    m_new = wide_moment(h, m)
+    h_wide = h.astype(m_new.dtype)
+    # Where h**2 overflows, sqrt(m_t) itself is still finite: form it as a
+    # hypot, or s would be h / inf = 0 (or h / sqrt(finfo.max), far too big).
+    overflow_safe_root = jnp.hypot(
+        jnp.sqrt(beta * m.astype(m_new.dtype)), jnp.sqrt(1 - beta) * jnp.abs(h_wide)
+    )
+    root = jnp.where(jnp.isinf(m_new), overflow_safe_root, jnp.sqrt(m_new))
+    return (h_wide / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
+    scaled = jax.tree.map(scale, updates, state.second_moment)
     second_moment = jax.tree.map(new_moment, updates, state.second_moment)
-    scaled = jax.tree.map(scale, updates, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
