@@ -174,7 +174,11 @@ def scale_by_adaptive_rms(
   def new_moment(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
     m_new = beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
-    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
+    # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
+    # inside the consumer fusion, which forces a copy of the donated buffer
+    # (two extra passes over memory). NaN propagates either way.
+    largest = jnp.finfo(m.dtype).max
+    return jnp.where(m_new > largest, largest, m_new).astype(m.dtype)
 
   def scale(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
