@@ -165,9 +165,11 @@ def scale_by_adaptive_rms(
   The new second moment saturates at the largest finite value of its dtype
   instead of overflowing to ``inf``: an inf moment would pin every later step
   of that element to zero forever, a saturated one decays back by ``beta``
-  per step. The step whose ``h**2`` overflowed still divides by the exact
-  ``sqrt(m_t)``. float16/bfloat16 state is updated in float32 and stored
-  back; ``s`` is computed from the float32 moment, before that rounding.
+  per step. On the step whose ``h**2`` overflowed, ``sqrt(m_t)`` is taken as
+  ``sqrt(1 - beta) * |h|`` (its dominant term, exact when the previous moment
+  is small against it), so that step stays bounded by ``1/sqrt(1 - beta)``.
+  float16/bfloat16 state is updated in float32 and stored back; ``s`` is
+  computed from the float32 moment, before that rounding.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -205,26 +207,36 @@ def scale_by_adaptive_rms(
     return beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
 
   def new_moment(h, m):
-    return jnp.minimum(wide_moment(h, m), jnp.finfo(m.dtype).max).astype(m.dtype)
-
-  def scale(h, m):
-    # Divide by the moment before it is rounded to its storage dtype: a float16
-    # moment of a small gradient underflows to 0, and h / eps then overflows.
+    # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
+    # inside the consumer fusion, which forces a copy of the donated buffer
+    # (two extra passes over memory). NaN propagates either way.
     m_new = wide_moment(h, m)
-    h_wide = h.astype(m_new.dtype)
-    # Where h**2 overflows, sqrt(m_t) itself is still finite: form it as a
-    # hypot, or s would be h / inf = 0 (or h / sqrt(finfo.max), far too big).
-    overflow_safe_root = jnp.hypot(
-        jnp.sqrt(beta * m.astype(m_new.dtype)), jnp.sqrt(1 - beta) * jnp.abs(h_wide)
-    )
-    root = jnp.where(jnp.isinf(m_new), overflow_safe_root, jnp.sqrt(m_new))
+    largest = jnp.finfo(m.dtype).max
+    return jnp.where(m_new > largest, largest, m_new).astype(m.dtype)
+
+  def scale(h, m, m_stored):
+    dtype = _compute_dtype(h.dtype, m.dtype)
+    h_wide = h.astype(dtype)
+    if m_stored.dtype == dtype:
+      # Read the stored moment, not the old one again: re-reading the donated
+      # old buffer after its in-place update makes XLA copy it (extra passes).
+      m_new = m_stored
+      overflowed = m_new >= jnp.finfo(dtype).max
+    else:
+      # float16/bfloat16 storage: divide by the moment before rounding, or a
+      # small gradient's moment underflows to 0 and h / eps overflows.
+      m_new = wide_moment(h, m)
+      overflowed = jnp.isinf(m_new)
+    # Where h**2 overflowed, sqrt(m_t) is still finite and dominated by
+    # sqrt(1 - beta) * |h|: use that, not h / inf = 0 or h / sqrt(finfo.max).
+    root = jnp.where(overflowed, jnp.sqrt(1 - beta) * jnp.abs(h_wide), jnp.sqrt(m_new))
     return (h_wide / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
-    scaled = jax.tree.map(scale, updates, state.second_moment)
     second_moment = jax.tree.map(new_moment, updates, state.second_moment)
+    scaled = jax.tree.map(scale, updates, state.second_moment, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
