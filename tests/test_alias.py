@@ -48,25 +48,26 @@ def explicit_chain(
   return optax.chain(*stages)
 
 
-def scan_trajectory(tx, objective, params, steps):
-  """Runs `steps` steps of tx on jax.grad(objective) in one compiled lax.scan.
+def trajectory(tx, objective, params, steps):
+  """Runs `steps` steps of tx on jax.grad(objective) in a lax.scan.
 
   Returns the params, updates and optimizer state after every step (stacked).
   """
 
-  @jax.jit
-  def run(params):
-    def body(carry, _):
-      params, state = carry
-      grads = jax.grad(objective)(params)
-      updates, state = tx.update(grads, state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, state), (params, updates, state)
+  def body(carry, _):
+    params, state = carry
+    grads = jax.grad(objective)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), (params, updates, state)
 
-    _, history = jax.lax.scan(body, (params, tx.init(params)), length=steps)
-    return history
+  _, history = jax.lax.scan(body, (params, tx.init(params)), length=steps)
+  return history
 
-  return run(params)
+
+def two_trajectories(first, second, params, steps=20):
+  """trajectory() of two (tx, objective) pairs, compiled as one program (one compile)."""
+  return jax.jit(lambda p: (trajectory(*first, p, steps), trajectory(*second, p, steps)))(params)
 
 
 def assert_trees_equal(actual, expected):
@@ -114,8 +115,9 @@ CHAIN_CONFIGS = {
 def test_gradient_ascent_is_the_documented_chain_bit_for_bit(name):
   config = CHAIN_CONFIGS[name]
   params, objective = float32_problem()
-  got = scan_trajectory(gax.gradient_ascent(**config), objective, params, steps=20)
-  want = scan_trajectory(explicit_chain(**config), objective, params, steps=20)
+  got, want = two_trajectories(
+      (gax.gradient_ascent(**config), objective), (explicit_chain(**config), objective), params
+  )
   # params, updates and every state leaf after every one of the 20 steps
   assert_trees_equal(got, want)
   # and it ascends
@@ -285,16 +287,19 @@ def test_maximize_is_descent_on_the_negated_objective_exactly(name):
   # one program and not the other: see the next test.)
   params = {"w": jnp.zeros(3), "m": jnp.zeros((2, 2))}
   with jax.disable_jit():
-    ascent = scan_trajectory(gax.maximize(DESCENT_OPTIMIZERS[name]()), peaked, params, steps=20)
-    descent = scan_trajectory(DESCENT_OPTIMIZERS[name](), lambda p: -peaked(p), params, steps=20)
+    ascent = trajectory(gax.maximize(DESCENT_OPTIMIZERS[name]()), peaked, params, steps=20)
+    descent = trajectory(DESCENT_OPTIMIZERS[name](), lambda p: -peaked(p), params, steps=20)
   assert_trees_equal(ascent, descent)  # params, updates and state after every step
   assert peaked(jax.tree.map(lambda p: p[-1], ascent[0])) > peaked(params)
 
 
 def test_maximize_is_descent_on_the_negated_objective_under_jit():
   params, objective = float32_problem()
-  ascent = scan_trajectory(gax.maximize(DESCENT_OPTIMIZERS["adamw"]()), objective, params, steps=20)
-  descent = scan_trajectory(DESCENT_OPTIMIZERS["adamw"](), lambda p: -objective(p), params, steps=20)
+  ascent, descent = two_trajectories(
+      (gax.maximize(DESCENT_OPTIMIZERS["adamw"]()), objective),
+      (DESCENT_OPTIMIZERS["adamw"](), lambda p: -objective(p)),
+      params,
+  )
   assert jax.tree.structure(ascent) == jax.tree.structure(descent)
   for got, want in zip(jax.tree.leaves(ascent), jax.tree.leaves(descent), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
