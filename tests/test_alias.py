@@ -4,7 +4,8 @@
 - it agrees with the independent float64 NumPy reference (tests/_reference.py) over
   200+ steps of a small MLP, fed the same gradients and also on free-running trajectories;
 - it equals sign-reversed optax.rmsprop for a constant learning rate;
-- maximize(tx) is exactly descent with tx on the negated objective.
+- maximize(tx) is descent with tx on the negated objective: bit for bit op by op, to
+  rounding under jit; weight decay still shrinks; line searches (L-BFGS) ascend.
 """
 
 import functools
