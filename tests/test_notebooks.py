@@ -1,14 +1,17 @@
 """Executes every notebook in notebooks/ and checks what it prints.
 
-Each notebook runs in a fresh ``python3`` kernel (ipykernel, started with this
-interpreter) with this checkout first on ``PYTHONPATH``, so the notebooks test
-the code next to them, not an installed copy. The saved notebooks are not
-modified.
+Each notebook runs in a fresh ipykernel kernel started with THIS interpreter
+(a kernel spec written for the test, so a user-level ``python3`` spec pointing
+elsewhere cannot interfere) with this checkout first on ``PYTHONPATH``, so the
+notebooks test the code next to them, not an installed copy. The saved
+notebooks are not modified.
 """
 
+import json
 import os
 from pathlib import Path
 import re
+import sys
 
 from nbclient import NotebookClient
 import nbformat
@@ -17,10 +20,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 300
+KERNEL = "gradient-ascent-jax-test"
 
 
-def execute(name, monkeypatch):
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+  """A Jupyter data dir holding one kernel spec: ipykernel on sys.executable."""
+  root = tmp_path_factory.mktemp("jupyter")
+  spec = root / "kernels" / KERNEL
+  spec.mkdir(parents=True)
+  argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+  (spec / "kernel.json").write_text(
+      json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
+  )
+  return root
+
+
+def execute(name, monkeypatch, kernel_dir):
   """Runs the notebook; returns its stream text and how many images it drew."""
+  monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   for cell in notebook.cells:
@@ -29,7 +47,7 @@ def execute(name, monkeypatch):
   NotebookClient(
       notebook,
       timeout=CELL_TIMEOUT_S,
-      kernel_name="python3",
+      kernel_name=KERNEL,
       resources={"metadata": {"path": str(NOTEBOOKS)}},
   ).execute()
   text, images = [], 0
@@ -57,8 +75,8 @@ def test_all_notebooks_are_tested():
   ]
 
 
-def test_quickstart(monkeypatch):
-  text, images = execute("01_quickstart", monkeypatch)
+def test_quickstart(monkeypatch, kernel_dir):
+  text, images = execute("01_quickstart", monkeypatch, kernel_dir)
   results = re.findall(r"^([\w-]+): objective ([-+][\d.]+) -> ([-+][\d.]+)", text, re.M)
   assert [name for name, _, _ in results] == ["basic", "clipping", "warmup-decay"]
   for name, before, after in results:
@@ -68,8 +86,8 @@ def test_quickstart(monkeypatch):
   assert images >= 1
 
 
-def test_flax_classifier(monkeypatch):
-  text, images = execute("02_flax_classifier", monkeypatch)
+def test_flax_classifier(monkeypatch, kernel_dir):
+  text, images = execute("02_flax_classifier", monkeypatch, kernel_dir)
   for name in ("gradient_ascent", r"maximize\(adam\)"):
     start = number(rf"^{name}: train log-likelihood ([-\d.]+) ->", text)
     end = number(rf"^{name}: train log-likelihood [-\d.]+ -> ([-\d.]+)", text)
@@ -79,8 +97,8 @@ def test_flax_classifier(monkeypatch):
   assert images >= 1
 
 
-def test_policy_gradient(monkeypatch):
-  text, images = execute("03_policy_gradient", monkeypatch)
+def test_policy_gradient(monkeypatch, kernel_dir):
+  text, images = execute("03_policy_gradient", monkeypatch, kernel_dir)
   random_return = number(r"random policy, mean return over 100 episodes: ([\d.]+)", text)
   mean_return = number(r"mean return over 100 evaluation episodes: ([\d.]+)", text)
   assert random_return < 50
@@ -88,8 +106,8 @@ def test_policy_gradient(monkeypatch):
   assert images >= 1
 
 
-def test_sweep(monkeypatch):
-  text, images = execute("04_sweep", monkeypatch)
+def test_sweep(monkeypatch, kernel_dir):
+  text, images = execute("04_sweep", monkeypatch, kernel_dir)
   assert number(r"learning rates swept: (\d+)", text) >= 16
   assert number(r"traces: (\d+)", text) == 1  # one compiled program for the whole sweep
   best = number(r"final objective ([-+\d.e]+)", text)
