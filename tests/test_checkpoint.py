@@ -8,6 +8,10 @@ formats, neither of them pickle: orbax-checkpoint and flax.serialization
 """
 
 import logging
+import os
+from pathlib import Path
+import subprocess
+import sys
 
 from flax import serialization
 import jax
@@ -162,3 +166,45 @@ def test_restore_rejects_a_state_of_another_optimizer(tmp_path):
   adam = optax.adam(1e-3)
   with pytest.raises(ValueError):
     serialization.from_bytes({"params": params, "opt_state": adam.init(params)}, blob)
+
+
+RESUME_IN_NEW_PROCESS = """
+import sys
+from flax import serialization
+import jax
+import orbax.checkpoint as ocp
+from tests import test_checkpoint as t
+
+tx = t.OPTIMIZERS["gradient_ascent"]()
+params = t.init_params()
+target = {"params": params, "opt_state": tx.init(params)}
+with ocp.StandardCheckpointer() as checkpointer:
+  restored = checkpointer.restore(sys.argv[1], jax.eval_shape(lambda: target))
+params, state = t.run(
+    tx, restored["params"], restored["opt_state"], t.SAVE_AFTER, t.TOTAL_STEPS
+)
+with open(sys.argv[2], "wb") as f:
+  f.write(serialization.to_bytes({"params": params, "opt_state": state}))
+"""
+
+
+def test_resume_in_a_new_python_process(tmp_path):
+  """The real thing once: a separate interpreter restores the orbax checkpoint."""
+  tx = OPTIMIZERS["gradient_ascent"]()
+  params = init_params()
+  straight = run(tx, params, tx.init(params), 0, TOTAL_STEPS)
+  params, state = run(tx, params, tx.init(params), 0, SAVE_AFTER)
+  saved = save_orbax(tmp_path, {"params": params, "opt_state": state})
+
+  result = tmp_path / "resumed.msgpack"
+  root = Path(__file__).resolve().parent.parent
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  subprocess.run(
+      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result)],
+      check=True, cwd=root, env=env, timeout=300,
+  )
+  resumed = serialization.from_bytes(
+      {"params": params, "opt_state": tx.init(params)}, result.read_bytes()
+  )
+  assert_trees_equal(resumed["params"], straight[0])
+  assert_trees_equal(resumed["opt_state"], straight[1])
