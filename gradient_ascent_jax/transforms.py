@@ -190,25 +190,27 @@ def scale_by_adaptive_rms(
     second_moment = _init_accumulator(params, accumulator_dtype, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
-  def wide_moment(h, m):
+  def moment_and_root(h, m):
+    """m_t and sqrt(m_t) in the compute dtype, also where h**2 overflows it."""
     dtype = _compute_dtype(h.dtype, m.dtype)
-    return beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
+    h, m = h.astype(dtype), m.astype(dtype)
+    m_new = beta * m + (1 - beta) * jnp.square(h)
+    # Where h**2 overflows, sqrt(m_t) is still finite (and m_t often is):
+    # form the root as a hypot, or s would be h / inf = 0.
+    overflowed = jnp.isinf(m_new)
+    safe_root = jnp.hypot(jnp.sqrt(beta * m), jnp.sqrt(1 - beta) * jnp.abs(h))
+    root = jnp.where(overflowed, safe_root, jnp.sqrt(m_new))
+    return jnp.where(overflowed, jnp.square(root), m_new), root
 
   def new_moment(h, m):
-    return jnp.minimum(wide_moment(h, m), jnp.finfo(m.dtype).max).astype(m.dtype)
+    m_new, _ = moment_and_root(h, m)
+    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
 
   def scale(h, m):
     # Divide by the moment before it is rounded to its storage dtype: a float16
     # moment of a small gradient underflows to 0, and h / eps then overflows.
-    m_new = wide_moment(h, m)
-    h_wide = h.astype(m_new.dtype)
-    # Where h**2 overflows, sqrt(m_t) itself is still finite: form it as a
-    # hypot, or s would be h / inf = 0 (or h / sqrt(finfo.max), far too big).
-    overflow_safe_root = jnp.hypot(
-        jnp.sqrt(beta * m.astype(m_new.dtype)), jnp.sqrt(1 - beta) * jnp.abs(h_wide)
-    )
-    root = jnp.where(jnp.isinf(m_new), overflow_safe_root, jnp.sqrt(m_new))
-    return (h_wide / (root + eps)).astype(h.dtype)
+    _, root = moment_and_root(h, m)
+    return (h.astype(root.dtype) / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
