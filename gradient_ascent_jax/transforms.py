@@ -135,7 +135,7 @@ def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
         f"{transform}: the gradients do not match the optimizer state, which "
         "was initialised from the params. Pass gradients with the same tree "
         "structure, shapes and dtypes as those params (or re-run init). "
-        f"Details: {error}"
+        f"Details (tree 0 is the gradients, tree 1 the state): {error}"
     ) from None
 
 
