@@ -7,6 +7,7 @@ flip does not change the result; it comes first because that is what
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ import optax
 
 from gradient_ascent_jax import schedules
 from gradient_ascent_jax import validation
+
+logger = logging.getLogger("gradient_ascent_jax")
 
 
 class ScaleByAdaptiveRmsState(NamedTuple):
@@ -123,6 +126,28 @@ def _init_accumulator(params, accumulator_dtype, transform: str):
   return optax.tree.zeros_like(params, dtype=accumulator_dtype)
 
 
+def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
+  """Warns when the state dtype cannot resolve one step of the average.
+
+  m moves by (1 - beta) * (h**2 - m) per step; once that is below half a unit
+  in the last place of m, rounding undoes it. With 1 - beta below the dtype's
+  relative spacing the stored m settles far from its target and, after a huge
+  gradient, stays saturated for good.
+  """
+  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
+    return
+  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
+    spacing = float(jnp.finfo(dtype).eps)
+    if 1 - float(beta) < spacing:
+      logger.warning(
+          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
+          "spacing %.3g): the stored second moment can stop changing, and "
+          "after a huge gradient stay saturated for good. Pass "
+          "accumulator_dtype=jnp.float32 to keep the moments in float32.",
+          transform, beta, dtype, spacing,
+      )
+
+
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
   try:
@@ -188,6 +213,7 @@ def scale_by_adaptive_rms(
 
   def init_fn(params):
     second_moment = _init_accumulator(params, accumulator_dtype, name)
+    _warn_if_too_coarse(beta, second_moment, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def moment_and_root(h, m):
