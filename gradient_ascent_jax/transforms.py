@@ -78,7 +78,8 @@ def _round_down(value: Any, dtype: jnp.dtype) -> Any:
     wide = jnp.promote_types(value.dtype, dtype)
     rounded_up = bound.astype(wide) > value.astype(wide)
     return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
-  bound = np.asarray(value, dtype)
+  with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
+    bound = np.asarray(value, dtype)
   if float(bound) > float(value):
     bound = np.nextafter(bound, np.zeros_like(bound))
   return bound
