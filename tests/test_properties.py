@@ -32,7 +32,7 @@ import gradient_ascent_jax as gax
 
 hypothesis.settings.register_profile(
     "ci",
-    max_examples=20,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
@@ -100,10 +100,10 @@ def hyperparams(draw, max_momentum=0.999, max_beta=0.99999, learning_rate=None):
     learning_rate = draw(st.just(0.0) | log_uniform(1e-4, 1.0))
   return dict(
       learning_rate=learning_rate,
-      momentum=draw(st.just(0.0) | st.floats(0.0, max_momentum)),
-      beta=draw(st.just(0.0) | st.floats(0.0, max_beta)),
+      momentum=draw(st.sampled_from([0.0, 0.9]) | st.floats(0.0, max_momentum)),
+      beta=draw(st.sampled_from([0.0, 0.999]) | st.floats(0.0, max_beta)),
       # eps >= 1e-10: where h**2 underflows float32, eps then dominates sqrt(m).
-      eps=draw(log_uniform(1e-10, 1e-1)),
+      eps=draw(st.just(1e-8) | log_uniform(1e-10, 1e-1)),
       nesterov=draw(st.booleans()),
       clip_value=draw(st.none() | log_uniform(1e-3, 1e3)),
       lr_decay=draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
@@ -217,7 +217,7 @@ def assert_close(actual, expected, scale, rel, atol, what):
   actual = np.asarray(actual).astype(np.float64)
   bound = rel * scale + atol
   err = np.abs(actual - expected)
-  bad = ~(err <= bound)
+  bad = ~(err <= bound) & ~(np.isnan(actual) & np.isnan(expected))
   assert not bad.any(), (
       f"{what}: {bad.sum()} elements off; first: got {actual[bad][:3]}, expected "
       f"{expected[bad][:3]}, allowed {bound[bad][:3]}"
@@ -389,10 +389,12 @@ def test_clip_by_value_stays_within_bound(case, clip_value, as_jax_scalar, with_
     assert (np.abs(out64) <= exact).all()
     inside = np.abs(g64) <= exact
     np.testing.assert_array_equal(out64[inside], g64[inside])
-    # Outside: the representable value nearest below the bound, with g's sign.
-    spacing = float(jnp.finfo(g.dtype).eps) * exact
+    # Outside: the representable value nearest below the bound (or the dtype's
+    # largest, for a bound beyond its range), with g's sign.
+    cap = min(exact, float(jnp.finfo(g.dtype).max))
+    spacing = float(jnp.finfo(g.dtype).eps) * cap
     assert (np.sign(out64[~inside]) == np.sign(g64[~inside])).all()
-    assert (exact - np.abs(out64[~inside]) <= spacing).all()
+    assert (cap - np.abs(out64[~inside]) <= spacing).all()
 
 
 @hypothesis.given(
