@@ -392,7 +392,8 @@ def test_clip_by_value_stays_within_bound(case, clip_value, as_jax_scalar, with_
     # Outside: the representable value nearest below the bound (or the dtype's
     # largest, for a bound beyond its range), with g's sign.
     cap = min(exact, float(jnp.finfo(g.dtype).max))
-    spacing = float(jnp.finfo(g.dtype).eps) * cap
+    info = jnp.finfo(g.dtype)
+    spacing = max(float(info.eps) * cap, float(info.smallest_subnormal))
     assert (np.sign(out64[~inside]) == np.sign(g64[~inside])).all()
     assert (cap - np.abs(out64[~inside]) <= spacing).all()
 
