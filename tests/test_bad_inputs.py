@@ -334,3 +334,20 @@ def test_bfloat16_params_with_float32_state():
   assert bf16_state[1].second_moment["w"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf16_state[1].second_moment["w"], np.float64), m,
                              rtol=2**-7)
+
+
+# Tiny float16 gradients ---------------------------------------------------------------
+
+
+def test_tiny_float16_gradient_gives_ordinary_step():
+  """(1 - beta) h**2 = 1e-9 underflows float16 state, yet the step is ordinary."""
+  tx = quiet()
+  params = jnp.zeros(3, jnp.float16)
+  grads = jnp.array([1e-3, -1e-4, 2e-2], jnp.float16)
+  updates, state = tx.update(grads, tx.init(params))
+  h = np.asarray(grads, np.float64)
+  np.testing.assert_allclose(np.asarray(updates, np.float64), [first_step(x) for x in h],
+                             rtol=2**-9)
+  # The stored float16 moments of the two small ones underflow to 0; v stays finite.
+  np.testing.assert_array_equal(np.asarray(state[1].second_moment[:2], np.float64), 0.0)
+  assert np.isfinite(np.asarray(state[2].velocity, np.float64)).all()

@@ -583,7 +583,7 @@ def test_schedule_matches_spec_formula(
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_low_precision_reference_uses_rounded_inputs(dtype):
+def test_reference_comparison_detects_a_wrong_learning_rate(dtype):
   """The low-precision comparison is not vacuous: a 3% wrong lr is caught."""
   case = Case(1, ((3,), (2, 3)), dtype, seed=7)
   hp = dict(learning_rate=0.01, momentum=0.9, beta=0.999, eps=1e-8, nesterov=False,
