@@ -122,9 +122,19 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
+def _zeros_like_on_same_devices(param, dtype):
+  # jnp.zeros_like puts the zeros of a weakly typed array (e.g. jnp.asarray(1.5)
+  # placed on a mesh) on one default device: name the param's sharding.
+  sharding = None
+  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+    if len(param.sharding.device_set) > 1:
+      sharding = param.sharding
+  return jnp.zeros_like(param, dtype=dtype, device=sharding)
+
+
 def _init_accumulator(params, accumulator_dtype, transform: str):
   validation.check_floating_params(params, transform)
-  return optax.tree.zeros_like(params, dtype=accumulator_dtype)
+  return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
 def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
@@ -181,9 +191,13 @@ def scale_by_adaptive_rms(
   The new second moment saturates at the largest finite value of its dtype
   instead of overflowing to ``inf``: an inf moment would pin every later step
   of that element to zero forever, a saturated one decays back by ``beta``
-  per step. The step whose ``h**2`` overflowed still divides by the exact
-  ``sqrt(m_t)``. float16/bfloat16 state is updated in float32 and stored
-  back; ``s`` is computed from the float32 moment, before that rounding.
+  per step. Where ``h**2`` overflows but ``m_t`` does not, ``m_t`` is still
+  stored and used exactly. float16/bfloat16 state is updated in float32 and
+  stored back; ``s`` is computed from the exact float32 moment, before that
+  rounding. float32/float64 state that saturated no longer holds ``m_t``, only
+  a bound: ``s`` then divides by ``sqrt(beta * max + (1 - beta) * h**2)``,
+  exact when the previous moment had saturated too and otherwise at most
+  ``sqrt(2)`` too large (so that step stays bounded by ``1/sqrt(1 - beta)``).
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -217,33 +231,50 @@ def scale_by_adaptive_rms(
     _warn_if_too_coarse(beta, second_moment, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
-  def moment_and_root(h, m):
-    """m_t and sqrt(m_t) in the compute dtype, also where h**2 overflows it."""
+  def wide_moment(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
     h, m = h.astype(dtype), m.astype(dtype)
     m_new = beta * m + (1 - beta) * jnp.square(h)
-    # Where h**2 overflows, sqrt(m_t) is still finite (and m_t often is):
-    # form the root as a hypot, or s would be h / inf = 0.
-    overflowed = jnp.isinf(m_new)
-    safe_root = jnp.hypot(jnp.sqrt(beta * m), jnp.sqrt(1 - beta) * jnp.abs(h))
-    root = jnp.where(overflowed, safe_root, jnp.sqrt(m_new))
-    return jnp.where(overflowed, jnp.square(root), m_new), root
+    # h**2 can overflow where m_t does not (float32, beta = 0.5, h = 2.3e19):
+    # there, form (1 - beta) * h**2 as (sqrt(1 - beta) * h)**2.
+    refit = beta * m + jnp.square(jnp.sqrt(1 - beta) * h)
+    return jnp.where(jnp.isinf(m_new), refit, m_new)
 
   def new_moment(h, m):
-    m_new, _ = moment_and_root(h, m)
-    return jnp.minimum(m_new, jnp.finfo(m.dtype).max).astype(m.dtype)
+    # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
+    # inside the consumer fusion, which forces a copy of the donated buffer
+    # (two extra passes over memory). NaN propagates either way.
+    m_new = wide_moment(h, m)
+    largest = jnp.finfo(m.dtype).max
+    return jnp.where(m_new > largest, largest, m_new).astype(m.dtype)
 
-  def scale(h, m):
-    # Divide by the moment before it is rounded to its storage dtype: a float16
-    # moment of a small gradient underflows to 0, and h / eps then overflows.
-    _, root = moment_and_root(h, m)
-    return (h.astype(root.dtype) / (root + eps)).astype(h.dtype)
+  def scale(h, m, m_stored):
+    dtype = _compute_dtype(h.dtype, m.dtype)
+    h_wide = h.astype(dtype)
+    if m_stored.dtype == dtype:
+      # Read the stored moment, not the old one again: re-reading the donated
+      # old buffer after its in-place update makes XLA copy it (extra passes).
+      # Below the largest value it is m_t; at it, m_t saturated and lies
+      # between max(largest, (1 - beta) h**2) and beta * largest + (1 - beta)
+      # h**2: take the upper end (exact if the old moment had saturated too).
+      largest = jnp.finfo(dtype).max
+      saturated_root = jnp.hypot(jnp.sqrt(beta * largest), jnp.sqrt(1 - beta) * jnp.abs(h_wide))
+      root = jnp.where(m_stored >= largest, saturated_root, jnp.sqrt(m_stored))
+    else:
+      # float16/bfloat16 storage: divide by the moment before rounding, or a
+      # small gradient's moment underflows to 0 and h / eps overflows. In
+      # float32, sqrt(m_t) of a float16/bfloat16 gradient never overflows.
+      m_wide = m.astype(dtype)
+      m_new = beta * m_wide + (1 - beta) * jnp.square(h_wide)
+      exact_root = jnp.hypot(jnp.sqrt(beta * m_wide), jnp.sqrt(1 - beta) * jnp.abs(h_wide))
+      root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
+    return (h_wide / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
-    scaled = jax.tree.map(scale, updates, state.second_moment)
     second_moment = jax.tree.map(new_moment, updates, state.second_moment)
+    scaled = jax.tree.map(scale, updates, state.second_moment, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -289,7 +320,7 @@ def momentum(
     Polyak, 1964; Sutskever et al., 2013, On the importance of initialization
     and momentum in deep learning.
   """
-  validation.check_decay_rate("momentum", decay)
+  validation.check_decay_rate("decay", decay)
   validation.check_bool("nesterov", nesterov)
   name = "momentum"
 

@@ -279,11 +279,45 @@ def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state):
   with x64_if(case.dtype):
     hp_jax = as_jax(hp, case.dtype)
     hp_seen = as_seen(hp_jax)  # the reference gets the rounded hyperparameters
-    grads_seq = make_grads(case, n_steps)
+    low, high = MAGNITUDES[case.dtype]
+    if state_dtype == "float32":
+      # A saturated float32 moment no longer holds m_t (see the next test);
+      # |h| <= 1e19 keeps m_t <= 1e38 below the float32 maximum.
+      high = min(high, 1e19)
+    grads_seq = make_grads(case, n_steps, magnitudes=(low, high))
     steps = run_eager(build(hp_jax, accumulator_dtype), make_params(case), grads_seq)
     ref = run_reference(hp_seen, grads_seq, state_dtype)
     ref_abs = run_reference(hp_seen, grads_seq, state_dtype, magnitude=True)
     check_against_reference(steps, ref, ref_abs, hp_seen, case.dtype, state_dtype)
+
+
+@hypothesis.given(
+    case=cases(dtypes=("float32", "bfloat16")),
+    beta=st.sampled_from([0.0, 0.999]) | st.floats(0.0, 0.99999),
+    n_steps=st.integers(1, 4),
+)
+def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps):
+  """(a) Where m_t exceeds the float32 maximum, s is within sqrt(2) of exact.
+
+  The saturated state holds only a bound on m_t; s divides by the root of its
+  upper end, beta * max + (1 - beta) h**2, which is exact when the old moment
+  saturated too and otherwise at most sqrt(2) too large: s is never larger
+  than exact. Huge gradients (1e17 to 3e38).
+  """
+  hp = dict(learning_rate=1.0, momentum=0.0, beta=beta, eps=1e-8, nesterov=False,
+            clip_value=None, lr_decay=None, warmup_steps=0)  # so the update is s
+  hp_jax = as_jax(hp, "float32")
+  grads_seq = make_grads(case, n_steps, magnitudes=(1e17, 3e38))
+  steps = run_eager(build(hp_jax, "float32"), make_params(case), grads_seq)
+  ref = run_reference(as_seen(hp_jax), grads_seq, "float32")
+  rel = 8 * unit_roundoff(case.dtype)
+  for t, ((updates, _), (r_u, _, _)) in enumerate(zip(steps, ref, strict=True), start=1):
+    for i, (got, exact) in enumerate(zip(leaves64(updates), r_u, strict=True)):
+      assert (np.sign(got) == np.sign(exact)).all(), f"step {t} leaf {i}: sign"
+      ratio = np.abs(exact[exact != 0] / got[exact != 0])
+      # Never larger than exact, and at most sqrt(2) smaller.
+      assert (ratio >= 1 - rel).all() and (ratio <= (1 + rel) * math.sqrt(2)).all(), (
+          f"step {t} leaf {i}: |exact / got| = {ratio}")
 
 
 # (b) -------------------------------------------------------------------------
