@@ -351,3 +351,21 @@ def test_tiny_float16_gradient_gives_ordinary_step():
   # The stored float16 moments of the two small ones underflow to 0; v stays finite.
   np.testing.assert_array_equal(np.asarray(state[1].second_moment[:2], np.float64), 0.0)
   assert np.isfinite(np.asarray(state[2].velocity, np.float64)).all()
+
+
+# h**2 overflows, m_t does not --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_square_overflows_but_moment_fits(dtype):
+  """beta = 0.5, h = 2.3e19: h**2 = 5.3e38 overflows float32, m_1 = 2.6e38 fits."""
+  tx = quiet(beta=0.5, momentum=0.0)
+  params = jnp.zeros(2, dtype)
+  grads = jnp.array([2.3e19, 1.0], dtype)
+  updates, state = tx.update(grads, tx.init(params))
+  h = np.asarray(grads, np.float64)
+  u = float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(np.asarray(state[1].second_moment, np.float64), 0.5 * h**2,
+                             rtol=2 * u)
+  # s = h / sqrt(0.5 h**2) = sqrt(2), the ordinary first step for beta = 0.5.
+  np.testing.assert_allclose(np.asarray(updates, np.float64), LR * math.sqrt(2), rtol=2 * u)
