@@ -32,7 +32,7 @@ import gradient_ascent_jax as gax
 
 hypothesis.settings.register_profile(
     "ci",
-    max_examples=15,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
