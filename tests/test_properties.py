@@ -64,8 +64,8 @@ ALL_TEMPLATES = tuple(range(len(TEMPLATES)))
 SHAPES = ((), (0,), (3,), (2, 3), (1, 0, 2))  # 0-d and empty arrays included
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-# Gradient magnitudes drawn per dtype: its whole finite range (float64: a
-# range float32 hyperparameters cannot distort).
+# Gradient magnitudes drawn per dtype (log-uniform): its whole finite range,
+# for float64 a range wide enough for every regime, none of which saturates.
 MAGNITUDES = {
     "float16": (6e-8, 6.5e4),
     "bfloat16": (1e-30, 3e38),
