@@ -7,6 +7,7 @@ flip does not change the result; it comes first because that is what
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ import optax
 
 from gradient_ascent_jax import schedules
 from gradient_ascent_jax import validation
+
+logger = logging.getLogger("gradient_ascent_jax")
 
 
 class ScaleByAdaptiveRmsState(NamedTuple):
@@ -75,7 +78,8 @@ def _round_down(value: Any, dtype: jnp.dtype) -> Any:
     wide = jnp.promote_types(value.dtype, dtype)
     rounded_up = bound.astype(wide) > value.astype(wide)
     return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
-  bound = np.asarray(value, dtype)
+  with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
+    bound = np.asarray(value, dtype)
   if float(bound) > float(value):
     bound = np.nextafter(bound, np.zeros_like(bound))
   return bound
@@ -133,6 +137,28 @@ def _init_accumulator(params, accumulator_dtype, transform: str):
   return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
+def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
+  """Warns when the state dtype cannot resolve one step of the average.
+
+  m moves by (1 - beta) * (h**2 - m) per step; once that is below half a unit
+  in the last place of m, rounding undoes it. With 1 - beta below the dtype's
+  relative spacing the stored m settles far from its target and, after a huge
+  gradient, stays saturated for good.
+  """
+  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
+    return
+  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
+    spacing = float(jnp.finfo(dtype).eps)
+    if 1 - float(beta) < spacing:
+      logger.warning(
+          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
+          "spacing %.3g): the stored second moment can stop changing, and "
+          "after a huge gradient stay saturated for good. Pass "
+          "accumulator_dtype=jnp.float32 to keep the moments in float32.",
+          transform, beta, dtype, spacing,
+      )
+
+
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
   try:
@@ -145,7 +171,7 @@ def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
         f"{transform}: the gradients do not match the optimizer state, which "
         "was initialised from the params. Pass gradients with the same tree "
         "structure, shapes and dtypes as those params (or re-run init). "
-        f"Details: {error}"
+        f"Details (tree 0 is the gradients, tree 1 the state): {error}"
     ) from None
 
 
@@ -165,11 +191,13 @@ def scale_by_adaptive_rms(
   The new second moment saturates at the largest finite value of its dtype
   instead of overflowing to ``inf``: an inf moment would pin every later step
   of that element to zero forever, a saturated one decays back by ``beta``
-  per step. On the step whose ``h**2`` overflowed, ``sqrt(m_t)`` is taken as
-  ``sqrt(1 - beta) * |h|`` (its dominant term, exact when the previous moment
-  is small against it), so that step stays bounded by ``1/sqrt(1 - beta)``.
-  float16/bfloat16 state is updated in float32 and stored back; ``s`` is
-  computed from the float32 moment, before that rounding.
+  per step. Where ``h**2`` overflows but ``m_t`` does not, ``m_t`` is still
+  stored and used exactly. float16/bfloat16 state is updated in float32 and
+  stored back; ``s`` is computed from the exact float32 moment, before that
+  rounding. float32/float64 state that saturated no longer holds ``m_t``, only
+  a bound: ``s`` then divides by ``sqrt(beta * max + (1 - beta) * h**2)``,
+  exact when the previous moment had saturated too and otherwise at most
+  ``sqrt(2)`` too large (so that step stays bounded by ``1/sqrt(1 - beta)``).
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -200,11 +228,17 @@ def scale_by_adaptive_rms(
 
   def init_fn(params):
     second_moment = _init_accumulator(params, accumulator_dtype, name)
+    _warn_if_too_coarse(beta, second_moment, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def wide_moment(h, m):
     dtype = _compute_dtype(h.dtype, m.dtype)
-    return beta * m.astype(dtype) + (1 - beta) * jnp.square(h.astype(dtype))
+    h, m = h.astype(dtype), m.astype(dtype)
+    m_new = beta * m + (1 - beta) * jnp.square(h)
+    # h**2 can overflow where m_t does not (float32, beta = 0.5, h = 2.3e19):
+    # there, form (1 - beta) * h**2 as (sqrt(1 - beta) * h)**2.
+    refit = beta * m + jnp.square(jnp.sqrt(1 - beta) * h)
+    return jnp.where(jnp.isinf(m_new), refit, m_new)
 
   def new_moment(h, m):
     # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
@@ -220,16 +254,30 @@ def scale_by_adaptive_rms(
     if m_stored.dtype == dtype:
       # Read the stored moment, not the old one again: re-reading the donated
       # old buffer after its in-place update makes XLA copy it (extra passes).
-      m_new = m_stored
-      overflowed = m_new >= jnp.finfo(dtype).max
+      # Below the largest value it is m_t; at it, m_t saturated and lies
+      # between max(largest, (1 - beta) h**2) and beta * largest + (1 - beta)
+      # h**2: take the upper end (exact if the old moment had saturated too).
+      finfo = jnp.finfo(dtype)
+      saturated = m_stored >= finfo.max
+      # There, form sqrt(beta * largest + (1 - beta) * h**2) in units of an
+      # exact power of two so it cannot overflow, with one sqrt for both cases
+      # (a hypot costs a third of the step on CPU). The unit is chosen per
+      # element: XLA folds a constant unit out of the square, and h*h
+      # overflows again.
+      unit = float(2 ** (int(finfo.maxexp) // 2))
+      to_units = jnp.where(saturated, 1 / unit, 1.0).astype(dtype)
+      h_units = h_wide * to_units
+      bound = beta * (float(finfo.max) / unit / unit) + (1 - beta) * h_units * h_units
+      from_units = jnp.where(saturated, unit, 1.0).astype(dtype)
+      root = jnp.sqrt(jnp.where(saturated, bound, m_stored)) * from_units
     else:
       # float16/bfloat16 storage: divide by the moment before rounding, or a
-      # small gradient's moment underflows to 0 and h / eps overflows.
-      m_new = wide_moment(h, m)
-      overflowed = jnp.isinf(m_new)
-    # Where h**2 overflowed, sqrt(m_t) is still finite and dominated by
-    # sqrt(1 - beta) * |h|: use that, not h / inf = 0 or h / sqrt(finfo.max).
-    root = jnp.where(overflowed, jnp.sqrt(1 - beta) * jnp.abs(h_wide), jnp.sqrt(m_new))
+      # small gradient's moment underflows to 0 and h / eps overflows. In
+      # float32, sqrt(m_t) of a float16/bfloat16 gradient never overflows.
+      m_wide = m.astype(dtype)
+      m_new = beta * m_wide + (1 - beta) * jnp.square(h_wide)
+      exact_root = jnp.hypot(jnp.sqrt(beta * m_wide), jnp.sqrt(1 - beta) * jnp.abs(h_wide))
+      root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
     return (h_wide / (root + eps)).astype(h.dtype)
 
   def update_fn(updates, state, params=None):

@@ -1,0 +1,371 @@
+"""What happens on bad or extreme inputs: one test per row of the README table
+"What happens when…"."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradient_ascent_jax as gax
+
+INT32_MAX = 2**31 - 1
+LR, MOMENTUM, BETA = 0.01, 0.9, 0.999  # the defaults
+EPS = 1e-8
+
+
+def first_step(h):
+  """The first update: m_1 = (1-beta) h^2, s_1 = h / (sqrt(m_1) + eps), v_1 = s_1."""
+  return LR * h / (math.sqrt(1 - BETA) * abs(h) + EPS)
+
+
+FIRST_STEP = first_step(1.0)
+
+
+def quiet(**kwargs):
+  return gax.gradient_ascent(**{"logging_interval": None, **kwargs})
+
+
+# Invalid hyperparameters (SPEC section 5) -------------------------------------
+
+INVALID_HYPERPARAMETERS = [
+    ("learning_rate", -0.01),
+    ("learning_rate", float("nan")),
+    ("momentum", 1.0),
+    ("momentum", -0.1),
+    ("beta", 1.0),
+    ("beta", -0.5),
+    ("eps", 0.0),
+    ("eps", -1e-8),
+    ("clip_value", 0.0),
+    ("clip_value", -1.0),
+    ("lr_decay", 0.0),
+    ("lr_decay", 1.5),
+    ("warmup_steps", -1),
+    ("warmup_steps", 2.5),
+    ("logging_interval", -1),
+    ("logging_interval", 2.5),
+    ("nesterov", "yes"),
+    ("nesterov", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID_HYPERPARAMETERS)
+def test_invalid_hyperparameter_raises_value_error(name, value):
+  with pytest.raises(ValueError) as error:
+    gax.gradient_ascent(**{name: value})
+  message = str(error.value)
+  assert f"`{name}`" in message and repr(value) in message
+
+
+# Mismatched gradients ---------------------------------------------------------
+
+PARAMS = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+
+
+@pytest.mark.parametrize(
+    ("grads", "what"),
+    [
+        ({"w": jnp.zeros(3)}, "structs"),
+        ({"w": jnp.zeros(3), "c": jnp.zeros(2)}, "structs"),
+        ({"w": jnp.zeros(4), "b": jnp.zeros(2)}, r"'w': shapes: \(4,\) != \(3,\)"),
+        ({"w": jnp.zeros(3, jnp.float16), "b": jnp.zeros(2)}, "'w': types: float16 != float32"),
+    ],
+    ids=["missing-leaf", "renamed-leaf", "shape", "dtype"],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_mismatched_gradients_raise_value_error(grads, what, jit):
+  tx = quiet()
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=what) as error:
+    update(grads, state)
+  assert "tree 0 is the gradients, tree 1 the state" in str(error.value)
+
+
+# Non-floating leaves ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.complex64), 3],
+    ids=["int32", "bool", "complex64", "python-int"],
+)
+def test_non_float_leaf_raises_type_error_naming_path(leaf):
+  params = {"w": jnp.zeros(2), "layer": {"count": leaf}}
+  with pytest.raises(TypeError, match=r"\['layer'\]\['count'\]") as error:
+    quiet().init(params)
+  assert jnp.result_type(leaf).name in str(error.value)
+
+
+def test_masked_out_int_leaf_passes_through():
+  params = {"w": jnp.zeros(2), "step": jnp.array(7)}
+  tx = optax.masked(quiet(), {"w": True, "step": False})
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2), "step": jnp.array(5)}
+  updates, _ = tx.update(grads, state, params)
+  assert int(updates["step"]) == 5  # untouched
+  np.testing.assert_allclose(updates["w"], FIRST_STEP, rtol=1e-6)
+
+
+# None / MaskedNode leaves, empty trees ----------------------------------------
+
+
+def test_none_and_masked_node_leaves_pass_through():
+  params = {"w": jnp.zeros(2), "frozen": None, "masked": optax.MaskedNode()}
+  grads = {"w": jnp.ones(2), "frozen": None, "masked": optax.MaskedNode()}
+  tx = quiet()
+  for update in (tx.update, jax.jit(tx.update)):
+    updates, state = update(grads, tx.init(params))
+    assert updates["frozen"] is None and updates["masked"] == optax.MaskedNode()
+    np.testing.assert_allclose(updates["w"], FIRST_STEP, rtol=1e-6)
+    assert state[1].second_moment["frozen"] is None
+
+
+def test_empty_pytree():
+  tx = gax.gradient_ascent(logging_interval=1)
+  for update in (tx.update, jax.jit(tx.update)):
+    state = tx.init({})
+    updates, state = update({}, state)
+    assert updates == {}
+    assert int(state[-1].count) == 1 and int(state[0].count) == 1
+
+
+# Non-finite gradients ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_gradient_without_protection_gives_nan(bad):
+  tx = quiet()
+  state = tx.init(jnp.zeros(2))
+  updates, state = tx.update(jnp.array([bad, 1.0]), state)
+  # NaN propagates; inf gives inf / sqrt(inf) = NaN (the second moment then
+  # saturates at finfo.max); the other element is fine.
+  assert np.isnan(updates[0]) and np.isnan(state[2].velocity[0])
+  expected_moment = np.nan if np.isnan(bad) else np.finfo(np.float32).max
+  np.testing.assert_array_equal(state[1].second_moment[0], expected_moment)
+  np.testing.assert_allclose(updates[1], FIRST_STEP, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_apply_if_finite_protects_params_and_state(bad):
+  tx = optax.apply_if_finite(quiet(), max_consecutive_errors=3)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  updates, state = step(jnp.array([1.0, -1.0]), state, params)
+  params = optax.apply_updates(params, updates)
+  before_params, before_inner = params, state.inner_state
+
+  updates, state = step(jnp.array([bad, 1.0]), state, params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params, before_params)
+  for after, before in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(before_inner), strict=True):
+    np.testing.assert_array_equal(after, before)
+  assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
+
+  updates, state = step(jnp.array([1.0, -1.0]), state, params)  # recovers
+  assert int(state.notfinite_count) == 0 and np.all(np.asarray(updates) != 0)
+  assert int(state.inner_state[-1].count) == 2
+
+
+# Huge gradients -----------------------------------------------------------------
+
+
+def run_after_huge_gradient(dtype, huge, n_steps, accumulator_dtype=None):
+  """One step with gradient [huge, 1], then n_steps of the ordinary gradient [-1, -1].
+
+  Returns the first update, the second moments right after it, the params right
+  after it, and per later step: m[0], the update, the params, all-finite flags.
+  """
+  tx = quiet(accumulator_dtype=accumulator_dtype)
+  params = jnp.zeros(2, dtype)
+  state = tx.init(params)
+  first, state = tx.update(jnp.array([huge, 1.0], dtype), state)
+  params = optax.apply_updates(params, first)
+  after_huge = (first, state[1].second_moment, params)
+
+  def body(carry, _):
+    params, state = carry
+    updates, state = tx.update(jnp.full(2, -1.0, dtype), state)
+    params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(state)]))
+    return (params, state), (state[1].second_moment[0], updates, params, finite)
+
+  _, trace = jax.jit(lambda c: jax.lax.scan(body, c, None, length=n_steps))((params, state))
+  return after_huge, [np.asarray(x).astype(np.float64) for x in trace]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "huge", "n_steps", "final_moment_max", "recovered_ratio"),
+    [
+        # float32: h**2 = 1e60 overflows; the moment saturates at 3.4e38 and
+        # decays by beta per step: 0.999**100000 * 3.4e38 = 1e-5, so m -> 1.
+        (jnp.float32, 1e30, 100_000, 1.01, 0.99),
+        # float16: h**2 fits float32 (where it is computed), m = 3.6e6 is
+        # stored saturated at 65504; float16 rounding (spacing 2**-10) stops
+        # the 0.001-per-step average short of 1, hence the looser bounds.
+        (jnp.float16, 6e4, 30_000, 2.0, 0.5),
+    ],
+    ids=["float32-1e30", "float16-6e4"],
+)
+def test_huge_gradient_saturates_then_recovers(dtype, huge, n_steps, final_moment_max,
+                                               recovered_ratio):
+  (first, moment, params_after), (m0, updates, params, finite) = run_after_huge_gradient(
+      dtype, huge, n_steps)
+  u = float(jnp.finfo(dtype).eps)
+  # The huge step is the ordinary first RMSprop step, not a jump.
+  np.testing.assert_allclose(
+      np.asarray(first, np.float64), [first_step(float(jnp.asarray(huge, dtype))), FIRST_STEP],
+      rtol=2 * u)
+  assert float(moment[0]) == float(jnp.finfo(dtype).max)  # saturated, finite
+  assert finite.all() and np.isfinite(updates).all() and np.isfinite(params).all()
+  assert (np.diff(m0) <= 0).all() and m0[0] < float(jnp.finfo(dtype).max)  # decays
+  assert m0[-1] <= final_moment_max
+  # The element that saw the huge gradient moves with the ordinary gradient
+  # again (down), by far more than the huge step moved it up ...
+  assert params[-1, 0] < float(params_after[0]) - 10
+  # ... and at nearly the rate of the element that never saw it.
+  assert updates[-1, 0] <= recovered_ratio * updates[-1, 1] < 0
+
+
+def test_bfloat16_state_stalls_after_huge_gradient_float32_state_recovers(caplog):
+  """bfloat16 cannot store 0.999 * m != m: the saturated moment never decays."""
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    quiet().init(jnp.zeros(2, jnp.bfloat16))
+  assert any("accumulator_dtype=jnp.float32" in r.getMessage() for r in caplog.records)
+
+  n = 2000
+  _, (m0, updates, _, finite) = run_after_huge_gradient(jnp.bfloat16, 1e30, n)
+  assert finite.all()
+  assert (m0 == float(jnp.finfo(jnp.bfloat16).max)).all()  # stuck for good
+  assert abs(updates[-1, 0]) < 1e-15
+
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    quiet(accumulator_dtype=jnp.float32).init(jnp.zeros(2, jnp.bfloat16))
+  assert not caplog.records
+  _, (m0, _, _, finite) = run_after_huge_gradient(
+      jnp.bfloat16, 1e30, n, accumulator_dtype=jnp.float32)
+  # m_k = beta**k * finfo(float32).max + (1 - beta**k): it decays as in float32
+  # (where test_huge_gradient_saturates_then_recovers follows it back to 1).
+  assert finite.all() and (np.diff(m0) <= 0).all()
+  expected = BETA ** np.arange(1, n + 1) * float(np.finfo(np.float32).max)
+  np.testing.assert_allclose(m0, expected, rtol=1e-3)
+
+
+# Zero gradients -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_all_zero_gradients_give_zero_updates(dtype):
+  tx = quiet(nesterov=True, clip_value=1.0, warmup_steps=2, lr_decay=0.9)
+  params = {"w": jnp.zeros((2, 3), dtype), "b": jnp.zeros((), dtype)}
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state)
+    for leaf in jax.tree.leaves((updates, state[:-1])):
+      np.testing.assert_array_equal(np.asarray(leaf, np.float64), 0.0)  # no NaN: 0/(0+eps)
+
+
+# Step counter at the int32 maximum ------------------------------------------------
+
+
+def with_count(state, count):
+  count = jnp.asarray(count, jnp.int32)
+  return tuple(
+      s._replace(count=count) if isinstance(s, (gax.ScaleByWarmupDecayState,
+                                                gax.LogProgressState)) else s
+      for s in state
+  )
+
+
+@pytest.mark.parametrize(
+    ("lr_decay", "expected_rate"),
+    # warmup factor min(1, 2**31 / 100) = 1; 0.5**(2**31 - 1) underflows to 0.
+    [(None, LR), (1.0, LR), (0.5, 0.0)],
+)
+def test_step_counter_saturates_at_int32_max(lr_decay, expected_rate):
+  tx = gax.gradient_ascent(lr_decay=lr_decay, warmup_steps=100, logging_interval=1000)
+  params = jnp.zeros(2)
+  state = with_count(tx.init(params), INT32_MAX - 1)
+  step = jax.jit(tx.update)
+  for _ in range(3):  # INT32_MAX - 1 -> INT32_MAX -> stays there
+    updates, state = step(jnp.array([1.0, -1.0]), state, params)
+    assert np.isfinite(np.asarray(updates)).all()
+  assert int(state[0].count) == INT32_MAX and int(state[-1].count) == INT32_MAX
+  rate = gax.warmup_decay_schedule(LR, 100, lr_decay)(state[-1].count)
+  assert np.isfinite(float(rate))
+  np.testing.assert_allclose(float(rate), expected_rate, rtol=1e-6)
+  # Third step, |h| = 1: m_t = 1 - beta**t, s_t = 1 / sqrt(m_t), v_3 = .81 s_1 + .9 s_2 + s_3.
+  s = [1 / (math.sqrt(1 - BETA**t) + EPS) for t in (1, 2, 3)]
+  v = MOMENTUM**2 * s[0] + MOMENTUM * s[1] + s[2]
+  np.testing.assert_allclose(np.asarray(updates), expected_rate * v * np.array([1, -1]),
+                             rtol=1e-5)
+
+
+# bf16 params with float32 state ------------------------------------------------------
+
+
+def test_bfloat16_params_with_float32_state():
+  tx = quiet(accumulator_dtype=jnp.float32)
+  params = {"w": jnp.zeros(4, jnp.bfloat16)}
+  state = tx.init(params)
+  assert state[1].second_moment["w"].dtype == jnp.float32
+  assert state[2].velocity["w"].dtype == jnp.float32
+  grads = {"w": jnp.array([0.5, -2.0, 3.0, 1e-3], jnp.bfloat16)}
+  m = np.zeros(4)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    assert updates["w"].dtype == jnp.bfloat16
+    # The float32 moment tracks the float64 recursion m = beta m + (1-beta) g^2.
+    m = BETA * m + (1 - BETA) * np.asarray(grads["w"], np.float64) ** 2
+    np.testing.assert_allclose(state[1].second_moment["w"], m, rtol=1e-6)
+  # With bf16 state the same moments are off by bf16 rounding (about 2**-9).
+  bf16_tx = quiet()
+  bf16_state = bf16_tx.init(params)
+  for _ in range(3):
+    _, bf16_state = bf16_tx.update(grads, bf16_state, params)
+  assert bf16_state[1].second_moment["w"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16_state[1].second_moment["w"], np.float64), m,
+                             rtol=2**-7)
+
+
+# Tiny float16 gradients ---------------------------------------------------------------
+
+
+def test_tiny_float16_gradient_gives_ordinary_step():
+  """(1 - beta) h**2 = 1e-9 underflows float16 state, yet the step is ordinary."""
+  tx = quiet()
+  params = jnp.zeros(3, jnp.float16)
+  grads = jnp.array([1e-3, -1e-4, 2e-2], jnp.float16)
+  updates, state = tx.update(grads, tx.init(params))
+  h = np.asarray(grads, np.float64)
+  np.testing.assert_allclose(np.asarray(updates, np.float64), [first_step(x) for x in h],
+                             rtol=2**-9)
+  # The stored float16 moments of the two small ones underflow to 0; v stays finite.
+  np.testing.assert_array_equal(np.asarray(state[1].second_moment[:2], np.float64), 0.0)
+  assert np.isfinite(np.asarray(state[2].velocity, np.float64)).all()
+
+
+# h**2 overflows, m_t does not --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_square_overflows_but_moment_fits(dtype):
+  """beta = 0.5, h = 2.3e19: h**2 = 5.3e38 overflows float32, m_1 = 2.6e38 fits."""
+  tx = quiet(beta=0.5, momentum=0.0)
+  params = jnp.zeros(2, dtype)
+  grads = jnp.array([2.3e19, 1.0], dtype)
+  updates, state = tx.update(grads, tx.init(params))
+  h = np.asarray(grads, np.float64)
+  u = float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(np.asarray(state[1].second_moment, np.float64), 0.5 * h**2,
+                             rtol=2 * u)
+  # s = h / sqrt(0.5 h**2) = sqrt(2), the ordinary first step for beta = 0.5.
+  np.testing.assert_allclose(np.asarray(updates, np.float64), LR * math.sqrt(2), rtol=2 * u)
