@@ -52,8 +52,8 @@ def hand_fused_step(config: _common.Config):
   def step(params, state, grads):
     second_moments, velocities, count = state
     rate = config.rate(count)
-    new = [leaf(*args, rate) for args in zip(params, grads, second_moments, velocities)]
-    params, second_moments, velocities = (list(column) for column in zip(*new))
+    new = [leaf(*args, rate) for args in zip(params, grads, second_moments, velocities, strict=True)]
+    params, second_moments, velocities = (list(column) for column in zip(*new, strict=True))
     return params, (second_moments, velocities, count + 1)
 
   return jax.jit(step, donate_argnums=(0, 1))
@@ -62,7 +62,7 @@ def hand_fused_step(config: _common.Config):
 def probe_step(params, state, grads):
   """Reads 16 and writes 12 bytes per parameter, with no optimizer math."""
   moments, velocities = state
-  params = [g - p for p, g in zip(params, grads)]
+  params = [g - p for p, g in zip(params, grads, strict=True)]
   return params, ([-m for m in moments], [-v for v in velocities])
 
 
