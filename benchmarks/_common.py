@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -172,10 +173,13 @@ def interleaved_medians(
   counts = {name: steps_per_sample(runner, min_sample_s) for name, runner in runners.items()}
   samples: dict[str, list[float]] = {name: [] for name in runners}
   names = list(runners)
-  for repeat in range(repeats):
-    # Rotate the order, and pause so that the worker threads of the previous
-    # peer (XLA's pool, PyTorch's OpenMP) stop spinning before the next starts.
-    for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+  order = random.Random(0)
+  for _ in range(repeats):
+    # A new order every repeat, so that no peer always runs right after the
+    # same other one (whose worker threads, XLA's pool or PyTorch's OpenMP,
+    # may still be spinning); and a pause to let them stop.
+    order.shuffle(names)
+    for name in names:
       runner = runners[name]
       time.sleep(pause_s)
       start = time.perf_counter()

@@ -3,7 +3,9 @@
 Every repeat builds a fresh optimizer and a fresh ``jax.jit`` of a fresh step
 function, so nothing is served from a cache; peers are measured round-robin.
 Peers: ``gax`` with progress logging every 10 steps (the default), ``gax``
-with logging off, and the equivalent Optax chain (which has no logging).
+with logging off, the equivalent Optax chain (which has no logging), and that
+chain behind ``optax.clip_by_global_norm``, which computes the same global
+norm as the progress log does (for scale: that norm is one reduction per leaf).
 
 Run ``python -m benchmarks.compile_time --help`` for the options.
 """
@@ -21,10 +23,13 @@ import optax
 from benchmarks import _common
 
 GAX_LOG, GAX_OFF, OPTAX = "gax (logging every 10)", "gax (logging off)", "optax chain"
+OPTAX_NORM = "optax chain + clip_by_global_norm"
 PEERS = {
     GAX_LOG: lambda config: _common.gradient_ascent(config, logging_interval=10),
     GAX_OFF: lambda config: _common.gradient_ascent(config, logging_interval=None),
     OPTAX: _common.optax_chain,
+    OPTAX_NORM: lambda config: optax.chain(optax.clip_by_global_norm(1e6),
+                                           _common.optax_chain(config)),
 }
 
 
@@ -80,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   if args.smoke:
     args.leaves, args.leaf_size = "10", 10
-  repeats = args.repeats or (2 if args.smoke else 5)
+  repeats = args.repeats or (2 if args.smoke else 3)
   _common.print_header("Compile time", argv if argv is not None else sys.argv[1:])
   rows = []
   for name in args.configs.split(","):

@@ -72,12 +72,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--cases", default="1e7:1,1e7:1000",
                       help="PARAMS:LEAVES cases, comma-separated")
-  parser.add_argument("--intervals-per-sample", type=int, default=2,
+  parser.add_argument("--intervals-per-sample", type=int, default=1,
                       help="logging intervals (of 10 steps) in one timed sample")
   args = parser.parse_args(argv)
   if args.smoke:
     args.cases, args.intervals_per_sample = "1e4:1", 1
-  repeats = args.repeats or (3 if args.smoke else 31)
+  repeats = args.repeats or (3 if args.smoke else 21)
   stream, handler = capture_records()
   _common.print_header("Logging overhead", argv if argv is not None else sys.argv[1:])
   rows = []

@@ -45,7 +45,11 @@ def plot(rows: list[dict], title: str, output: str) -> list[str]:
     ax.set_title(config, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
   axes[0][0].set_ylabel("median time per step (s)")
-  axes[0][-1].legend(fontsize=8)
+  handles = {}
+  for ax in axes[0]:
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      handles.setdefault(label, handle)
+  axes[0][0].legend(handles.values(), handles.keys(), fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(output, dpi=80)

@@ -116,27 +116,31 @@ def torch_runners(config, grads) -> dict[str, Any]:
   return runners
 
 
-def measure_case(config, num_params, num_leaves, repeats, min_sample_s) -> list[dict]:
+def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
+                 peers=PEERS) -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
   runners = jax_runners(config, num_params, num_leaves, grads)
   runners.update(torch_runners(config, grads))
+  runners = {name: runner for name, runner in runners.items() if name in peers}
   medians = _common.interleaved_medians(runners, repeats, min_sample_s=min_sample_s)
   del runners, grads
   gc.collect()
   total = size * num_leaves
   rows = []
-  for peer in PEERS:
+  for peer in (peer for peer in PEERS if peer in peers):
     seconds = medians.get(peer)
     row = {"config": config.name, "params": total, "leaves": num_leaves, "peer": peer,
            "seconds": seconds, "vs_optax": None, "vs_floor": None, "gbps": None,
            "of_probe": None}
     if seconds is not None:
-      row["vs_optax"] = seconds / medians[OPTAX]
-      row["vs_floor"] = seconds / medians[FLOOR]
       row["gbps"] = _common.BYTES_PER_PARAM * total / seconds / 1e9
-      row["of_probe"] = medians[PROBE] / seconds
+      for key, reference in (("vs_optax", OPTAX), ("vs_floor", FLOOR)):
+        if reference in medians:
+          row[key] = seconds / medians[reference]
+      if PROBE in medians:
+        row["of_probe"] = medians[PROBE] / seconds
     rows.append(row)
   return rows
 
@@ -151,7 +155,7 @@ def table(rows: list[dict]) -> str:
         f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
         _common.fmt_ratio(row["vs_optax"]), _common.fmt_ratio(row["vs_floor"]),
         f"{row['gbps']:.1f}" if known else "n/a",
-        f"{row['of_probe']:.0%}" if known else "n/a",
+        f"{row['of_probe']:.0%}" if row["of_probe"] is not None else "n/a",
     ])
   return _common.markdown_table(headers, body)
 
@@ -162,7 +166,7 @@ def targets(rows: list[dict]) -> str:
              "gax / hand-fused (<= 1.10)", "of probe BW (>= 80%)", "faster than torch"]
   body = []
   for row in rows:
-    if row["peer"] != GAX:
+    if row["peer"] != GAX or None in (row["vs_optax"], row["vs_floor"], row["of_probe"]):
       continue
     case = [r for r in rows if (r["config"], r["params"], r["leaves"]) ==
             (row["config"], row["params"], row["leaves"])]
@@ -195,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       help="PARAMS:LEAVES cases of many leaves, comma-separated")
   parser.add_argument("--configs", default="default,full",
                       help=f"comma-separated subset of {sorted(_common.CONFIGS)}")
+  parser.add_argument("--peers", default=",".join(PEERS),
+                      help="comma-separated subset of the peers (ratios need their reference)")
   parser.add_argument("--min-sample-ms", type=float, default=20.0,
                       help="each timed sample runs enough steps to last this long")
   args = parser.parse_args(argv)
@@ -210,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     config_rows = []
     for num_params, num_leaves in cases:
       config_rows += measure_case(config, num_params, num_leaves, repeats,
-                                  args.min_sample_ms / 1e3)
+                                  args.min_sample_ms / 1e3, args.peers.split(","))
     print(f"### {config.name} ({repeats} interleaved samples, median)\n")
     print(table(config_rows) + "\n", flush=True)
     rows += config_rows

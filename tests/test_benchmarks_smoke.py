@@ -85,7 +85,8 @@ def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
 def test_compile_time_smoke(capsys):
   rows = compile_time.main(["--smoke"])
   assert [(row["leaves"], row["peer"]) for row in rows] == [
-      (10, compile_time.GAX_LOG), (10, compile_time.GAX_OFF), (10, compile_time.OPTAX)]
+      (10, compile_time.GAX_LOG), (10, compile_time.GAX_OFF), (10, compile_time.OPTAX),
+      (10, compile_time.OPTAX_NORM)]
   for row in rows:
     assert _positive(row["lower_s"]) and _positive(row["compile_s"]), row
   assert rows[2]["vs_optax"] == 1.0
