@@ -11,6 +11,7 @@ Run ``python -m benchmarks.logging_overhead --help`` for the options.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import contextlib
 import io
 import logging
 import statistics
@@ -26,14 +27,21 @@ LOGGING, OFF = "logging every 10", "logging off"
 INTERVAL = 10
 
 
-def capture_records() -> tuple[io.StringIO, logging.Handler]:
+@contextlib.contextmanager
+def captured_records():
+  """Sends the library's INFO records to a string, and restores the logger after."""
   stream = io.StringIO()
   handler = logging.StreamHandler(stream)
   logger = logging.getLogger("gradient_ascent_jax")
+  saved = logger.level, logger.propagate
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
-  return stream, handler
+  try:
+    yield stream
+  finally:
+    logger.removeHandler(handler)
+    logger.level, logger.propagate = saved
 
 
 def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
@@ -78,16 +86,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   if args.smoke:
     args.cases, args.intervals_per_sample = "1e4:1", 1
   repeats = args.repeats or (3 if args.smoke else 21)
-  stream, handler = capture_records()
   _common.print_header("Logging overhead", argv if argv is not None else sys.argv[1:])
   rows = []
-  try:
+  with captured_records() as stream:
     for item in args.cases.split(","):
       params, leaves = item.split(":")
       rows += measure(int(float(params)), int(leaves), repeats,
                       INTERVAL * args.intervals_per_sample)
-  finally:
-    logging.getLogger("gradient_ascent_jax").removeHandler(handler)
   records = stream.getvalue().count("\n")
   print(f"({repeats} interleaved samples of {INTERVAL * args.intervals_per_sample} steps, "
         f"median; {records} log records captured)\n")

@@ -7,6 +7,7 @@ positive, and that the derived columns follow from them (ratios, bytes).
 
 import importlib.util
 import json
+import logging
 import math
 
 import pytest
@@ -94,7 +95,10 @@ def test_compile_time_smoke(capsys):
 
 
 def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
+  logger = logging.getLogger("gradient_ascent_jax")
+  before = logger.level, logger.propagate, list(logger.handlers)
   rows = logging_overhead.main(["--smoke"])
+  assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
   assert [row["peer"] for row in rows] == [logging_overhead.LOGGING, logging_overhead.OFF]
   assert all(_positive(row["seconds"]) for row in rows)
   assert rows[1]["overhead"] == 0.0
