@@ -1,0 +1,101 @@
+"""Trace + lower and compile time of one jitted step, by number of leaves.
+
+Every repeat builds a fresh optimizer and a fresh ``jax.jit`` of a fresh step
+function, so nothing is served from a cache; peers are measured round-robin.
+Peers: ``gax`` with progress logging every 10 steps (the default), ``gax``
+with logging off, the equivalent Optax chain (which has no logging), and that
+chain behind ``optax.clip_by_global_norm``, which computes the same global
+norm as the progress log does (for scale: that norm is one reduction per leaf).
+
+Run ``python -m benchmarks.compile_time --help`` for the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import statistics
+import sys
+import time
+
+import jax
+import optax
+
+from benchmarks import _common
+
+GAX_LOG, GAX_OFF, OPTAX = "gax (logging every 10)", "gax (logging off)", "optax chain"
+OPTAX_NORM = "optax chain + clip_by_global_norm"
+PEERS = {
+    GAX_LOG: lambda config: _common.gradient_ascent(config, logging_interval=10),
+    GAX_OFF: lambda config: _common.gradient_ascent(config, logging_interval=None),
+    OPTAX: _common.optax_chain,
+    OPTAX_NORM: lambda config: optax.chain(optax.clip_by_global_norm(1e6),
+                                           _common.optax_chain(config)),
+}
+
+
+def lower_and_compile(make_tx, config, params) -> tuple[float, float]:
+  """Seconds to trace + lower and to compile a brand-new step function."""
+  tx = make_tx(config)
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  start = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+  middle = time.perf_counter()
+  lowered.compile()
+  return middle - start, time.perf_counter() - middle
+
+
+def measure(config, num_leaves, leaf_size, repeats) -> list[dict]:
+  params = _common.make_params(num_leaves * leaf_size, num_leaves)
+  samples = {peer: [] for peer in PEERS}
+  for _ in range(repeats):
+    for peer, make_tx in PEERS.items():
+      samples[peer].append(lower_and_compile(make_tx, config, params))
+  medians = {}
+  for peer, pairs in samples.items():
+    lower = statistics.median(p[0] for p in pairs)
+    compile_ = statistics.median(p[1] for p in pairs)
+    total = statistics.median(p[0] + p[1] for p in pairs)
+    medians[peer] = (lower, compile_, total)
+  return [
+      {"config": config.name, "leaves": num_leaves, "peer": peer, "lower_s": lower,
+       "compile_s": compile_, "total_s": total, "vs_optax": total / medians[OPTAX][2]}
+      for peer, (lower, compile_, total) in medians.items()
+  ]
+
+
+def table(rows: list[dict]) -> str:
+  headers = ["config", "leaves", "peer", "trace+lower", "compile", "total", "vs optax chain"]
+  body = [[row["config"], row["leaves"], row["peer"], _common.fmt_time(row["lower_s"]),
+           _common.fmt_time(row["compile_s"]), _common.fmt_time(row["total_s"]),
+           _common.fmt_ratio(row["vs_optax"])] for row in rows]
+  return _common.markdown_table(headers, body)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = _common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--leaves", default="10,100,1000", help="leaf counts, comma-separated")
+  parser.add_argument("--leaf-size", type=int, default=1000, help="parameters per leaf")
+  parser.add_argument("--configs", default="default",
+                      help=f"comma-separated subset of {sorted(_common.CONFIGS)}")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.leaves, args.leaf_size = "10", 10
+  repeats = args.repeats or (2 if args.smoke else 3)
+  _common.print_header("Compile time", argv if argv is not None else sys.argv[1:])
+  rows = []
+  for name in args.configs.split(","):
+    for num_leaves in _common.parse_counts(args.leaves):
+      rows += measure(_common.CONFIGS[name], num_leaves, args.leaf_size, repeats)
+  print(f"({repeats} interleaved repeats, median)\n")
+  print(table(rows) + "\n")
+  _common.write_json(args.json, rows)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,105 @@
+"""Cost of progress logging: ``logging_interval=10`` against logging off.
+
+Both peers are ``gax.gradient_ascent`` steps (jitted, donated, same gradient
+buffer), timed round-robin; every sample is a whole number of logging
+intervals, so it contains its share of logging steps. The records go to an
+in-memory handler at level INFO, so formatting and handling are included.
+
+Run ``python -m benchmarks.logging_overhead --help`` for the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import contextlib
+import io
+import logging
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _common
+
+LOGGING, OFF = "logging every 10", "logging off"
+INTERVAL = 10
+
+
+@contextlib.contextmanager
+def captured_records():
+  """Sends the library's INFO records to a string, and restores the logger after."""
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  logger = logging.getLogger("gradient_ascent_jax")
+  saved = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  try:
+    yield stream
+  finally:
+    logger.removeHandler(handler)
+    logger.level, logger.propagate = saved
+
+
+def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
+  size = num_params // num_leaves
+  keys = jax.random.split(jax.random.key(0), num_leaves)
+  grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
+  runners = {
+      LOGGING: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, INTERVAL),
+                                    num_params, num_leaves, grads),
+      OFF: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, None),
+                                num_params, num_leaves, grads),
+  }
+  for runner in runners.values():
+    runner(INTERVAL)  # compile, and leave the counter on a multiple of 10
+  samples = {name: [] for name in runners}
+  for repeat in range(repeats):
+    order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
+    for name in order:
+      time.sleep(0.01)
+      start = time.perf_counter()
+      runners[name](samples_steps)
+      samples[name].append((time.perf_counter() - start) / samples_steps)
+  medians = {name: statistics.median(times) for name, times in samples.items()}
+  return [{"params": size * num_leaves, "leaves": num_leaves, "peer": name, "seconds": seconds,
+           "overhead": seconds / medians[OFF] - 1.0} for name, seconds in medians.items()]
+
+
+def table(rows: list[dict]) -> str:
+  headers = ["params", "leaves", "peer", "time/step", "overhead vs off (<= 3%)"]
+  body = [[f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
+           f"{row['overhead']:+.1%}"] for row in rows]
+  return _common.markdown_table(headers, body)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = _common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--cases", default="1e7:1,1e7:1000",
+                      help="PARAMS:LEAVES cases, comma-separated")
+  parser.add_argument("--intervals-per-sample", type=int, default=1,
+                      help="logging intervals (of 10 steps) in one timed sample")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.cases, args.intervals_per_sample = "1e4:1", 1
+  repeats = args.repeats or (3 if args.smoke else 21)
+  _common.print_header("Logging overhead", argv if argv is not None else sys.argv[1:])
+  rows = []
+  with captured_records() as stream:
+    for item in args.cases.split(","):
+      params, leaves = item.split(":")
+      rows += measure(int(float(params)), int(leaves), repeats,
+                      INTERVAL * args.intervals_per_sample)
+  records = stream.getvalue().count("\n")
+  print(f"({repeats} interleaved samples of {INTERVAL * args.intervals_per_sample} steps, "
+        f"median; {records} log records captured)\n")
+  print(table(rows) + "\n")
+  _common.write_json(args.json, rows)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

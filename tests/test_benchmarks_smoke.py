@@ -1,0 +1,124 @@
+"""Every benchmark runs at its smallest size (``--smoke``), so none can rot.
+
+The numbers are timings and cannot be checked; what is checked is that each
+table has the expected rows and peers, that measured values are finite and
+positive, and that the derived columns follow from them (ratios, bytes).
+"""
+
+import importlib.util
+import json
+import logging
+import math
+
+import pytest
+
+from benchmarks import compile_time
+from benchmarks import logging_overhead
+from benchmarks import memory
+from benchmarks import plot
+from benchmarks import step_time
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+JAX_PEERS = {"gax", "optax chain", "hand-fused", "maximize(adam)", "probe"}
+TORCH_PEERS = {"torch foreach", "torch for-loop"}
+
+
+def _positive(value):
+  return value is not None and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def step_time_run(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "step_time.json"
+  rows = step_time.main(["--smoke", "--json", str(path)])
+  return rows, path
+
+
+def test_step_time_has_every_case_and_peer(step_time_run, capsys):
+  rows, _ = step_time_run
+  cases = {(row["config"], row["params"], row["leaves"], row["peer"]) for row in rows}
+  expected = {(config, 10_000, leaves, peer)
+              for config in ("default", "clip+warmup+decay+nesterov")
+              for leaves in (1, 10) for peer in JAX_PEERS | TORCH_PEERS}
+  assert cases == expected and len(rows) == len(expected)
+
+
+def test_step_time_numbers_are_positive_and_ratios_consistent(step_time_run):
+  rows, _ = step_time_run
+  for row in rows:
+    if row["peer"] in JAX_PEERS:
+      assert _positive(row["seconds"]), row
+      assert row["gbps"] == pytest.approx(28 * row["params"] / row["seconds"] / 1e9)
+    if row["peer"] == "optax chain":
+      assert row["vs_optax"] == 1.0
+    if row["peer"] == "hand-fused":
+      assert row["vs_floor"] == 1.0
+    if row["peer"] == "probe":
+      assert row["of_probe"] == 1.0
+  by_case = {}
+  for row in rows:
+    by_case.setdefault((row["config"], row["leaves"]), {})[row["peer"]] = row
+  for peers in by_case.values():
+    gax, chain = peers["gax"], peers["optax chain"]
+    assert gax["vs_optax"] == pytest.approx(gax["seconds"] / chain["seconds"])
+
+
+def test_step_time_torch_rows_only_where_comparable(step_time_run):
+  rows, _ = step_time_run
+  for row in rows:
+    if row["peer"] not in TORCH_PEERS:
+      continue
+    comparable = HAS_TORCH and row["config"] == "default"  # RMSprop has no Nesterov
+    assert _positive(row["seconds"]) if comparable else row["seconds"] is None, row
+
+
+def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
+  _, path = step_time_run
+  output = tmp_path / "step_time.png"
+  peers = plot.main([str(path), "-o", str(output)])
+  expected = JAX_PEERS | (TORCH_PEERS if HAS_TORCH else set())
+  assert set(peers) == expected
+  data = output.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1_000 < len(data) < 200_000
+  assert json.loads(path.read_text())["environment"]["machine"]
+
+
+def test_compile_time_smoke(capsys):
+  rows = compile_time.main(["--smoke"])
+  assert [(row["leaves"], row["peer"]) for row in rows] == [
+      (10, compile_time.GAX_LOG), (10, compile_time.GAX_OFF), (10, compile_time.OPTAX),
+      (10, compile_time.OPTAX_NORM)]
+  for row in rows:
+    assert _positive(row["lower_s"]) and _positive(row["compile_s"]), row
+  assert rows[2]["vs_optax"] == 1.0
+  assert "| default | 10 | gax (logging off) |" in capsys.readouterr().out
+
+
+def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
+  logger = logging.getLogger("gradient_ascent_jax")
+  before = logger.level, logger.propagate, list(logger.handlers)
+  rows = logging_overhead.main(["--smoke"])
+  assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
+  assert [row["peer"] for row in rows] == [logging_overhead.LOGGING, logging_overhead.OFF]
+  assert all(_positive(row["seconds"]) for row in rows)
+  assert rows[1]["overhead"] == 0.0
+  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records.
+  assert "4 log records captured" in capsys.readouterr().out
+
+
+def test_memory_smoke_state_bytes_and_peak():
+  rows = memory.main(["--smoke"])
+  table = {(row["config"], row["peer"]): row for row in rows}
+  assert len(table) == len(rows) == 8
+  n = 10_000
+  # Two float32 moments (+ an int32 step counter), or two bfloat16 moments.
+  for config in ("default", "clip+warmup+decay+nesterov"):
+    assert table[config, memory.GAX]["state_bytes"] == 2 * 4 * n + 4
+    assert table[config, memory.GAX_BF16]["state_bytes"] == 2 * 2 * n + 4
+  full = "clip+warmup+decay+nesterov"
+  assert table[full, memory.GAX]["peak_bytes"] <= table[full, memory.OPTAX]["peak_bytes"]
+  # With a constant rate the Optax chain keeps no step counter; gax keeps its
+  # int32 one, so only scalar bytes may differ: no buffer of n elements.
+  assert table["default", memory.OPTAX]["state_bytes"] == 2 * 4 * n
+  extra = table["default", memory.GAX]["peak_bytes"] - table["default", memory.OPTAX]["peak_bytes"]
+  assert extra <= 16
