@@ -8,6 +8,7 @@ flip does not change the result; it comes first because that is what
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 from typing import NamedTuple
 
@@ -116,6 +117,15 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def _cast(x: jax.Array, dtype) -> jax.Array:
+  # Skipping same-dtype converts keeps the traced program (and compile time) small.
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _scalar_sqrt(value):
+  return math.sqrt(value) if isinstance(value, (int, float)) else jnp.sqrt(value)
+
+
 def _compute_dtype(*dtypes) -> jnp.dtype:
   # float16/bfloat16 state is updated in float32: beta=0.999 rounds to 1 in
   # bfloat16, and eps=1e-8 flushes to 0 in float16 (0/0 on zero gradients).
@@ -195,9 +205,10 @@ def scale_by_adaptive_rms(
   stored and used exactly. float16/bfloat16 state is updated in float32 and
   stored back; ``s`` is computed from the exact float32 moment, before that
   rounding. float32/float64 state that saturated no longer holds ``m_t``, only
-  a bound: ``s`` then divides by ``sqrt(beta * max + (1 - beta) * h**2)``,
-  exact when the previous moment had saturated too and otherwise at most
-  ``sqrt(2)`` too large (so that step stays bounded by ``1/sqrt(1 - beta)``).
+  a lower bound: ``s`` then divides by ``max(sqrt(max), sqrt(1 - beta) * |h|)``,
+  exact when the huge gradient dominates and otherwise at most
+  ``sqrt(1 + beta)`` too small, so that step is at most ``sqrt(2)`` too large
+  and never beyond RMSprop's bound ``1/sqrt(1 - beta)``.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -231,60 +242,45 @@ def scale_by_adaptive_rms(
     _warn_if_too_coarse(beta, second_moment, name)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
-  def wide_moment(h, m):
-    dtype = _compute_dtype(h.dtype, m.dtype)
-    h, m = h.astype(dtype), m.astype(dtype)
-    m_new = beta * m + (1 - beta) * jnp.square(h)
-    # h**2 can overflow where m_t does not (float32, beta = 0.5, h = 2.3e19):
-    # there, form (1 - beta) * h**2 as (sqrt(1 - beta) * h)**2.
-    refit = beta * m + jnp.square(jnp.sqrt(1 - beta) * h)
-    return jnp.where(jnp.isinf(m_new), refit, m_new)
-
-  def new_moment(h, m):
-    # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
-    # inside the consumer fusion, which forces a copy of the donated buffer
-    # (two extra passes over memory). NaN propagates either way.
-    m_new = wide_moment(h, m)
-    largest = jnp.finfo(m.dtype).max
-    return jnp.where(m_new > largest, largest, m_new).astype(m.dtype)
-
-  def scale(h, m, m_stored):
-    dtype = _compute_dtype(h.dtype, m.dtype)
-    h_wide = h.astype(dtype)
-    if m_stored.dtype == dtype:
-      # Read the stored moment, not the old one again: re-reading the donated
-      # old buffer after its in-place update makes XLA copy it (extra passes).
-      # Below the largest value it is m_t; at it, m_t saturated and lies
-      # between max(largest, (1 - beta) h**2) and beta * largest + (1 - beta)
-      # h**2: take the upper end (exact if the old moment had saturated too).
-      finfo = jnp.finfo(dtype)
-      saturated = m_stored >= finfo.max
-      # There, form sqrt(beta * largest + (1 - beta) * h**2) in units of an
-      # exact power of two so it cannot overflow, with one sqrt for both cases
-      # (a hypot costs a third of the step on CPU). The unit is chosen per
-      # element: XLA folds a constant unit out of the square, and h*h
-      # overflows again.
-      unit = float(2 ** (int(finfo.maxexp) // 2))
-      to_units = jnp.where(saturated, 1 / unit, 1.0).astype(dtype)
-      h_units = h_wide * to_units
-      bound = beta * (float(finfo.max) / unit / unit) + (1 - beta) * h_units * h_units
-      from_units = jnp.where(saturated, unit, 1.0).astype(dtype)
-      root = jnp.sqrt(jnp.where(saturated, bound, m_stored)) * from_units
-    else:
-      # float16/bfloat16 storage: divide by the moment before rounding, or a
-      # small gradient's moment underflows to 0 and h / eps overflows. In
-      # float32, sqrt(m_t) of a float16/bfloat16 gradient never overflows.
-      m_wide = m.astype(dtype)
-      m_new = beta * m_wide + (1 - beta) * jnp.square(h_wide)
-      exact_root = jnp.hypot(jnp.sqrt(beta * m_wide), jnp.sqrt(1 - beta) * jnp.abs(h_wide))
-      root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
-    return (h_wide / (root + eps)).astype(h.dtype)
-
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
-    second_moment = jax.tree.map(new_moment, updates, state.second_moment)
-    scaled = jax.tree.map(scale, updates, state.second_moment, second_moment)
+    # (sqrt(1 - beta) * h)**2 rather than (1 - beta) * h**2: h**2 overflows
+    # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
+    weight = _scalar_sqrt(1 - beta)
+
+    def weighted(h, m):
+      return weight * _cast(h, _compute_dtype(h.dtype, m.dtype))
+
+    def new_moment(q, m):
+      m_new = beta * _cast(m, q.dtype) + q * q
+      # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
+      # inside the consumer fusion, which forces a copy of the donated buffer
+      # (two extra passes over memory). NaN propagates either way.
+      largest = jax.lax.full_like(m_new, jnp.finfo(m.dtype).max)
+      return _cast(jax.lax.select(m_new > largest, largest, m_new), m.dtype)
+
+    def scale(h, q, m, m_stored):
+      q_size = jnp.abs(q)
+      if m_stored.dtype == q.dtype:
+        # Read the stored moment, not the old one again: re-reading the donated
+        # old buffer after its in-place update makes XLA copy it (extra passes).
+        # sqrt(m_t) >= |q| always. Where m_t saturated (beyond the largest
+        # value) the stored moment only bounds it from below: |q| keeps the
+        # step of a huge gradient exact and every step <= 1/sqrt(1 - beta).
+        root = jnp.maximum(jnp.sqrt(m_stored), q_size)
+      else:
+        # float16/bfloat16 storage: divide by the moment before rounding, or a
+        # small gradient's moment underflows to 0 and h / eps overflows.
+        m_wide = beta * _cast(m, q.dtype)
+        m_new = m_wide + q * q
+        exact_root = jnp.hypot(jnp.sqrt(m_wide), q_size)
+        root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
+      return _cast(_cast(h, q.dtype) / (root + eps), h.dtype)
+
+    weighted_updates = jax.tree.map(weighted, updates, state.second_moment)
+    second_moment = jax.tree.map(new_moment, weighted_updates, state.second_moment)
+    scaled = jax.tree.map(scale, updates, weighted_updates, state.second_moment, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -340,16 +336,16 @@ def momentum(
 
   def new_velocity(s, v):
     dtype = _compute_dtype(s.dtype, v.dtype)
-    return (decay * v.astype(dtype) + s.astype(dtype)).astype(v.dtype)
+    return _cast(decay * _cast(v, dtype) + _cast(s, dtype), v.dtype)
 
   def direction(s, v):
     dtype = _compute_dtype(s.dtype, v.dtype)
-    s_wide, v_wide = s.astype(dtype), v.astype(dtype)
+    s_wide, v_wide = _cast(s, dtype), _cast(v, dtype)
     if isinstance(nesterov, (bool, np.bool_)):
       out = s_wide + decay * v_wide if nesterov else v_wide
     else:
       out = jnp.where(nesterov, s_wide + decay * v_wide, v_wide)
-    return out.astype(s.dtype)
+    return _cast(out, s.dtype)
 
   def update_fn(updates, state, params=None):
     del params
@@ -400,8 +396,8 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
-    rate = schedule(state.count)
-    updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+    step_size = -schedule(state.count)
+    updates = jax.tree.map(lambda u: _cast(step_size * u, u.dtype), updates)
     count = optax.safe_increment(state.count)
     return updates, ScaleByWarmupDecayState(count=count)
 
