@@ -31,15 +31,19 @@ def _grad_sequence(key=0):
   ]
 
 
-def _reference_trajectory(options, grads):
-  """Eager steps, the baseline every mode is compared with."""
-  tx = gax.gradient_ascent(learning_rate=0.05, **options)
+def _run(tx, grads):
+  """The params after one step per gradient, from fixed initial params."""
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   state = tx.init(params)
   for g in grads:
     updates, state = tx.update(g, state, params)
     params = jax.tree.map(jnp.add, params, updates)
   return params
+
+
+def _reference_trajectory(options, grads):
+  """Eager steps, the baseline every mode is compared with."""
+  return _run(gax.gradient_ascent(learning_rate=0.05, **options), grads)
 
 
 class ExecutionModesTest(chex.TestCase):
@@ -94,13 +98,7 @@ def test_vmap_over_learning_rates_matches_separate_runs(name):
   grads = _grad_sequence()
 
   def run(lr):
-    tx = gax.gradient_ascent(learning_rate=lr, logging_interval=None, **options)
-    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    state = tx.init(params)
-    for g in grads:
-      updates, state = tx.update(g, state, params)
-      params = jax.tree.map(jnp.add, params, updates)
-    return params
+    return _run(gax.gradient_ascent(learning_rate=lr, logging_interval=None, **options), grads)
 
   batched = jax.jit(jax.vmap(run))(rates)
   for i, lr in enumerate([0.0, 0.001, 0.01, 0.05, 0.3]):
@@ -121,12 +119,7 @@ def test_vmap_over_momentum_beta_and_nesterov_flag():
     tx = gax.gradient_ascent(
         learning_rate=0.05, momentum=m, beta=b, nesterov=nesterov, logging_interval=None
     )
-    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    state = tx.init(params)
-    for g in grads:
-      updates, state = tx.update(g, state, params)
-      params = jax.tree.map(jnp.add, params, updates)
-    return params
+    return _run(tx, grads)
 
   batched = jax.vmap(run)(momenta, betas, flags)
   for i in range(2):
