@@ -22,7 +22,7 @@ def gradient_ascent(
     clip_value: jax.typing.ArrayLike | None = None,
     lr_decay: jax.typing.ArrayLike | None = None,
     warmup_steps: jax.typing.ArrayLike = 0,
-    logging_interval: jax.typing.ArrayLike | None = 10,
+    logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
@@ -49,7 +49,9 @@ def gradient_ascent(
       None (default) for no clipping.
     lr_decay: multiply the rate by this factor once per step; None for none.
     warmup_steps: linear warmup over this many steps; 0 for none.
-    logging_interval: log progress every N steps; None or 0 for off.
+    logging_interval: log progress every N steps (an ``INFO`` record on the
+      logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
+      or 0 for off. Off costs nothing; on, every step pays for a host callback.
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
 
   Returns:
@@ -59,7 +61,7 @@ def gradient_ascent(
     >>> import jax, jax.numpy as jnp, optax
     >>> import gradient_ascent_jax as gax
     >>> objective = lambda x: -jnp.sum((x - 3.0) ** 2)  # maximum at x = 3
-    >>> tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=None)
+    >>> tx = gax.gradient_ascent(learning_rate=0.1)
     >>> x = jnp.zeros(2)
     >>> state = tx.init(x)
     >>> for _ in range(200):

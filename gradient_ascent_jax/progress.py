@@ -16,6 +16,26 @@ from gradient_ascent_jax import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
 
+_INVISIBLE_WARNING = (
+    "gradient_ascent_jax: progress records are due (logging_interval is set) "
+    "but the logger 'gradient_ascent_jax' is not enabled for INFO, so they are "
+    "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
+    "add a handler and setLevel(logging.INFO) on "
+    "logging.getLogger('gradient_ascent_jax'). To stop logging (and its cost "
+    "per step), pass logging_interval=None. This warning is shown once."
+)
+_invisible_warned = threading.Event()
+
+
+def _warn_once_if_invisible() -> bool:
+  """Returns True when INFO records would be dropped; warns the first time."""
+  if logger.isEnabledFor(logging.INFO):
+    return False
+  if not _invisible_warned.is_set():
+    _invisible_warned.set()
+    logger.warning(_INVISIBLE_WARNING)
+  return True
+
 
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`: steps already seen (int32, saturating)."""
@@ -40,6 +60,11 @@ def log_progress(
   batch element or device) the records of one step are merged into one, the
   first to arrive. With ``logging_interval`` None or 0 this is
   ``optax.identity()`` and the compiled program holds no host callback.
+
+  Records are ``INFO``, which Python drops until ``logging`` is configured.
+  When a record is due and the logger is not enabled for ``INFO``, one
+  ``WARNING`` (the first time, once per process) says so and how to see them,
+  for example ``logging.basicConfig(level=logging.INFO)``.
 
   Args:
     logging_interval: N >= 1, or None/0 for off. May be a JAX integer (e.g.
@@ -69,6 +94,8 @@ def log_progress(
 
   def emit(step, rate, grad_norm, due):
     if not due:  # under vmap the cond becomes a select: filter here
+      return
+    if _warn_once_if_invisible():
       return
     step = int(step)
     with lock:

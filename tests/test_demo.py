@@ -28,7 +28,7 @@ def test_demo_command_runs_all_three_examples_and_objectives_rise():
     assert f"Example '{name}'" in out
   before = [float(x) for x in re.findall(r"before: ([-+0-9.e]+)", out)]
   after = [float(x) for x in re.findall(r"after:\s+([-+0-9.e]+)", out)]
-  optimized = [float(x) for x in re.findall(r"Optimized Value: ([-+0-9.e]+)", out)]
+  optimized = [float(x) for x in re.findall(r"Optimized Value \(model\(1\.0\) = -objective\): ([-+0-9.e]+)", out)]
   assert len(before) == len(after) == len(optimized) == 3
   assert all(a > b for a, b in zip(after, before))
   # The objective is -model(1.0), so the optimized value is its negative.

@@ -1,6 +1,7 @@
 """SPEC section 7: progress logging through `logging`, from inside jit."""
 
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax import progress
 
 LOGGER = "gradient_ascent_jax"
 GRADS = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # global norm 5
@@ -76,11 +78,51 @@ def test_callback_present_in_program_when_on():
   assert "callback" in lowered
 
 
-def test_library_logger_is_silent_by_default(capsys):
-  tx = gax.gradient_ascent(logging_interval=1)
-  _run(tx, 3)
-  captured = capsys.readouterr()
-  assert captured.out == ""
+@pytest.fixture
+def fresh_warning(monkeypatch):
+  """The once-per-process WARNING, re-armed for this test."""
+  monkeypatch.setattr(progress, "_invisible_warned", threading.Event())
+
+
+def test_default_compiles_no_callback():
+  tx = gax.gradient_ascent()
+  params = jax.tree.map(jnp.zeros_like, GRADS)
+  lowered = jax.jit(tx.update).lower(GRADS, tx.init(params), params).as_text()
+  assert "callback" not in lowered
+  # The default chain has no logging stage at all: its state holds no counter for it.
+  assert not any(isinstance(s, gax.LogProgressState) for s in tx.init(params))
+
+
+def test_one_warning_when_records_would_be_dropped(caplog, fresh_warning):
+  # Python's default: nothing configured, so the logger is enabled for WARNING only.
+  caplog.set_level(logging.WARNING, logger=LOGGER)
+  _run(gax.gradient_ascent(logging_interval=1), 3)
+  _run(gax.gradient_ascent(logging_interval=2), 4)  # a second optimizer: still once
+  records = _records(caplog)
+  assert [r.levelno for r in records] == [logging.WARNING]
+  message = records[0].getMessage()
+  assert "dropped" in message
+  assert "logging.basicConfig(level=logging.INFO)" in message
+  assert "logging_interval=None" in message
+
+
+def test_no_warning_when_records_are_shown(log, fresh_warning):
+  _run(gax.gradient_ascent(logging_interval=1), 3)
+  records = _records(log)
+  assert [r.levelno for r in records] == [logging.INFO] * 3
+
+
+def test_no_warning_when_logging_is_off(caplog, fresh_warning):
+  caplog.set_level(logging.WARNING, logger=LOGGER)
+  _run(gax.gradient_ascent(), 3)
+  assert _records(caplog) == []
+
+
+def test_library_attaches_no_handler_of_its_own(log):
+  # Records reach the user's handlers only; the library shows nothing itself.
+  _run(gax.gradient_ascent(logging_interval=1), 2)
+  assert logging.getLogger(LOGGER).handlers == []
+  assert len(_records(log)) == 2
 
 
 def test_one_record_per_step_under_vmap(log):
