@@ -70,21 +70,21 @@ def gradient_ascent(
     >>> bool(jnp.allclose(x, 3.0, atol=0.05))
     True
   """
-  validation.check_learning_rate("learning_rate", learning_rate)
-  validation.check_decay_rate("momentum", momentum)
-  validation.check_decay_rate("beta", beta)
-  validation.check_optional_positive(
+  learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
+  momentum = validation.check_decay_rate("momentum", momentum)
+  beta = validation.check_decay_rate("beta", beta)
+  eps = validation.check_optional_positive(
       "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
-  validation.check_bool("nesterov", nesterov)
-  validation.check_optional_positive(
+  nesterov = validation.check_bool("nesterov", nesterov)
+  clip_value = validation.check_optional_positive(
       "clip_value", clip_value, "Use None for no clipping."
   )
-  validation.check_lr_decay(lr_decay)
-  validation.check_count(
+  lr_decay = validation.check_lr_decay(lr_decay)
+  warmup_steps = validation.check_count(
       "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
-  validation.check_logging_interval(logging_interval)
+  logging_interval = validation.check_logging_interval(logging_interval)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay

@@ -85,7 +85,7 @@ def log_progress(
     >>> int(state.count)
     2
   """
-  validation.check_logging_interval(logging_interval)
+  logging_interval = validation.check_logging_interval(logging_interval)
   if not validation.logging_enabled(logging_interval):
     return optax.identity()
 

@@ -42,11 +42,11 @@ def warmup_decay_schedule(
     >>> [round(float(schedule(k)), 5) for k in range(5)]
     [0.025, 0.025, 0.01875, 0.0125, 0.00625]
   """
-  validation.check_learning_rate("learning_rate", learning_rate)
-  validation.check_count(
+  learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
+  warmup_steps = validation.check_count(
       "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
-  validation.check_lr_decay(lr_decay)
+  lr_decay = validation.check_lr_decay(lr_decay)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(count).astype(jnp.result_type(float))

@@ -102,7 +102,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     >>> tx.update(jnp.array([0.5, -3.0, 2.0]), tx.init(None))[0]
     Array([ 0.5, -1. ,  1. ], dtype=float32)
   """
-  validation.check_optional_positive(
+  clip_value = validation.check_optional_positive(
       "clip_value", clip_value, "Use None for no clipping."
   )
 
@@ -231,8 +231,8 @@ def scale_by_adaptive_rms(
   References:
     Tieleman and Hinton, 2012, Lecture 6.5 - rmsprop, COURSERA.
   """
-  validation.check_decay_rate("beta", beta)
-  validation.check_optional_positive(
+  beta = validation.check_decay_rate("beta", beta)
+  eps = validation.check_optional_positive(
       "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
   name = "scale_by_adaptive_rms"
@@ -326,8 +326,8 @@ def momentum(
     Polyak, 1964; Sutskever et al., 2013, On the importance of initialization
     and momentum in deep learning.
   """
-  validation.check_decay_rate("decay", decay)
-  validation.check_bool("nesterov", nesterov)
+  decay = validation.check_decay_rate("decay", decay)
+  nesterov = validation.check_bool("nesterov", nesterov)
   name = "momentum"
 
   def init_fn(params):

@@ -1,7 +1,9 @@
 """Construction-time checks of hyperparameters (SPEC section 5).
 
-A concrete bad value (a Python or NumPy number) raises ``ValueError`` naming
-the argument, the value and what is allowed. JAX arrays and tracers are not
+A concrete bad value (a Python or NumPy number, or a 0-d NumPy array) raises
+``ValueError`` naming the argument, the value and what is allowed. Concrete
+values come back as Python numbers, so that later arithmetic is weakly typed
+and a Python int too wide for int32 never reaches JAX. JAX arrays and tracers are not
 checked: inside ``jit``, ``vmap`` or ``optax.inject_hyperparams`` their values
 are not known when the optimizer is built.
 """
@@ -25,12 +27,21 @@ def _fail(name: str, value: Any, allowed: str, fix: str) -> None:
   raise ValueError(f"`{name}` must be {allowed}, got {value!r}. {fix}")
 
 
-def _as_real(name: str, value: Any) -> float:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, numbers.Real
-  ):
+def _concrete(value: Any) -> Any:
+  """A 0-d NumPy array as its NumPy scalar (as ``jax.test_util`` passes them)."""
+  if isinstance(value, np.ndarray) and value.shape == ():
+    return value[()]
+  return value
+
+
+def _as_real(name: str, value: Any, fix: str) -> float:
+  number = _concrete(value)
+  if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real):
     _fail(name, value, "a real number", "Pass a Python float or int.")
-  return float(value)
+  try:
+    return float(number)
+  except OverflowError:  # a Python int beyond the float range
+    _fail(name, value, "a real number within the float64 range", fix)
 
 
 def check_interval(
@@ -42,23 +53,27 @@ def check_interval(
     low_open: bool = False,
     high_open: bool = False,
     fix: str = "",
-) -> None:
-  """Checks that a concrete number lies in an interval; skips JAX values."""
+) -> Any:
+  """Checks that a concrete number lies in an interval; returns it as a float.
+
+  A JAX value is returned as it is.
+  """
   if _is_jax_value(value):
-    return
-  number = _as_real(name, value)
+    return value
+  number = _as_real(name, value, fix)
   above = number > low if low_open else number >= low
   below = number < high if high_open else number <= high
   if not (above and below):  # also rejects NaN
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
     _fail(name, value, f"in {left}{low}, {high}{right}", fix)
+  return number
 
 
-def check_learning_rate(name: str, value: Any) -> None:
+def check_learning_rate(name: str, value: Any) -> Any:
   if callable(value):
-    return
-  check_interval(
+    return value
+  return check_interval(
       name,
       value,
       0.0,
@@ -68,13 +83,14 @@ def check_learning_rate(name: str, value: Any) -> None:
   )
 
 
-def check_optional_positive(name: str, value: Any, fix: str) -> None:
-  if value is not None:
-    check_interval(name, value, 0.0, math.inf, low_open=True, fix=fix)
+def check_optional_positive(name: str, value: Any, fix: str) -> Any:
+  if value is None:
+    return None
+  return check_interval(name, value, 0.0, math.inf, low_open=True, fix=fix)
 
 
-def check_decay_rate(name: str, value: Any) -> None:
-  check_interval(
+def check_decay_rate(name: str, value: Any) -> Any:
+  return check_interval(
       name,
       value,
       0.0,
@@ -84,46 +100,55 @@ def check_decay_rate(name: str, value: Any) -> None:
   )
 
 
-def check_lr_decay(value: Any) -> None:
-  if value is not None:
-    check_interval(
-        "lr_decay",
-        value,
-        0.0,
-        1.0,
-        low_open=True,
-        fix="Use None (or 1.0) for no decay; the rate is multiplied by "
-        "lr_decay once per step.",
-    )
-
-
-def check_count(name: str, value: Any, minimum: int, fix: str) -> None:
-  """Checks a concrete integer >= minimum; skips JAX values."""
-  if _is_jax_value(value):
-    return
-  is_int = isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
-      value, (bool, np.bool_)
+def check_lr_decay(value: Any) -> Any:
+  if value is None:
+    return None
+  return check_interval(
+      "lr_decay",
+      value,
+      0.0,
+      1.0,
+      low_open=True,
+      fix="Use None (or 1.0) for no decay; the rate is multiplied by "
+      "lr_decay once per step.",
   )
-  if not is_int or value < minimum:
-    _fail(name, value, f"an integer >= {minimum}", fix)
 
 
-def check_logging_interval(value: Any) -> None:
-  if value is not None:
-    check_count(
-        "logging_interval",
-        value,
-        0,
-        "Use None or 0 to turn progress logging off, or N >= 1 to log "
-        "every N steps.",
-    )
+def check_count(name: str, value: Any, minimum: int, fix: str) -> Any:
+  """Checks a concrete integer >= minimum; returns it as an int.
 
-
-def check_bool(name: str, value: Any) -> None:
+  A JAX value is returned as it is.
+  """
   if _is_jax_value(value):
-    return
-  if not isinstance(value, (bool, np.bool_)):
+    return value
+  number = _concrete(value)
+  is_int = isinstance(number, numbers.Integral) and not isinstance(
+      number, (bool, np.bool_)
+  )
+  if not is_int or number < minimum:
+    _fail(name, value, f"an integer >= {minimum}", fix)
+  return int(number)
+
+
+def check_logging_interval(value: Any) -> Any:
+  if value is None:
+    return None
+  return check_count(
+      "logging_interval",
+      value,
+      0,
+      "Use None or 0 to turn progress logging off, or N >= 1 to log "
+      "every N steps.",
+  )
+
+
+def check_bool(name: str, value: Any) -> Any:
+  if _is_jax_value(value):
+    return value
+  flag = _concrete(value)
+  if not isinstance(flag, (bool, np.bool_)):
     _fail(name, value, "a bool", f"Pass {name}=True or {name}=False.")
+  return bool(flag)
 
 
 def logging_enabled(logging_interval: Any) -> bool:

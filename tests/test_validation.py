@@ -112,3 +112,71 @@ def test_jax_values_are_not_checked_at_construction():
     return tx.update(jnp.ones(2), tx.init(params), params)[0]
 
   np.testing.assert_allclose(build_and_step(0.5), 0.5 * np.ones(2) / (np.sqrt(1e-3) + 1e-8), rtol=1e-6)
+
+
+# 0-d NumPy arrays (as jax.test_util.check_grads passes them) are numbers. ------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("learning_rate", np.asarray(0.01)),
+        ("momentum", np.asarray(0.5, np.float32)),
+        ("beta", np.asarray(0.9)),
+        ("eps", np.asarray(1e-6)),
+        ("clip_value", np.asarray(2.0)),
+        ("lr_decay", np.asarray(0.9)),
+        ("warmup_steps", np.asarray(3)),
+        ("logging_interval", np.asarray(0)),
+        ("nesterov", np.asarray(True)),
+    ],
+)
+def test_zero_dim_numpy_arrays_are_accepted(name, value):
+  tx = gax.gradient_ascent(**{name: value})
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  assert updates["w"].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("learning_rate", np.asarray(-0.1)),
+        ("momentum", np.asarray(1.0)),
+        ("eps", np.asarray(0.0)),
+        ("lr_decay", np.asarray(np.nan)),
+        ("warmup_steps", np.asarray(-1)),
+        ("warmup_steps", np.asarray(3.0)),
+        ("nesterov", np.asarray(1)),
+    ],
+)
+def test_zero_dim_numpy_arrays_are_checked_like_numbers(name, value):
+  with pytest.raises(ValueError, match=f"`{name}` must be") as info:
+    gax.gradient_ascent(**{name: value})
+  assert repr(value) in str(info.value)
+
+
+def test_zero_dim_numpy_hyperparameters_give_the_python_number_result():
+  # First step with warmup 3: lr / 3 * h / (sqrt(1 - beta) |h| + eps), h = 1.
+  tx = gax.gradient_ascent(np.asarray(0.3), warmup_steps=np.asarray(3), beta=np.asarray(0.75))
+  params = jnp.zeros(2)
+  updates, _ = tx.update(jnp.ones(2), tx.init(params), params)
+  np.testing.assert_allclose(updates, 0.1 / (0.5 + 1e-8), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    # First step, h = 1: lr * 1 / (sqrt(1 - beta) + eps) with beta = 0.75;
+    # a large eps dominates the denominator.
+    [("learning_rate", 2**40, 2**40 / 0.5), ("eps", 2**70, 0.01 / 2**70)],
+)
+def test_python_int_wider_than_int32_works(name, value, expected):
+  tx = gax.gradient_ascent(beta=0.75, **{name: value})
+  params = jnp.zeros(2)
+  updates, _ = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
+  np.testing.assert_allclose(updates, expected, rtol=1e-6)
+
+
+def test_python_int_beyond_float_range_is_rejected():
+  with pytest.raises(ValueError, match="`learning_rate` must be a real number within the float64"):
+    gax.gradient_ascent(10**400)
