@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax import schedules
 from gradient_ascent_jax import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
@@ -86,6 +87,8 @@ def log_progress(
     2
   """
   logging_interval = validation.check_logging_interval(logging_interval)
+  if learning_rate is not None:
+    learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
   if not validation.logging_enabled(logging_interval):
     return optax.identity()
 
@@ -114,7 +117,7 @@ def log_progress(
   def rate_at(count):
     if learning_rate is None:
       return jnp.nan
-    return learning_rate(count) if callable(learning_rate) else learning_rate
+    return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
     del params

@@ -9,6 +9,19 @@ import optax
 from gradient_ascent_jax import validation
 
 
+def learning_rate_at(
+    learning_rate: optax.ScalarOrSchedule, count: jax.typing.ArrayLike
+) -> jax.typing.ArrayLike:
+  """``learning_rate``, or ``learning_rate(count)`` for a schedule, checked.
+
+  A schedule's output is only known when it is called, under tracing: a
+  non-scalar rate would broadcast every parameter to its shape.
+  """
+  if not callable(learning_rate):
+    return learning_rate
+  return validation.check_learning_rate("learning_rate(count)", learning_rate(count))
+
+
 def warmup_decay_schedule(
     learning_rate: optax.ScalarOrSchedule = 0.01,
     warmup_steps: jax.typing.ArrayLike = 0,
@@ -50,8 +63,7 @@ def warmup_decay_schedule(
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(count).astype(jnp.result_type(float))
-    rate = learning_rate(count) if callable(learning_rate) else learning_rate
-    rate = jnp.asarray(rate)
+    rate = jnp.asarray(learning_rate_at(learning_rate, count))
     if lr_decay is not None:
       rate = rate * jnp.power(lr_decay, step)
     if isinstance(warmup_steps, jax.Array):

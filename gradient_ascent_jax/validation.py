@@ -3,9 +3,10 @@
 A concrete bad value (a Python or NumPy number, or a 0-d NumPy array) raises
 ``ValueError`` naming the argument, the value and what is allowed. Concrete
 values come back as Python numbers, so that later arithmetic is weakly typed
-and a Python int too wide for int32 never reaches JAX. JAX arrays and tracers are not
-checked: inside ``jit``, ``vmap`` or ``optax.inject_hyperparams`` their values
-are not known when the optimizer is built.
+and a Python int too wide for int32 never reaches JAX. The values of JAX
+arrays and tracers are not checked: inside ``jit``, ``vmap`` or
+``optax.inject_hyperparams`` they are not known when the optimizer is built.
+Their shape and dtype are known even then, and are checked.
 """
 
 from __future__ import annotations
@@ -27,15 +28,49 @@ def _fail(name: str, value: Any, allowed: str, fix: str) -> None:
   raise ValueError(f"`{name}` must be {allowed}, got {value!r}. {fix}")
 
 
-def _concrete(value: Any) -> Any:
-  """A 0-d NumPy array as its NumPy scalar (as ``jax.test_util`` passes them)."""
-  if isinstance(value, np.ndarray) and value.shape == ():
+def _describe_array(value: Any) -> str:
+  if isinstance(value, jax.core.Tracer):
+    return f"a traced array of shape {np.shape(value)} and dtype {value.dtype}"
+  shown = f"{value!r}, " if np.size(value) <= 8 else ""
+  return f"{shown}an array of shape {np.shape(value)} and dtype {value.dtype}"
+
+
+def _check_array(name: str, value: Any, kind: str, fix: str) -> None:
+  """Checks the shape and dtype kind of an array, known even for a tracer.
+
+  ``kind`` is "real", "integer" or "bool".
+  """
+  if np.shape(value) != ():
+    raise ValueError(
+        f"`{name}` must be a scalar (shape ()), got {_describe_array(value)}. "
+        "A hyperparameter applies to every element of every parameter; pass "
+        "one number (to try several values, vmap the function that builds "
+        "and applies the optimizer)."
+    )
+  dtype = jnp.dtype(value.dtype)
+  is_int = jnp.issubdtype(dtype, jnp.integer)
+  ok = {
+      "real": is_int or jnp.issubdtype(dtype, jnp.floating),
+      "integer": is_int,
+      "bool": jnp.issubdtype(dtype, jnp.bool_),
+  }[kind]
+  if not ok:
+    article = "an" if kind == "integer" else "a"
+    raise ValueError(
+        f"`{name}` must be {article} {kind} scalar, got {_describe_array(value)}. {fix}"
+    )
+
+
+def _concrete(name: str, value: Any, kind: str, fix: str) -> Any:
+  """A 0-d NumPy array (as ``jax.test_util`` passes them) as its NumPy scalar."""
+  if isinstance(value, np.ndarray):
+    _check_array(name, value, kind, fix)
     return value[()]
   return value
 
 
 def _as_real(name: str, value: Any, fix: str) -> float:
-  number = _concrete(value)
+  number = _concrete(name, value, "real", fix)
   if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real):
     _fail(name, value, "a real number", "Pass a Python float or int.")
   try:
@@ -56,9 +91,10 @@ def check_interval(
 ) -> Any:
   """Checks that a concrete number lies in an interval; returns it as a float.
 
-  A JAX value is returned as it is.
+  A JAX value is returned as it is, once its shape and dtype are checked.
   """
   if _is_jax_value(value):
+    _check_array(name, value, "real", fix)
     return value
   number = _as_real(name, value, fix)
   above = number > low if low_open else number >= low
@@ -117,11 +153,12 @@ def check_lr_decay(value: Any) -> Any:
 def check_count(name: str, value: Any, minimum: int, fix: str) -> Any:
   """Checks a concrete integer >= minimum; returns it as an int.
 
-  A JAX value is returned as it is.
+  A JAX value is returned as it is, once its shape and dtype are checked.
   """
   if _is_jax_value(value):
+    _check_array(name, value, "integer", fix)
     return value
-  number = _concrete(value)
+  number = _concrete(name, value, "integer", fix)
   is_int = isinstance(number, numbers.Integral) and not isinstance(
       number, (bool, np.bool_)
   )
@@ -143,11 +180,13 @@ def check_logging_interval(value: Any) -> Any:
 
 
 def check_bool(name: str, value: Any) -> Any:
+  fix = f"Pass {name}=True or {name}=False."
   if _is_jax_value(value):
+    _check_array(name, value, "bool", fix)
     return value
-  flag = _concrete(value)
+  flag = _concrete(name, value, "bool", fix)
   if not isinstance(flag, (bool, np.bool_)):
-    _fail(name, value, "a bool", f"Pass {name}=True or {name}=False.")
+    _fail(name, value, "a bool", fix)
   return bool(flag)
 
 

@@ -180,3 +180,129 @@ def test_python_int_wider_than_int32_works(name, value, expected):
 def test_python_int_beyond_float_range_is_rejected():
   with pytest.raises(ValueError, match="`learning_rate` must be a real number within the float64"):
     gax.gradient_ascent(10**400)
+
+
+# Non-scalar hyperparameters: the shape is known even for tracers. -------------
+
+# (factory, argument, a valid scalar value) for every numeric hyperparameter.
+SCALAR_ARGS = [
+    (gax.gradient_ascent, "learning_rate", 0.1),
+    (gax.gradient_ascent, "momentum", 0.9),
+    (gax.gradient_ascent, "beta", 0.9),
+    (gax.gradient_ascent, "eps", 1e-8),
+    (gax.gradient_ascent, "clip_value", 1.0),
+    (gax.gradient_ascent, "lr_decay", 0.9),
+    (gax.gradient_ascent, "warmup_steps", 3),
+    (gax.gradient_ascent, "logging_interval", 2),
+    (gax.gradient_ascent, "nesterov", True),
+    (gax.clip_by_value, "clip_value", 1.0),
+    (gax.scale_by_adaptive_rms, "beta", 0.9),
+    (gax.scale_by_adaptive_rms, "eps", 1e-8),
+    (gax.momentum, "decay", 0.9),
+    (gax.momentum, "nesterov", True),
+    (gax.scale_by_warmup_decay, "learning_rate", 0.1),
+    (gax.scale_by_warmup_decay, "warmup_steps", 3),
+    (gax.scale_by_warmup_decay, "lr_decay", 0.9),
+    (gax.warmup_decay_schedule, "learning_rate", 0.1),
+    (gax.warmup_decay_schedule, "warmup_steps", 3),
+    (gax.warmup_decay_schedule, "lr_decay", 0.9),
+    (gax.log_progress, "logging_interval", 2),
+    (gax.log_progress, "learning_rate", 0.1),
+]
+SCALAR_ARG_IDS = [f"{f.__name__}-{name}" for f, name, _ in SCALAR_ARGS]
+
+
+@pytest.mark.parametrize(("factory", "name", "value"), SCALAR_ARGS, ids=SCALAR_ARG_IDS)
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(jnp.full, (1,)), (jnp.full, (3,)), (np.full, (1,)), (np.full, (2, 2))],
+    ids=["jax-1", "jax-3", "numpy-1", "numpy-2x2"],
+)
+def test_non_scalar_hyperparameter_is_rejected_naming_it_and_its_shape(
+    factory, name, value, make, shape
+):
+  with pytest.raises(ValueError, match=rf"`{name}` must be a scalar \(shape \(\)\)") as info:
+    factory(**{name: make(shape, value)})
+  assert f"an array of shape {shape}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "value"), SCALAR_ARGS[:9], ids=SCALAR_ARG_IDS[:9]
+)
+def test_non_scalar_tracer_is_rejected_at_trace_time(factory, name, value):
+  @jax.jit
+  def build(hyperparameter):
+    factory(**{name: hyperparameter})
+
+  with pytest.raises(ValueError, match=rf"`{name}` must be a scalar") as info:
+    build(jnp.full(2, value))
+  assert "a traced array of shape (2,)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "kind"),
+    [
+        ("learning_rate", jnp.asarray(True), "a real"),
+        ("learning_rate", jnp.asarray(0.1 + 0j), "a real"),
+        ("momentum", jnp.asarray(0.5 + 0j), "a real"),
+        ("eps", np.asarray(True), "a real"),
+        ("warmup_steps", jnp.asarray(3.0), "an integer"),
+        ("logging_interval", jnp.asarray(2.0), "an integer"),
+        ("nesterov", jnp.asarray(1), "a bool"),
+        ("nesterov", jnp.asarray(1.0), "a bool"),
+    ],
+)
+def test_array_of_the_wrong_kind_is_rejected(name, value, kind):
+  with pytest.raises(ValueError, match=f"`{name}` must be {kind} scalar") as info:
+    gax.gradient_ascent(**{name: value})
+  assert f"dtype {value.dtype}" in str(info.value)
+
+
+def test_vmap_over_a_hyperparameter_still_works():
+  def first_update(lr):
+    tx = gax.gradient_ascent(learning_rate=lr, beta=0.75)
+    params = jnp.zeros(2)
+    return tx.update(jnp.ones(2), tx.init(params), params)[0]
+
+  updates = jax.vmap(first_update)(jnp.array([0.1, 0.2]))
+  # lr * h / (sqrt(1 - beta) |h| + eps), h = 1.
+  np.testing.assert_allclose(updates, [[0.2, 0.2], [0.4, 0.4]], rtol=1e-6)
+
+
+# A schedule's output is checked when it is called (at trace time). ------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        (lambda count: jnp.full(1, 0.1), r"shape \(1,\)"),
+        (lambda count: np.full(3, 0.1), r"shape \(3,\)"),
+        (lambda count: jnp.asarray(True), "a real scalar"),
+        (lambda count: True, "a real number"),
+        (lambda count: -0.1, r"in \[0.0, inf\)"),
+    ],
+    ids=["jax-shape-1", "numpy-shape-3", "jax-bool", "python-bool", "negative"],
+)
+@pytest.mark.parametrize(
+    "factory",
+    [
+        gax.gradient_ascent,
+        gax.scale_by_warmup_decay,
+        lambda lr: gax.log_progress(1, lr),
+    ],
+    ids=["gradient_ascent", "scale_by_warmup_decay", "log_progress"],
+)
+def test_bad_schedule_output_is_rejected_when_traced(factory, schedule, match):
+  tx = factory(schedule)
+  params = jnp.zeros(())
+  with pytest.raises(ValueError, match=r"`learning_rate\(count\)` must be") as info:
+    jax.jit(tx.update)(jnp.ones(()), tx.init(params), params)
+  assert info.match(match)
+
+
+@pytest.mark.parametrize("rate", [1, jnp.asarray(1), np.int64(1)], ids=["python", "jax", "numpy"])
+def test_schedule_returning_an_int_works(rate):
+  tx = gax.gradient_ascent(lambda count: rate, beta=0.75, momentum=0.0)
+  params = jnp.zeros(())
+  updates, _ = jax.jit(tx.update)(jnp.ones(()), tx.init(params), params)
+  np.testing.assert_allclose(updates, 1 / 0.5, rtol=1e-6)  # lr / sqrt(1 - beta)
