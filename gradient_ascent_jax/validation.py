@@ -19,6 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_NARROW_FLOAT_FIX = (
+    " In {dtype} a hyperparameter keeps only a few digits (beta=0.999 becomes "
+    "1.0 in bfloat16, eps=1e-8 becomes 0 in float16), which silently breaks "
+    "the optimizer. Pass float32 values; optax.inject_hyperparams casts "
+    "hyperparameters to the params' dtype unless you give it "
+    "hyperparam_dtype=jnp.float32."
+)
+
 
 def _is_jax_value(value: Any) -> bool:
   return isinstance(value, jax.Array)
@@ -49,8 +57,9 @@ def _check_array(name: str, value: Any, kind: str, fix: str) -> None:
     )
   dtype = jnp.dtype(value.dtype)
   is_int = jnp.issubdtype(dtype, jnp.integer)
+  is_float = jnp.issubdtype(dtype, jnp.floating)
   ok = {
-      "real": is_int or jnp.issubdtype(dtype, jnp.floating),
+      "real": is_int or is_float,
       "integer": is_int,
       "bool": jnp.issubdtype(dtype, jnp.bool_),
   }[kind]
@@ -58,6 +67,12 @@ def _check_array(name: str, value: Any, kind: str, fix: str) -> None:
     article = "an" if kind == "integer" else "a"
     raise ValueError(
         f"`{name}` must be {article} {kind} scalar, got {_describe_array(value)}. {fix}"
+    )
+  # A NumPy value is checked as the number it holds; a JAX value cannot be.
+  if is_float and _is_jax_value(value) and jnp.finfo(dtype).bits < 32:
+    raise ValueError(
+        f"`{name}` must be float32 or wider, got {_describe_array(value)}."
+        + _NARROW_FLOAT_FIX.format(dtype=dtype)
     )
 
 

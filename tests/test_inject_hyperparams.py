@@ -112,3 +112,49 @@ def test_schedule_as_injected_learning_rate():
   for k in range(3):
     _, state = tx.update(GRAD, state, params)
     np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1 * (1 - k / 10), rtol=1e-6)
+
+
+# float16/bfloat16 params: Optax casts injected hyperparameters to their dtype. --
+
+FLOAT_HYPERPARAMS = {
+    gax.gradient_ascent: {
+        "learning_rate": 0.01, "momentum": 0.9, "beta": 0.999, "eps": 1e-8,
+        "clip_value": 1.0, "lr_decay": 0.9999,
+    },
+    gax.scale_by_adaptive_rms: {"beta": 0.999, "eps": 1e-8},
+    gax.momentum: {"decay": 0.9},
+    gax.clip_by_value: {"clip_value": 1.0},
+    gax.scale_by_warmup_decay: {"learning_rate": 0.01, "lr_decay": 0.9999},
+}
+INJECTED_ONE = [
+    (factory, name) for factory, values in FLOAT_HYPERPARAMS.items() for name in values
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    ("factory", "name"), INJECTED_ONE, ids=[f"{f.__name__}-{n}" for f, n in INJECTED_ONE]
+)
+def test_hyperparameter_rounded_to_half_precision_is_rejected(factory, name, dtype, jit):
+  values = FLOAT_HYPERPARAMS[factory]
+  others = tuple(other for other in values if other != name)
+  tx = optax.inject_hyperparams(factory, static_args=others)(**values)
+  params = jnp.zeros(2, dtype)
+  init = jax.jit(tx.init) if jit else tx.init
+  with pytest.raises(ValueError, match=f"`{name}` must be float32 or wider") as info:
+    init(params)
+  assert jnp.dtype(dtype).name in str(info.value)
+  assert "hyperparam_dtype=jnp.float32" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_hyperparam_dtype_float32_keeps_the_math_for_half_precision_params(dtype):
+  tx = optax.inject_hyperparams(gax.gradient_ascent, hyperparam_dtype=jnp.float32)()
+  params = jnp.zeros(2, dtype)
+  updates, _ = jax.jit(tx.update)(jnp.array([1.0, 0.0], dtype), tx.init(params), params)
+  assert updates.dtype == dtype
+  # First step, h = 1: lr / (sqrt(1 - beta) + eps) = 0.316 (bfloat16 beta = 1.0
+  # gave 1.0e6); h = 0 gives 0, not 0 / (0 + 0) (float16 eps = 0).
+  np.testing.assert_allclose(np.asarray(updates, np.float32), [0.01 / (0.001**0.5 + 1e-8), 0.0],
+                             rtol=2**-7)
