@@ -137,7 +137,10 @@ def check_learning_rate(name: str, value: Any) -> Any:
 def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   if value is None:
     return None
-  return check_interval(name, value, 0.0, math.inf, low_open=True, fix=fix)
+  # inf is refused as well: eps=inf makes every update 0, clip_value=inf clips nothing.
+  return check_interval(
+      name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix
+  )
 
 
 def check_decay_rate(name: str, value: Any) -> Any:

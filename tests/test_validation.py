@@ -1,5 +1,7 @@
 """SPEC section 5: every bad concrete hyperparameter raises a ValueError naming it."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,11 @@ BAD_VALUES = [
     ("beta", 1.0),
     ("eps", 0.0),
     ("eps", -1e-8),
+    ("eps", -0.0),
+    ("eps", float("inf")),
+    ("clip_value", float("inf")),
+    ("clip_value", -0.0),
+    ("lr_decay", -0.0),
     ("clip_value", 0.0),
     ("clip_value", -1.0),
     ("lr_decay", 0.0),
@@ -39,7 +46,10 @@ GOOD_VALUES = [
     ("learning_rate", 0.0),
     ("learning_rate", optax.constant_schedule(0.1)),
     ("learning_rate", np.float32(0.5)),
+    ("learning_rate", -0.0),
     ("momentum", 0.0),
+    ("momentum", -0.0),
+    ("beta", -0.0),
     ("momentum", 0.999),
     ("beta", 0.0),
     ("eps", 1e-12),
@@ -306,3 +316,21 @@ def test_schedule_returning_an_int_works(rate):
   params = jnp.zeros(())
   updates, _ = jax.jit(tx.update)(jnp.ones(()), tx.init(params), params)
   np.testing.assert_allclose(updates, 1 / 0.5, rtol=1e-6)  # lr / sqrt(1 - beta)
+
+
+# Non-finite values, for every float argument of every factory. ----------------
+
+FLOAT_ARGS = [(f, name, v) for f, name, v in SCALAR_ARGS if isinstance(v, float)]
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "value"),
+    FLOAT_ARGS,
+    ids=[f"{f.__name__}-{name}" for f, name, _ in FLOAT_ARGS],
+)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, np.float32(np.inf)])
+def test_non_finite_float_argument_is_rejected(factory, name, value, bad):
+  del value
+  with pytest.raises(ValueError, match=f"`{name}` must be in ") as info:
+    factory(**{name: bad})
+  assert repr(bad) in str(info.value)
