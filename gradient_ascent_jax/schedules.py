@@ -71,7 +71,8 @@ def warmup_decay_schedule(
       ramp = jnp.minimum(1.0, (step + 1) / jnp.maximum(warmup_steps, 1))
       rate = rate * jnp.where(warmup_steps > 0, ramp, 1.0)
     elif warmup_steps > 0:
-      rate = rate * jnp.minimum(1.0, (step + 1) / warmup_steps)
+      # As a float: a Python int beyond int32 would not convert to a JAX int.
+      rate = rate * jnp.minimum(1.0, (step + 1) / float(warmup_steps))
     return rate
 
   return schedule

@@ -19,6 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The step counters are int32 and stop at its maximum (optax.safe_increment).
+STEP_COUNT_MAX = int(np.iinfo(np.int32).max)
+# Counts must fit the widest integer of NumPy and JAX (x64).
+_COUNT_MAX = int(np.iinfo(np.int64).max)
+
 _NARROW_FLOAT_FIX = (
     " In {dtype} a hyperparameter keeps only a few digits (beta=0.999 becomes "
     "1.0 in bfloat16, eps=1e-8 becomes 0 in float16), which silently breaks "
@@ -168,8 +173,10 @@ def check_lr_decay(value: Any) -> Any:
   )
 
 
-def check_count(name: str, value: Any, minimum: int, fix: str) -> Any:
-  """Checks a concrete integer >= minimum; returns it as an int.
+def check_count(
+    name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
+) -> Any:
+  """Checks a concrete integer in [minimum, maximum]; returns it as an int.
 
   A JAX value is returned as it is, once its shape and dtype are checked.
   """
@@ -182,6 +189,8 @@ def check_count(name: str, value: Any, minimum: int, fix: str) -> Any:
   )
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
+  if number > maximum:
+    _fail(name, value, f"an integer in [{minimum}, {maximum}]", fix)
   return int(number)
 
 
@@ -193,7 +202,9 @@ def check_logging_interval(value: Any) -> Any:
       value,
       0,
       "Use None or 0 to turn progress logging off, or N >= 1 to log "
-      "every N steps.",
+      f"every N steps; the step counter stops at {STEP_COUNT_MAX}, so a "
+      "longer interval would never log.",
+      maximum=STEP_COUNT_MAX,
   )
 
 

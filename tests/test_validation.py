@@ -334,3 +334,40 @@ def test_non_finite_float_argument_is_rejected(factory, name, value, bad):
   with pytest.raises(ValueError, match=f"`{name}` must be in ") as info:
     factory(**{name: bad})
   assert repr(bad) in str(info.value)
+
+
+# Counts beyond int32. -----------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize("warmup_steps", [2**31, 2**40, np.int64(2**40), 2**63 - 1])
+def test_warmup_longer_than_int32_ramps_linearly(warmup_steps):
+  tx = gax.gradient_ascent(learning_rate=1.0, beta=0.75, momentum=0.0, warmup_steps=warmup_steps)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  updates, _ = jax.jit(tx.update)(jnp.ones(()), state, params)
+  # Step 1 of the warmup: lr * 1 / W, times 1 / sqrt(1 - beta) for h = 1.
+  np.testing.assert_allclose(updates, 2.0 / float(warmup_steps), rtol=1e-6)
+  schedule = gax.warmup_decay_schedule(1.0, warmup_steps)
+  np.testing.assert_allclose(schedule(INT32_MAX), 2.0**31 / float(warmup_steps), rtol=1e-6)
+
+
+def test_warmup_beyond_int64_is_rejected():
+  with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer in \[0, 9223372036854775807\]"):
+    gax.gradient_ascent(warmup_steps=2**63)
+
+
+@pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.log_progress])
+@pytest.mark.parametrize("interval", [2**31, 2**40])
+def test_logging_interval_beyond_the_int32_counter_is_rejected(factory, interval):
+  with pytest.raises(ValueError, match=r"`logging_interval` must be an integer in \[0, 2147483647\]") as info:
+    factory(logging_interval=interval)
+  assert "would never log" in str(info.value)
+
+
+def test_logging_interval_at_the_int32_maximum_is_accepted():
+  tx = gax.gradient_ascent(logging_interval=INT32_MAX)
+  params = jnp.zeros(2)
+  updates, state = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
+  assert int(state[0].count) == 1 and np.isfinite(np.asarray(updates)).all()
