@@ -231,13 +231,20 @@ def check_floating_params(params: Any, transform: str) -> None:
   leaves = jax.tree_util.tree_leaves_with_path(params)
   for path, leaf in leaves:
     dtype = jnp.result_type(leaf)
+    where = jax.tree_util.keystr(path) or "<root>"
     if not jnp.issubdtype(dtype, jnp.floating):
-      where = jax.tree_util.keystr(path) or "<root>"
-      kind = dtype.name
       raise TypeError(
-          f"{transform}: parameter {where} has dtype {kind}; only real "
+          f"{transform}: parameter {where} has dtype {dtype.name}; only real "
           "floating-point parameters can be optimized. Mask non-trainable "
           "leaves out with optax.masked / optax.multi_transform (or replace "
           "them with None), and split complex parameters into real and "
           "imaginary parts."
+      )
+    if jnp.finfo(dtype).bits < 16:
+      raise TypeError(
+          f"{transform}: parameter {where} has dtype {dtype.name}; parameters "
+          "of fewer than 16 bits cannot be optimized: JAX does not promote "
+          "them implicitly, and their few mantissa bits would swallow most "
+          "updates. Keep float32 or bfloat16 parameters and cast them to "
+          f"{dtype.name} where they are used."
       )

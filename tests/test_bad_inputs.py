@@ -74,6 +74,25 @@ def test_non_float_leaf_raises_type_error_naming_path(leaf):
   assert jnp.result_type(leaf).name in str(error.value)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize(
+    "make",
+    [
+        quiet,
+        lambda: quiet(accumulator_dtype=jnp.float32),
+        gax.scale_by_adaptive_rms,
+        gax.momentum,
+    ],
+    ids=["gradient_ascent", "float32-state", "scale_by_adaptive_rms", "momentum"],
+)
+def test_float8_leaf_raises_type_error_at_init_naming_path(make, dtype):
+  params = {"w": jnp.zeros(2), "layer": {"kernel": jnp.zeros(2, dtype)}}
+  with pytest.raises(TypeError, match=r"parameter \['layer'\]\['kernel'\] has dtype") as error:
+    make().init(params)
+  assert jnp.dtype(dtype).name in str(error.value)
+  assert "Keep float32 or bfloat16 parameters" in str(error.value)
+
+
 def test_masked_out_int_leaf_passes_through():
   params = {"w": jnp.zeros(2), "step": jnp.array(7)}
   tx = optax.masked(quiet(), {"w": True, "step": False})
