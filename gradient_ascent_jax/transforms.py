@@ -235,6 +235,7 @@ def scale_by_adaptive_rms(
   eps = validation.check_optional_positive(
       "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
+  validation.check_accumulator_dtype(accumulator_dtype)
   name = "scale_by_adaptive_rms"
 
   def init_fn(params):
@@ -328,6 +329,7 @@ def momentum(
   """
   decay = validation.check_decay_rate("decay", decay)
   nesterov = validation.check_bool("nesterov", nesterov)
+  validation.check_accumulator_dtype(accumulator_dtype)
   name = "momentum"
 
   def init_fn(params):

@@ -219,6 +219,22 @@ def check_bool(name: str, value: Any) -> Any:
   return bool(flag)
 
 
+def check_accumulator_dtype(value: Any) -> None:
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 16:
+    _fail(
+        "accumulator_dtype",
+        value,
+        "None or a floating-point dtype of 16 bits or more",
+        "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
+    )
+
+
 def logging_enabled(logging_interval: Any) -> bool:
   """Whether progress logging can be on; False only for a static None/0."""
   if logging_interval is None:

@@ -371,3 +371,27 @@ def test_logging_interval_at_the_int32_maximum_is_accepted():
   params = jnp.zeros(2)
   updates, state = jax.jit(tx.update)(jnp.ones(2), tx.init(params), params)
   assert int(state[0].count) == 1 and np.isfinite(np.asarray(updates)).all()
+
+
+# accumulator_dtype --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum]
+)
+@pytest.mark.parametrize(
+    "dtype", ["foo", jnp.int32, bool, jnp.complex64, jnp.float8_e4m3fn, object, 3],
+    ids=["foo", "int32", "bool", "complex64", "float8", "object", "int"],
+)
+def test_bad_accumulator_dtype_is_rejected_at_construction(factory, dtype):
+  with pytest.raises(ValueError, match="`accumulator_dtype` must be None or a floating-point") as info:
+    factory(accumulator_dtype=dtype)
+  assert repr(dtype) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, "float32", np.dtype("float16"), jnp.bfloat16])
+def test_floating_accumulator_dtype_is_accepted(dtype):
+  tx = gax.gradient_ascent(accumulator_dtype=dtype)
+  state = tx.init(jnp.zeros(2))
+  assert state[1].second_moment.dtype == jnp.dtype(dtype)
+  assert state[2].velocity.dtype == jnp.dtype(dtype)
