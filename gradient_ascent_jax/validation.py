@@ -243,11 +243,18 @@ def logging_enabled(logging_interval: Any) -> bool:
 
 
 def check_floating_params(params: Any, transform: str) -> None:
-  """Raises TypeError naming the first leaf that is not real floating point."""
+  """Raises TypeError naming the first leaf that is not a real floating-point array."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
   for path, leaf in leaves:
-    dtype = jnp.result_type(leaf)
     where = jax.tree_util.keystr(path) or "<root>"
+    # jnp.result_type would read the string "float32" as a dtype.
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+      raise TypeError(
+          f"{transform}: parameter {where} must be an array, got a "
+          f"{type(leaf).__name__} ({leaf!r}). Keep only arrays in the params: "
+          "replace other objects with None, or keep them outside the tree."
+      )
+    dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
           f"{transform}: parameter {where} has dtype {dtype.name}; only real "

@@ -93,6 +93,17 @@ def test_float8_leaf_raises_type_error_at_init_naming_path(make, dtype):
   assert "Keep float32 or bfloat16 parameters" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "leaf", ["float32", object(), b"1.0"], ids=["str", "object", "bytes"]
+)
+@pytest.mark.parametrize("make", [quiet, gax.scale_by_adaptive_rms, gax.momentum])
+def test_non_array_leaf_raises_type_error_naming_path(make, leaf):
+  params = {"w": jnp.zeros(2), "layer": {"name": leaf}}
+  with pytest.raises(TypeError, match=r"parameter \['layer'\]\['name'\] must be an array") as error:
+    make().init(params)
+  assert type(leaf).__name__ in str(error.value)
+
+
 def test_masked_out_int_leaf_passes_through():
   params = {"w": jnp.zeros(2), "step": jnp.array(7)}
   tx = optax.masked(quiet(), {"w": True, "step": False})
