@@ -158,14 +158,24 @@ def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
   if isinstance(beta, jax.Array):  # injected or traced: value unknown here
     return
   for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
-    spacing = float(jnp.finfo(dtype).eps)
+    finfo = jnp.finfo(dtype)
+    spacing = float(finfo.eps)
     if 1 - float(beta) < spacing:
+      # Only a wider state can help, so the advice depends on the state dtype.
+      if finfo.bits < 32:
+        fix = "Pass accumulator_dtype=jnp.float32 to keep the moments in float32."
+      else:
+        fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
+        if finfo.bits < 64:
+          fix += (", or keep the moments in float64: enable "
+                  "jax.config.update('jax_enable_x64', True) and pass "
+                  "accumulator_dtype=jnp.float64")
+        fix += "."
       logger.warning(
           "%s: beta=%s is closer to 1 than %s state can resolve (relative "
           "spacing %.3g): the stored second moment can stop changing, and "
-          "after a huge gradient stay saturated for good. Pass "
-          "accumulator_dtype=jnp.float32 to keep the moments in float32.",
-          transform, beta, dtype, spacing,
+          "after a huge gradient stay saturated for good. %s",
+          transform, beta, dtype, spacing, fix,
       )
 
 

@@ -260,6 +260,34 @@ def test_bfloat16_state_stalls_after_huge_gradient_float32_state_recovers(caplog
   np.testing.assert_allclose(m0, expected, rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "accumulator_dtype", "beta", "fix", "not_said"),
+    [
+        (jnp.bfloat16, None, 0.999, "accumulator_dtype=jnp.float32", "float64"),
+        (jnp.float16, None, 1 - 1e-4, "accumulator_dtype=jnp.float32", "float64"),
+        (jnp.float32, None, 1 - 1e-9, "accumulator_dtype=jnp.float64", "accumulator_dtype=jnp.float32"),
+        (jnp.bfloat16, jnp.float32, 1 - 1e-9, "accumulator_dtype=jnp.float64",
+         "accumulator_dtype=jnp.float32"),
+    ],
+    ids=["bfloat16", "float16", "float32", "float32-state"],
+)
+def test_coarse_beta_warning_gives_advice_that_fits(dtype, accumulator_dtype, beta, fix, not_said,
+                                                    caplog):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    quiet(beta=beta, accumulator_dtype=accumulator_dtype).init(jnp.zeros(2, dtype))
+  [message] = [r.getMessage() for r in caplog.records]
+  assert f"beta={beta} is closer to 1" in message
+  assert fix in message and not_said not in message
+
+
+def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64, caplog):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    quiet(beta=1 - 2**-53).init(jnp.zeros(2, jnp.float64))
+  [message] = [r.getMessage() for r in caplog.records]
+  assert "float64 state" in message and "1 - beta >= 2.22e-16." in message
+  assert "accumulator_dtype" not in message
+
+
 # Zero gradients -------------------------------------------------------------------
 
 
