@@ -47,6 +47,15 @@ def negate(tree: Any) -> Any:
   return jax.tree.map(jnp.negative, tree)
 
 
+def _check_gradient_leaves(updates: Any, transform: str) -> None:
+  validation.check_array_leaves(
+      updates,
+      transform,
+      "gradient",
+      "Pass gradients as arrays, in the tree of the params (as jax.grad gives them).",
+  )
+
+
 def flip_sign() -> optax.GradientTransformation:
   """Negates the updates, ``u -> -u``: the flip that turns descent into ascent.
 
@@ -63,6 +72,7 @@ def flip_sign() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
+    _check_gradient_leaves(updates, "flip_sign")
     return negate(updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -112,6 +122,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
 
   def update_fn(updates, state, params=None):
     del params
+    _check_gradient_leaves(updates, "clip_by_value")
     return jax.tree.map(clip_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -181,6 +192,7 @@ def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
+  _check_gradient_leaves(updates, transform)
   try:
     chex.assert_trees_all_equal_structs(updates, accumulator)
     chex.assert_trees_all_equal_shapes(updates, accumulator)

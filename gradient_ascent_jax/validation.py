@@ -242,18 +242,34 @@ def logging_enabled(logging_interval: Any) -> bool:
   return _is_jax_value(logging_interval) or logging_interval > 0
 
 
+# jnp.result_type would read the string "float32" as a dtype: check the type.
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float, complex)
+
+
+def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
+  """Raises TypeError naming the first leaf that is neither an array nor a number."""
+  if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not isinstance(leaf, _ARRAY_LIKE):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} must be an array, got a "
+          f"{type(leaf).__name__} ({leaf!r}). {fix}"
+      )
+
+
 def check_floating_params(params: Any, transform: str) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  for path, leaf in leaves:
+  check_array_leaves(
+      params,
+      transform,
+      "parameter",
+      "Keep only arrays in the params: replace other objects with None, or "
+      "keep them outside the tree.",
+  )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     where = jax.tree_util.keystr(path) or "<root>"
-    # jnp.result_type would read the string "float32" as a dtype.
-    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
-      raise TypeError(
-          f"{transform}: parameter {where} must be an array, got a "
-          f"{type(leaf).__name__} ({leaf!r}). Keep only arrays in the params: "
-          "replace other objects with None, or keep them outside the tree."
-      )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(

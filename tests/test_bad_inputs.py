@@ -398,3 +398,27 @@ def test_square_overflows_but_moment_fits(dtype):
                              rtol=2 * u)
   # s = h / sqrt(0.5 h**2) = sqrt(2), the ordinary first step for beta = 0.5.
   np.testing.assert_allclose(np.asarray(updates, np.float64), LR * math.sqrt(2), rtol=2 * u)
+
+
+# Non-array gradient leaves ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("leaf", ["1.0", object(), b"1"], ids=["str", "object", "bytes"])
+@pytest.mark.parametrize(
+    ("make", "transform"),
+    [
+        (quiet, "flip_sign"),
+        (gax.flip_sign, "flip_sign"),
+        (lambda: gax.clip_by_value(1.0), "clip_by_value"),
+        (gax.scale_by_adaptive_rms, "scale_by_adaptive_rms"),
+        (gax.momentum, "momentum"),
+    ],
+    ids=["gradient_ascent", "flip_sign", "clip_by_value", "scale_by_adaptive_rms", "momentum"],
+)
+def test_non_array_gradient_leaf_raises_type_error_naming_path(make, transform, leaf):
+  params = {"w": jnp.zeros(2), "b": jnp.zeros(())}
+  tx = make()
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2), "b": leaf}
+  with pytest.raises(TypeError, match=rf"{transform}: gradient \['b'\] must be an array"):
+    tx.update(grads, state, params)
