@@ -421,7 +421,13 @@ def scale_by_warmup_decay(
   def update_fn(updates, state, params=None):
     del params
     step_size = -schedule(state.count)
-    updates = jax.tree.map(lambda u: _cast(step_size * u, u.dtype), updates)
+
+    def scale(u):
+      # A Python-float rate is weakly typed: times float16 updates it would be
+      # rounded to float16 first (1e-8 becomes 0). Multiply in float32.
+      return _cast(step_size * _cast(u, _compute_dtype(u.dtype)), u.dtype)
+
+    updates = jax.tree.map(scale, updates)
     count = optax.safe_increment(state.count)
     return updates, ScaleByWarmupDecayState(count=count)
 

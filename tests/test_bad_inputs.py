@@ -422,3 +422,17 @@ def test_non_array_gradient_leaf_raises_type_error_naming_path(make, transform, 
   grads = {"w": jnp.ones(2), "b": leaf}
   with pytest.raises(TypeError, match=rf"{transform}: gradient \['b'\] must be an array"):
     tx.update(grads, state, params)
+
+
+# A small Python-float learning rate with float16 params ------------------------------
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1])
+def test_small_learning_rate_is_not_rounded_to_float16(warmup_steps):
+  lr = 1e-8  # 0 in float16 (smallest subnormal 6e-8); the update lr * s = 3.2e-7 is not
+  tx = quiet(learning_rate=lr, warmup_steps=warmup_steps)
+  params = jnp.zeros(2, jnp.float16)
+  updates, _ = jax.jit(tx.update)(jnp.array([1.0, -1.0], jnp.float16), tx.init(params), params)
+  assert updates.dtype == jnp.float16
+  expected = FIRST_STEP / LR * lr * np.array([1.0, -1.0])
+  np.testing.assert_allclose(np.asarray(updates, np.float64), expected, rtol=0, atol=2**-24)
