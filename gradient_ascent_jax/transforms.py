@@ -190,6 +190,16 @@ def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
       )
 
 
+def _check_eps_is_normal(eps, accumulator) -> None:
+  # Below the smallest normal number eps is 0 (or flushed to 0 on accelerators)
+  # in the dtype the division runs in: a zero gradient gives 0 / 0.
+  for dtype in {_compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
+    validation.check_at_least(
+        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
+        "a zero gradient would give 0 / 0 = NaN.",
+    )
+
+
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
   _check_gradient_leaves(updates, transform)
@@ -263,6 +273,7 @@ def scale_by_adaptive_rms(
   def init_fn(params):
     second_moment = _init_accumulator(params, accumulator_dtype, name)
     _warn_if_too_coarse(beta, second_moment, name)
+    _check_eps_is_normal(eps, second_moment)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def update_fn(updates, state, params=None):

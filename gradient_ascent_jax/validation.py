@@ -235,6 +235,18 @@ def check_accumulator_dtype(value: Any) -> None:
     )
 
 
+def check_at_least(
+    name: str, value: Any, smallest: float, dtype: Any, consequence: str
+) -> None:
+  """Checks, once the dtype is known, that a concrete value does not round to 0 in it."""
+  if value is None or _is_jax_value(value) or value >= smallest:
+    return
+  raise ValueError(
+      f"`{name}` must be >= {smallest:.3g} for {jnp.dtype(dtype).name}, where it is "
+      f"used, got {value!r}: {consequence} Use a larger `{name}`."
+  )
+
+
 def logging_enabled(logging_interval: Any) -> bool:
   """Whether progress logging can be on; False only for a static None/0."""
   if logging_interval is None:

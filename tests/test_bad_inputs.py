@@ -436,3 +436,25 @@ def test_small_learning_rate_is_not_rounded_to_float16(warmup_steps):
   assert updates.dtype == jnp.float16
   expected = FIRST_STEP / LR * lr * np.array([1.0, -1.0])
   np.testing.assert_allclose(np.asarray(updates, np.float64), expected, rtol=0, atol=2**-24)
+
+
+# eps below the smallest normal float32 --------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [1e-46, 1e-40])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "make", [quiet, gax.scale_by_adaptive_rms], ids=["gradient_ascent", "scale_by_adaptive_rms"]
+)
+def test_eps_that_vanishes_in_float32_is_rejected_at_init(make, dtype, eps):
+  with pytest.raises(ValueError, match=r"`eps` must be >= 1.18e-38 for float32") as error:
+    make(eps=eps).init(jnp.zeros(2, dtype))
+  assert "0 / 0 = NaN" in str(error.value)
+
+
+def test_tiny_eps_is_fine_in_float64(x64):
+  tx = quiet(eps=1e-300)
+  params = jnp.zeros(2, jnp.float64)
+  updates, _ = tx.update(jnp.array([1.0, 0.0]), tx.init(params), params)
+  np.testing.assert_array_equal(np.isnan(np.asarray(updates)), [False, False])
+  assert updates[1] == 0
