@@ -458,3 +458,28 @@ def test_tiny_eps_is_fine_in_float64(x64):
   updates, _ = tx.update(jnp.array([1.0, 0.0]), tx.init(params), params)
   np.testing.assert_array_equal(np.isnan(np.asarray(updates)), [False, False])
   assert updates[1] == 0
+
+
+# clip_value below the smallest number of the gradient dtype -----------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "clip_value", "smallest"),
+    [(jnp.float16, 1e-8, "5.96e-08"), (jnp.float32, 1e-46, "1.4e-45"),
+     (jnp.bfloat16, 1e-46, "9.18e-41")],
+)
+@pytest.mark.parametrize(
+    "make", [lambda c: quiet(clip_value=c), gax.clip_by_value], ids=["gradient_ascent", "clip"]
+)
+def test_clip_value_that_rounds_to_zero_is_rejected_when_traced(make, dtype, clip_value, smallest):
+  tx = make(clip_value)
+  params = jnp.zeros(2, dtype)
+  with pytest.raises(ValueError, match=f"`clip_value` must be >= {smallest} for") as error:
+    jax.jit(tx.update)(jnp.ones(2, dtype), tx.init(params), params)
+  assert jnp.dtype(dtype).name in str(error.value)
+
+
+def test_clip_value_at_the_smallest_float16_still_clips():
+  tx = gax.clip_by_value(2.0**-24)  # the smallest float16 subnormal
+  updates, _ = tx.update(jnp.array([1.0, -1.0], jnp.float16), tx.init(None))
+  np.testing.assert_array_equal(np.asarray(updates, np.float64), [2.0**-24, -(2.0**-24)])
