@@ -395,3 +395,13 @@ def test_floating_accumulator_dtype_is_accepted(dtype):
   state = tx.init(jnp.zeros(2))
   assert state[1].second_moment.dtype == jnp.dtype(dtype)
   assert state[2].velocity.dtype == jnp.dtype(dtype)
+
+
+def test_construction_does_no_device_work():
+  # Building an optimizer inside a training loop or a sweep must stay cheap.
+  with jax.transfer_guard("disallow"):
+    gax.gradient_ascent(
+        0.1, np.float32(0.5), np.asarray(0.9), 1e-8, True, 1.0, 0.9, np.asarray(3), 5,
+        accumulator_dtype="float32",
+    )
+    gax.gradient_ascent(optax.linear_schedule(0.1, 0.0, 10), clip_value=np.float64(2.0))
