@@ -282,10 +282,14 @@ def check_floating_params(params: Any, transform: str) -> None:
   )
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     where = jax.tree_util.keystr(path) or "<root>"
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    try:
+      dtype = jnp.result_type(leaf)
+    except TypeError:  # a NumPy dtype JAX lacks: object, str, float128, ...
+      dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      shown = leaf.dtype if dtype is None else dtype.name
       raise TypeError(
-          f"{transform}: parameter {where} has dtype {dtype.name}; only real "
+          f"{transform}: parameter {where} has dtype {shown}; only real "
           "floating-point parameters can be optimized. Mask non-trainable "
           "leaves out with optax.masked / optax.multi_transform (or replace "
           "them with None), and split complex parameters into real and "

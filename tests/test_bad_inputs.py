@@ -74,6 +74,23 @@ def test_non_float_leaf_raises_type_error_naming_path(leaf):
   assert jnp.result_type(leaf).name in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("leaf", "dtype"),
+    [
+        (np.array([object()]), "object"),
+        (np.array(["a"]), "<U1"),
+        (np.str_("x"), "<U1"),
+        (np.datetime64("2020"), "datetime64[Y]"),
+    ],
+    ids=["object-array", "str-array", "numpy-str", "datetime64"],
+)
+def test_numpy_leaf_of_a_dtype_jax_lacks_raises_type_error_naming_path(leaf, dtype):
+  params = {"w": jnp.zeros(2), "layer": {"count": leaf}}
+  with pytest.raises(TypeError, match=r"parameter \['layer'\]\['count'\] has dtype") as error:
+    quiet().init(params)
+  assert f"has dtype {dtype};" in str(error.value)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize(
     "make",
