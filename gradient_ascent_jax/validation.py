@@ -162,15 +162,8 @@ def check_decay_rate(name: str, value: Any) -> Any:
 def check_lr_decay(value: Any) -> Any:
   if value is None:
     return None
-  return check_interval(
-      "lr_decay",
-      value,
-      0.0,
-      1.0,
-      low_open=True,
-      fix="Use None (or 1.0) for no decay; the rate is multiplied by "
-      "lr_decay once per step.",
-  )
+  fix = "Use None (or 1.0) for no decay; the rate is multiplied by lr_decay once per step."
+  return check_interval("lr_decay", value, 0.0, 1.0, low_open=True, fix=fix)
 
 
 def check_count(
