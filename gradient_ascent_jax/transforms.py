@@ -117,10 +117,11 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   )
 
   def clip_leaf(u):
-    validation.check_at_least(
-        "clip_value", clip_value, float(jnp.finfo(u.dtype).smallest_subnormal), u.dtype,
-        "it rounds down to 0, and every gradient would be clipped to 0.",
-    )
+    if jnp.issubdtype(u.dtype, jnp.floating):
+      validation.check_at_least(
+          "clip_value", clip_value, float(jnp.finfo(u.dtype).smallest_subnormal), u.dtype,
+          "it rounds down to 0, and every gradient would be clipped to 0.",
+      )
     bound = _round_down(clip_value, u.dtype)
     return jnp.clip(u, -bound, bound)
 

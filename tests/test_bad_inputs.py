@@ -500,3 +500,9 @@ def test_clip_value_at_the_smallest_float16_still_clips():
   tx = gax.clip_by_value(2.0**-24)  # the smallest float16 subnormal
   updates, _ = tx.update(jnp.array([1.0, -1.0], jnp.float16), tx.init(None))
   np.testing.assert_array_equal(np.asarray(updates, np.float64), [2.0**-24, -(2.0**-24)])
+
+
+def test_clip_by_value_still_clips_integer_updates():
+  tx = gax.clip_by_value(2.0)
+  updates, _ = tx.update(jnp.array([3, -5, 1]), tx.init(None))
+  np.testing.assert_array_equal(updates, [2, -2, 1])
