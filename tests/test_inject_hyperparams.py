@@ -158,3 +158,9 @@ def test_hyperparam_dtype_float32_keeps_the_math_for_half_precision_params(dtype
   # gave 1.0e6); h = 0 gives 0, not 0 / (0 + 0) (float16 eps = 0).
   np.testing.assert_allclose(np.asarray(updates, np.float32), [0.01 / (0.001**0.5 + 1e-8), 0.0],
                              rtol=2**-7)
+
+
+def test_injected_schedule_returning_a_vector_is_rejected_naming_it():
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=lambda count: jnp.full(1, 0.1))
+  with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar \(shape \(\)\), got .*shape \(1,\)"):
+    tx.init(_params())
