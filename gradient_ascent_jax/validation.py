@@ -259,8 +259,8 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
     if not isinstance(leaf, _ARRAY_LIKE):
       where = jax.tree_util.keystr(path) or "<root>"
       raise TypeError(
-          f"{transform}: {what} {where} must be an array, got a "
-          f"{type(leaf).__name__} ({leaf!r}). {fix}"
+          f"{transform}: {what} {where} must be an array, got {leaf!r} of "
+          f"type {type(leaf).__name__}. {fix}"
       )
 
 
