@@ -196,8 +196,8 @@ def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
 
 
 def _check_eps_is_normal(eps, accumulator) -> None:
-  # Below the smallest normal number eps is 0 (or flushed to 0 on accelerators)
-  # in the dtype the division runs in: a zero gradient gives 0 / 0.
+  # Below the smallest normal number of the dtype the division runs in, eps is 0
+  # or a subnormal that flush-to-zero hardware reads as 0: a zero gradient gives 0 / 0.
   for dtype in {_compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
     validation.check_at_least(
         "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
