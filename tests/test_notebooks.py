@@ -40,11 +40,48 @@ def kernel_dir(tmp_path_factory):
   return root
 
 
+def stdout_of(notebook):
+  return "".join(
+      output.text
+      for cell in notebook.cells
+      for output in cell.get("outputs", [])
+      if output.output_type == "stream" and output.name == "stdout"
+  )
+
+
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+TIMING = re.compile(r"\d\s*(?:s|ms|µs|sec|seconds)\b")
+
+
+def assert_saved_outputs_are_current(name, saved, fresh):
+  """The docs site shows the saved outputs: they must be what the library prints now.
+
+  Lines must match word for word, and each number to 1e-4 relative (XLA may
+  reorder a float32 reduction between builds). Wall-clock timings are skipped.
+  """
+  saved_lines = [line for line in saved.splitlines() if not TIMING.search(line)]
+  fresh_lines = [line for line in fresh.splitlines() if not TIMING.search(line)]
+  hint = f"{name}: re-execute and save the notebook (jupyter nbconvert --execute --inplace)"
+  assert len(saved_lines) == len(fresh_lines), f"{hint}: line count differs"
+  for old, new in zip(saved_lines, fresh_lines):
+    assert NUMBER.sub("#", old) == NUMBER.sub("#", new), f"{hint}:\n{old}\n{new}"
+    for a, b in zip(NUMBER.findall(old), NUMBER.findall(new)):
+      assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-9), f"{hint}:\n{old}\n{new}"
+
+
 def execute(name, monkeypatch, kernel_dir):
-  """Runs the notebook; returns its stream text and how many images it drew."""
+  """Runs the notebook; returns its stream text and how many images it drew.
+
+  Also checks that the outputs saved in the notebook (rendered on the docs
+  site) are the ones this run prints.
+  """
   monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
+  # The kernel runs as a user's would: one CPU device, not the suite's 8 fake ones
+  # (XLA partitions its CPU work by device count, which moves float32 roundings).
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  saved = stdout_of(notebook)
   for cell in notebook.cells:
     if cell.cell_type == "code":
       cell.outputs = []  # nothing left over from the saved run can satisfy a check
@@ -54,14 +91,23 @@ def execute(name, monkeypatch, kernel_dir):
       kernel_name=KERNEL,
       resources={"metadata": {"path": str(NOTEBOOKS)}},
   ).execute()
-  text, images = [], 0
+  images = 0
   for cell in notebook.cells:
     for output in cell.get("outputs", []):
       assert output.output_type != "error", f"{name}: {output.ename}: {output.evalue}"
-      if output.output_type == "stream" and output.name == "stdout":
-        text.append(output.text)
       images += "image/png" in output.get("data", {})
-  return "".join(text), images
+  text = stdout_of(notebook)
+  assert_saved_outputs_are_current(name, saved, text)
+  return text, images
+
+
+def test_saved_output_check_catches_a_changed_number():
+  saved = "test accuracy 0.9756\nstep 25: learning rate 0.01\ntook 3.2 s\n"
+  assert_saved_outputs_are_current("x", saved, saved.replace("3.2 s", "4.1 s"))
+  with pytest.raises(AssertionError):
+    assert_saved_outputs_are_current("x", saved, saved.replace("0.9756", "0.9489"))
+  with pytest.raises(AssertionError):
+    assert_saved_outputs_are_current("x", saved, saved.replace("step 25", "step 26"))
 
 
 def number(pattern, text):
