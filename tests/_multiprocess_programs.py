@@ -186,7 +186,10 @@ def run(layout: str, mesh: Mesh, steps: int = STEPS, logging_interval=None, insp
         "model_only": collectives(model_only.as_text()),
     }
   for k in range(steps):
-    params, state = step(params, state, *place(batch(k), (data_sharding, data_sharding)))
+    # Waiting for each step: many gloo steps in flight at once have hung.
+    params, state = jax.block_until_ready(
+        step(params, state, *place(batch(k), (data_sharding, data_sharding)))
+    )
     if k == 0:
       result["first_step_params"] = gather(params)
   return {
@@ -246,7 +249,9 @@ def continue_checkpoint_run(params, state, start: int, stop: int):
 
   shardings = jax.tree.map(lambda p: p.sharding, params)
   for k in range(start, stop):
-    params, state = step(params, state, place(checkpoint_targets(k), shardings))
+    params, state = jax.block_until_ready(
+        step(params, state, place(checkpoint_targets(k), shardings))
+    )
   return params, state
 
 
