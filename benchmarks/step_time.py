@@ -86,20 +86,25 @@ def jax_runners(config, num_params, num_leaves, grads) -> dict[str, Any]:
   return runners
 
 
-def torch_runners(config, grads) -> dict[str, Any]:
-  """The two PyTorch RMSprop peers, or none when torch is absent or not comparable."""
+def torch_runners(config, grads, device: str = "cpu") -> dict[str, Any]:
+  """The two PyTorch RMSprop peers, or none when torch is absent or not comparable.
+
+  ``device``: the torch device, e.g. ``"cuda"``; each timed call then waits
+  for the GPU to finish, as the JAX runners do.
+  """
   try:
     import torch
   except ImportError:
     return {}
   if config.nesterov or config.clip_value is not None:
     return {}
+  synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
   runners = {}
   for name, foreach in ((TORCH_FOREACH, True), (TORCH_LOOP, False)):
     params = []
     for grad in grads:
-      param = torch.ones(grad.shape, dtype=torch.float32, requires_grad=True)
-      param.grad = torch.from_numpy(np.array(grad))
+      param = torch.ones(grad.shape, dtype=torch.float32, device=device, requires_grad=True)
+      param.grad = torch.from_numpy(np.array(grad)).to(device)
       params.append(param)
     optimizer = torch.optim.RMSprop(
         params, lr=config.learning_rate, alpha=config.beta, eps=config.eps,
@@ -111,18 +116,19 @@ def torch_runners(config, grads) -> dict[str, Any]:
       for _ in range(num_steps):
         optimizer.step()
         scheduler.step()
+      synchronize()
 
     runners[name] = run
   return runners
 
 
 def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
-                 peers=PEERS) -> list[dict]:
+                 peers=PEERS, torch_device: str = "cpu") -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
   runners = jax_runners(config, num_params, num_leaves, grads)
-  runners.update(torch_runners(config, grads))
+  runners.update(torch_runners(config, grads, torch_device))
   runners = {name: runner for name, runner in runners.items() if name in peers}
   medians = _common.interleaved_medians(runners, repeats, min_sample_s=min_sample_s)
   del runners, grads

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from gradient_ascent_jax import schedules
+from gradient_ascent_jax import transforms
 from gradient_ascent_jax import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
@@ -120,8 +121,7 @@ def log_progress(
     return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
-    del params
-    return LogProgressState(count=jnp.zeros([], jnp.int32))
+    return LogProgressState(count=transforms.zero_step_count(params))
 
   def update_fn(updates, state, params=None):
     del params

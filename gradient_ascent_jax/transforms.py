@@ -148,14 +148,35 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
+def _multi_device_sharding(param):
+  """``param``'s sharding if it is a concrete array on several devices, else None."""
+  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+    if len(param.sharding.device_set) > 1:
+      return param.sharding
+  return None
+
+
 def _zeros_like_on_same_devices(param, dtype):
   # jnp.zeros_like puts the zeros of a weakly typed array (e.g. jnp.asarray(1.5)
   # placed on a mesh) on one default device: name the param's sharding.
-  sharding = None
-  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
-    if len(param.sharding.device_set) > 1:
-      sharding = param.sharding
-  return jnp.zeros_like(param, dtype=dtype, device=sharding)
+  return jnp.zeros_like(param, dtype=dtype, device=_multi_device_sharding(param))
+
+
+def zero_step_count(params) -> jax.Array:
+  """An int32 step counter of 0, replicated over the mesh the params live on.
+
+  Left on the default device, the counter of a state initialised eagerly from
+  global arrays would be local to each process, and orbax refuses to save a
+  process-local array in a multi-process run. Params that are not laid out
+  with a ``NamedSharding`` over several devices (one device, tracers inside
+  ``jit``, whose ``out_shardings`` then decide) get the plain default.
+  """
+  for leaf in jax.tree.leaves(params):
+    sharding = _multi_device_sharding(leaf)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+      return jnp.zeros([], jnp.int32, device=replicated)
+  return jnp.zeros([], jnp.int32)
 
 
 def _init_accumulator(params, accumulator_dtype, transform: str):
@@ -431,8 +452,7 @@ def scale_by_warmup_decay(
   )
 
   def init_fn(params):
-    del params
-    return ScaleByWarmupDecayState(count=jnp.zeros([], jnp.int32))
+    return ScaleByWarmupDecayState(count=zero_step_count(params))
 
   def update_fn(updates, state, params=None):
     del params

@@ -9,10 +9,12 @@ import importlib.util
 import json
 import logging
 import math
+import re
 
 import pytest
 
 from benchmarks import compile_time
+from benchmarks import gpu
 from benchmarks import logging_overhead
 from benchmarks import memory
 from benchmarks import plot
@@ -122,3 +124,26 @@ def test_memory_smoke_state_bytes_and_peak():
   assert table["default", memory.OPTAX]["state_bytes"] == 2 * 4 * n
   extra = table["default", memory.GAX]["peak_bytes"] - table["default", memory.OPTAX]["peak_bytes"]
   assert extra <= 16
+
+
+def test_gpu_smoke_runs_tests_step_time_and_copy_probe(tmp_path, capsys):
+  output = tmp_path / "gpu.md"
+  result = gpu.main(["--smoke", "--tests", "test_schedules", "--output", str(output)])
+  (tests,) = result["tests"]  # the multi-device group has nothing to run
+  assert tests["status"] == "passed" and tests["modules"] == ["test_schedules"]
+  assert re.fullmatch(r"\d+ passed.*", tests["summary"]), tests["summary"]
+  peers = {row["peer"] for row in result["steps"]}
+  expected = {"gax", "optax chain", "hand-fused", "probe"}
+  assert peers == expected | ({"torch foreach", "torch for-loop"} if HAS_TORCH else set())
+  assert {(row["params"], row["leaves"]) for row in result["steps"]} == {(10_000, 1), (10_000, 10)}
+  assert all(_positive(row["seconds"]) for row in result["steps"])
+  assert set(result["copy"]) == {"jax -x"} | ({"torch copy_"} if HAS_TORCH else set())
+  assert all(_positive(gbps) for gbps in result["copy"].values())
+  text = output.read_text()
+  assert text.strip() == result["table"] and text.strip() in capsys.readouterr().out
+  assert "| step 1e+04 params, 10 leaves |" in text and "| copy probe |" in text
+
+
+def test_gpu_refuses_to_run_without_a_gpu():
+  with pytest.raises(SystemExit, match=r"no GPU.*--allow-cpu"):
+    gpu.main(["--tests", "none"])

@@ -122,6 +122,24 @@ def test_state_sharding_follows_params_and_matches_one_device(mesh):
   jax.tree.map(np.testing.assert_array_equal, state, single_state)
 
 
+def test_eager_init_replicates_step_counters_over_the_params_mesh(mesh):
+  """Not left on one default device: in a multi-process run such a counter is
+  local to each process, and orbax refuses to save it (test_multiprocess.py)."""
+  params = shard(make_params(), mesh)
+  state = make_tx(logging_interval=2).init(params)
+  counts = [
+      s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
+  ]
+  assert len(counts) == 2
+  for count in counts:
+    assert count.sharding.device_set == set(mesh.devices.flat)
+    assert count.sharding.is_fully_replicated
+  # One device in, one device out: nothing is placed on a mesh by itself.
+  single_state = make_tx().init(make_params())
+  (single_count,) = [s.count for s in single_state if isinstance(s, gax.ScaleByWarmupDecayState)]
+  assert len(single_count.sharding.device_set) == 1
+
+
 def test_jitted_init_follows_params_with_explicit_mesh_axes():
   mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
   with jax.set_mesh(mesh):
