@@ -47,7 +47,7 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 
-autodoc_default_options = {"members": True, "undoc-members": False}
+autodoc_default_options = {}  # the State fields come from each docstring's Attributes
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 napoleon_google_docstring = True
