@@ -23,9 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-import gradient_ascent_jax as gax
-
 from benchmarks import _common
+import gradient_ascent_jax as gax
 
 LOGGING, OFF, DEFAULT = "logging every 10", "logging off", "default gradient_ascent()"
 INTERVAL = 10
