@@ -54,6 +54,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
+# Docstring literal blocks (``::``) hold equations and pseudo-code, not Python.
+highlight_language = "none"
+
 html_theme = "sphinx_book_theme"
 html_title = "gradient_ascent_jax"
 html_theme_options = {
@@ -62,6 +65,7 @@ html_theme_options = {
     "use_download_button": False,
     "use_fullscreen_button": False,
     "navigation_with_keys": False,
+    "navbar_persistent": [],  # one search field (the sidebar's), not two
 }
 html_static_path = []
 html_show_sourcelink = False
