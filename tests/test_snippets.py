@@ -99,6 +99,16 @@ def test_every_page_is_collected():
   assert not any(name.startswith(("docs/_build", "docs/notebooks")) for name in names)
 
 
+def test_readme_links_only_files_in_the_repository():
+  readme = (ROOT / "README.md").read_text()
+  targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+  local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+  assert local, "expected links into docs/"
+  missing = [t for t in local if not (ROOT / t).exists()]
+  assert not missing, f"README.md links to files that are not in the repository: {missing}"
+  assert "SPEC" not in readme
+
+
 def test_claims_are_checked_with_tolerance_only_on_numbers():
   assert line_matches("gradient norm 8.25906e-07", "gradient norm 8.259e-07")
   assert not line_matches("gradient norm 8.25906e-07", "gradient norm 9.1e-07")
