@@ -66,6 +66,9 @@ PAGE_FACTS = """(async () => {
     images: images.map((image, i) => ({src: image.currentSrc || image.src, loaded: loaded[i]})),
   };
 })()"""
+# For each API entry (a <dt id=...> of the Python domain): does it show an example?
+API_EXAMPLES = """Object.fromEntries([...document.querySelectorAll("dl.py > dt[id]")].map(
+    dt => [dt.id, dt.parentElement.querySelector(":scope > dd").innerText.includes(">>>")]))"""
 SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a.href)"
 
 
@@ -251,10 +254,14 @@ def test_every_image_loads_and_is_a_png_or_svg(crawl, site_url):
   assert not problems, "\n".join(problems)
 
 
-def test_api_page_lists_every_public_name(crawl, site_url):
+def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_url):
   ids = set(crawl[site_url + "api.html"]["ids"])
   missing = [name for name in gax.__all__ if f"gradient_ascent_jax.{name}" not in ids]
   assert not missing, f"no API entry for {missing}"
+  browser.load(site_url + "api.html")
+  has_example = browser.evaluate(API_EXAMPLES)
+  without = [name for name in gax.__all__ if not has_example.get(f"gradient_ascent_jax.{name}")]
+  assert not without, f"API entries without an example: {without}"
 
 
 def test_notebooks_are_rendered(crawl, site_url):
