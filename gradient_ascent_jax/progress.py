@@ -40,7 +40,17 @@ def _warn_once_if_invisible() -> bool:
 
 
 class LogProgressState(NamedTuple):
-  """State of :func:`log_progress`: steps already seen (int32, saturating)."""
+  """State of :func:`log_progress`.
+
+  Attributes:
+    count: steps already seen, an int32 scalar that saturates at its maximum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> gax.log_progress(logging_interval=10).init(jnp.ones(2))
+    LogProgressState(count=Array(0, dtype=int32))
+  """
 
   count: chex.Array
 

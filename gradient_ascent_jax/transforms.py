@@ -25,19 +25,51 @@ logger = logging.getLogger("gradient_ascent_jax")
 
 
 class ScaleByAdaptiveRmsState(NamedTuple):
-  """State of :func:`scale_by_adaptive_rms`."""
+  """State of :func:`scale_by_adaptive_rms`.
+
+  Attributes:
+    second_moment: the running average ``m`` of the squared updates, a pytree
+      like the params (in ``accumulator_dtype`` when it is set).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> gax.scale_by_adaptive_rms().init({"w": jnp.ones(2)})
+    ScaleByAdaptiveRmsState(second_moment={'w': Array([0., 0.], dtype=float32)})
+  """
 
   second_moment: optax.Updates
 
 
 class MomentumState(NamedTuple):
-  """State of :func:`momentum`."""
+  """State of :func:`momentum`.
+
+  Attributes:
+    velocity: the momentum buffer ``v``, a pytree like the params (in
+      ``accumulator_dtype`` when it is set).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> gax.momentum().init({"w": jnp.ones(2)})
+    MomentumState(velocity={'w': Array([0., 0.], dtype=float32)})
+  """
 
   velocity: optax.Updates
 
 
 class ScaleByWarmupDecayState(NamedTuple):
-  """State of :func:`scale_by_warmup_decay`: steps already taken (int32)."""
+  """State of :func:`scale_by_warmup_decay`.
+
+  Attributes:
+    count: steps already taken, an int32 scalar that saturates at its maximum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> gax.scale_by_warmup_decay().init(jnp.ones(2))
+    ScaleByWarmupDecayState(count=Array(0, dtype=int32))
+  """
 
   count: chex.Array
 

@@ -1,4 +1,4 @@
-"""Construction-time checks of hyperparameters (SPEC section 5).
+"""Construction-time checks of hyperparameters (allowed values: docs/guide/hyperparameters.md).
 
 A concrete bad value (a Python or NumPy number, or a 0-d NumPy array) raises
 ``ValueError`` naming the argument, the value and what is allowed. Concrete

@@ -101,11 +101,15 @@ def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
   before = logger.level, logger.propagate, list(logger.handlers)
   rows = logging_overhead.main(["--smoke"])
   assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
-  assert [row["peer"] for row in rows] == [logging_overhead.LOGGING, logging_overhead.OFF]
+  assert [row["peer"] for row in rows] == [
+      logging_overhead.LOGGING, logging_overhead.OFF, logging_overhead.DEFAULT]
   assert all(_positive(row["seconds"]) for row in rows)
   assert rows[1]["overhead"] == 0.0
-  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records.
-  assert "4 log records captured" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| default gradient_ascent() |" in out
+  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records;
+  # the default peer logs none.
+  assert "4 log records captured" in out
 
 
 def test_memory_smoke_state_bytes_and_peak():

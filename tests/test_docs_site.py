@@ -1,0 +1,283 @@
+"""Visits every page of the built documentation site in headless Chromium.
+
+Build the site first (``sphinx-build -W --keep-going -b html docs
+docs/_build/html``). The site is served by ``http.server`` on 127.0.0.1 and
+Debian's ``chromium`` is driven through the DevTools protocol over a pipe
+(``--remote-debugging-pipe``: no port, no network). Starting at the home page,
+every internal page that a link reaches is loaded in the browser, and:
+
+- every internal link points to a file that exists, and its ``#anchor`` to an
+  element of that page;
+- every image on every page loads (decodes, non-zero width) and is a
+  non-empty PNG or SVG file;
+- the API page has an entry for every name in ``gradient_ascent_jax.__all__``;
+- the site search for ``maximize`` lists the API entry of ``maximize``.
+
+Without the built site or chromium the test skips, unless ``CI`` is set: then
+it fails, so CI cannot pass without running it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import http.server
+import json
+import os
+from pathlib import Path
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from urllib.parse import unquote
+from urllib.parse import urldefrag
+from urllib.parse import urlparse
+
+import pytest
+
+import gradient_ascent_jax as gax
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / "docs" / "_build" / "html"
+PAGE_TIMEOUT_S = 30
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+]
+
+# Run in the page after its load event: what the checks need, as JSON.
+PAGE_FACTS = """(async () => {
+  const images = [...document.images];
+  for (const image of images) image.loading = "eager";
+  const loaded = await Promise.all(images.map(
+      image => image.decode().then(() => image.naturalWidth > 0, () => false)));
+  return {
+    ids: [...document.querySelectorAll("[id]")].map(e => e.id)
+        .concat([...document.querySelectorAll("a[name]")].map(e => e.name)),
+    links: [...document.querySelectorAll("a[href]")].map(a => a.href),
+    images: images.map((image, i) => ({src: image.currentSrc || image.src, loaded: loaded[i]})),
+  };
+})()"""
+# For each API entry (a <dt id=...> of the Python domain): does it show an example?
+API_EXAMPLES = """Object.fromEntries([...document.querySelectorAll("dl.py > dt[id]")].map(
+    dt => [dt.id, dt.parentElement.querySelector(":scope > dd").innerText.includes(">>>")]))"""
+SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a.href)"
+
+
+def chromium_path() -> str | None:
+  return shutil.which("chromium") or (
+      "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+  )
+
+
+def missing_prerequisite() -> str | None:
+  if not (SITE / "index.html").exists():
+    return f"no built site at {SITE}: run sphinx-build -W --keep-going -b html docs docs/_build/html"
+  if chromium_path() is None:
+    return "no chromium: apt-get install -y chromium"
+  return None
+
+
+@pytest.fixture(scope="module")
+def site_url():
+  reason = missing_prerequisite()
+  if reason:
+    if os.environ.get("CI"):
+      pytest.fail(f"CI must run the browser check: {reason}")
+    pytest.skip(reason)
+
+  class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE))
+  )
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+class Browser:
+  """A headless Chromium, one tab, spoken to over --remote-debugging-pipe."""
+
+  def __init__(self, profile: Path):
+    to_browser_r, self._to_browser = os.pipe()
+    self._from_browser, from_browser_w = os.pipe()
+
+    def wire_fds():  # the protocol: Chromium reads fd 3 and writes fd 4
+      # Move both ends above 4 first, so that neither dup2 overwrites the other.
+      high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
+      os.dup2(high[0], 3)
+      os.dup2(high[1], 4)
+
+    self.process = subprocess.Popen(
+        [chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        close_fds=False,  # fds 3 and 4 (inheritable after dup2) must stay open
+        preexec_fn=wire_fds,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(to_browser_r)
+    os.close(from_browser_w)
+    self._next_id = 0
+    self._messages: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+    target = self.call("Target.createTarget", url="about:blank")["targetId"]
+    self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    self.call("Page.enable", session=True)
+
+  def _read(self):
+    buffer = b""
+    while chunk := os.read(self._from_browser, 1 << 16):
+      buffer += chunk
+      *messages, buffer = buffer.split(b"\0")
+      for message in messages:
+        self._messages.put(json.loads(message))
+
+  def _wait(self, matches, timeout_s=PAGE_TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while True:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        raise TimeoutError("Chromium did not answer in time")
+      try:
+        message = self._messages.get(timeout=remaining)
+      except queue.Empty as error:
+        raise TimeoutError("Chromium did not answer in time") from error
+      if matches(message):
+        return message
+
+  def call(self, method, session=False, **params):
+    self._next_id += 1
+    message = {"id": self._next_id, "method": method, "params": params}
+    if session:
+      message["sessionId"] = self.session
+    os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+    answer = self._wait(lambda m, i=self._next_id: m.get("id") == i)
+    assert "error" not in answer, f"{method}: {answer['error']}"
+    return answer["result"]
+
+  def load(self, url):
+    """Navigates and returns when the page's load event has fired."""
+    result = self.call("Page.navigate", session=True, url=url)
+    assert "errorText" not in result, f"{url}: {result['errorText']}"
+    self._wait(lambda m: m.get("method") == "Page.loadEventFired")
+
+  def evaluate(self, expression):
+    result = self.call(
+        "Runtime.evaluate", session=True, expression=expression,
+        returnByValue=True, awaitPromise=True,
+    )
+    assert "exceptionDetails" not in result, result["exceptionDetails"]
+    return result["result"]["value"]
+
+  def close(self):
+    self.process.kill()
+    self.process.wait(timeout=30)
+    os.close(self._to_browser)
+
+
+@pytest.fixture(scope="module")
+def browser(site_url, tmp_path_factory):
+  chromium = Browser(tmp_path_factory.mktemp("chromium-profile"))
+  try:
+    yield chromium
+  finally:
+    chromium.close()
+
+
+def local_file(url: str, site_url: str) -> Path:
+  return SITE / unquote(urlparse(url).path).lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def crawl(browser, site_url):
+  """Loads every internal page reachable from the home page: {url: facts}."""
+  pages, todo = {}, [site_url + "index.html"]
+  while todo:
+    url = todo.pop()
+    if url in pages:
+      continue
+    browser.load(url)
+    facts = browser.evaluate(PAGE_FACTS)
+    pages[url] = facts
+    for link in facts["links"]:
+      target, _ = urldefrag(link)
+      if target.startswith(site_url) and target.endswith(".html") and target not in pages:
+        if local_file(target, site_url).exists():
+          todo.append(target)
+  return pages
+
+
+def test_every_internal_link_and_anchor_resolves(crawl, site_url):
+  broken = []
+  for page, facts in crawl.items():
+    for link in facts["links"]:
+      target, anchor = urldefrag(link)
+      if not target.startswith(site_url):
+        continue  # external: not fetched, the check runs offline
+      if target.endswith("/"):
+        target += "index.html"
+      if not local_file(target, site_url).is_file():
+        broken.append(f"{page}: link to missing {link}")
+      elif anchor and target in crawl and unquote(anchor) not in crawl[target]["ids"]:
+        broken.append(f"{page}: link to missing anchor {link}")
+  assert len(crawl) >= 15, sorted(crawl)
+  assert not broken, "\n".join(broken)
+
+
+def test_every_image_loads_and_is_a_png_or_svg(crawl, site_url):
+  problems, seen = [], 0
+  for page, facts in crawl.items():
+    for image in facts["images"]:
+      seen += 1
+      path = local_file(image["src"], site_url)
+      head = path.read_bytes()[:512] if path.is_file() else b""
+      if not image["loaded"]:
+        problems.append(f"{page}: image did not load: {image['src']}")
+      elif not (head.startswith(b"\x89PNG\r\n\x1a\n") or b"<svg" in head):
+        problems.append(f"{page}: not a non-empty PNG or SVG: {image['src']}")
+  assert seen >= 5  # the notebooks' plots and the benchmark plot
+  assert not problems, "\n".join(problems)
+
+
+def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_url):
+  ids = set(crawl[site_url + "api.html"]["ids"])
+  missing = [name for name in gax.__all__ if f"gradient_ascent_jax.{name}" not in ids]
+  assert not missing, f"no API entry for {missing}"
+  browser.load(site_url + "api.html")
+  has_example = browser.evaluate(API_EXAMPLES)
+  without = [name for name in gax.__all__ if not has_example.get(f"gradient_ascent_jax.{name}")]
+  assert not without, f"API entries without an example: {without}"
+
+
+def test_notebooks_are_rendered(crawl, site_url):
+  rendered = {Path(urlparse(url).path).stem for url in crawl if "/notebooks/" in url}
+  expected = {path.stem for path in (ROOT / "notebooks").glob("*.ipynb")}
+  assert expected and expected <= rendered, f"not on the site: {sorted(expected - rendered)}"
+
+
+def test_search_finds_maximize(browser, site_url):
+  browser.load(site_url + "search.html?q=maximize")
+  hits, deadline = [], time.monotonic() + PAGE_TIMEOUT_S
+  while time.monotonic() < deadline:  # the search runs in the page after load
+    hits = browser.evaluate(SEARCH_HITS)
+    if any(hit.endswith("api.html#gradient_ascent_jax.maximize") for hit in hits):
+      return
+    time.sleep(0.25)
+  pytest.fail(f"searching 'maximize' did not list the API entry; results: {hits}")
+
+

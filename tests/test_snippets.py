@@ -1,0 +1,146 @@
+"""Runs every Python block of README.md and docs/**/*.md as a user would paste it.
+
+Each ```python block runs as its own script in a fresh interpreter (this
+checkout first on PYTHONPATH, none of the test suite's settings such as its 8
+fake devices), and must exit cleanly. A block claims output in two ways, and
+the claim is checked against what it really prints (stdout and stderr, where
+the log records go):
+
+- a ```text block right after it (no other code block between): its lines
+  must appear in the output, in that order;
+- a ``# prints: ...`` comment on a line: that text must appear as a line of
+  the output, in the order of the comments.
+
+Numbers in a claimed line match to a relative 1e-3 (absolute 1e-8), so a
+printed float that differs in its last digits on another CPU still matches;
+everything else must match exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+GENERATED = (DOCS / "_build", DOCS / "notebooks")  # build output, copied notebooks
+TIMEOUT_S = 180
+FENCE = re.compile(r"^(`{3,})(\S*)\s*$")
+PRINTS = re.compile(r"#\s*prints:\s*(.+?)\s*$")
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def markdown_files() -> list[Path]:
+  files = [ROOT / "README.md"]
+  for path in sorted(DOCS.rglob("*.md")):
+    if not any(path.is_relative_to(folder) for folder in GENERATED):
+      files.append(path)
+  return files
+
+
+def fenced_blocks(path: Path) -> list[tuple[str, int, str]]:
+  """(language, line number of the opening fence, body) of every fenced block."""
+  blocks, lines, i = [], path.read_text().splitlines(), 0
+  while i < len(lines):
+    opening = FENCE.match(lines[i])
+    if not opening:
+      i += 1
+      continue
+    fence, language, start, body = opening.group(1), opening.group(2), i + 1, []
+    i += 1
+    while i < len(lines) and lines[i].rstrip() != fence:
+      body.append(lines[i])
+      i += 1
+    assert i < len(lines), f"{path}:{start}: unclosed code fence"
+    blocks.append((language, start, "\n".join(body) + "\n"))
+    i += 1
+  return blocks
+
+
+def snippets() -> list:
+  """One pytest param per python block: (path, line, code, claimed output lines)."""
+  params = []
+  for path in markdown_files():
+    blocks = fenced_blocks(path)
+    for index, (language, line, code) in enumerate(blocks):
+      if language != "python":
+        continue
+      claimed = [m.group(1) for m in map(PRINTS.search, code.splitlines()) if m]
+      following = blocks[index + 1] if index + 1 < len(blocks) else None
+      if following and following[0] == "text":
+        claimed += [text for text in following[2].splitlines() if text.strip()]
+      rel = path.relative_to(ROOT)
+      params.append(pytest.param(rel, line, code, claimed, id=f"{rel}:{line}"))
+  return params
+
+
+def numbers_match(claimed: str, actual: str) -> bool:
+  a, b = float(claimed), float(actual)
+  return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-8)
+
+
+def line_matches(claimed: str, actual: str) -> bool:
+  claimed, actual = claimed.strip(), actual.strip()
+  if NUMBER.split(claimed) != NUMBER.split(actual):
+    return False
+  pairs = zip(NUMBER.findall(claimed), NUMBER.findall(actual), strict=True)
+  return all(numbers_match(c, a) for c, a in pairs)
+
+
+def test_every_page_is_collected():
+  names = {str(p.relative_to(ROOT)) for p in markdown_files()}
+  assert {"README.md", "docs/index.md", "docs/guide/getting_started.md"} <= names
+  assert not any(name.startswith(("docs/_build", "docs/notebooks")) for name in names)
+
+
+def test_readme_links_only_files_in_the_repository():
+  readme = (ROOT / "README.md").read_text()
+  targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+  local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+  assert local, "expected links into docs/"
+  missing = [t for t in local if not (ROOT / t).exists()]
+  assert not missing, f"README.md links to files that are not in the repository: {missing}"
+  assert "SPEC" not in readme
+
+
+def test_claims_are_checked_with_tolerance_only_on_numbers():
+  assert line_matches("gradient norm 8.25906e-07", "gradient norm 8.259e-07")
+  assert not line_matches("gradient norm 8.25906e-07", "gradient norm 9.1e-07")
+  assert not line_matches("step 100: rate", "step 100: rates")
+  assert not line_matches("step 100", "step 101")
+
+
+@pytest.mark.parametrize(("path", "line", "code", "claimed"), snippets())
+def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the suite's 8 fake devices are not the user's setup
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  env["PYTHONUNBUFFERED"] = "1"  # keep prints and log records in order
+  script = tmp_path / "snippet.py"
+  script.write_text(code)
+  result = subprocess.run(
+      [sys.executable, str(script)],
+      cwd=tmp_path,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      timeout=TIMEOUT_S,
+  )
+  where = f"{path}:{line}"
+  assert result.returncode == 0, f"{where} failed:\n{result.stdout}"
+  output = result.stdout.splitlines()
+  position = 0
+  for expected in claimed:
+    while position < len(output) and not line_matches(expected, output[position]):
+      position += 1
+    assert position < len(output), (
+        f"{where} claims it prints {expected!r} (in this order), but printed:\n{result.stdout}"
+    )
+    position += 1
