@@ -55,7 +55,10 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.chain``).
+    An ``optax.GradientTransformationExtraArgs`` whose state is the state of
+    the chain above (a tuple, one entry per stage). Its ``update`` refuses a
+    state that ``init`` of this configuration would not make, and says that
+    errors raised in a stage come from ``gradient_ascent``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -104,7 +107,50 @@ def gradient_ascent(
       ),
       transforms.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
   ]
-  return optax.chain(*stages)
+  return _checked_state("gradient_ascent", optax.chain(*stages))
+
+
+def _describe(state: Any) -> str:
+  if isinstance(state, tuple) and type(state) is tuple:
+    return "(" + ", ".join(type(stage).__name__ for stage in state) + ")"
+  return "None" if state is None else type(state).__name__
+
+
+def _checked_state(
+    name: str, chain: optax.GradientTransformationExtraArgs
+) -> optax.GradientTransformationExtraArgs:
+  """``chain`` whose update checks, at trace time, that it got its own state.
+
+  A chain zips its stages with the entries of the state it is given: a state
+  from another configuration or optimizer either fails deep inside a stage
+  with a message about something else, or, when the entries happen to line
+  up, is silently accepted. The state itself is unchanged (the chain's).
+  """
+  expected_layout = []  # filled on the first update: init may be costly
+
+  def layout():
+    if not expected_layout:
+      # Params {} give the per-stage state types without touching any array.
+      expected_layout.append(_describe(jax.eval_shape(chain.init, {})))
+    return expected_layout[0]
+
+  def update_fn(updates, state, params=None, **extra_args):
+    got = _describe(state)
+    if got != layout():
+      raise ValueError(
+          f"{name}: the optimizer state does not belong to this optimizer. "
+          f"Expected the state that tx.init(params) of this {name}(...) "
+          f"returns, a tuple of {layout()}; got {got}. A state is only valid "
+          "for the optimizer (and the clip_value/logging_interval choice) that "
+          "made it: call state = tx.init(params) with this tx."
+      )
+    try:
+      return chain.update(updates, state, params, **extra_args)
+    except (ValueError, TypeError) as error:
+      error.add_note(f"(raised in a stage of {name}(...).update)")
+      raise
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 _OBJECTIVE_ARGS = ("value", "grad")

@@ -171,6 +171,18 @@ def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
+  if accumulator_dtype is not None:
+    # The moments are stored back in the dtype they came in: a state made with
+    # another accumulator_dtype would otherwise silently keep its own.
+    expected = jnp.dtype(accumulator_dtype)
+    found = sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)})
+    if found and found != [expected.name]:
+      raise ValueError(
+          f"{transform}: the optimizer state holds {', '.join(found)} moments, "
+          f"but this optimizer was built with accumulator_dtype={expected.name}. "
+          "The state comes from an optimizer with another accumulator_dtype: "
+          "call state = tx.init(params) with this optimizer."
+      )
   try:
     chex.assert_trees_all_equal_structs(updates, accumulator)
     chex.assert_trees_all_equal_shapes(updates, accumulator)

@@ -59,6 +59,92 @@ def test_mismatched_gradients_raise_value_error(grads, what, jit):
   assert "tree 0 is the gradients, tree 1 the state" in str(error.value)
 
 
+# A state that init did not make for this optimizer ----------------------------
+
+
+def test_update_with_none_state_says_to_call_init():
+  tx = quiet()
+  with pytest.raises(ValueError, match=r"gradient_ascent: .*got None") as error:
+    tx.update(PARAMS, None, PARAMS)
+  assert "call state = tx.init(params)" in str(error.value)
+
+
+def adam_state(params):
+  return optax.adam(1e-3).init(params)
+
+
+def wrapped_in(wrap):
+  return lambda **kwargs: wrap(quiet(**kwargs))
+
+
+STATE_MISMATCHES = {
+    # (tx that made the state, tx that gets it, what the message says was found)
+    "clip-into-logging": (
+        lambda: quiet(clip_value=1.0), lambda: gax.gradient_ascent(logging_interval=10),
+        "got (EmptyState, EmptyState, ScaleByAdaptiveRmsState"),
+    "logging-into-clip": (
+        lambda: gax.gradient_ascent(logging_interval=10), lambda: quiet(clip_value=1.0),
+        "got (LogProgressState, "),
+    "adam": (lambda: optax.adam(1e-3), quiet, "got (ScaleByAdamState, EmptyState)"),
+    "inject_hyperparams-into-plain": (
+        lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=None), quiet,
+        "got InjectStatefulHyperparamsState"),
+    "multisteps-inner": (
+        lambda: optax.MultiSteps(quiet(clip_value=1.0), 2).gradient_transformation(),
+        lambda: optax.MultiSteps(quiet(), 2).gradient_transformation(),
+        "got (EmptyState, EmptyState, "),
+    "apply_if_finite-inner": (
+        lambda: optax.apply_if_finite(quiet(clip_value=1.0), 3),
+        lambda: optax.apply_if_finite(quiet(), 3),
+        "got (EmptyState, EmptyState, "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATE_MISMATCHES))
+@pytest.mark.parametrize("jit", [False, True])
+def test_state_of_another_optimizer_names_gradient_ascent(name, jit):
+  made_by, used_by, found = STATE_MISMATCHES[name]
+  state = made_by().init(PARAMS)
+  update = used_by().update
+  with pytest.raises(ValueError, match=r"^gradient_ascent: the optimizer state does not "
+                     r"belong to this optimizer\. Expected .* a tuple of \(") as error:
+    (jax.jit(update) if jit else update)(PARAMS, state, PARAMS)
+  message = str(error.value)
+  assert found in message
+  assert "call state = tx.init(params)" in message
+
+
+def test_state_of_another_accumulator_dtype_is_refused():
+  made = quiet(accumulator_dtype=jnp.float32).init(PARAMS)
+  tx = quiet(accumulator_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="holds float32 moments, but this optimizer was "
+                     "built with accumulator_dtype=bfloat16") as error:
+    tx.update(PARAMS, made, PARAMS)
+  assert "tx.init(params)" in str(error.value)
+
+
+def test_state_of_nesterov_and_other_hyperparameters_is_accepted():
+  """Same stages, same state: only what the stages compute from it differs."""
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+  made_by = quiet(nesterov=True, beta=0.9, learning_rate=0.1)
+  _, state = made_by.update(grads, made_by.init(params), params)
+  updates, _ = quiet().update(grads, state, params)
+  # Heavy ball on the Nesterov velocity: v = 0.9 v_1 + s_2 with v_1 = s_1.
+  m1 = 0.1 * np.asarray(grads["w"]) ** 2
+  m2 = BETA * m1 + (1 - BETA) * np.asarray(grads["w"]) ** 2
+  v = MOMENTUM * grads["w"] / np.sqrt(m1) + grads["w"] / np.sqrt(m2)
+  np.testing.assert_allclose(updates["w"], LR * v, rtol=1e-5)
+
+
+def test_errors_inside_a_stage_say_they_come_from_gradient_ascent():
+  tx = quiet()
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match="scale_by_adaptive_rms: the gradients do not match") as error:
+    tx.update({"w": jnp.zeros(4), "b": jnp.zeros(2)}, state)
+  assert any("gradient_ascent" in note for note in getattr(error.value, "__notes__", []))
+
+
 # Non-floating leaves ----------------------------------------------------------
 
 
