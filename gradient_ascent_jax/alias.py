@@ -110,6 +110,12 @@ def gradient_ascent(
   return _checked_state("gradient_ascent", optax.chain(*stages))
 
 
+class _Ascending(optax.GradientTransformationExtraArgs):
+  """A transformation that already ascends: :func:`maximize` refuses it."""
+
+  __slots__ = ()
+
+
 def _describe(state: Any) -> str:
   if isinstance(state, tuple) and type(state) is tuple:
     return "(" + ", ".join(type(stage).__name__ for stage in state) + ")"
@@ -119,7 +125,7 @@ def _describe(state: Any) -> str:
 def _checked_state(
     name: str, chain: optax.GradientTransformationExtraArgs
 ) -> optax.GradientTransformationExtraArgs:
-  """``chain`` whose update checks, at trace time, that it got its own state.
+  """Ascending ``chain`` whose update checks, at trace time, its own state.
 
   A chain zips its stages with the entries of the state it is given: a state
   from another configuration or optimizer either fails deep inside a stage
@@ -150,7 +156,7 @@ def _checked_state(
       error.add_note(f"(raised in a stage of {name}(...).update)")
       raise
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  return _Ascending(chain.init, update_fn)
 
 
 _OBJECTIVE_ARGS = ("value", "grad")
@@ -175,6 +181,25 @@ def _negate_cached_objective(state: Any) -> Any:
   )
 
 
+def _flip_sign_path(state: Any) -> str | None:
+  """Where ``state`` holds a :class:`FlipSignState` (the mark of ascent), if anywhere."""
+  def marked(node):
+    return isinstance(node, transforms.FlipSignState)
+
+  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=marked)[0]:
+    if marked(node):
+      return "state" + jax.tree_util.keystr(path)
+  return None
+
+
+def _refuse_ascending(why: str) -> ValueError:
+  return ValueError(
+      f"maximize: tx already ascends ({why}). maximize(tx) would negate the "
+      "gradients a second time and descend. Use tx as it is: it already "
+      "maximizes the objective whose gradient it is given."
+  )
+
+
 def maximize(
     tx: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -190,11 +215,22 @@ def maximize(
   gradient that a line search caches in its state are kept with the sign of
   YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
 
+  A ``tx`` that already ascends is refused with a ``ValueError``: the result
+  of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
+  transform whose state holds :class:`FlipSignState` (a chain or
+  ``optax.inject_hyperparams`` of :func:`gradient_ascent`, a chain with
+  :func:`flip_sign`) at ``init``. Wrappers only show their inner transform
+  at ``init``.
+
   Args:
     tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the state of ``tx``.
+
+  Raises:
+    TypeError: ``tx`` is not a transformation.
+    ValueError: ``tx`` already ascends (here or at ``init``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -215,6 +251,8 @@ def maximize(
         "maximize expects an optax.GradientTransformation such as "
         f"optax.adam(1e-3), got {tx!r}.{hint}"
     )
+  if isinstance(tx, _Ascending):
+    raise _refuse_ascending("it is gax.gradient_ascent(...) or gax.maximize(...)")
   inner = optax.with_extra_args_support(tx)
 
   def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -228,9 +266,21 @@ def maximize(
     return extra_args
 
   def init_fn(params):
-    return _negate_cached_objective(inner.init(params))
+    state = inner.init(params)
+    path = _flip_sign_path(state)
+    if path is not None:
+      raise _refuse_ascending(
+          f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
+          "of gradient_ascent(...) or of a chain with flip_sign() does"
+      )
+    return _negate_cached_objective(state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    if state is None:
+      raise ValueError(
+          "maximize: got state None. Call state = tx.init(params) with this "
+          "tx and pass that state to tx.update."
+      )
     updates, state = inner.update(
         transforms.negate(updates),
         _negate_cached_objective(state),
@@ -239,4 +289,4 @@ def maximize(
     )
     return updates, _negate_cached_objective(state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _Ascending(init_fn, update_fn)

@@ -24,6 +24,16 @@ from gradient_ascent_jax import validation
 logger = logging.getLogger("gradient_ascent_jax")
 
 
+class FlipSignState(optax.EmptyState):
+  """State of :func:`flip_sign`: empty, and the mark of a chain that ascends.
+
+  :func:`maximize` looks for it in a state to refuse a transform that already
+  ascends (maximizing it again would descend).
+  """
+
+  __slots__ = ()
+
+
 class ScaleByAdaptiveRmsState(NamedTuple):
   """State of :func:`scale_by_adaptive_rms`."""
 
@@ -51,7 +61,8 @@ def flip_sign() -> optax.GradientTransformation:
   """Negates the updates, ``u -> -u``: the flip that turns descent into ascent.
 
   Returns:
-    A stateless ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation`` with the empty state
+    :class:`FlipSignState`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -61,11 +72,15 @@ def flip_sign() -> optax.GradientTransformation:
     Array([-1.,  2.], dtype=float32)
   """
 
+  def init_fn(params):
+    del params
+    return FlipSignState()
+
   def update_fn(updates, state, params=None):
     del params
     return negate(updates), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _round_down(value: Any, dtype: jnp.dtype) -> Any:

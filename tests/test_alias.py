@@ -372,6 +372,72 @@ def test_maximize_rejects_a_non_transform(not_a_transform, hint):
     gax.maximize(not_a_transform)
 
 
+# --- maximize refuses what already ascends ------------------------------------------------
+
+
+def objective_after(tx, steps=100):
+  """-|x - 3|^2 after `steps` steps of tx from 0 (the maximum is 0)."""
+
+  def objective(x):
+    return -jnp.sum((x - 3.0) ** 2)
+
+  x = jnp.zeros(3)
+  state = tx.init(x)
+  step = jax.jit(tx.update)
+  for _ in range(steps):
+    updates, state = step(jax.grad(objective)(x), state, x)
+    x = optax.apply_updates(x, updates)
+  return float(objective(x))
+
+
+@pytest.mark.parametrize(
+    "ascending",
+    [lambda: gax.gradient_ascent(0.1), lambda: gax.maximize(optax.sgd(0.1))],
+    ids=["gradient_ascent", "maximize"],
+)
+def test_maximize_refuses_a_transform_that_already_ascends(ascending):
+  with pytest.raises(ValueError, match=r"^maximize: tx already ascends \(it is "
+                     r"gax\.gradient_ascent\(\.\.\.\) or gax\.maximize\(\.\.\.\)\)\. "
+                     "maximize\\(tx\\) would negate the gradients a second time and descend"):
+    gax.maximize(ascending())
+  assert objective_after(ascending()) > -1.0  # as it is, it ascends: -27 -> near 0
+
+
+@pytest.mark.parametrize(
+    ("wrapped", "where"),
+    [
+        (lambda: optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1),
+         "state.inner_state[0]"),
+        (lambda: optax.chain(gax.gradient_ascent(0.1), optax.add_decayed_weights(0.01)),
+         "state[0][0]"),
+        (lambda: optax.chain(gax.flip_sign(), optax.sgd(0.1)), "state[0]"),
+    ],
+    ids=["inject_hyperparams", "chain", "flip_sign"],
+)
+def test_maximize_refuses_at_init_what_ascends_inside_a_wrapper(wrapped, where):
+  tx = gax.maximize(wrapped())  # the wrapper hides its inner transform until init
+  with pytest.raises(ValueError, match=r"^maximize: tx already ascends") as error:
+    tx.init(jnp.zeros(3))
+  assert f"FlipSignState at {where}," in str(error.value)
+  assert objective_after(wrapped()) > -1.0  # as it is, it ascends
+
+
+@pytest.mark.parametrize(
+    "descent",
+    [lambda: optax.chain(optax.sgd(0.1), optax.add_decayed_weights(1e-4)),
+     lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)],
+    ids=["chain", "inject_hyperparams"],
+)
+def test_maximize_of_a_descent_chain_or_injection_still_ascends(descent):
+  assert objective_after(descent()) < -27.0  # on its own it descends
+  assert objective_after(gax.maximize(descent())) > -1.0
+
+
+def test_maximize_update_with_none_state_says_to_call_init():
+  with pytest.raises(ValueError, match=r"maximize: got state None\. Call state = tx\.init"):
+    gax.maximize(optax.adam(1e-3)).update(jnp.ones(2), None, jnp.zeros(2))
+
+
 CENTER = jnp.array([1.0, -2.0, 3.0])
 CURVATURE = jnp.array([1.0, 2.0, 0.5])
 
