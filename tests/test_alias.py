@@ -30,7 +30,7 @@ def explicit_chain(
     clip_value=None,
     lr_decay=None,
     warmup_steps=0,
-    logging_interval=10,
+    logging_interval=None,
     accumulator_dtype=None,
 ):
   """The chain as README.md writes it under "gradient_ascent(...) is exactly"."""
