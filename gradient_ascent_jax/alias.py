@@ -211,7 +211,9 @@ def maximize(
   ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
   it was). The extra arguments ``value`` and ``grad`` are negated and
   ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
-  optimizers such as ``optax.lbfgs()`` maximize too. The objective value and
+  optimizers such as ``optax.lbfgs()`` maximize too (and ``grad_fn`` to
+  return the negated gradient, for ``optax.contrib.sam(opaque_mode=True)``).
+  An ``optax.MultiSteps`` object is accepted as it is. The objective value and
   gradient that a line search caches in its state are kept with the sign of
   YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
 
@@ -223,7 +225,8 @@ def maximize(
   at ``init``.
 
   Args:
-    tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``.
+    tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``, or
+      an ``optax.MultiSteps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the state of ``tx``.
@@ -243,6 +246,8 @@ def maximize(
     >>> optax.apply_updates(x, updates)  # moves towards the maximum at 1
     Array([0.2], dtype=float32)
   """
+  if isinstance(tx, optax.MultiSteps):
+    tx = tx.gradient_transformation()
   if not isinstance(tx, optax.GradientTransformation):
     hint = ""
     if callable(tx):
@@ -263,6 +268,10 @@ def maximize(
     value_fn = extra_args.get("value_fn")
     if value_fn is not None:
       extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
+    # optax.contrib.sam(opaque_mode=True) takes its adversarial gradients from grad_fn.
+    grad_fn = extra_args.get("grad_fn")
+    if grad_fn is not None:
+      extra_args["grad_fn"] = lambda *a, **k: transforms.negate(grad_fn(*a, **k))
     return extra_args
 
   def init_fn(params):

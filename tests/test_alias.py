@@ -492,3 +492,122 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
       np.testing.assert_array_equal(x_up, x_down)
   # The cache in the state holds the caller's objective (not its negation).
   np.testing.assert_allclose(optax.tree.get(state, "value"), concave(ascent[-1]), atol=1e-6)
+
+
+# --- maximize across the rest of Optax ------------------------------------------------------
+
+
+def bowl(x):
+  """Concave, maximum 0 at x = CENTER."""
+  return -jnp.sum(CURVATURE * (x - CENTER) ** 2)
+
+
+def run(tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evaluate=None,
+        corrupt=None):
+  """Steps tx op by op on jax.grad(objective); returns (params, updates, state, judged).
+
+  extra(objective, params) gives the update's extra arguments, grad_at(params) the
+  point where the gradient is taken, evaluate(state, params) the params to judge,
+  corrupt(k, grads) the gradient actually passed at step k.
+  """
+  params = jnp.zeros(3) if start is None else start
+  state, history = tx.init(params), []
+  with jax.disable_jit():
+    for k in range(steps):
+      grads = jax.grad(objective)(grad_at(params) if grad_at else params)
+      grads = corrupt(k, grads) if corrupt else grads
+      updates, state = tx.update(grads, state, params, **(extra(objective, params) if extra else {}))
+      params = optax.apply_updates(params, updates)
+      history.append((params, updates, state, evaluate(state, params) if evaluate else params))
+  return history
+
+
+def ascent_and_descent(make, steps=15, **kwargs):
+  """run() of maximize(make()) on bowl and of make() on -bowl."""
+  return run(gax.maximize(make()), bowl, steps, **kwargs), run(make(), negated_bowl, steps, **kwargs)
+
+
+def negated_bowl(x):
+  return -bowl(x)
+
+
+def assert_ascends_as_descent_on_negation(runs):
+  ascent, descent = runs
+  assert_trees_equal(ascent, descent)  # bit for bit, every step
+  values = [float(bowl(judged)) for *_, judged in ascent]
+  assert values[-1] > float(bowl(jnp.zeros(3))) + 1.0, values  # from -17.5 towards 0
+
+
+def test_maximize_reduce_on_plateau_sees_the_maximizers_progress():
+  # sgd(0.6) on curvature 2 overshoots: the objective stops improving, the plateau
+  # logic must notice (on the maximizer's value) and halve the step.
+  def make():
+    return optax.chain(optax.sgd(0.6), optax.contrib.reduce_on_plateau(factor=0.5, patience=2))
+
+  runs = ascent_and_descent(make, steps=30, extra=lambda f, x: {"value": f(x)})
+  assert_ascends_as_descent_on_negation(runs)
+  assert float(optax.tree.get(runs[0][-1][2], "scale")) < 1.0  # it did reduce
+
+
+def test_maximize_schedule_free_adamw_and_its_eval_params():
+  runs = ascent_and_descent(
+      lambda: optax.contrib.schedule_free_adamw(0.5, warmup_steps=2),
+      evaluate=optax.contrib.schedule_free_eval_params,
+  )
+  assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_maximize_sam(opaque):
+  def make():
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(0.05))
+    return optax.contrib.sam(optax.sgd(0.2), adversary, sync_period=2, opaque_mode=opaque)
+
+  def grad_fn(objective, params):
+    del params
+    return {"grad_fn": lambda p, i: jax.grad(objective)(p)}
+
+  runs = ascent_and_descent(make, steps=30, extra=grad_fn if opaque else None)
+  assert_ascends_as_descent_on_negation(runs)
+
+
+def test_maximize_lookahead():
+  runs = ascent_and_descent(
+      lambda: optax.lookahead(optax.sgd(0.2), sync_period=3, slow_step_size=0.5),
+      start=optax.LookaheadParams.init_synced(jnp.zeros(3)),
+      grad_at=lambda params: params.fast,
+      evaluate=lambda state, params: params.slow,
+  )
+  assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["maximize-of-multisteps",
+                                                       "multisteps-of-maximize"])
+def test_maximize_multisteps(inside):
+  def multisteps(tx):
+    return optax.MultiSteps(tx, every_k_schedule=3)
+
+  if inside:
+    ascent = multisteps(gax.maximize(optax.adam(0.3))).gradient_transformation()
+  else:
+    ascent = gax.maximize(multisteps(optax.adam(0.3)))  # the MultiSteps object itself
+  descent = multisteps(optax.adam(0.3)).gradient_transformation()
+  ascent_run, descent_run = run(ascent, bowl, 30), run(descent, negated_bowl, 30)
+  if inside:
+    # MultiSteps outside maximize accumulates the caller's gradient: the negation's.
+    descent_run = [(p, u, s._replace(acc_grads=-s.acc_grads), j) for p, u, s, j in descent_run]
+  assert_ascends_as_descent_on_negation((ascent_run, descent_run))
+
+
+def test_maximize_apply_if_finite_skips_a_non_finite_step():
+  def make():
+    return optax.apply_if_finite(optax.adam(0.3), max_consecutive_errors=3)
+
+  def corrupt(k, grads):
+    return grads.at[0].set(jnp.nan) if k == 4 else grads
+
+  runs = ascent_and_descent(make, corrupt=corrupt)
+  assert_ascends_as_descent_on_negation(runs)
+  ascent = runs[0]
+  np.testing.assert_array_equal(ascent[4][0], ascent[3][0])  # the NaN step was skipped
+  assert int(ascent[-1][2].total_notfinite) == 1
