@@ -5,6 +5,7 @@ from gradient_ascent_jax.alias import maximize
 from gradient_ascent_jax.progress import LogProgressState
 from gradient_ascent_jax.progress import log_progress
 from gradient_ascent_jax.schedules import warmup_decay_schedule
+from gradient_ascent_jax.transforms import FlipSignState
 from gradient_ascent_jax.transforms import MomentumState
 from gradient_ascent_jax.transforms import ScaleByAdaptiveRmsState
 from gradient_ascent_jax.transforms import ScaleByWarmupDecayState
@@ -17,6 +18,7 @@ from gradient_ascent_jax.transforms import scale_by_warmup_decay
 __version__ = "0.1.0"
 
 __all__ = (
+    "FlipSignState",
     "LogProgressState",
     "MomentumState",
     "ScaleByAdaptiveRmsState",

@@ -55,7 +55,10 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.chain``).
+    An ``optax.GradientTransformationExtraArgs`` whose state is the state of
+    the chain above (a tuple, one entry per stage). Its ``update`` refuses a
+    state that ``init`` of this configuration would not make, and says that
+    errors raised in a stage come from ``gradient_ascent``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -104,7 +107,56 @@ def gradient_ascent(
       ),
       transforms.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
   ]
-  return optax.chain(*stages)
+  return _checked_state("gradient_ascent", optax.chain(*stages))
+
+
+class _Ascending(optax.GradientTransformationExtraArgs):
+  """A transformation that already ascends: :func:`maximize` refuses it."""
+
+  __slots__ = ()
+
+
+def _describe(state: Any) -> str:
+  if isinstance(state, tuple) and type(state) is tuple:
+    return "(" + ", ".join(type(stage).__name__ for stage in state) + ")"
+  return "None" if state is None else type(state).__name__
+
+
+def _checked_state(
+    name: str, chain: optax.GradientTransformationExtraArgs
+) -> optax.GradientTransformationExtraArgs:
+  """Ascending ``chain`` whose update checks, at trace time, its own state.
+
+  A chain zips its stages with the entries of the state it is given: a state
+  from another configuration or optimizer either fails deep inside a stage
+  with a message about something else, or, when the entries happen to line
+  up, is silently accepted. The state itself is unchanged (the chain's).
+  """
+  expected_layout = []  # filled on the first update: init may be costly
+
+  def layout():
+    if not expected_layout:
+      # Params {} give the per-stage state types without touching any array.
+      expected_layout.append(_describe(jax.eval_shape(chain.init, {})))
+    return expected_layout[0]
+
+  def update_fn(updates, state, params=None, **extra_args):
+    got = _describe(state)
+    if got != layout():
+      raise ValueError(
+          f"{name}: the optimizer state does not belong to this optimizer. "
+          f"Expected the state that tx.init(params) of this {name}(...) "
+          f"returns, a tuple of {layout()}; got {got}. A state is only valid "
+          "for the optimizer (and the clip_value/logging_interval choice) that "
+          "made it: call state = tx.init(params) with this tx."
+      )
+    try:
+      return chain.update(updates, state, params, **extra_args)
+    except (ValueError, TypeError) as error:
+      error.add_note(f"(raised in a stage of {name}(...).update)")
+      raise
+
+  return _Ascending(chain.init, update_fn)
 
 
 _OBJECTIVE_ARGS = ("value", "grad")
@@ -129,6 +181,25 @@ def _negate_cached_objective(state: Any) -> Any:
   )
 
 
+def _flip_sign_path(state: Any) -> str | None:
+  """Where ``state`` holds a :class:`FlipSignState` (the mark of ascent), if anywhere."""
+  def marked(node):
+    return isinstance(node, transforms.FlipSignState)
+
+  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=marked)[0]:
+    if marked(node):
+      return "state" + jax.tree_util.keystr(path)
+  return None
+
+
+def _refuse_ascending(why: str) -> ValueError:
+  return ValueError(
+      f"maximize: tx already ascends ({why}). maximize(tx) would negate the "
+      "gradients a second time and descend. Use tx as it is: it already "
+      "maximizes the objective whose gradient it is given."
+  )
+
+
 def maximize(
     tx: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -140,15 +211,29 @@ def maximize(
   ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
   it was). The extra arguments ``value`` and ``grad`` are negated and
   ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
-  optimizers such as ``optax.lbfgs()`` maximize too. The objective value and
+  optimizers such as ``optax.lbfgs()`` maximize too (and ``grad_fn`` to
+  return the negated gradient, for ``optax.contrib.sam(opaque_mode=True)``).
+  An ``optax.MultiSteps`` object is accepted as it is. The objective value and
   gradient that a line search caches in its state are kept with the sign of
   YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
 
+  A ``tx`` that already ascends is refused with a ``ValueError``: the result
+  of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
+  transform whose state holds :class:`FlipSignState` (a chain or
+  ``optax.inject_hyperparams`` of :func:`gradient_ascent`, a chain with
+  :func:`flip_sign`) at ``init``. Wrappers only show their inner transform
+  at ``init``.
+
   Args:
-    tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``.
+    tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``, or
+      an ``optax.MultiSteps``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the state of ``tx``.
+
+  Raises:
+    TypeError: ``tx`` is not a transformation.
+    ValueError: ``tx`` already ascends (here or at ``init``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -161,6 +246,8 @@ def maximize(
     >>> optax.apply_updates(x, updates)  # moves towards the maximum at 1
     Array([0.2], dtype=float32)
   """
+  if isinstance(tx, optax.MultiSteps):
+    tx = tx.gradient_transformation()
   if not isinstance(tx, optax.GradientTransformation):
     hint = ""
     if callable(tx):
@@ -169,6 +256,8 @@ def maximize(
         "maximize expects an optax.GradientTransformation such as "
         f"optax.adam(1e-3), got {tx!r}.{hint}"
     )
+  if isinstance(tx, _Ascending):
+    raise _refuse_ascending("it is gax.gradient_ascent(...) or gax.maximize(...)")
   inner = optax.with_extra_args_support(tx)
 
   def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -179,12 +268,28 @@ def maximize(
     value_fn = extra_args.get("value_fn")
     if value_fn is not None:
       extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
+    # optax.contrib.sam(opaque_mode=True) takes its adversarial gradients from grad_fn.
+    grad_fn = extra_args.get("grad_fn")
+    if grad_fn is not None:
+      extra_args["grad_fn"] = lambda *a, **k: transforms.negate(grad_fn(*a, **k))
     return extra_args
 
   def init_fn(params):
-    return _negate_cached_objective(inner.init(params))
+    state = inner.init(params)
+    path = _flip_sign_path(state)
+    if path is not None:
+      raise _refuse_ascending(
+          f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
+          "of gradient_ascent(...) or of a chain with flip_sign() does"
+      )
+    return _negate_cached_objective(state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    if state is None:
+      raise ValueError(
+          "maximize: got state None. Call state = tx.init(params) with this "
+          "tx and pass that state to tx.update."
+      )
     updates, state = inner.update(
         transforms.negate(updates),
         _negate_cached_objective(state),
@@ -193,4 +298,4 @@ def maximize(
     )
     return updates, _negate_cached_objective(state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _Ascending(init_fn, update_fn)

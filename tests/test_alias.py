@@ -30,7 +30,7 @@ def explicit_chain(
     clip_value=None,
     lr_decay=None,
     warmup_steps=0,
-    logging_interval=10,
+    logging_interval=None,
     accumulator_dtype=None,
 ):
   """The chain as README.md writes it under "gradient_ascent(...) is exactly"."""
@@ -372,6 +372,72 @@ def test_maximize_rejects_a_non_transform(not_a_transform, hint):
     gax.maximize(not_a_transform)
 
 
+# --- maximize refuses what already ascends ------------------------------------------------
+
+
+def objective_after(tx, steps=100):
+  """-|x - 3|^2 after `steps` steps of tx from 0 (the maximum is 0)."""
+
+  def objective(x):
+    return -jnp.sum((x - 3.0) ** 2)
+
+  x = jnp.zeros(3)
+  state = tx.init(x)
+  step = jax.jit(tx.update)
+  for _ in range(steps):
+    updates, state = step(jax.grad(objective)(x), state, x)
+    x = optax.apply_updates(x, updates)
+  return float(objective(x))
+
+
+@pytest.mark.parametrize(
+    "ascending",
+    [lambda: gax.gradient_ascent(0.1), lambda: gax.maximize(optax.sgd(0.1))],
+    ids=["gradient_ascent", "maximize"],
+)
+def test_maximize_refuses_a_transform_that_already_ascends(ascending):
+  with pytest.raises(ValueError, match=r"^maximize: tx already ascends \(it is "
+                     r"gax\.gradient_ascent\(\.\.\.\) or gax\.maximize\(\.\.\.\)\)\. "
+                     "maximize\\(tx\\) would negate the gradients a second time and descend"):
+    gax.maximize(ascending())
+  assert objective_after(ascending()) > -1.0  # as it is, it ascends: -27 -> near 0
+
+
+@pytest.mark.parametrize(
+    ("wrapped", "where"),
+    [
+        (lambda: optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1),
+         "state.inner_state[0]"),
+        (lambda: optax.chain(gax.gradient_ascent(0.1), optax.add_decayed_weights(0.01)),
+         "state[0][0]"),
+        (lambda: optax.chain(gax.flip_sign(), optax.sgd(0.1)), "state[0]"),
+    ],
+    ids=["inject_hyperparams", "chain", "flip_sign"],
+)
+def test_maximize_refuses_at_init_what_ascends_inside_a_wrapper(wrapped, where):
+  tx = gax.maximize(wrapped())  # the wrapper hides its inner transform until init
+  with pytest.raises(ValueError, match=r"^maximize: tx already ascends") as error:
+    tx.init(jnp.zeros(3))
+  assert f"FlipSignState at {where}," in str(error.value)
+  assert objective_after(wrapped()) > -1.0  # as it is, it ascends
+
+
+@pytest.mark.parametrize(
+    "descent",
+    [lambda: optax.chain(optax.sgd(0.1), optax.add_decayed_weights(1e-4)),
+     lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)],
+    ids=["chain", "inject_hyperparams"],
+)
+def test_maximize_of_a_descent_chain_or_injection_still_ascends(descent):
+  assert objective_after(descent()) < -27.0  # on its own it descends
+  assert objective_after(gax.maximize(descent())) > -1.0
+
+
+def test_maximize_update_with_none_state_says_to_call_init():
+  with pytest.raises(ValueError, match=r"maximize: got state None\. Call state = tx\.init"):
+    gax.maximize(optax.adam(1e-3)).update(jnp.ones(2), None, jnp.zeros(2))
+
+
 CENTER = jnp.array([1.0, -2.0, 3.0])
 CURVATURE = jnp.array([1.0, 2.0, 0.5])
 
@@ -426,3 +492,122 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
       np.testing.assert_array_equal(x_up, x_down)
   # The cache in the state holds the caller's objective (not its negation).
   np.testing.assert_allclose(optax.tree.get(state, "value"), concave(ascent[-1]), atol=1e-6)
+
+
+# --- maximize across the rest of Optax ------------------------------------------------------
+
+
+def bowl(x):
+  """Concave, maximum 0 at x = CENTER."""
+  return -jnp.sum(CURVATURE * (x - CENTER) ** 2)
+
+
+def run(tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evaluate=None,
+        corrupt=None):
+  """Steps tx op by op on jax.grad(objective); returns (params, updates, state, judged).
+
+  extra(objective, params) gives the update's extra arguments, grad_at(params) the
+  point where the gradient is taken, evaluate(state, params) the params to judge,
+  corrupt(k, grads) the gradient actually passed at step k.
+  """
+  params = jnp.zeros(3) if start is None else start
+  state, history = tx.init(params), []
+  with jax.disable_jit():
+    for k in range(steps):
+      grads = jax.grad(objective)(grad_at(params) if grad_at else params)
+      grads = corrupt(k, grads) if corrupt else grads
+      updates, state = tx.update(grads, state, params, **(extra(objective, params) if extra else {}))
+      params = optax.apply_updates(params, updates)
+      history.append((params, updates, state, evaluate(state, params) if evaluate else params))
+  return history
+
+
+def ascent_and_descent(make, steps=15, **kwargs):
+  """run() of maximize(make()) on bowl and of make() on -bowl."""
+  return run(gax.maximize(make()), bowl, steps, **kwargs), run(make(), negated_bowl, steps, **kwargs)
+
+
+def negated_bowl(x):
+  return -bowl(x)
+
+
+def assert_ascends_as_descent_on_negation(runs):
+  ascent, descent = runs
+  assert_trees_equal(ascent, descent)  # bit for bit, every step
+  values = [float(bowl(judged)) for *_, judged in ascent]
+  assert values[-1] > float(bowl(jnp.zeros(3))) + 1.0, values  # from -17.5 towards 0
+
+
+def test_maximize_reduce_on_plateau_sees_the_maximizers_progress():
+  # sgd(0.6) on curvature 2 overshoots: the objective stops improving, the plateau
+  # logic must notice (on the maximizer's value) and halve the step.
+  def make():
+    return optax.chain(optax.sgd(0.6), optax.contrib.reduce_on_plateau(factor=0.5, patience=2))
+
+  runs = ascent_and_descent(make, steps=30, extra=lambda f, x: {"value": f(x)})
+  assert_ascends_as_descent_on_negation(runs)
+  assert float(optax.tree.get(runs[0][-1][2], "scale")) < 1.0  # it did reduce
+
+
+def test_maximize_schedule_free_adamw_and_its_eval_params():
+  runs = ascent_and_descent(
+      lambda: optax.contrib.schedule_free_adamw(0.5, warmup_steps=2),
+      evaluate=optax.contrib.schedule_free_eval_params,
+  )
+  assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_maximize_sam(opaque):
+  def make():
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(0.05))
+    return optax.contrib.sam(optax.sgd(0.2), adversary, sync_period=2, opaque_mode=opaque)
+
+  def grad_fn(objective, params):
+    del params
+    return {"grad_fn": lambda p, i: jax.grad(objective)(p)}
+
+  runs = ascent_and_descent(make, steps=30, extra=grad_fn if opaque else None)
+  assert_ascends_as_descent_on_negation(runs)
+
+
+def test_maximize_lookahead():
+  runs = ascent_and_descent(
+      lambda: optax.lookahead(optax.sgd(0.2), sync_period=3, slow_step_size=0.5),
+      start=optax.LookaheadParams.init_synced(jnp.zeros(3)),
+      grad_at=lambda params: params.fast,
+      evaluate=lambda state, params: params.slow,
+  )
+  assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["maximize-of-multisteps",
+                                                       "multisteps-of-maximize"])
+def test_maximize_multisteps(inside):
+  def multisteps(tx):
+    return optax.MultiSteps(tx, every_k_schedule=3)
+
+  if inside:
+    ascent = multisteps(gax.maximize(optax.adam(0.3))).gradient_transformation()
+  else:
+    ascent = gax.maximize(multisteps(optax.adam(0.3)))  # the MultiSteps object itself
+  descent = multisteps(optax.adam(0.3)).gradient_transformation()
+  ascent_run, descent_run = run(ascent, bowl, 30), run(descent, negated_bowl, 30)
+  if inside:
+    # MultiSteps outside maximize accumulates the caller's gradient: the negation's.
+    descent_run = [(p, u, s._replace(acc_grads=-s.acc_grads), j) for p, u, s, j in descent_run]
+  assert_ascends_as_descent_on_negation((ascent_run, descent_run))
+
+
+def test_maximize_apply_if_finite_skips_a_non_finite_step():
+  def make():
+    return optax.apply_if_finite(optax.adam(0.3), max_consecutive_errors=3)
+
+  def corrupt(k, grads):
+    return grads.at[0].set(jnp.nan) if k == 4 else grads
+
+  runs = ascent_and_descent(make, corrupt=corrupt)
+  assert_ascends_as_descent_on_negation(runs)
+  ascent = runs[0]
+  np.testing.assert_array_equal(ascent[4][0], ascent[3][0])  # the NaN step was skipped
+  assert int(ascent[-1][2].total_notfinite) == 1

@@ -345,7 +345,7 @@ def test_state_structure_shapes_and_dtypes(case, hp, accumulator, logging_interv
     logging_on = bool(logging_interval)
     expected_types = (
         [gax.LogProgressState] * logging_on
-        + [optax.EmptyState] * (1 + (hp["clip_value"] is not None))
+        + [gax.FlipSignState] + [optax.EmptyState] * (hp["clip_value"] is not None)
         + [gax.ScaleByAdaptiveRmsState, gax.MomentumState, gax.ScaleByWarmupDecayState]
     )
     state_dtype = jnp.dtype(accumulator or case.dtype)
