@@ -29,6 +29,13 @@ class FlipSignState(optax.EmptyState):
 
   :func:`maximize` looks for it in a state to refuse a transform that already
   ascends (maximizing it again would descend).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradient_ascent_jax as gax
+    >>> state = gax.gradient_ascent().init(jnp.zeros(2))
+    >>> isinstance(state[0], gax.FlipSignState)
+    True
   """
 
   __slots__ = ()
