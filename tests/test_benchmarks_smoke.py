@@ -3,6 +3,10 @@
 The numbers are timings and cannot be checked; what is checked is that each
 table has the expected rows and peers, that measured values are finite and
 positive, and that the derived columns follow from them (ratios, bytes).
+What each peer computes is checked by the benchmarks themselves before any
+timing (``_common.check_runners``): a peer that is not gax.gradient_ascent's
+math, or a gax that does not ascend, stops the run; the last tests here show
+that this check catches a wrong peer.
 """
 
 import importlib.util
@@ -10,8 +14,12 @@ import json
 import logging
 import math
 
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
+from benchmarks import _common
 from benchmarks import compile_time
 from benchmarks import logging_overhead
 from benchmarks import memory
@@ -122,3 +130,36 @@ def test_memory_smoke_state_bytes_and_peak():
   assert table["default", memory.OPTAX]["state_bytes"] == 2 * 4 * n
   extra = table["default", memory.GAX]["peak_bytes"] - table["default", memory.OPTAX]["peak_bytes"]
   assert extra <= 16
+
+
+def _wrong_peers(config):
+  """Plausible mistakes in a peer: descending, a 1% wrong rate, eps in the sqrt."""
+  right = _common.optax_chain(config)
+  return {
+      "descends": optax.chain(right, optax.scale(-1.0)),
+      "rate 1% off": optax.chain(right, optax.scale(1.01)),
+      "eps inside sqrt": optax.chain(
+          optax.scale(-1.0),
+          optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=True),
+          optax.trace(decay=config.momentum, nesterov=config.nesterov),
+          optax.scale_by_learning_rate(config.schedule),
+      ),
+  }
+
+
+@pytest.mark.parametrize("config", list(_common.CONFIGS.values()), ids=list(_common.CONFIGS))
+def test_check_before_timing_accepts_right_and_rejects_wrong_peers(config):
+  grads = [jax.random.normal(jax.random.key(2), (50,), jnp.float32)]
+
+  def runners(txs):
+    return {name: _common.optax_runner(tx, 50, 1, grads) for name, tx in txs.items()}
+
+  right = {"optax chain": _common.optax_chain(config), "gax": _common.gradient_ascent(config)}
+  _common.check_runners(runners(right), config, grads, dict.fromkeys(right, 1e-5))
+  for name, runner in runners(_wrong_peers(config)).items():
+    with pytest.raises(_common.PeerMismatchError, match=name):
+      _common.check_runners({name: runner}, config, grads, {name: 1e-5})
+  # A peer that only has to ascend still must not descend.
+  descends = runners({"descends": _wrong_peers(config)["descends"]})
+  with pytest.raises(_common.PeerMismatchError, match="does not ascend"):
+    _common.check_runners(descends, config, grads, {"descends": None})
