@@ -28,6 +28,15 @@ def missing(reason: str) -> None:
   pytest.skip(reason, allow_module_level=True)
 
 
+def available(name: str) -> bool:
+  """Whether ``name`` imports (a package that is found but fails to import is not)."""
+  try:
+    importlib.import_module(name)
+  except ImportError:
+    return False
+  return True
+
+
 def import_module(name: str, install_hint: str) -> ModuleType:
   """Imports ``name``; when it is not importable, see :func:`missing`."""
   try:

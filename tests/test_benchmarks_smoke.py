@@ -9,7 +9,6 @@ math, or a gax that does not ascend, stops the run; the last tests here show
 that this check catches a wrong peer.
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -25,8 +24,9 @@ from benchmarks import logging_overhead
 from benchmarks import memory
 from benchmarks import plot
 from benchmarks import step_time
+from tests import _optional
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_TORCH = _optional.available("torch")  # as benchmarks.step_time decides
 JAX_PEERS = {"gax", "optax chain", "hand-fused", "maximize(adam)", "probe"}
 TORCH_PEERS = {"torch foreach", "torch for-loop"}
 
@@ -78,6 +78,15 @@ def test_step_time_torch_rows_only_where_comparable(step_time_run):
       continue
     comparable = HAS_TORCH and row["config"] == "default"  # RMSprop has no Nesterov
     assert _positive(row["seconds"]) if comparable else row["seconds"] is None, row
+
+
+def test_torch_peers_are_timed(step_time_run):
+  """Without torch the PyTorch rows are n/a: skipped locally, an error in CI."""
+  if not HAS_TORCH:
+    _optional.missing("torch is not importable: step_time has no PyTorch peers")
+  rows, _ = step_time_run
+  timed = {row["peer"] for row in rows if row["seconds"] is not None}
+  assert TORCH_PEERS <= timed
 
 
 def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):

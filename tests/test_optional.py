@@ -27,3 +27,8 @@ def test_missing_dependency_skips_outside_ci(monkeypatch, value):
 def test_present_dependency_is_returned(monkeypatch):
   monkeypatch.setenv("CI", "1")
   assert _optional.import_module("math", "").sqrt(4.0) == 2.0
+
+
+def test_available_means_importable():
+  assert _optional.available("math")
+  assert not _optional.available(ABSENT)
