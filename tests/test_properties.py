@@ -203,6 +203,19 @@ def as_seen(hp_jax):
   }
 
 
+def clip_bound_seen(clip_value, dtype):
+  """The clip bound in the gradients' dtype: the largest number <= clip_value.
+
+  clip_by_value rounds its bound down (to nearest, values above clip_value
+  could pass), so in float16/bfloat16 h is clipped up to one unit in the last
+  place below clip_value, and m = h**2 moves by two.
+  """
+  bound = np.asarray(clip_value, np.float64).astype(jnp.dtype(dtype))
+  if float(bound) > clip_value:
+    bound = np.nextafter(bound, np.zeros_like(bound))
+  return float(bound)
+
+
 def warmup_event(hp_jax):
   warmup = hp_jax["warmup_steps"]
   if int(warmup) == 0:
@@ -342,6 +355,8 @@ def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_wa
     hp_jax = as_jax(hp, case.dtype, python_warmup)
     hypothesis.event(warmup_event(hp_jax))
     hp_seen = as_seen(hp_jax)  # the reference gets the rounded hyperparameters
+    if hp_seen["clip_value"] is not None:
+      hp_seen["clip_value"] = clip_bound_seen(hp_seen["clip_value"], case.dtype)
     low, high = MAGNITUDES[case.dtype]
     if state_dtype == "float32":
       # A saturated float32 moment no longer holds m_t (see the next test);
