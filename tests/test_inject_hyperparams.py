@@ -26,6 +26,13 @@ NUMERIC = {
     "logging_interval": 0,
 }
 GRAD = {"w": jnp.array([[0.3, -2.0], [1.5, 0.01]]), "b": jnp.array([-0.4, 0.9])}
+# The gradient of step k is GRAD * SCALES[k]: a constant gradient would hide
+# clipping (RMSprop's h / sqrt(mean h**2) is then the same for any |h|).
+SCALES = (1.0, -3.0, 0.5, 2.0, -1.0)
+
+
+def grad_at(k):
+  return jax.tree.map(lambda g: g * SCALES[k], GRAD)
 
 
 def _params():
@@ -36,19 +43,19 @@ def _plain_run(steps, **hyperparams):
   tx = gax.gradient_ascent(**hyperparams)
   params = _params()
   state = tx.init(params)
-  for _ in range(steps):
-    updates, state = tx.update(GRAD, state, params)
+  for k in range(steps):
+    updates, state = tx.update(grad_at(k), state, params)
     params = optax.apply_updates(params, updates)
   return params
 
 
 def _reference_run(steps, **hyperparams):
-  """The params after `steps` steps of the NumPy reference on the constant GRAD."""
+  """The params after `steps` steps of the NumPy reference on grad_at(0), grad_at(1), ..."""
   hyperparams.pop("logging_interval", None)
   reference = ReferenceGradientAscent(**hyperparams)
   b, w = np.zeros(2), np.zeros((2, 2))
-  for _ in range(steps):
-    db, dw = reference.step([np.asarray(GRAD["b"]), np.asarray(GRAD["w"])])  # leaves order
+  for k in range(steps):
+    db, dw = reference.step([np.asarray(grad_at(k)["b"]), np.asarray(grad_at(k)["w"])])  # leaves
     b, w = b + db, w + dw
   return {"b": b, "w": w}
 
@@ -68,8 +75,8 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
   # The stored values are the ones the steps use: the NumPy reference with them.
   state.hyperparams["logging_interval"] = jnp.full_like(state.hyperparams["logging_interval"], 2)
   with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
-    for _ in range(4):
-      updates, state = tx.update(GRAD, state, params)
+    for k in range(4):
+      updates, state = tx.update(grad_at(k), state, params)
       params = optax.apply_updates(params, updates)
     jax.effects_barrier()
   _assert_params_close(params, _reference_run(4, nesterov=True, **NUMERIC))
@@ -84,15 +91,15 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   )
 
   @jax.jit
-  def step(params, state):
+  def step(params, state, grads):
     traces.append(1)  # runs only while tracing
-    updates, state = tx.update(GRAD, state, params)
+    updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   params = _params()
   state = tx.init(params)
-  for _ in range(3):
-    params, state = step(params, state)
+  for k in range(3):
+    params, state = step(params, state, grad_at(k))
   np.testing.assert_allclose(
       params["w"], _plain_run(3, nesterov=True, **NUMERIC)["w"], rtol=1e-5
   )
@@ -113,8 +120,8 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   for name, value in changed.items():
     # full_like keeps dtype and weak type, so the compiled step is reused.
     state.hyperparams[name] = jnp.full_like(state.hyperparams[name], value)
-  params_new, _ = step(params, state)
-  params_old, _ = step(params, unchanged)
+  params_new, _ = step(params, state, grad_at(3))
+  params_old, _ = step(params, unchanged, grad_at(3))
   assert len(traces) == 1
   assert not np.allclose(params_new["w"], params_old["w"])
 
@@ -133,9 +140,9 @@ def test_injected_value_is_used(name):
   state = tx.init(params)
   new_value = NEW_VALUES[name]
   state.hyperparams[name] = jnp.full_like(state.hyperparams[name], new_value)
-  step = jax.jit(lambda p, s: tx.update(GRAD, s, p))
-  for _ in range(3):
-    updates, state = step(params, state)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for k in range(3):
+    updates, state = step(params, state, grad_at(k))
     params = optax.apply_updates(params, updates)
   expected = _reference_run(3, **dict(values, **{name: new_value}))
   _assert_params_close(params, expected)
@@ -152,7 +159,7 @@ def test_schedule_as_injected_learning_rate():
   params = _params()
   state = tx.init(params)
   for k in range(3):
-    updates, state = tx.update(GRAD, state, params)
+    updates, state = tx.update(grad_at(k), state, params)
     params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1 * (1 - k / 10), rtol=1e-6)
     # The steps use that rate: the reference with lr(k) = 0.1 (1 - k / 10).
