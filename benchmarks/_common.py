@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import gradient_ascent_jax as gax
@@ -140,11 +141,90 @@ class JaxRunner:
       self.params, self.state = self.step(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
 
+  def snapshot(self) -> list[np.ndarray]:
+    """A float64 copy of the params (the buffers are donated by the next step)."""
+    return [np.array(p, np.float64) for p in self.params]
+
 
 def optax_runner(tx: optax.GradientTransformation, num_params: int, num_leaves: int,
                  grads) -> JaxRunner:
   params = make_params(num_params, num_leaves)
   return JaxRunner(jitted_step(tx), params, tx.init(params), grads)
+
+
+# Steps every peer takes, from the same params and gradients, before any timing.
+CHECK_STEPS = 10
+
+
+class PeerMismatchError(AssertionError):
+  """A peer does not compute what the benchmark says it computes."""
+
+
+def moves_of(snapshot_before, snapshot_after) -> list[np.ndarray]:
+  return [after - before for before, after in zip(snapshot_before, snapshot_after, strict=True)]
+
+
+def reference_moves(config: Config, grads, steps: int = CHECK_STEPS) -> list[np.ndarray]:
+  """How far ``steps`` steps of a fresh ``gradient_ascent(config)`` move params of ones."""
+  runner = optax_runner(gradient_ascent(config), sum(g.size for g in grads), len(grads), grads)
+  before = runner.snapshot()
+  runner(steps)
+  return moves_of(before, runner.snapshot())
+
+
+def check_moves(peer: str, moves, expected, grads, rtol: float | None,
+                steps: int = CHECK_STEPS) -> None:
+  """Raises :class:`PeerMismatchError` unless ``moves`` ascend, and (with ``rtol``)
+  equal ``expected`` to ``rtol`` plus float32 rounding of the params.
+
+  Ascending: with a constant gradient g every peer here moves each parameter
+  along sign(g) (RMSprop and Adam both normalise per element). ``rtol=None``
+  checks only that, for a peer that is a different optimizer.
+  """
+  for i, (move, want, grad) in enumerate(zip(moves, expected, grads, strict=True)):
+    grad = np.asarray(grad, np.float64)
+    moving = np.abs(grad) > 1e-3  # where eps cannot dominate
+    if not (np.sign(move[moving]) == np.sign(grad[moving])).all():
+      raise PeerMismatchError(f"{peer}: leaf {i} does not ascend: it moves against the gradient")
+    if rtol is None:
+      continue
+    # Each step rounds the float32 params once: half a unit in the last place.
+    rounding = steps * np.finfo(np.float32).eps * (1 + np.abs(want))
+    bad = np.abs(move - want) > rtol * np.abs(want) + rounding
+    if bad.any():
+      raise PeerMismatchError(
+          f"{peer}: leaf {i}, {bad.sum()} of {bad.size} params differ from "
+          f"gradient_ascent after {steps} steps: got {move[bad][:3]}, expected {want[bad][:3]}"
+      )
+
+
+def check_runners(runners: dict[str, Any], config: Config, grads,
+                  rtols: dict[str, float | None], steps: int = CHECK_STEPS) -> None:
+  """Runs every runner ``steps`` steps and checks it against ``gradient_ascent``.
+
+  Called before timing, so a peer that computes something else is never timed.
+  ``rtols[name]`` is the peer's tolerance (None: ascends only); a runner with
+  no entry is not an optimizer (the bandwidth probe) and is not checked.
+  """
+  expected = reference_moves(config, grads, steps)
+  for name, runner in runners.items():
+    if name not in rtols:
+      continue
+    before = runner.snapshot()
+    runner(steps)
+    check_moves(name, moves_of(before, runner.snapshot()), expected, grads, rtols[name], steps)
+
+
+def check_transforms(txs: dict[str, optax.GradientTransformation], config: Config,
+                     num_leaves: int, rtols: dict[str, float | None],
+                     leaf_size: int = 100) -> None:
+  """:func:`check_runners` for optimizers that are built but not run (compile
+  time, memory): each one steps params of ones with a fixed normal gradient."""
+  keys = jax.random.split(jax.random.key(1), num_leaves)
+  grads = [jax.random.normal(key, (leaf_size,), jnp.float32) for key in keys]
+  runners = {name: optax_runner(tx, leaf_size * num_leaves, num_leaves, grads)
+             for name, tx in txs.items()}
+  check_runners(runners, config, grads, rtols)
 
 
 def steps_per_sample(runner: Callable[[int], None], min_sample_s: float) -> int:

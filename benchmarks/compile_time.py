@@ -50,6 +50,9 @@ def lower_and_compile(make_tx, config, params) -> tuple[float, float]:
 
 
 def measure(config, num_leaves, leaf_size, repeats) -> list[dict]:
+  # Every peer must compute the steps of gax.gradient_ascent before it is timed.
+  _common.check_transforms({peer: make_tx(config) for peer, make_tx in PEERS.items()},
+                           config, num_leaves, dict.fromkeys(PEERS, 1e-5))
   params = _common.make_params(num_leaves * leaf_size, num_leaves)
   samples = {peer: [] for peer in PEERS}
   for _ in range(repeats):

@@ -60,8 +60,10 @@ def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
       # leaves logging_interval unset too.
       DEFAULT: _common.optax_runner(gax.gradient_ascent(), num_params, num_leaves, grads),
   }
-  for runner in runners.values():
-    runner(INTERVAL)  # compile, and leave the counter on a multiple of 10
+  # Compile, check both against gax.gradient_ascent without logging (logging
+  # must not change a step), and leave the counter on a multiple of 10.
+  _common.check_runners(runners, _common.DEFAULT, grads, dict.fromkeys(runners, 0.0),
+                        steps=INTERVAL)
   samples = {name: [] for name in runners}
   for repeat in range(repeats):
     order = list(runners) if repeat % 2 == 0 else list(reversed(runners))

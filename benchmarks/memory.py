@@ -38,7 +38,14 @@ PEERS = {
 }
 
 
+# Tolerance against gax.gradient_ascent, checked before measuring: bfloat16
+# moments round to 2**-9; maximize(adam) is another optimizer and must only ascend.
+CHECK_RTOLS = {GAX: 1e-5, GAX_BF16: 2e-2, OPTAX: 1e-5, "maximize(adam)": None}
+
+
 def measure(config, num_params, num_leaves) -> list[dict]:
+  _common.check_transforms({peer: make_tx(config) for peer, make_tx in PEERS.items()},
+                           config, min(num_leaves, 10), CHECK_RTOLS)
   size = num_params // num_leaves
   params = [jax.ShapeDtypeStruct((size,), jnp.float32) for _ in range(num_leaves)]
   rows = []

@@ -15,6 +15,10 @@ round-robin in the same process:
   so these are n/a in the clip+warmup+decay+nesterov configuration);
 - ``probe``: a jitted scaled copy moving the same 28 bytes per parameter.
 
+Before timing, every optimizer peer takes ``_common.CHECK_STEPS`` steps and
+must move the params as ``gax.gradient_ascent`` does (``maximize(adam)``: must
+ascend), or the run stops with ``PeerMismatchError``.
+
 Run ``python -m benchmarks.step_time --help`` for the options.
 """
 
@@ -86,40 +90,54 @@ def jax_runners(config, num_params, num_leaves, grads) -> dict[str, Any]:
   return runners
 
 
-def torch_runners(config, grads, device: str = "cpu") -> dict[str, Any]:
-  """The two PyTorch RMSprop peers, or none when torch is absent or not comparable.
+class TorchRunner:
+  """``torch.optim.RMSprop(maximize=True)`` under a ``LambdaLR``, on its own params.
 
   ``device``: the torch device, e.g. ``"cuda"``; each timed call then waits
   for the GPU to finish, as the JAX runners do.
   """
+
+  def __init__(self, torch, config, grads, foreach: bool, device: str = "cpu"):
+    self.params = []
+    for grad in grads:
+      param = torch.ones(grad.shape, dtype=torch.float32, device=device, requires_grad=True)
+      param.grad = torch.from_numpy(np.array(grad)).to(device)
+      self.params.append(param)
+    self.optimizer = torch.optim.RMSprop(
+        self.params, lr=config.learning_rate, alpha=config.beta, eps=config.eps,
+        momentum=config.momentum, maximize=True, foreach=foreach,
+    )
+    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.torch_factor)
+    self.synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+
+  def __call__(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      self.optimizer.step()
+      self.scheduler.step()
+    self.synchronize()
+
+  def snapshot(self) -> list[np.ndarray]:
+    return [p.detach().cpu().numpy().astype(np.float64) for p in self.params]
+
+
+def torch_runners(config, grads, device: str = "cpu") -> dict[str, Any]:
+  """The two PyTorch RMSprop peers, or none when torch is absent or not comparable."""
   try:
     import torch
   except ImportError:
     return {}
   if config.nesterov or config.clip_value is not None:
     return {}
-  synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-  runners = {}
-  for name, foreach in ((TORCH_FOREACH, True), (TORCH_LOOP, False)):
-    params = []
-    for grad in grads:
-      param = torch.ones(grad.shape, dtype=torch.float32, device=device, requires_grad=True)
-      param.grad = torch.from_numpy(np.array(grad)).to(device)
-      params.append(param)
-    optimizer = torch.optim.RMSprop(
-        params, lr=config.learning_rate, alpha=config.beta, eps=config.eps,
-        momentum=config.momentum, maximize=True, foreach=foreach,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.torch_factor)
+  return {name: TorchRunner(torch, config, grads, foreach, device)
+          for name, foreach in ((TORCH_FOREACH, True), (TORCH_LOOP, False))}
 
-    def run(num_steps, optimizer=optimizer, scheduler=scheduler):
-      for _ in range(num_steps):
-        optimizer.step()
-        scheduler.step()
-      synchronize()
 
-    runners[name] = run
-  return runners
+# Tolerance of each peer against gax.gradient_ascent in the check before timing:
+# the same float32 math in another order (PyTorch: other kernels, its learning
+# rate from a float64 LambdaLR). maximize(adam) is another optimizer: it must
+# only ascend. The probe is no optimizer and is not checked.
+CHECK_RTOLS = {GAX: 1e-5, OPTAX: 1e-5, FLOOR: 1e-5, ADAM: None,
+               TORCH_FOREACH: 1e-4, TORCH_LOOP: 1e-4}
 
 
 def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
@@ -130,6 +148,7 @@ def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
   runners = jax_runners(config, num_params, num_leaves, grads)
   runners.update(torch_runners(config, grads, torch_device))
   runners = {name: runner for name, runner in runners.items() if name in peers}
+  _common.check_runners(runners, config, grads, CHECK_RTOLS)
   medians = _common.interleaved_medians(runners, repeats, min_sample_s=min_sample_s)
   del runners, grads
   gc.collect()

@@ -3,24 +3,32 @@
 The numbers are timings and cannot be checked; what is checked is that each
 table has the expected rows and peers, that measured values are finite and
 positive, and that the derived columns follow from them (ratios, bytes).
+What each peer computes is checked by the benchmarks themselves before any
+timing (``_common.check_runners``): a peer that is not gax.gradient_ascent's
+math, or a gax that does not ascend, stops the run; the last tests here show
+that this check catches a wrong peer.
 """
 
-import importlib.util
 import json
 import logging
 import math
 import re
 
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
+from benchmarks import _common
 from benchmarks import compile_time
 from benchmarks import gpu
 from benchmarks import logging_overhead
 from benchmarks import memory
 from benchmarks import plot
 from benchmarks import step_time
+from tests import _optional
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_TORCH = _optional.available("torch")  # as benchmarks.step_time decides
 JAX_PEERS = {"gax", "optax chain", "hand-fused", "maximize(adam)", "probe"}
 TORCH_PEERS = {"torch foreach", "torch for-loop"}
 
@@ -72,6 +80,15 @@ def test_step_time_torch_rows_only_where_comparable(step_time_run):
       continue
     comparable = HAS_TORCH and row["config"] == "default"  # RMSprop has no Nesterov
     assert _positive(row["seconds"]) if comparable else row["seconds"] is None, row
+
+
+def test_torch_peers_are_timed(step_time_run):
+  """Without torch the PyTorch rows are n/a: skipped locally, an error in CI."""
+  if not HAS_TORCH:
+    _optional.missing("torch is not importable: step_time has no PyTorch peers")
+  rows, _ = step_time_run
+  timed = {row["peer"] for row in rows if row["seconds"] is not None}
+  assert TORCH_PEERS <= timed
 
 
 def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
@@ -151,3 +168,36 @@ def test_gpu_smoke_runs_tests_step_time_and_copy_probe(tmp_path, capsys):
 def test_gpu_refuses_to_run_without_a_gpu():
   with pytest.raises(SystemExit, match=r"no GPU.*--allow-cpu"):
     gpu.main(["--tests", "none"])
+
+
+def _wrong_peers(config):
+  """Plausible mistakes in a peer: descending, a 1% wrong rate, eps in the sqrt."""
+  right = _common.optax_chain(config)
+  return {
+      "descends": optax.chain(right, optax.scale(-1.0)),
+      "rate 1% off": optax.chain(right, optax.scale(1.01)),
+      "eps inside sqrt": optax.chain(
+          optax.scale(-1.0),
+          optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=True),
+          optax.trace(decay=config.momentum, nesterov=config.nesterov),
+          optax.scale_by_learning_rate(config.schedule),
+      ),
+  }
+
+
+@pytest.mark.parametrize("config", list(_common.CONFIGS.values()), ids=list(_common.CONFIGS))
+def test_check_before_timing_accepts_right_and_rejects_wrong_peers(config):
+  grads = [jax.random.normal(jax.random.key(2), (50,), jnp.float32)]
+
+  def runners(txs):
+    return {name: _common.optax_runner(tx, 50, 1, grads) for name, tx in txs.items()}
+
+  right = {"optax chain": _common.optax_chain(config), "gax": _common.gradient_ascent(config)}
+  _common.check_runners(runners(right), config, grads, dict.fromkeys(right, 1e-5))
+  for name, runner in runners(_wrong_peers(config)).items():
+    with pytest.raises(_common.PeerMismatchError, match=name):
+      _common.check_runners({name: runner}, config, grads, {name: 1e-5})
+  # A peer that only has to ascend still must not descend.
+  descends = runners({"descends": _wrong_peers(config)["descends"]})
+  with pytest.raises(_common.PeerMismatchError, match="does not ascend"):
+    _common.check_runners(descends, config, grads, {"descends": None})

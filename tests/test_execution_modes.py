@@ -1,4 +1,8 @@
-"""The same steps agree under no-jit, jit, pmap (chex.variants) and vmap."""
+"""The same steps agree under no-jit, jit, pmap (chex.variants) and vmap.
+
+Every mode is compared with the float64 NumPy reference of tests/_reference.py,
+not only with another mode, so a bug shared by all modes fails here too.
+"""
 
 import chex
 import jax
@@ -7,6 +11,7 @@ import numpy as np
 import pytest
 
 import gradient_ascent_jax as gax
+from tests._reference import ReferenceGradientAscent
 
 CONFIGS = {
     "defaults": {},
@@ -41,9 +46,16 @@ def _run(tx, grads):
   return params
 
 
-def _reference_trajectory(options, grads):
-  """Eager steps, the baseline every mode is compared with."""
-  return _run(gax.gradient_ascent(learning_rate=0.05, **options), grads)
+def _reference_trajectory(options, grads, learning_rate=0.05):
+  """The params after the steps of the float64 NumPy reference: the baseline."""
+  options = {k: v for k, v in options.items() if k != "logging_interval"}
+  reference = ReferenceGradientAscent(learning_rate=learning_rate, **options)
+  params = {"w": np.ones((3, 2)), "b": np.zeros(2)}
+  for g in grads:
+    # The reference updates are in the order of jax.tree.leaves: b, w.
+    b, w = reference.step([np.asarray(g["b"]), np.asarray(g["w"])])
+    params = {"w": params["w"] + w, "b": params["b"] + b}
+  return params
 
 
 class ExecutionModesTest(chex.TestCase):
@@ -104,6 +116,8 @@ def test_vmap_over_learning_rates_matches_separate_runs(name):
   for i, lr in enumerate([0.0, 0.001, 0.01, 0.05, 0.3]):
     expected = run(lr)
     chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        expected, _reference_trajectory(options, grads, learning_rate=lr), rtol=1e-5, atol=1e-6)
   # Rate 0 must not move anything; the others must.
   np.testing.assert_array_equal(batched["w"][0], np.ones((3, 2)))
   assert not np.allclose(batched["w"][1], 1.0)
@@ -125,3 +139,5 @@ def test_vmap_over_momentum_beta_and_nesterov_flag():
   for i in range(2):
     expected = run(float(momenta[i]), float(betas[i]), bool(flags[i]))
     chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)
+    options = dict(momentum=float(momenta[i]), beta=float(betas[i]), nesterov=bool(flags[i]))
+    chex.assert_trees_all_close(expected, _reference_trajectory(options, grads), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,10 @@
-"""optax.inject_hyperparams over every numeric hyperparameter, without retracing."""
+"""optax.inject_hyperparams over every numeric hyperparameter, without retracing.
+
+The updates are compared with the float64 NumPy reference (tests/_reference.py)
+run with the injected values, not only with what Optax stores.
+"""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +13,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from tests._reference import ReferenceGradientAscent
 
 NUMERIC = {
     "learning_rate": 0.05,
@@ -19,6 +26,13 @@ NUMERIC = {
     "logging_interval": 0,
 }
 GRAD = {"w": jnp.array([[0.3, -2.0], [1.5, 0.01]]), "b": jnp.array([-0.4, 0.9])}
+# The gradient of step k is GRAD * SCALES[k]: a constant gradient would hide
+# clipping (RMSprop's h / sqrt(mean h**2) is then the same for any |h|).
+SCALES = (1.0, -3.0, 0.5, 2.0, -1.0)
+
+
+def grad_at(k):
+  return jax.tree.map(lambda g: g * SCALES[k], GRAD)
 
 
 def _params():
@@ -29,18 +43,45 @@ def _plain_run(steps, **hyperparams):
   tx = gax.gradient_ascent(**hyperparams)
   params = _params()
   state = tx.init(params)
-  for _ in range(steps):
-    updates, state = tx.update(GRAD, state, params)
+  for k in range(steps):
+    updates, state = tx.update(grad_at(k), state, params)
     params = optax.apply_updates(params, updates)
   return params
 
 
-def test_every_numeric_hyperparameter_is_injected():
+def _reference_run(steps, **hyperparams):
+  """The params after `steps` steps of the NumPy reference on grad_at(0), grad_at(1), ..."""
+  hyperparams.pop("logging_interval", None)
+  reference = ReferenceGradientAscent(**hyperparams)
+  b, w = np.zeros(2), np.zeros((2, 2))
+  for k in range(steps):
+    db, dw = reference.step([np.asarray(grad_at(k)["b"]), np.asarray(grad_at(k)["w"])])  # leaves
+    b, w = b + db, w + dw
+  return {"b": b, "w": w}
+
+
+def _assert_params_close(params, expected):
+  for name in ("b", "w"):
+    np.testing.assert_allclose(params[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_every_numeric_hyperparameter_is_injected(caplog):
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
       nesterov=True, **NUMERIC
   )
-  state = tx.init(_params())
+  params = _params()
+  state = tx.init(params)
   assert set(state.hyperparams) == set(NUMERIC)
+  # The stored values are the ones the steps use: the NumPy reference with them.
+  state.hyperparams["logging_interval"] = jnp.full_like(state.hyperparams["logging_interval"], 2)
+  with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
+    for k in range(4):
+      updates, state = tx.update(grad_at(k), state, params)
+      params = optax.apply_updates(params, updates)
+    jax.effects_barrier()
+  _assert_params_close(params, _reference_run(4, nesterov=True, **NUMERIC))
+  # The injected logging_interval (0 at construction, 2 injected) is in force.
+  assert [r.step for r in caplog.records if r.name == "gradient_ascent_jax"] == [2, 4]
 
 
 def test_injected_run_equals_plain_run_and_never_retraces():
@@ -50,18 +91,19 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   )
 
   @jax.jit
-  def step(params, state):
+  def step(params, state, grads):
     traces.append(1)  # runs only while tracing
-    updates, state = tx.update(GRAD, state, params)
+    updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   params = _params()
   state = tx.init(params)
-  for _ in range(3):
-    params, state = step(params, state)
+  for k in range(3):
+    params, state = step(params, state, grad_at(k))
   np.testing.assert_allclose(
       params["w"], _plain_run(3, nesterov=True, **NUMERIC)["w"], rtol=1e-5
   )
+  _assert_params_close(params, _reference_run(3, nesterov=True, **NUMERIC))
 
   # Change every injected value between steps: same compiled step, new numbers.
   changed = {
@@ -78,29 +120,36 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   for name, value in changed.items():
     # full_like keeps dtype and weak type, so the compiled step is reused.
     state.hyperparams[name] = jnp.full_like(state.hyperparams[name], value)
-  params_new, _ = step(params, state)
-  params_old, _ = step(params, unchanged)
+  params_new, _ = step(params, state, grad_at(3))
+  params_old, _ = step(params, unchanged, grad_at(3))
   assert len(traces) == 1
   assert not np.allclose(params_new["w"], params_old["w"])
 
 
-@pytest.mark.parametrize("name", ["learning_rate", "momentum", "beta", "eps", "lr_decay"])
+NEW_VALUES = {"learning_rate": 0.01, "momentum": 0.3, "beta": 0.5, "eps": 0.1, "lr_decay": 0.5,
+              "clip_value": 0.1, "warmup_steps": 1}
+
+
+@pytest.mark.parametrize("name", list(NEW_VALUES))
 def test_injected_value_is_used(name):
   """Each injected value changes the result exactly like passing it directly."""
-  values = dict(NUMERIC, logging_interval=None)
+  values = dict(NUMERIC)
   values.pop("logging_interval")
   tx = optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=None, **values)
   params = _params()
   state = tx.init(params)
-  new_value = {"learning_rate": 0.01, "momentum": 0.3, "beta": 0.5, "eps": 0.1, "lr_decay": 0.5}[name]
-  state.hyperparams[name] = jnp.asarray(new_value, jnp.float32)
-  step = jax.jit(lambda p, s: tx.update(GRAD, s, p))
-  for _ in range(3):
-    updates, state = step(params, state)
+  new_value = NEW_VALUES[name]
+  state.hyperparams[name] = jnp.full_like(state.hyperparams[name], new_value)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for k in range(3):
+    updates, state = step(params, state, grad_at(k))
     params = optax.apply_updates(params, updates)
-  expected = _plain_run(3, logging_interval=None, **dict(values, **{name: new_value}))
-  np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-5)
-  stale = _plain_run(3, logging_interval=None, **values)
+  expected = _reference_run(3, **dict(values, **{name: new_value}))
+  _assert_params_close(params, expected)
+  np.testing.assert_allclose(
+      params["w"], _plain_run(3, logging_interval=None, **dict(values, **{name: new_value}))["w"],
+      rtol=1e-5)
+  stale = _reference_run(3, **values)
   assert not np.allclose(params["w"], stale["w"], rtol=1e-5)
 
 
@@ -110,8 +159,12 @@ def test_schedule_as_injected_learning_rate():
   params = _params()
   state = tx.init(params)
   for k in range(3):
-    _, state = tx.update(GRAD, state, params)
+    updates, state = tx.update(grad_at(k), state, params)
+    params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1 * (1 - k / 10), rtol=1e-6)
+    # The steps use that rate: the reference with lr(k) = 0.1 (1 - k / 10).
+    _assert_params_close(
+        params, _reference_run(k + 1, learning_rate=lambda k: 0.1 * (1 - k / 10)))
 
 
 # float16/bfloat16 params: Optax casts injected hyperparameters to their dtype. --

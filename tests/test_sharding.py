@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from tests._reference import ReferenceGradientAscent
 
 STEPS = 5
 COMMUNICATION = ("all-gather", "all-to-all", "collective-permute")
@@ -67,11 +68,11 @@ def gradient_stream(params, steps):
     yield jax.tree.map(lambda p, key=key: jax.random.normal(key, p.shape), params)
 
 
+HYPERPARAMS = dict(learning_rate=0.05, clip_value=0.8, nesterov=True, warmup_steps=2, lr_decay=0.99)
+
+
 def make_tx(logging_interval=None):
-  return gax.gradient_ascent(
-      learning_rate=0.05, clip_value=0.8, nesterov=True, warmup_steps=2, lr_decay=0.99,
-      logging_interval=logging_interval,
-  )
+  return gax.gradient_ascent(**HYPERPARAMS, logging_interval=logging_interval)
 
 
 def apply_update(tx):
@@ -111,15 +112,22 @@ def test_state_sharding_follows_params_and_matches_one_device(mesh):
   single_state = tx.init(single)
 
   update = jax.jit(apply_update(tx))
+  reference = ReferenceGradientAscent(**HYPERPARAMS)
+  expected = [np.asarray(p, np.float64) for p in jax.tree.leaves(single)]
   for grads in gradient_stream(single, STEPS):
     params, state = update(params, state, shard(grads, mesh))
     single, single_state = update(single, single_state, grads)
     assert_state_follows_params(state, params)
     for name, spec in SPECS.items():
       assert params[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), params[name].ndim)
+    steps = reference.step([np.asarray(g) for g in jax.tree.leaves(grads)])
+    expected = [p + u for p, u in zip(expected, steps, strict=True)]
   # Element-wise arithmetic: sharding must not change a single bit.
   jax.tree.map(np.testing.assert_array_equal, params, single)
   jax.tree.map(np.testing.assert_array_equal, state, single_state)
+  # And both are the steps of the float64 NumPy reference, to float32 rounding.
+  for got, want in zip(jax.tree.leaves(single), expected, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_init_replicates_step_counters_over_the_params_mesh(mesh):
@@ -304,6 +312,8 @@ def test_data_parallel_matches_single_device(mesh, mode, caplog):
       jax.tree.leaves(moments), jax.tree.leaves(expected_moments), strict=True
   ):
     np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-7)
-  assert not np.allclose(params["w"], 0.0)
+  # It ascends: the log-likelihood it was given the gradient of went up.
+  x, y = data()
+  assert mean_log_likelihood(params, x, y) > mean_log_likelihood(classifier_params(), x, y) + 0.1
   # Eight devices call back on each logging step; one record comes out.
   assert [r.step for r in caplog.records if r.name == "gradient_ascent_jax"] == [3, 6]

@@ -16,8 +16,10 @@ import pytest
 
 import gradient_ascent_jax as gax
 from tests import _mlp
+from tests import _optional
 
-torch = pytest.importorskip("torch")
+# Skipped without torch, except in CI (.ci/run installs exactly this CPU wheel).
+torch = _optional.import_module("torch", "pip install torch==2.13.0 (CPU wheel, as .ci/run)")
 
 STEPS = 250
 # Float64 on both sides; the trajectories agree to ~1e-11 (rounding differs in the order

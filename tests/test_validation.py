@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from tests._reference import ReferenceGradientAscent
 
 # (argument, bad value) for every row of SPEC section 5.
 BAD_VALUES = [
@@ -81,10 +82,18 @@ def test_gradient_ascent_rejects_bad_value_naming_the_argument(name, value):
 
 @pytest.mark.parametrize(("name", "value"), GOOD_VALUES)
 def test_gradient_ascent_accepts_edge_values(name, value):
+  """An edge value is accepted and used: two steps follow the NumPy reference."""
   tx = gax.gradient_ascent(**{name: value})
+  reference_options = {} if name == "logging_interval" else {name: value}
+  reference = ReferenceGradientAscent(**reference_options)
   params = {"w": jnp.ones(3)}
-  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
-  assert updates["w"].shape == (3,)
+  state = tx.init(params)
+  for grad in ([1.0, -2.0, 0.5], [0.5, 3.0, -1.0]):
+    updates, state = tx.update({"w": jnp.asarray(grad)}, state, params)
+    (expected,) = reference.step([np.asarray(grad)])
+    # float32 rounding of the terms of v (0.9 s_1 + s_2 may cancel).
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize(
@@ -115,9 +124,15 @@ def test_error_message_says_how_to_fix():
 
 
 def test_jax_values_are_not_checked_at_construction():
-  # Tracers cannot be checked; concrete JAX arrays are treated the same way.
+  # Tracers cannot be checked; concrete JAX arrays are treated the same way:
+  # an out-of-range JAX value builds (no ValueError) ...
+  gax.gradient_ascent(momentum=jnp.asarray(1.5), warmup_steps=jnp.asarray(-3))
+  # ... and a valid one is used. First step, |h| = 2: m_1 = (1 - beta) h**2,
+  # s_1 = h / (sqrt(m_1) + eps), v_1 = s_1, lr_0 = 0.01 / 3 (warmup 3).
   tx = gax.gradient_ascent(momentum=jnp.asarray(0.5), warmup_steps=jnp.asarray(3))
-  assert isinstance(tx, optax.GradientTransformation)
+  updates, _ = tx.update(jnp.array([2.0, -2.0]), tx.init(jnp.zeros(2)))
+  first = 0.01 / 3 * 2.0 / (np.sqrt(1e-3) * 2.0 + 1e-8)
+  np.testing.assert_allclose(updates, [first, -first], rtol=1e-6)
 
   @jax.jit
   def build_and_step(lr):
