@@ -43,7 +43,7 @@ class Config:
   warmup_steps: int = 0
 
   def rate(self, count):
-    """``lr_t`` written out by hand (SPEC section 3), for the non-gax peers."""
+    """``lr_t`` written out by hand (docs/guide/math.md), for the non-gax peers."""
     step = jnp.asarray(count, jnp.float32)
     rate = jnp.asarray(self.learning_rate, jnp.float32)
     if self.lr_decay is not None:

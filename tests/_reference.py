@@ -1,4 +1,4 @@
-"""An independent float64 NumPy implementation of SPEC section 3.
+"""An independent float64 NumPy implementation of the equations in docs/guide/math.md.
 
 Written from the equations alone; it shares no code with the package, so the
 tests that compare against it can fail.

@@ -128,7 +128,7 @@ def test_gradient_ascent_is_the_documented_chain_bit_for_bit(name):
 # --- (b) agreement with the float64 NumPy reference ---------------------------------------
 
 REFERENCE_STEPS = 250
-# SPEC asks for rtol 1e-6 or tighter. Fed the same gradients, the updates agree to ~1e-11
+# The contract asks for rtol 1e-6 or tighter. Fed the same gradients, the updates agree to ~1e-11
 # (float64 rounding, amplified where momentum sums nearly cancel); free-running
 # trajectories add the sensitivity of the dynamics and agree to ~1e-10.
 UPDATES_RTOL = 1e-9

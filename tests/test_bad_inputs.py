@@ -31,7 +31,7 @@ def quiet(**kwargs):
   return gax.gradient_ascent(**{"logging_interval": None, **kwargs})
 
 
-# Invalid hyperparameters (SPEC section 5): tests/test_validation.py.
+# Invalid hyperparameters: tests/test_validation.py.
 
 
 # Mismatched gradients ---------------------------------------------------------

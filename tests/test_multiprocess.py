@@ -203,7 +203,7 @@ def test_workers_form_one_global_mesh(two_processes):
 
 
 def hand_computed_first_step(layout: str) -> dict:
-  """Parameters after step 1 from the SPEC formulas, on one device, no optimizer code."""
+  """Parameters after step 1 from the formulas of docs/guide/math.md, on one device, no optimizer code."""
   params = programs.init_params()
   grads = jax.tree.map(np.asarray, jax.grad(programs.log_likelihood)(params, *programs.batch(0)))
   if layout == "adamw":  # first Adam step: m_hat = g, v_hat = g**2; decoupled decay

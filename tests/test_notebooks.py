@@ -130,7 +130,7 @@ def test_all_notebooks_are_tested():
 
 
 def first_updates(learning_rate, momentum, beta, eps, steps):
-  """Updates of gradient_ascent for a constant gradient of magnitude 1 (SPEC section 3)."""
+  """Updates of gradient_ascent for a constant gradient of magnitude 1 (docs/guide/math.md)."""
   second_moment, velocity, updates = 0.0, 0.0, []
   for _ in range(steps):
     second_moment = beta * second_moment + (1 - beta)

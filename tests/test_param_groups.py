@@ -88,7 +88,7 @@ def test_multi_transform_matches_each_group_run_alone():
 
 
 def test_multi_transform_groups_follow_the_numpy_reference(x64):
-  """Each group, in float64, is the SPEC-section-3 reference with its settings."""
+  """Each group, in float64, is the float64 reference of docs/guide/math.md with its settings."""
   params = make_params(jnp.float64)
   tx = optax.multi_transform(
       {"body": gax.gradient_ascent(**BODY), "head": gax.gradient_ascent(**HEAD)}, LABELS

@@ -122,7 +122,7 @@ def decay_rates(largest):
 
 @st.composite
 def hyperparams(draw, max_momentum=0.999, max_beta=0.99999, learning_rate=None):
-  """Valid hyperparameters (SPEC section 5) as Python numbers.
+  """Valid hyperparameters (docs/guide/hyperparameters.md) as Python numbers.
 
   The learning rate is > 0 (property (e) covers 0), and lr_decay is either
   None, 1, or a rate in [1e-3, 1] whose powers over a few steps stay normal
@@ -348,7 +348,7 @@ EVERYTHING = dict(learning_rate=0.1, momentum=0.9, beta=0.9, eps=1e-8, nesterov=
     case=Case(0, ((3,),), "float16", seed=3), hp=dict(EVERYTHING, clip_value=None), n_steps=4,
     float32_state=True, python_warmup=True)
 def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_warmup):
-  """(a) Updates and state follow SPEC section 3, within rounding of the dtype."""
+  """(a) Updates and state follow the equations of docs/guide/math.md, within rounding of the dtype."""
   accumulator_dtype = "float32" if float32_state and case.dtype != "float64" else None
   state_dtype = accumulator_dtype or case.dtype
   with x64_if(case.dtype):
@@ -412,7 +412,7 @@ def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps
     logging_interval=st.sampled_from([None, 0, 3]),
 )
 def test_state_structure_shapes_and_dtypes(case, hp, accumulator, logging_interval):
-  """(b) The chain's state: one stage per SPEC stage, moments shaped like params."""
+  """(b) The chain's state: one stage per stage of the documented chain, moments shaped like params."""
   with x64_if(case.dtype):
     params = make_params(case)
     tx = build(as_jax(hp, case.dtype), accumulator, logging_interval)
@@ -633,7 +633,7 @@ def test_maximize_of_descent_chain_is_gradient_ascent(case, hp, n_steps, python_
 
 
 def spec_learning_rate(base, lr_decay, warmup_steps, k):
-  """SPEC section 3 in Python float64: base(k) * lr_decay**k * min(1, t / W)."""
+  """The schedule of docs/guide/math.md in Python float64: base(k) * lr_decay**k * min(1, t / W)."""
   rate = base(k)
   if lr_decay is not None:
     rate *= lr_decay**k

@@ -1,6 +1,6 @@
 """Parity with PyTorch: torch.optim.RMSprop(maximize=True) + LambdaLR + clip_grad_value_.
 
-SPEC section 3: with clip_value=None and nesterov=False, gradient_ascent is RMSprop with
+docs/guide/math.md: with clip_value=None and nesterov=False, gradient_ascent is RMSprop with
 momentum, ascending, under a LambdaLR whose factor at step k is
 lr_decay**k * min(1, (k + 1) / warmup_steps); clipping is clip_grad_value_ on the
 gradients before the step. Both sides train the same float64 MLP from the same weights

@@ -1,4 +1,4 @@
-"""SPEC section 5: every bad concrete hyperparameter raises a ValueError naming it."""
+"""The allowed values (docs/guide/hyperparameters.md): every bad concrete hyperparameter raises a ValueError naming it."""
 
 import math
 
@@ -11,7 +11,7 @@ import pytest
 import gradient_ascent_jax as gax
 from tests._reference import ReferenceGradientAscent
 
-# (argument, bad value) for every row of SPEC section 5.
+# (argument, bad value) for every row of the allowed-values table (docs/guide/hyperparameters.md).
 BAD_VALUES = [
     ("learning_rate", -0.1),
     ("learning_rate", float("nan")),
