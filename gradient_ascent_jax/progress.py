@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import chex
 import jax
+from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -37,6 +38,44 @@ def _warn_once_if_invisible() -> bool:
   return True
 
 
+@custom_vmap
+def _first_of_its_step(step, due, *payload):
+  """Whether no earlier due copy of the same step precedes each copy.
+
+  ``jax.debug.callback`` under ``vmap`` runs once per batch element, so one
+  call of a vmapped step would log one record per element. This elects one
+  copy per distinct step from the values of that very call (``step`` and
+  ``due`` hold one entry per copy); nothing is remembered between calls, so
+  repeated runs, threads and several uses of one optimizer keep their records.
+  """
+  del payload  # only here so that vmap over any callback argument reaches the rule
+  shape = jnp.shape(step)
+  step, due = jnp.ravel(step), jnp.ravel(due)
+  earlier = jnp.tril(jnp.ones((step.size, step.size), bool), k=-1)
+  repeated = earlier & due[None, :] & (step[:, None] == step[None, :])
+  return ~jnp.any(repeated, axis=1).reshape(shape)
+
+
+@_first_of_its_step.def_vmap
+def _first_of_its_step_vmap(axis_size, in_batched, *args):
+  # The batch axis becomes more copies to elect from; an enclosing vmap then
+  # reaches this rule again with the copies of every level.
+  args = [
+      arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
+      for arg, batched in zip(args, in_batched)
+  ]
+  return _first_of_its_step(*args), True
+
+
+def _on_first_device() -> jax.Array | bool:
+  """False on all devices but the first of ``pmap`` / ``shard_map``'s manual axes."""
+  # There the callback runs once per device, with no batch axis to elect from.
+  manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  if not manual_axes:
+    return True
+  return jax.lax.axis_index(manual_axes) == 0
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`: steps already seen (int32, saturating)."""
 
@@ -56,9 +95,12 @@ def log_progress(
   carries them as attributes ``step``, ``learning_rate`` and ``grad_norm``.
 
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
-  is only computed on logging steps. Under ``vmap`` and ``pmap`` (one call per
-  batch element or device) the records of one step are merged into one, the
-  first to arrive. With ``logging_interval`` None or 0 this is
+  is only computed on logging steps. Every call of the update logs its own
+  records: repeated runs, threads sharing one optimizer and several uses of it
+  (e.g. the groups of ``optax.multi_transform``) each log. Only the copies
+  that ``vmap`` and ``pmap`` make of one call are merged: one record per
+  distinct step (that of the first batch element at that step, and of the
+  first device). With ``logging_interval`` None or 0 this is
   ``optax.identity()`` and the compiled program holds no host callback.
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
@@ -89,19 +131,11 @@ def log_progress(
   if not validation.logging_enabled(logging_interval):
     return optax.identity()
 
-  lock = threading.Lock()
-  last_logged_step = [None]
-
-  def emit(step, rate, grad_norm, due):
-    if not due:  # under vmap the cond becomes a select: filter here
-      return
-    if _warn_once_if_invisible():
+  def emit(step, rate, grad_norm, show):
+    # Under vmap the cond becomes a select, and copies are elected: filter here.
+    if not show or _warn_once_if_invisible():
       return
     step = int(step)
-    with lock:
-      if step == last_logged_step[0]:
-        return
-      last_logged_step[0] = step
     rate, grad_norm = float(np.asarray(rate)), float(np.asarray(grad_norm))
     logger.info(
         "step %d: learning rate %.6g, gradient norm %.6g",
@@ -129,7 +163,8 @@ def log_progress(
     def send(tree):
       grad_norm = optax.tree.norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
-      jax.debug.callback(emit, step, rate, grad_norm, due)
+      show = due & _first_of_its_step(step, due, *jax.lax.stop_gradient((rate, grad_norm)))
+      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device())
 
     jax.lax.cond(due, send, lambda tree: None, updates)
     return updates, LogProgressState(count=step)

@@ -181,3 +181,127 @@ def test_log_progress_passes_updates_through_and_counts():
   assert int(state.count) == 3
   jax.tree.map(np.testing.assert_array_equal, updates, GRADS)
   assert gax.log_progress(None).init(GRADS) == optax.EmptyState()
+
+
+# Records are never merged across calls ----------------------------------------
+
+
+def test_repeated_runs_of_one_optimizer_each_log(log):
+  tx = gax.gradient_ascent(logging_interval=10)
+  for _ in range(3):
+    _run(tx, 10)
+  assert [r.step for r in _records(log)] == [10, 10, 10]
+
+
+def test_two_optimizers_logging_the_same_step_both_log(log):
+  _run(gax.gradient_ascent(logging_interval=2), 2)
+  _run(gax.gradient_ascent(logging_interval=2), 2)
+  assert [r.step for r in _records(log)] == [2, 2]
+
+
+def test_threads_sharing_one_optimizer_each_log(log):
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jax.tree.map(jnp.zeros_like, GRADS)
+  step = jax.jit(lambda state: tx.update(GRADS, state, params)[1])
+  step(tx.init(params))  # compile once, outside the threads
+  jax.effects_barrier()
+  log.clear()
+
+  def run():
+    state = tx.init(params)
+    for _ in range(8):
+      state = step(state)
+    jax.block_until_ready(state)
+
+  threads = [threading.Thread(target=run) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  jax.effects_barrier()
+  assert sorted(r.step for r in _records(log)) == [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4
+
+
+def test_multi_transform_with_one_optimizer_logs_every_group(log):
+  tx = gax.gradient_ascent(logging_interval=1)
+  grouped = optax.multi_transform({"body": tx, "head": tx}, {"a": "body", "b": "head"})
+  _run(grouped, 2)
+  records = _records(log)
+  assert [r.step for r in records] == [1, 1, 2, 2]
+  # Each group reports the norm of its own gradient: |(3, 0)| and |4|.
+  np.testing.assert_allclose(sorted(r.grad_norm for r in records), [3, 3, 4, 4], rtol=1e-6)
+
+
+def test_injected_optimizer_logs_every_run(log):
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.5, logging_interval=2)
+  for _ in range(2):
+    _run(tx, 4)
+  records = _records(log)
+  assert [r.step for r in records] == [2, 4, 2, 4]
+  np.testing.assert_allclose([r.learning_rate for r in records], [0.5] * 4)
+
+
+def _vmapped_scan(tx, grads, length):
+  def run(g):
+    state = tx.init(g)
+
+    def body(state, _):
+      return tx.update(g, state, g)[1], None
+
+    return jax.lax.scan(body, state, None, length=length)[0]
+
+  jax.jit(jax.vmap(run))(grads)
+  jax.effects_barrier()
+
+
+def test_vmap_of_scan_repeated_logs_every_run(log):
+  tx = gax.gradient_ascent(logging_interval=5)
+  for _ in range(2):
+    _vmapped_scan(tx, jnp.ones((4, 3)), 10)
+  assert [r.step for r in _records(log)] == [5, 10, 5, 10]
+
+
+def test_nested_vmap_logs_once_per_step(log):
+  tx = gax.gradient_ascent(logging_interval=1)
+  params = jnp.zeros((2, 3, 4))
+  state = jax.vmap(jax.vmap(tx.init))(params)
+  step = jax.jit(jax.vmap(jax.vmap(lambda g, s: tx.update(g, s, g)[1])))
+  for _ in range(2):
+    state = step(params + 1.0, state)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [1, 2]
+
+
+def test_vmap_over_states_at_different_steps_logs_each_step(log):
+  tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
+  states = gax.LogProgressState(count=jnp.array([0, 0, 4, 4], jnp.int32))
+  step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)[1]))
+  step(jnp.ones((4, 2)), states)
+  jax.effects_barrier()
+  assert sorted(r.step for r in _records(log)) == [1, 5]
+
+
+def test_pmap_repeated_runs_each_log(log):
+  n = jax.local_device_count()
+  tx = gax.gradient_ascent(logging_interval=2)
+  grads, params = jnp.ones((n, 3)), jnp.zeros((n, 3))
+  step = jax.pmap(lambda g, s, p: tx.update(g, s, p)[1])
+  for _ in range(2):
+    state = jax.pmap(tx.init)(params)
+    for _ in range(4):
+      state = step(grads, state, params)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 2, 4]
+
+
+def test_differentiating_through_a_vmapped_update_logs_once(log):
+  # Learned-optimizer style: the gradient of the update itself, per batch element.
+  tx = gax.gradient_ascent(logging_interval=1)
+
+  def update_sum(g):
+    return tx.update(g, tx.init(g), g)[0].sum()
+
+  jax.jit(jax.vmap(jax.grad(update_sum)))(jnp.ones((2, 3)))
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [1]
+
