@@ -305,3 +305,15 @@ def test_differentiating_through_a_vmapped_update_logs_once(log):
   jax.effects_barrier()
   assert [r.step for r in _records(log)] == [1]
 
+
+def test_optimizer_with_logging_survives_cloudpickle(log):
+  cloudpickle = pytest.importorskip("cloudpickle")
+  tx = cloudpickle.loads(cloudpickle.dumps(gax.gradient_ascent(logging_interval=2)))
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  for _ in range(4):
+    updates, state = tx.update(jnp.ones(2), state, params)
+    params = optax.apply_updates(params, updates)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4]
+  assert bool(jnp.all(params > 0))  # it ascended
