@@ -76,6 +76,25 @@ def _on_first_device() -> jax.Array | bool:
   return jax.lax.axis_index(manual_axes) == 0
 
 
+def _global_norm(tree: optax.Updates) -> jax.Array:
+  """The L2 norm of all leaves, right wherever the result dtype can hold it.
+
+  Computed in float32 or wider (float64 stays float64) whatever the gradient's
+  dtype, and divided by the largest magnitude first, so that no square
+  overflows or underflows: a float16 gradient of 300 has norm 600, not inf.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  dtype = jnp.result_type(jnp.float32, *leaves)
+  magnitudes = [jnp.abs(x.astype(dtype)) for x in leaves]
+  largest = jnp.max(jnp.stack([jnp.max(m, initial=0) for m in magnitudes]))
+  scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+  scaled = sum(jnp.sum(jnp.square(m / scale)) for m in magnitudes)
+  # An inf or NaN gradient logs inf or NaN, not the NaN that inf / inf makes.
+  return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(scaled), largest)
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`: steps already seen (int32, saturating)."""
 
@@ -91,7 +110,9 @@ def log_progress(
   Passes updates through unchanged. On steps ``t = N, 2N, ...`` (``t`` counts
   from 1) it emits one ``INFO`` record on the logger ``gradient_ascent_jax``
   with the step, the learning rate in force (``learning_rate(t - 1)`` for a
-  schedule) and the global L2 norm of the incoming updates. The record also
+  schedule) and the global L2 norm of the incoming updates (in float32 or
+  float64, scaled so that it is right for every gradient dtype; an inf or NaN
+  gradient logs inf or NaN, one with no elements 0). The record also
   carries them as attributes ``step``, ``learning_rate`` and ``grad_norm``.
 
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
@@ -161,7 +182,7 @@ def log_progress(
     due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
 
     def send(tree):
-      grad_norm = optax.tree.norm(tree)
+      grad_norm = _global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
       show = due & _first_of_its_step(step, due, *jax.lax.stop_gradient((rate, grad_norm)))
       jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device())

@@ -317,3 +317,54 @@ def test_optimizer_with_logging_survives_cloudpickle(log):
   jax.effects_barrier()
   assert [r.step for r in _records(log)] == [2, 4]
   assert bool(jnp.all(params > 0))  # it ascended
+
+
+# The logged norm --------------------------------------------------------------
+
+
+def _logged_norm(log, grads):
+  tx = gax.log_progress(logging_interval=1)
+  jax.jit(tx.update)(grads, tx.init(grads))
+  jax.effects_barrier()
+  (record,) = _records(log)
+  return record.grad_norm
+
+
+@pytest.mark.parametrize(
+    "dtype, value",
+    [
+        (jnp.float16, 300.0),  # squares overflow float16
+        (jnp.float16, 1e-4),  # squares underflow float16
+        (jnp.bfloat16, 1e20),  # squares overflow float32, the dtype of its sums
+        (jnp.float32, 2e19),  # squares overflow float32, the norm does not
+        (jnp.float32, 1e-30),  # squares underflow float32
+    ],
+)
+def test_norm_is_right_wherever_it_is_representable(log, dtype, value):
+  element = float(np.asarray(value, dtype))  # the gradient as stored
+  norm = _logged_norm(log, {"w": jnp.full((4,), value, dtype)})
+  np.testing.assert_allclose(norm, 2 * element, rtol=1e-6)
+
+
+def test_float64_norm_stays_float64(log, x64):
+  norm = _logged_norm(log, {"w": jnp.full((4,), 1e200, jnp.float64)})
+  np.testing.assert_allclose(norm, 2e200, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [([0.0, 0.0], 0.0), ([1.0, np.inf], np.inf), ([1.0, np.nan], np.nan),
+     ([np.inf, np.nan], np.nan), ([-np.inf, 1.0], np.inf)],
+)
+def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
+  norm = _logged_norm(log, {"w": jnp.array(values, jnp.float16)})
+  np.testing.assert_equal(norm, expected)
+
+
+@pytest.mark.parametrize(
+    "grads",
+    [{}, {"w": None}, {"w": optax.MaskedNode()}, {"w": jnp.zeros((0, 3))}],
+    ids=["empty", "None", "MaskedNode", "zero-size"],
+)
+def test_norm_of_a_gradient_without_elements_is_zero(log, grads):
+  assert _logged_norm(log, grads) == 0.0
