@@ -368,3 +368,14 @@ def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
 )
 def test_norm_of_a_gradient_without_elements_is_zero(log, grads):
   assert _logged_norm(log, grads) == 0.0
+
+
+def _reductions_in_program(num_leaves):
+  tx = gax.log_progress(logging_interval=1)
+  grads = [jnp.ones(2) for _ in range(num_leaves)]
+  return jax.jit(tx.update).lower(grads, tx.init(grads)).as_text().count("stablehlo.reduce")
+
+
+def test_norm_is_a_fixed_number_of_reductions_whatever_the_leaves():
+  # One reduction per leaf makes compile time explode with the number of leaves.
+  assert _reductions_in_program(64) == _reductions_in_program(2)
