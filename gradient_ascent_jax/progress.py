@@ -97,6 +97,19 @@ def _global_norm(tree: optax.Updates) -> jax.Array:
   return jnp.where(jnp.isfinite(largest), norm, largest)
 
 
+def _on_one_device(tree: optax.Updates) -> optax.Updates:
+  """``tree``, its leaves moved onto one device if they are on different ones."""
+  # Op by op, JAX refuses to combine arrays committed to different devices
+  # (a pipeline-parallel model run eagerly, say); this only runs on logging steps.
+  arrays = [
+      x for x in jax.tree.leaves(tree)
+      if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  ]
+  if len({frozenset(x.devices()) for x in arrays}) <= 1:
+    return tree
+  return jax.device_put(tree, next(iter(arrays[0].devices())))
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`: steps already seen (int32, saturating)."""
 
@@ -189,7 +202,10 @@ def log_progress(
       show = due & _first_of_its_step(step, due, *jax.lax.stop_gradient((rate, grad_norm)))
       jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device())
 
-    jax.lax.cond(due, send, lambda tree: None, updates)
+    if isinstance(due, jax.core.Tracer):
+      jax.lax.cond(due, send, lambda tree: None, updates)
+    elif due:  # known now (no jit): a cond would need every leaf on one device
+      send(_on_one_device(updates))
     return updates, LogProgressState(count=step)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -379,3 +379,19 @@ def _reductions_in_program(num_leaves):
 def test_norm_is_a_fixed_number_of_reductions_whatever_the_leaves():
   # One reduction per leaf makes compile time explode with the number of leaves.
   assert _reductions_in_program(64) == _reductions_in_program(2)
+
+
+def test_leaves_on_different_devices_log(log):
+  first, second = jax.devices()[:2]
+  params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}
+  grads = {"a": jax.device_put(jnp.array([3.0, 0.0]), first),
+           "b": jax.device_put(jnp.array([4.0]), second)}
+  tx = gax.gradient_ascent(logging_interval=2)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+  jax.effects_barrier()
+  (record,) = _records(log)
+  assert record.step == 2
+  np.testing.assert_allclose(record.grad_norm, 5.0, rtol=1e-6)
+  assert updates["a"].devices() == {first} and updates["b"].devices() == {second}
