@@ -395,3 +395,30 @@ def test_leaves_on_different_devices_log(log):
   assert record.step == 2
   np.testing.assert_allclose(record.grad_norm, 5.0, rtol=1e-6)
   assert updates["a"].devices() == {first} and updates["b"].devices() == {second}
+
+
+def test_injected_schedule_is_reported_at_the_step_it_rules(log):
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(
+      learning_rate=lambda count: 0.1 * (count + 1), logging_interval=2)
+  _run(tx, 4)
+  records = _records(log)
+  assert [r.step for r in records] == [2, 4]
+  # Step t is taken with the rate at count t - 1: 0.1 * t.
+  np.testing.assert_allclose([r.learning_rate for r in records], [0.2, 0.4], rtol=1e-6)
+
+
+def test_one_record_per_step_under_shard_map_and_sharded_jit(log):
+  mesh = jax.make_mesh((jax.device_count(),), ("devices",))
+  spec = jax.sharding.PartitionSpec
+  tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
+  grads = jax.device_put(jnp.ones((mesh.size, 2)), jax.NamedSharding(mesh, spec("devices")))
+  state = tx.init(grads)
+  per_device = jax.shard_map(lambda g, s: tx.update(g, s)[1], mesh=mesh,
+                             in_specs=(spec("devices"), spec()), out_specs=spec())
+  state = jax.jit(per_device)(grads, state)
+  state = jax.jit(lambda g, s: tx.update(g, s)[1])(grads, state)
+  jax.effects_barrier()
+  records = _records(log)
+  assert [r.step for r in records] == [1, 2]
+  # Under shard_map the norm is of the first device's shard; under jit, of all.
+  np.testing.assert_allclose([r.grad_norm for r in records], [np.sqrt(2), 4.0], rtol=1e-6)
