@@ -134,10 +134,14 @@ def log_progress(
   is only computed on logging steps. Every call of the update logs its own
   records: repeated runs, threads sharing one optimizer and several uses of it
   (e.g. the groups of ``optax.multi_transform``) each log. Only the copies
-  that ``vmap`` and ``pmap`` make of one call are merged: one record per
-  distinct step (that of the first batch element at that step, and of the
-  first device). With ``logging_interval`` None or 0 this is
-  ``optax.identity()`` and the compiled program holds no host callback.
+  that ``vmap``, ``pmap`` and ``shard_map`` make of one call are merged: one
+  record per distinct step (that of the first batch element at that step, on
+  the first device). ``optax.MultiSteps`` calls its optimizer on every
+  micro-step and keeps the last call's state, so a logging step logs once per
+  micro-step; the last record has the norm of the whole accumulated gradient.
+  Run op by op (no ``jit``), leaves may be on different devices. With
+  ``logging_interval`` None or 0 this is ``optax.identity()`` and the compiled
+  program holds no host callback.
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
