@@ -422,3 +422,16 @@ def test_one_record_per_step_under_shard_map_and_sharded_jit(log):
   assert [r.step for r in records] == [1, 2]
   # Under shard_map the norm is of the first device's shard; under jit, of all.
   np.testing.assert_allclose([r.grad_norm for r in records], [np.sqrt(2), 4.0], rtol=1e-6)
+
+
+def test_multi_steps_logs_each_micro_step_the_last_with_the_whole_gradient(log):
+  tx = optax.MultiSteps(gax.log_progress(logging_interval=1), every_k_schedule=2)
+  state = tx.init(jnp.zeros(2))
+  update = jax.jit(tx.update)
+  for grads in (jnp.array([1.0, 0.0]), jnp.array([3.0, 0.0])):
+    state = update(grads, state)[1]
+  jax.effects_barrier()
+  records = _records(log)
+  assert [r.step for r in records] == [1, 1]
+  # The first call sees the first micro-batch; the kept one the mean of both.
+  np.testing.assert_allclose([r.grad_norm for r in records], [1.0, 2.0])
