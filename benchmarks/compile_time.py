@@ -2,10 +2,13 @@
 
 Every repeat builds a fresh optimizer and a fresh ``jax.jit`` of a fresh step
 function, so nothing is served from a cache; peers are measured round-robin.
-Peers: ``gax`` with progress logging every 10 steps (the default), ``gax``
-with logging off, the equivalent Optax chain (which has no logging), and that
-chain behind ``optax.clip_by_global_norm``, which computes the same global
-norm as the progress log does (for scale: that norm is one reduction per leaf).
+Peers: ``gax`` with progress logging every 10 steps, ``gax`` with logging off
+(the default), the equivalent Optax chain (which has no logging), and that
+chain behind ``optax.clip_by_global_norm``, which computes a global norm too
+(one reduction per leaf; the progress log ravels the leaves and reduces once).
+A second table sets logging on against off, per number of leaves; for many
+small leaves (where the cost of a per-leaf norm shows) run, for example,
+``--leaves 1000,3000,5000 --leaf-size 2``.
 
 Run ``python -m benchmarks.compile_time --help`` for the options.
 """
@@ -79,6 +82,18 @@ def table(rows: list[dict]) -> str:
   return _common.markdown_table(headers, body)
 
 
+def logging_table(rows: list[dict]) -> str:
+  """Logging on against off (and the per-leaf global norm of Optax), per size."""
+  totals = {(row["config"], row["leaves"], row["peer"]): row["total_s"] for row in rows}
+  headers = ["config", "leaves", "logging off", "logging on", "on / off", OPTAX_NORM]
+  body = []
+  for config, leaves in dict.fromkeys((row["config"], row["leaves"]) for row in rows):
+    off, on = totals[config, leaves, GAX_OFF], totals[config, leaves, GAX_LOG]
+    body.append([config, leaves, _common.fmt_time(off), _common.fmt_time(on),
+                 _common.fmt_ratio(on / off), _common.fmt_time(totals[config, leaves, OPTAX_NORM])])
+  return _common.markdown_table(headers, body)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--leaves", default="10,100,1000", help="leaf counts, comma-separated")
@@ -96,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       rows += measure(_common.CONFIGS[name], num_leaves, args.leaf_size, repeats)
   print(f"({repeats} interleaved repeats, median)\n")
   print(table(rows) + "\n")
+  print(logging_table(rows) + "\n")
   _common.write_json(args.json, rows)
   return rows
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import chex
 import jax
+from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -39,6 +40,78 @@ def _warn_once_if_invisible() -> bool:
   return True
 
 
+@custom_vmap
+def _first_of_its_step(step, due, *payload):
+  """Whether no earlier due copy of the same step precedes each copy.
+
+  ``jax.debug.callback`` under ``vmap`` runs once per batch element, so one
+  call of a vmapped step would log one record per element. This elects one
+  copy per distinct step from the values of that very call (``step`` and
+  ``due`` hold one entry per copy); nothing is remembered between calls, so
+  repeated runs, threads and several uses of one optimizer keep their records.
+  """
+  del payload  # only here so that vmap over any callback argument reaches the rule
+  shape = jnp.shape(step)
+  step, due = jnp.ravel(step), jnp.ravel(due)
+  earlier = jnp.tril(jnp.ones((step.size, step.size), bool), k=-1)
+  repeated = earlier & due[None, :] & (step[:, None] == step[None, :])
+  return ~jnp.any(repeated, axis=1).reshape(shape)
+
+
+@_first_of_its_step.def_vmap
+def _first_of_its_step_vmap(axis_size, in_batched, *args):
+  # The batch axis becomes more copies to elect from; an enclosing vmap then
+  # reaches this rule again with the copies of every level.
+  args = [
+      arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
+      for arg, batched in zip(args, in_batched)
+  ]
+  return _first_of_its_step(*args), True
+
+
+def _on_first_device() -> jax.Array | bool:
+  """False on all devices but the first of ``pmap`` / ``shard_map``'s manual axes."""
+  # There the callback runs once per device, with no batch axis to elect from.
+  manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  if not manual_axes:
+    return True
+  return jax.lax.axis_index(manual_axes) == 0
+
+
+def _global_norm(tree: optax.Updates) -> jax.Array:
+  """The L2 norm of all leaves, right wherever the result dtype can hold it.
+
+  Computed in float32 or wider (float64 stays float64) whatever the gradient's
+  dtype, and divided by the largest magnitude first, so that no square
+  overflows or underflows: a float16 gradient of 300 has norm 600, not inf.
+  The leaves are raveled into one vector and reduced once: one reduction per
+  leaf makes XLA's compile time explode with the number of leaves.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  dtype = jnp.result_type(jnp.float32, *leaves)
+  magnitude = jnp.abs(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves]))
+  largest = jnp.max(magnitude, initial=0)
+  scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+  norm = scale * jnp.sqrt(jnp.sum(jnp.square(magnitude / scale)))
+  # An inf or NaN gradient logs inf or NaN, not the NaN that inf / inf makes.
+  return jnp.where(jnp.isfinite(largest), norm, largest)
+
+
+def _on_one_device(tree: optax.Updates) -> optax.Updates:
+  """``tree``, its leaves moved onto one device if they are on different ones."""
+  # Op by op, JAX refuses to combine arrays committed to different devices
+  # (a pipeline-parallel model run eagerly, say); this only runs on logging steps.
+  arrays = [
+      x for x in jax.tree.leaves(tree)
+      if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  ]
+  if len({frozenset(x.devices()) for x in arrays}) <= 1:
+    return tree
+  return jax.device_put(tree, next(iter(arrays[0].devices())))
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`.
 
@@ -64,14 +137,23 @@ def log_progress(
   Passes updates through unchanged. On steps ``t = N, 2N, ...`` (``t`` counts
   from 1) it emits one ``INFO`` record on the logger ``gradient_ascent_jax``
   with the step, the learning rate in force (``learning_rate(t - 1)`` for a
-  schedule) and the global L2 norm of the incoming updates. The record also
+  schedule) and the global L2 norm of the incoming updates (in float32 or
+  float64, scaled so that it is right for every gradient dtype; an inf or NaN
+  gradient logs inf or NaN, one with no elements 0). The record also
   carries them as attributes ``step``, ``learning_rate`` and ``grad_norm``.
 
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
-  is only computed on logging steps. Under ``vmap`` and ``pmap`` (one call per
-  batch element or device) the records of one step are merged into one, the
-  first to arrive. With ``logging_interval`` None or 0 this is
-  ``optax.identity()`` and the compiled program holds no host callback.
+  is only computed on logging steps. Every call of the update logs its own
+  records: repeated runs, threads sharing one optimizer and several uses of it
+  (e.g. the groups of ``optax.multi_transform``) each log. Only the copies
+  that ``vmap``, ``pmap`` and ``shard_map`` make of one call are merged: one
+  record per distinct step (that of the first batch element at that step, on
+  the first device). ``optax.MultiSteps`` calls its optimizer on every
+  micro-step and keeps the last call's state, so a logging step logs once per
+  micro-step; the last record has the norm of the whole accumulated gradient.
+  Run op by op (no ``jit``), leaves may be on different devices. With
+  ``logging_interval`` None or 0 this is ``optax.identity()`` and the compiled
+  program holds no host callback.
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
@@ -103,19 +185,11 @@ def log_progress(
   if not validation.logging_enabled(logging_interval):
     return optax.identity()
 
-  lock = threading.Lock()
-  last_logged_step = [None]
-
-  def emit(step, rate, grad_norm, due):
-    if not due:  # under vmap the cond becomes a select: filter here
-      return
-    if _warn_once_if_invisible():
+  def emit(step, rate, grad_norm, show):
+    # Under vmap the cond becomes a select, and copies are elected: filter here.
+    if not show or _warn_once_if_invisible():
       return
     step = int(step)
-    with lock:
-      if step == last_logged_step[0]:
-        return
-      last_logged_step[0] = step
     rate, grad_norm = float(np.asarray(rate)), float(np.asarray(grad_norm))
     logger.info(
         "step %d: learning rate %.6g, gradient norm %.6g",
@@ -140,11 +214,15 @@ def log_progress(
     due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
 
     def send(tree):
-      grad_norm = optax.tree.norm(tree)
+      grad_norm = _global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
-      jax.debug.callback(emit, step, rate, grad_norm, due)
+      show = due & _first_of_its_step(step, due, *jax.lax.stop_gradient((rate, grad_norm)))
+      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device())
 
-    jax.lax.cond(due, send, lambda tree: None, updates)
+    if isinstance(due, jax.core.Tracer):
+      jax.lax.cond(due, send, lambda tree: None, updates)
+    elif due:  # known now (no jit): a cond would need every leaf on one device
+      send(_on_one_device(updates))
     return updates, LogProgressState(count=step)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -110,7 +110,12 @@ def test_compile_time_smoke(capsys):
   for row in rows:
     assert _positive(row["lower_s"]) and _positive(row["compile_s"]), row
   assert rows[2]["vs_optax"] == 1.0
-  assert "| default | 10 | gax (logging off) |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| default | 10 | gax (logging off) |" in out
+  # The logging on / off table: off, on, their ratio, then the global-norm peer.
+  off, on = (compile_time._common.fmt_time(row["total_s"]) for row in rows[1::-1])
+  ratio = rows[0]["total_s"] / rows[1]["total_s"]
+  assert f"| default | 10 | {off} | {on} | {ratio:.2f}x |" in out
 
 
 def test_logging_overhead_smoke_logs_every_tenth_step(capsys):

@@ -181,3 +181,257 @@ def test_log_progress_passes_updates_through_and_counts():
   assert int(state.count) == 3
   jax.tree.map(np.testing.assert_array_equal, updates, GRADS)
   assert gax.log_progress(None).init(GRADS) == optax.EmptyState()
+
+
+# Records are never merged across calls ----------------------------------------
+
+
+def test_repeated_runs_of_one_optimizer_each_log(log):
+  tx = gax.gradient_ascent(logging_interval=10)
+  for _ in range(3):
+    _run(tx, 10)
+  assert [r.step for r in _records(log)] == [10, 10, 10]
+
+
+def test_two_optimizers_logging_the_same_step_both_log(log):
+  _run(gax.gradient_ascent(logging_interval=2), 2)
+  _run(gax.gradient_ascent(logging_interval=2), 2)
+  assert [r.step for r in _records(log)] == [2, 2]
+
+
+def test_threads_sharing_one_optimizer_each_log(log):
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jax.tree.map(jnp.zeros_like, GRADS)
+  step = jax.jit(lambda state: tx.update(GRADS, state, params)[1])
+  step(tx.init(params))  # compile once, outside the threads
+  jax.effects_barrier()
+  log.clear()
+
+  def run():
+    state = tx.init(params)
+    for _ in range(8):
+      state = step(state)
+    jax.block_until_ready(state)
+
+  threads = [threading.Thread(target=run) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  jax.effects_barrier()
+  assert sorted(r.step for r in _records(log)) == [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4
+
+
+def test_multi_transform_with_one_optimizer_logs_every_group(log):
+  tx = gax.gradient_ascent(logging_interval=1)
+  grouped = optax.multi_transform({"body": tx, "head": tx}, {"a": "body", "b": "head"})
+  _run(grouped, 2)
+  records = _records(log)
+  assert [r.step for r in records] == [1, 1, 2, 2]
+  # Each group reports the norm of its own gradient: |(3, 0)| and |4|.
+  np.testing.assert_allclose(sorted(r.grad_norm for r in records), [3, 3, 4, 4], rtol=1e-6)
+
+
+def test_injected_optimizer_logs_every_run(log):
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.5, logging_interval=2)
+  for _ in range(2):
+    _run(tx, 4)
+  records = _records(log)
+  assert [r.step for r in records] == [2, 4, 2, 4]
+  np.testing.assert_allclose([r.learning_rate for r in records], [0.5] * 4)
+
+
+def _vmapped_scan(tx, grads, length):
+  def run(g):
+    state = tx.init(g)
+
+    def body(state, _):
+      return tx.update(g, state, g)[1], None
+
+    return jax.lax.scan(body, state, None, length=length)[0]
+
+  jax.jit(jax.vmap(run))(grads)
+  jax.effects_barrier()
+
+
+def test_vmap_of_scan_repeated_logs_every_run(log):
+  tx = gax.gradient_ascent(logging_interval=5)
+  for _ in range(2):
+    _vmapped_scan(tx, jnp.ones((4, 3)), 10)
+  assert [r.step for r in _records(log)] == [5, 10, 5, 10]
+
+
+def test_nested_vmap_logs_once_per_step(log):
+  tx = gax.gradient_ascent(logging_interval=1)
+  params = jnp.zeros((2, 3, 4))
+  state = jax.vmap(jax.vmap(tx.init))(params)
+  step = jax.jit(jax.vmap(jax.vmap(lambda g, s: tx.update(g, s, g)[1])))
+  for _ in range(2):
+    state = step(params + 1.0, state)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [1, 2]
+
+
+def test_vmap_over_states_at_different_steps_logs_each_step(log):
+  tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
+  states = gax.LogProgressState(count=jnp.array([0, 0, 4, 4], jnp.int32))
+  step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)[1]))
+  step(jnp.ones((4, 2)), states)
+  jax.effects_barrier()
+  assert sorted(r.step for r in _records(log)) == [1, 5]
+
+
+def test_pmap_repeated_runs_each_log(log):
+  n = jax.local_device_count()
+  tx = gax.gradient_ascent(logging_interval=2)
+  grads, params = jnp.ones((n, 3)), jnp.zeros((n, 3))
+  step = jax.pmap(lambda g, s, p: tx.update(g, s, p)[1])
+  for _ in range(2):
+    state = jax.pmap(tx.init)(params)
+    for _ in range(4):
+      state = step(grads, state, params)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 2, 4]
+
+
+def test_differentiating_through_a_vmapped_update_logs_once(log):
+  # Learned-optimizer style: the gradient of the update itself, per batch element.
+  tx = gax.gradient_ascent(logging_interval=1)
+
+  def update_sum(g):
+    return tx.update(g, tx.init(g), g)[0].sum()
+
+  jax.jit(jax.vmap(jax.grad(update_sum)))(jnp.ones((2, 3)))
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [1]
+
+
+def test_optimizer_with_logging_survives_cloudpickle(log):
+  cloudpickle = pytest.importorskip("cloudpickle")
+  tx = cloudpickle.loads(cloudpickle.dumps(gax.gradient_ascent(logging_interval=2)))
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  for _ in range(4):
+    updates, state = tx.update(jnp.ones(2), state, params)
+    params = optax.apply_updates(params, updates)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4]
+  assert bool(jnp.all(params > 0))  # it ascended
+
+
+# The logged norm --------------------------------------------------------------
+
+
+def _logged_norm(log, grads):
+  tx = gax.log_progress(logging_interval=1)
+  jax.jit(tx.update)(grads, tx.init(grads))
+  jax.effects_barrier()
+  (record,) = _records(log)
+  return record.grad_norm
+
+
+@pytest.mark.parametrize(
+    "dtype, value",
+    [
+        (jnp.float16, 300.0),  # squares overflow float16
+        (jnp.float16, 1e-4),  # squares underflow float16
+        (jnp.bfloat16, 1e20),  # squares overflow float32, the dtype of its sums
+        (jnp.float32, 2e19),  # squares overflow float32, the norm does not
+        (jnp.float32, 1e-30),  # squares underflow float32
+    ],
+)
+def test_norm_is_right_wherever_it_is_representable(log, dtype, value):
+  element = float(np.asarray(value, dtype))  # the gradient as stored
+  norm = _logged_norm(log, {"w": jnp.full((4,), value, dtype)})
+  np.testing.assert_allclose(norm, 2 * element, rtol=1e-6)
+
+
+def test_float64_norm_stays_float64(log, x64):
+  norm = _logged_norm(log, {"w": jnp.full((4,), 1e200, jnp.float64)})
+  np.testing.assert_allclose(norm, 2e200, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [([0.0, 0.0], 0.0), ([1.0, np.inf], np.inf), ([1.0, np.nan], np.nan),
+     ([np.inf, np.nan], np.nan), ([-np.inf, 1.0], np.inf)],
+)
+def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
+  norm = _logged_norm(log, {"w": jnp.array(values, jnp.float16)})
+  np.testing.assert_equal(norm, expected)
+
+
+@pytest.mark.parametrize(
+    "grads",
+    [{}, {"w": None}, {"w": optax.MaskedNode()}, {"w": jnp.zeros((0, 3))}],
+    ids=["empty", "None", "MaskedNode", "zero-size"],
+)
+def test_norm_of_a_gradient_without_elements_is_zero(log, grads):
+  assert _logged_norm(log, grads) == 0.0
+
+
+def _reductions_in_program(num_leaves):
+  tx = gax.log_progress(logging_interval=1)
+  grads = [jnp.ones(2) for _ in range(num_leaves)]
+  return jax.jit(tx.update).lower(grads, tx.init(grads)).as_text().count("stablehlo.reduce")
+
+
+def test_norm_is_a_fixed_number_of_reductions_whatever_the_leaves():
+  # One reduction per leaf makes compile time explode with the number of leaves.
+  assert _reductions_in_program(64) == _reductions_in_program(2)
+
+
+def test_leaves_on_different_devices_log(log):
+  first, second = jax.devices()[:2]
+  params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}
+  grads = {"a": jax.device_put(jnp.array([3.0, 0.0]), first),
+           "b": jax.device_put(jnp.array([4.0]), second)}
+  tx = gax.gradient_ascent(logging_interval=2)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+  jax.effects_barrier()
+  (record,) = _records(log)
+  assert record.step == 2
+  np.testing.assert_allclose(record.grad_norm, 5.0, rtol=1e-6)
+  assert updates["a"].devices() == {first} and updates["b"].devices() == {second}
+
+
+def test_injected_schedule_is_reported_at_the_step_it_rules(log):
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(
+      learning_rate=lambda count: 0.1 * (count + 1), logging_interval=2)
+  _run(tx, 4)
+  records = _records(log)
+  assert [r.step for r in records] == [2, 4]
+  # Step t is taken with the rate at count t - 1: 0.1 * t.
+  np.testing.assert_allclose([r.learning_rate for r in records], [0.2, 0.4], rtol=1e-6)
+
+
+def test_one_record_per_step_under_shard_map_and_sharded_jit(log):
+  mesh = jax.make_mesh((jax.device_count(),), ("devices",))
+  spec = jax.sharding.PartitionSpec
+  tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
+  grads = jax.device_put(jnp.ones((mesh.size, 2)), jax.NamedSharding(mesh, spec("devices")))
+  state = tx.init(grads)
+  per_device = jax.shard_map(lambda g, s: tx.update(g, s)[1], mesh=mesh,
+                             in_specs=(spec("devices"), spec()), out_specs=spec())
+  state = jax.jit(per_device)(grads, state)
+  state = jax.jit(lambda g, s: tx.update(g, s)[1])(grads, state)
+  jax.effects_barrier()
+  records = _records(log)
+  assert [r.step for r in records] == [1, 2]
+  # Under shard_map the norm is of the first device's shard; under jit, of all.
+  np.testing.assert_allclose([r.grad_norm for r in records], [np.sqrt(2), 4.0], rtol=1e-6)
+
+
+def test_multi_steps_logs_each_micro_step_the_last_with_the_whole_gradient(log):
+  tx = optax.MultiSteps(gax.log_progress(logging_interval=1), every_k_schedule=2)
+  state = tx.init(jnp.zeros(2))
+  update = jax.jit(tx.update)
+  for grads in (jnp.array([1.0, 0.0]), jnp.array([3.0, 0.0])):
+    state = update(grads, state)[1]
+  jax.effects_barrier()
+  records = _records(log)
+  assert [r.step for r in records] == [1, 1]
+  # The first call sees the first micro-batch; the kept one the mean of both.
+  np.testing.assert_allclose([r.grad_norm for r in records], [1.0, 2.0])
