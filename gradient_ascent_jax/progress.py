@@ -84,17 +84,22 @@ def _global_norm(tree: optax.Updates) -> jax.Array:
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
   dtype, and divided by the largest magnitude first, so that no square
   overflows or underflows: a float16 gradient of 300 has norm 600, not inf.
-  The leaves are raveled into one vector and reduced once: one reduction per
-  leaf makes XLA's compile time explode with the number of leaves.
+  Leaves of one shape are stacked and reduced together: one reduction per leaf
+  makes XLA's compile time explode with the number of leaves, and raveling
+  every leaf into one vector would make a sharded program gather them all.
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
   dtype = jnp.result_type(jnp.float32, *leaves)
-  magnitude = jnp.abs(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves]))
-  largest = jnp.max(magnitude, initial=0)
+  by_shape: dict[tuple[int, ...], list[jax.Array]] = {}
+  for leaf in leaves:
+    by_shape.setdefault(jnp.shape(leaf), []).append(jnp.abs(leaf.astype(dtype)))
+  blocks = [group[0] if len(group) == 1 else jnp.stack(group) for group in by_shape.values()]
+  largest = jnp.max(jnp.stack([jnp.max(block, initial=0) for block in blocks]))
   scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
-  norm = scale * jnp.sqrt(jnp.sum(jnp.square(magnitude / scale)))
+  squares = jnp.stack([jnp.sum(jnp.square(block / scale)) for block in blocks])
+  norm = scale * jnp.sqrt(jnp.sum(squares))
   # An inf or NaN gradient logs inf or NaN, not the NaN that inf / inf makes.
   return jnp.where(jnp.isfinite(largest), norm, largest)
 
