@@ -144,3 +144,20 @@ def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_p
         f"{where} claims it prints {expected!r} (in this order), but printed:\n{result.stdout}"
     )
     position += 1
+
+
+def test_every_test_the_docs_name_exists():
+  # The docs back their claims ("What happens when…" and others) with named
+  # tests; a renamed or deleted test must not leave a dangling reference.
+  pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+  named = set()
+  for page in pages:
+    if "_build" in page.parts or "notebooks" in page.parts:
+      continue
+    named |= set(re.findall(r"(tests/\w+\.py)::(\w+)", page.read_text()))
+  assert len(named) > 50  # the "What happens when…" page alone names more
+  missing = sorted(
+      f"{path}::{name}" for path, name in named
+      if not re.search(rf"^\s*def {name}\(", (ROOT / path).read_text(), re.M)
+  )
+  assert not missing, f"the docs name tests that do not exist: {missing}"
