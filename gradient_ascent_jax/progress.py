@@ -94,8 +94,12 @@ def _global_norm(tree: optax.Updates) -> jax.Array:
   dtype = jnp.result_type(jnp.float32, *leaves)
   by_shape: dict[tuple[int, ...], list[jax.Array]] = {}
   for leaf in leaves:
-    by_shape.setdefault(jnp.shape(leaf), []).append(jnp.abs(leaf.astype(dtype)))
-  blocks = [group[0] if len(group) == 1 else jnp.stack(group) for group in by_shape.values()]
+    by_shape.setdefault(jnp.shape(leaf), []).append(leaf)
+  # Cast and take magnitudes after stacking: one op per shape, not per leaf.
+  blocks = [
+      jnp.abs((group[0] if len(group) == 1 else jnp.stack(group)).astype(dtype))
+      for group in by_shape.values()
+  ]
   largest = jnp.max(jnp.stack([jnp.max(block, initial=0) for block in blocks]))
   scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
   squares = jnp.stack([jnp.sum(jnp.square(block / scale)) for block in blocks])
