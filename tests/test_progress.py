@@ -1,6 +1,7 @@
 """SPEC section 7: progress logging through `logging`, from inside jit."""
 
 import logging
+import math
 import threading
 
 import jax
@@ -435,3 +436,19 @@ def test_multi_steps_logs_each_micro_step_the_last_with_the_whole_gradient(log):
   assert [r.step for r in records] == [1, 1]
   # The first call sees the first micro-batch; the kept one the mean of both.
   np.testing.assert_allclose([r.grad_norm for r in records], [1.0, 2.0])
+
+
+def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
+  # Leaves of one shape are reduced together; raveling them into one vector
+  # would make every logging step of an FSDP program all-gather the gradients.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+  spec = jax.sharding.PartitionSpec
+  specs = {"a": spec("x", "y"), "b": spec("x", "y"), "c": spec("y"), "d": spec("y")}
+  tree = {"a": jnp.full((8, 16), 1.0), "b": jnp.full((8, 16), 2.0),
+          "c": jnp.full(16, 3.0), "d": jnp.full(16, 4.0)}
+  tree = jax.device_put(tree, {k: jax.sharding.NamedSharding(mesh, s) for k, s in specs.items()})
+  text = jax.jit(progress._global_norm).lower(tree).compile().as_text().lower()
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert collective not in text
+  expected = math.sqrt(128 * (1 + 4) + 16 * (9 + 16))
+  np.testing.assert_allclose(float(progress._global_norm(tree)), expected, rtol=1e-6)
