@@ -132,7 +132,9 @@ def _checked_state(
   with a message about something else, or, when the entries happen to line
   up, is silently accepted. The state itself is unchanged (the chain's).
   """
-  expected_layout = []  # filled on the first update: init may be costly
+  # Filled on the first update, since init may be costly. A plain list, not
+  # functools.cache: a cached local function cannot be cloudpickled.
+  expected_layout = []
 
   def layout():
     if not expected_layout:

@@ -112,13 +112,11 @@ def _on_one_device(tree: optax.Updates) -> optax.Updates:
   """``tree``, its leaves moved onto one device if they are on different ones."""
   # Op by op, JAX refuses to combine arrays committed to different devices
   # (a pipeline-parallel model run eagerly, say); this only runs on logging steps.
-  arrays = [
-      x for x in jax.tree.leaves(tree)
-      if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-  ]
-  if len({frozenset(x.devices()) for x in arrays}) <= 1:
+  placements = [transforms.concrete_devices(x) for x in jax.tree.leaves(tree)]
+  placements = [devices for devices in placements if devices is not None]
+  if len(set(placements)) <= 1:
     return tree
-  return jax.device_put(tree, next(iter(arrays[0].devices())))
+  return jax.device_put(tree, next(iter(placements[0])))
 
 
 class LogProgressState(NamedTuple):

@@ -202,12 +202,21 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
+def concrete_devices(x) -> frozenset | None:
+  """The devices that hold ``x`` if it is a concrete ``jax.Array``, else None.
+
+  A tracer (inside ``jit``, ``vmap`` or ``grad``) has no devices yet, and a
+  Python or NumPy value has none at all.
+  """
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return frozenset(x.sharding.device_set)
+  return None
+
+
 def _multi_device_sharding(param):
   """``param``'s sharding if it is a concrete array on several devices, else None."""
-  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
-    if len(param.sharding.device_set) > 1:
-      return param.sharding
-  return None
+  devices = concrete_devices(param)
+  return param.sharding if devices is not None and len(devices) > 1 else None
 
 
 def _zeros_like_on_same_devices(param, dtype):
