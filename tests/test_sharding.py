@@ -261,7 +261,9 @@ def shard_map_run(tx, mesh, steps):
       )
   )
   for _ in range(steps):
-    params, state = step(params, state, x, y)
+    # Collective steps left in flight on fake CPU devices can deadlock a busy
+    # machine (docs/guide/multi_device.md): wait for each.
+    params, state = jax.block_until_ready(step(params, state, x, y))
   return params, state
 
 
@@ -280,7 +282,7 @@ def pmap_run(tx, steps):
   step = jax.pmap(local_step, axis_name="devices")
   xs, ys = x.reshape(n, BATCH // n, FEATURES), y.reshape(n, BATCH // n)
   for _ in range(steps):
-    params, state = step(params, state, xs, ys)
+    params, state = jax.block_until_ready(step(params, state, xs, ys))
   # Every device holds the same copy.
   for leaf in jax.tree.leaves((params, state)):
     np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))
