@@ -78,15 +78,23 @@ def _on_first_device() -> jax.Array | bool:
   return jax.lax.axis_index(manual_axes) == 0
 
 
+# Leaves per stack in the logged norm. One stack of 5000 two-element leaves
+# compiled in 28-30 s on XLA:CPU (the logging stage alone); stacks of 50,
+# 100, 500 and 1000 leaves took 8.0, 7.2, 8.7 and 9.4 s.
+_STACK_SIZE = 100
+
+
 def _global_norm(tree: optax.Updates) -> jax.Array:
   """The L2 norm of all leaves, right wherever the result dtype can hold it.
 
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
   dtype, and divided by the largest magnitude first, so that no square
   overflows or underflows: a float16 gradient of 300 has norm 600, not inf.
-  Leaves of one shape are stacked and reduced together: one reduction per leaf
-  makes XLA's compile time explode with the number of leaves, and raveling
-  every leaf into one vector would make a sharded program gather them all.
+  Leaves of one shape are stacked, up to ``_STACK_SIZE`` at a time, and each
+  stack is reduced once: one reduction per leaf makes XLA's compile time
+  explode with the number of leaves, and so does one stack of thousands of
+  leaves; raveling every leaf into one vector would make a sharded program
+  gather them all.
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
@@ -95,10 +103,15 @@ def _global_norm(tree: optax.Updates) -> jax.Array:
   by_shape: dict[tuple[int, ...], list[jax.Array]] = {}
   for leaf in leaves:
     by_shape.setdefault(jnp.shape(leaf), []).append(leaf)
-  # Cast and take magnitudes after stacking: one op per shape, not per leaf.
-  blocks = [
-      jnp.abs((group[0] if len(group) == 1 else jnp.stack(group)).astype(dtype))
+  stacks = [
+      group[start : start + _STACK_SIZE]
       for group in by_shape.values()
+      for start in range(0, len(group), _STACK_SIZE)
+  ]
+  # Cast and take magnitudes after stacking: one op per stack, not per leaf.
+  blocks = [
+      jnp.abs((stack[0] if len(stack) == 1 else jnp.stack(stack)).astype(dtype))
+      for stack in stacks
   ]
   largest = jnp.max(jnp.stack([jnp.max(block, initial=0) for block in blocks]))
   scale = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
