@@ -217,3 +217,22 @@ def test_injected_schedule_returning_a_vector_is_rejected_naming_it():
   tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=lambda count: jnp.full(1, 0.1))
   with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar \(shape \(\)\), got .*shape \(1,\)"):
     tx.init(_params())
+
+
+def test_warmup_beyond_int32_is_injected_as_a_static_arg():
+  # Optax turns injected numbers into int32 arrays, so 2**31 overflows in its
+  # own init; static_args passes it through as a Python int, which works.
+  with pytest.raises(OverflowError):
+    optax.inject_hyperparams(gax.gradient_ascent)(warmup_steps=2**31).init(jnp.zeros(2))
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("warmup_steps",))(
+      learning_rate=0.1, warmup_steps=2**31
+  )
+  updates, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
+  # Step 1 of the ramp: lr / warmup_steps, times g / sqrt((1 - beta) g**2).
+  np.testing.assert_allclose(updates, 0.1 / 2**31 / np.sqrt(0.001), rtol=1e-5)
+
+
+def test_plain_state_into_injected_optimizer_fails_in_optax():
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1)
+  with pytest.raises(AttributeError, match="hyperparams"):
+    tx.update(jnp.ones(2), gax.gradient_ascent().init(jnp.zeros(2)), jnp.zeros(2))
