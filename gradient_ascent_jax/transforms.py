@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 from typing import NamedTuple
 
@@ -240,6 +241,22 @@ def zero_step_count(params) -> jax.Array:
       replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
       return jnp.zeros([], jnp.int32, device=replicated)
   return jnp.zeros([], jnp.int32)
+
+
+_nesterov_without_momentum_warned = threading.Event()
+
+
+def _warn_once_nesterov_without_momentum() -> None:
+  """Nesterov with momentum 0 is plain (momentum-free) steps: say so, once."""
+  if not _nesterov_without_momentum_warned.is_set():
+    _nesterov_without_momentum_warned.set()
+    logger.warning(
+        "gradient_ascent_jax: nesterov=True has no effect with momentum 0: "
+        "the Nesterov look-ahead adds momentum * velocity, which is 0, so the "
+        "steps are those of nesterov=False. Pass a momentum in (0, 1), e.g. "
+        "0.9, for Nesterov momentum, or nesterov=False. This warning is shown "
+        "once."
+    )
 
 
 def _init_accumulator(params, accumulator_dtype, transform: str):
@@ -502,6 +519,8 @@ def momentum(
   nesterov = validation.check_bool("nesterov", nesterov)
   validation.check_accumulator_dtype(accumulator_dtype)
   name = "momentum"
+  if nesterov is True and isinstance(decay, float) and decay == 0:
+    _warn_once_nesterov_without_momentum()
 
   def init_fn(params):
     velocity = _init_accumulator(params, accumulator_dtype, name)

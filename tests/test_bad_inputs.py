@@ -426,6 +426,51 @@ def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64,
   assert "accumulator_dtype" not in message
 
 
+# Nesterov without momentum ----------------------------------------------------------
+
+
+@pytest.fixture
+def nesterov_warning_not_yet_shown(monkeypatch):
+  import threading
+
+  from gradient_ascent_jax import transforms
+
+  monkeypatch.setattr(transforms, "_nesterov_without_momentum_warned", threading.Event())
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: gax.gradient_ascent(momentum=0, nesterov=True),
+     lambda: gax.momentum(decay=np.float32(0.0), nesterov=True)],
+    ids=["gradient_ascent", "momentum"],
+)
+def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_shown, caplog):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    make()
+    make()
+  [message] = _warnings(caplog)
+  assert "nesterov=True has no effect with momentum 0" in message
+  assert "nesterov=False" in message and "0.9" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(momentum=0.9, nesterov=True), dict(momentum=0.0, nesterov=False),
+     dict(momentum=jnp.asarray(0.0), nesterov=True)],  # injected: may be a schedule
+    ids=["with-momentum", "no-nesterov", "jax-array"],
+)
+def test_no_nesterov_warning_when_it_has_an_effect_or_is_unknown(
+    kwargs, nesterov_warning_not_yet_shown, caplog
+):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    gax.gradient_ascent(**kwargs)
+  assert _warnings(caplog) == []
+
+
 # Zero gradients -------------------------------------------------------------------
 
 
