@@ -116,21 +116,24 @@ class Browser:
     to_browser_r, self._to_browser = os.pipe()
     self._from_browser, from_browser_w = os.pipe()
 
-    def wire_fds():  # the protocol: Chromium reads fd 3 and writes fd 4
-      # Move both ends above 4 first, so that neither dup2 overwrites the other.
-      high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
-      os.dup2(high[0], 3)
-      os.dup2(high[1], 4)
-
+    # The protocol: Chromium reads fd 3 and writes fd 4. bash puts the pipe
+    # ends there and execs Chromium, so no Python runs between fork and exec
+    # (a preexec_fn would, in a process whose JAX threads may hold locks).
+    # Both ends are moved to fds >= 10 first, so that neither move overwrites
+    # the other.
+    read_end, write_end = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+                           for fd in (to_browser_r, from_browser_w))
+    os.close(to_browser_r)
+    os.close(from_browser_w)
     self.process = subprocess.Popen(
-        [chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        close_fds=False,  # fds 3 and 4 (inheritable after dup2) must stay open
-        preexec_fn=wire_fds,
+        ["bash", "-c", f'exec "$0" "$@" 3<&{read_end} 4>&{write_end} {read_end}<&- {write_end}>&-',
+         chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        pass_fds=(read_end, write_end),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    os.close(to_browser_r)
-    os.close(from_browser_w)
+    os.close(read_end)  # the browser holds its own copies now
+    os.close(write_end)
     self._next_id = 0
     self._messages: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
