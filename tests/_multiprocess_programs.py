@@ -331,3 +331,9 @@ def main(argv) -> None:
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   main(sys.argv[1:])
+  # The results are written and every process passed the final barrier and
+  # jax.distributed.shutdown(). Under load, interpreter teardown then hung in
+  # native code (no Python frame left) in 2 of 8 four-process runs, so skip it.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
