@@ -34,9 +34,7 @@ def _warn_once_if_invisible() -> bool:
   """Returns True when INFO records would be dropped; warns the first time."""
   if logger.isEnabledFor(logging.INFO):
     return False
-  if not _invisible_warned.is_set():
-    _invisible_warned.set()
-    logger.warning(_INVISIBLE_WARNING)
+  transforms.warn_once(_invisible_warned, _INVISIBLE_WARNING)
   return True
 
 

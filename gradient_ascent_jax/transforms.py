@@ -243,20 +243,20 @@ def zero_step_count(params) -> jax.Array:
   return jnp.zeros([], jnp.int32)
 
 
+def warn_once(shown: threading.Event, message: str) -> None:
+  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it."""
+  if not shown.is_set():
+    shown.set()
+    logger.warning(message)
+
+
+_NESTEROV_WITHOUT_MOMENTUM = (
+    "gradient_ascent_jax: nesterov=True has no effect with momentum 0: the "
+    "Nesterov look-ahead adds momentum * velocity, which is 0, so the steps "
+    "are those of nesterov=False. Pass a momentum in (0, 1), e.g. 0.9, for "
+    "Nesterov momentum, or nesterov=False. This warning is shown once."
+)
 _nesterov_without_momentum_warned = threading.Event()
-
-
-def _warn_once_nesterov_without_momentum() -> None:
-  """Nesterov with momentum 0 is plain (momentum-free) steps: say so, once."""
-  if not _nesterov_without_momentum_warned.is_set():
-    _nesterov_without_momentum_warned.set()
-    logger.warning(
-        "gradient_ascent_jax: nesterov=True has no effect with momentum 0: "
-        "the Nesterov look-ahead adds momentum * velocity, which is 0, so the "
-        "steps are those of nesterov=False. Pass a momentum in (0, 1), e.g. "
-        "0.9, for Nesterov momentum, or nesterov=False. This warning is shown "
-        "once."
-    )
 
 
 def _init_accumulator(params, accumulator_dtype, transform: str):
@@ -520,7 +520,8 @@ def momentum(
   validation.check_accumulator_dtype(accumulator_dtype)
   name = "momentum"
   if nesterov is True and isinstance(decay, float) and decay == 0:
-    _warn_once_nesterov_without_momentum()
+    # Nesterov with momentum 0 takes plain (momentum-free) steps: say so, once.
+    warn_once(_nesterov_without_momentum_warned, _NESTEROV_WITHOUT_MOMENTUM)
 
   def init_fn(params):
     velocity = _init_accumulator(params, accumulator_dtype, name)
