@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradient_ascent_jax import alias
+from gradient_ascent_jax._src import alias
 
 
 def _dense(key, fan_in: int, fan_out: int) -> dict:

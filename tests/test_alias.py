@@ -1,4 +1,4 @@
-"""gradient_ascent() and maximize() (gradient_ascent_jax/alias.py).
+"""gradient_ascent() and maximize() (gradient_ascent_jax/_src/alias.py).
 
 - gradient_ascent(...) is bit for bit the chain of public transforms the README shows;
 - it agrees with the independent float64 NumPy reference (tests/_reference.py) over

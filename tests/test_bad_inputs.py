@@ -433,7 +433,7 @@ def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64,
 def nesterov_warning_not_yet_shown(monkeypatch):
   import threading
 
-  from gradient_ascent_jax import transforms
+  from gradient_ascent_jax._src import transforms
 
   monkeypatch.setattr(transforms, "_nesterov_without_momentum_warned", threading.Event())
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
-from gradient_ascent_jax import progress
+from gradient_ascent_jax._src import progress
 
 LOGGER = "gradient_ascent_jax"
 GRADS = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # global norm 5

@@ -1,4 +1,4 @@
-"""warmup_decay_schedule (gradient_ascent_jax/schedules.py) against hand-worked values."""
+"""warmup_decay_schedule (gradient_ascent_jax/_src/schedules.py) against hand-worked values."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Each transform of gradient_ascent_jax/transforms.py alone, against hand-worked values."""
+"""Each transform of gradient_ascent_jax/_src/transforms.py alone, against hand-worked values."""
 
 import jax
 import jax.numpy as jnp

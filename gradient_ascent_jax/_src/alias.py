@@ -7,10 +7,10 @@ from typing import Any
 import jax
 import optax
 
-from gradient_ascent_jax import progress
-from gradient_ascent_jax import schedules
-from gradient_ascent_jax import transforms
-from gradient_ascent_jax import validation
+from gradient_ascent_jax._src import progress
+from gradient_ascent_jax._src import schedules
+from gradient_ascent_jax._src import transforms
+from gradient_ascent_jax._src import validation
 
 
 def gradient_ascent(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradient_ascent_jax import validation
+from gradient_ascent_jax._src import validation
 
 
 def learning_rate_at(

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradient_ascent_jax import schedules
-from gradient_ascent_jax import validation
+from gradient_ascent_jax._src import schedules
+from gradient_ascent_jax._src import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
 
