@@ -247,7 +247,10 @@ def shard_map_run(tx, mesh, steps):
   def local_step(params, state, x, y):
     # Mark the replicated params as per-device values so that grad gives each
     # device its local gradient; pmean then averages them.
-    local = jax.lax.pcast(params, axes, to="varying")
+    if hasattr(jax.lax, "pcast"):
+      local = jax.lax.pcast(params, axes, to="varying")
+    else:  # jax < 0.8.2 (the declared floor is 0.8.0): pcast's predecessor
+      local = jax.lax.pvary(params, axes)
     grads = jax.lax.pmean(jax.grad(mean_log_likelihood)(local, x, y), axes)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
