@@ -53,11 +53,44 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 TIMING = re.compile(r"\d\s*(?:s|ms|µs|sec|seconds)\b")
 
 
+# Numbers whose last digits follow the CPU's rounding: (a line pattern whose groups are
+# those numbers, the absolute tolerance). The spreads were measured with
+# tests/_notebook_spread.py on an AMD EPYC with AVX-512, over XLA_FLAGS=--xla_cpu_max_isa=
+# AVX2 / AVX / SSE4_2 / none, one core (taskset -c 0) or two, and over the notebooks' seeds:
+ROUNDING_SENSITIVE = {
+    # 05: 20 sign-of-gradient PGD steps flip single test samples (1/450 = 0.0022). Over the
+    # ISA caps and core counts the eps-0.125 accuracy spread 0.0022 (0.1711 / 0.1689, as on
+    # an AVX2-only EPYC); over seeds 0-5 every accuracy spread up to 0.027. Tolerance
+    # 0.01: 4 samples, 4.5x the machine spread, under half the seed spread.
+    "05_adversarial_examples": [
+        (r"^eps [\d.]+: adversarial accuracy ([\d.]+), random-noise accuracy ([\d.]+)$", 0.01),
+        (r"^at eps [\d.]+: random-noise accuracy minus adversarial accuracy = ([\d.]+)$", 0.01),
+    ],
+    # 06: 1500 GAN steps are chaotic. The mode shares spread 0.032 over the ISA caps (none
+    # moved with the core count) and 0.058 over seeds 0-5; the modes covered (8 of 8) did
+    # not move at all, and test_minimax_games asserts what the game guarantees.
+    "06_minimax_games": [
+        (r"^share of the 2000 samples within 3 std of each centre: \[([\d. ]+)\]$", 0.06),
+    ],
+}
+
+
+def tolerances(name, line):
+  """(start, end, absolute tolerance) of the rounding-sensitive numbers on a line."""
+  spans = []
+  for pattern, tolerance in ROUNDING_SENSITIVE.get(name, []):
+    match = re.search(pattern, line)
+    if match:
+      spans += [(match.start(g), match.end(g), tolerance) for g in range(1, match.re.groups + 1)]
+  return spans
+
+
 def assert_saved_outputs_are_current(name, saved, fresh):
   """The docs site shows the saved outputs: they must be what the library prints now.
 
   Lines must match word for word, and each number to 1e-4 relative (XLA may
-  reorder a float32 reduction between builds). Wall-clock timings are skipped.
+  reorder a float32 reduction between builds), or, where ROUNDING_SENSITIVE
+  names it, to its measured spread. Wall-clock timings are skipped.
   """
   saved_lines = [line for line in saved.splitlines() if not TIMING.search(line)]
   fresh_lines = [line for line in fresh.splitlines() if not TIMING.search(line)]
@@ -65,8 +98,12 @@ def assert_saved_outputs_are_current(name, saved, fresh):
   assert len(saved_lines) == len(fresh_lines), f"{hint}: line count differs"
   for old, new in zip(saved_lines, fresh_lines):
     assert NUMBER.sub("#", old) == NUMBER.sub("#", new), f"{hint}:\n{old}\n{new}"
-    for a, b in zip(NUMBER.findall(old), NUMBER.findall(new)):
-      assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-9), f"{hint}:\n{old}\n{new}"
+    loose = tolerances(name, old)
+    for a, b in zip(NUMBER.finditer(old), NUMBER.finditer(new)):
+      tolerance = next((t for start, end, t in loose if start <= a.start() < end), None)
+      expected = (pytest.approx(float(b.group()), rel=1e-4, abs=1e-9) if tolerance is None
+                  else pytest.approx(float(b.group()), abs=tolerance))
+      assert float(a.group()) == expected, f"{hint}:\n{old}\n{new}"
 
 
 def execute(name, monkeypatch, kernel_dir):
@@ -78,7 +115,11 @@ def execute(name, monkeypatch, kernel_dir):
   monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
   # The kernel runs as a user's would: one CPU device, not the suite's 8 fake ones
   # (XLA partitions its CPU work by device count, which moves float32 roundings).
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # Other XLA flags reach it: XLA_FLAGS=--xla_cpu_max_isa=AVX2 checks the outputs of a CPU
+  # with fewer vector instructions.
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count")]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   saved = stdout_of(notebook)
@@ -108,6 +149,27 @@ def test_saved_output_check_catches_a_changed_number():
     assert_saved_outputs_are_current("x", saved, saved.replace("0.9756", "0.9489"))
   with pytest.raises(AssertionError):
     assert_saved_outputs_are_current("x", saved, saved.replace("step 25", "step 26"))
+
+
+def test_saved_output_check_loosens_only_the_named_numbers():
+  saved = ("eps 0.125: adversarial accuracy 0.1711, random-noise accuracy 0.9622\n"
+           "clean test accuracy: 0.9756\n")
+  name = "05_adversarial_examples"
+  # The AVX2-only EPYC of the report: one test sample flipped.
+  assert_saved_outputs_are_current(name, saved, saved.replace("0.1711", "0.1689"))
+  for changed in ("0.1711", "0.9622"):  # beyond the measured spread
+    with pytest.raises(AssertionError):
+      assert_saved_outputs_are_current(name, saved, saved.replace(changed, "0.1511"))
+  for exact in ("0.125", "0.9756"):  # the radius and the clean accuracy stay exact
+    with pytest.raises(AssertionError):
+      assert_saved_outputs_are_current(name, saved, saved.replace(exact, "0.1289", 1))
+
+
+@pytest.mark.parametrize("name", sorted(ROUNDING_SENSITIVE))
+def test_every_loosened_pattern_matches_a_saved_line(name):
+  lines = stdout_of(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)).splitlines()
+  for pattern, _ in ROUNDING_SENSITIVE[name]:
+    assert any(re.search(pattern, line) for line in lines), f"{name}: {pattern!r} matches nothing"
 
 
 def number(pattern, text):
