@@ -100,6 +100,15 @@ def assert_state_follows_params(state, params):
   assert counts and all(c.sharding.is_fully_replicated for c in counts)
 
 
+def assert_same_up_to_rounding(got, want):
+  """Integers exactly; floats to 1e-6 of the leaf's largest magnitude."""
+  if jnp.issubdtype(got.dtype, jnp.inexact):
+    scale = float(np.max(np.abs(np.asarray(want, np.float64)), initial=0.0))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+  else:
+    np.testing.assert_array_equal(got, want)
+
+
 def test_state_sharding_follows_params_and_matches_one_device(mesh):
   single = make_params()
   params = shard(single, mesh)
@@ -122,9 +131,12 @@ def test_state_sharding_follows_params_and_matches_one_device(mesh):
       assert params[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), params[name].ndim)
     steps = reference.step([np.asarray(g) for g in jax.tree.leaves(grads)])
     expected = [p + u for p, u in zip(expected, steps, strict=True)]
-  # Element-wise arithmetic: sharding must not change a single bit.
-  jax.tree.map(np.testing.assert_array_equal, params, single)
-  jax.tree.map(np.testing.assert_array_equal, state, single_state)
+  # Element-wise arithmetic, but the sharded step is another compiled program, which XLA
+  # may fuse differently. Measured after 5 steps: the same bits on jax 0.8.0 and 0.10.2;
+  # on jax 0.12.0.1 (Python 3.13) one weight, its velocity and its second moment differ
+  # by up to 1.5e-7 of the leaf's largest magnitude (the rest bit for bit).
+  jax.tree.map(assert_same_up_to_rounding, params, single)
+  jax.tree.map(assert_same_up_to_rounding, state, single_state)
   # And both are the steps of the float64 NumPy reference, to float32 rounding.
   for got, want in zip(jax.tree.leaves(single), expected, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
