@@ -58,10 +58,10 @@ TIMING = re.compile(r"\d\s*(?:s|ms|µs|sec|seconds)\b")
 # tests/_notebook_spread.py on an AMD EPYC with AVX-512, over XLA_FLAGS=--xla_cpu_max_isa=
 # AVX2 / AVX / SSE4_2 / none, one core (taskset -c 0) or two, and over the notebooks' seeds:
 ROUNDING_SENSITIVE = {
-    # 05: 20 sign-of-gradient PGD steps flip single test samples (1/450 = 0.0022). Over the
-    # ISA caps and core counts the eps-0.125 accuracy spread 0.0022 (0.1711 / 0.1689, as on
-    # an AVX2-only EPYC); over seeds 0-5 every accuracy spread up to 0.027. Tolerance
-    # 0.01: 4 samples, 4.5x the machine spread, under half the seed spread.
+    # 05: 20 sign-of-gradient PGD steps flip single test samples (1/450 = 0.0022). The ISA
+    # caps moved nothing; on one core the eps-0.125 accuracy is 0.1689, not 0.1711 (as on
+    # the AVX2-only EPYC of the report); over seeds 0-5 every accuracy spread up to 0.027.
+    # Tolerance 0.01: 4 samples, 4.5x the machine spread, under half the seed spread.
     "05_adversarial_examples": [
         (r"^eps [\d.]+: adversarial accuracy ([\d.]+), random-noise accuracy ([\d.]+)$", 0.01),
         (r"^at eps [\d.]+: random-noise accuracy minus adversarial accuracy = ([\d.]+)$", 0.01),
