@@ -611,3 +611,78 @@ def test_maximize_apply_if_finite_skips_a_non_finite_step():
   ascent = runs[0]
   np.testing.assert_array_equal(ascent[4][0], ascent[3][0])  # the NaN step was skipped
   assert int(ascent[-1][2].total_notfinite) == 1
+
+
+# --- the objective in update's extra arguments (value, grad, value_fn, obj_fn, grad_fn) ----
+
+
+def test_maximize_hands_hutchinson_the_losss_curvature():
+  # obj = -sum((x - 1)^2): the loss -obj has Hessian 2 I, so the diagonal estimate is 2.
+  def objective(x):
+    return -jnp.sum((x - 1.0) ** 2)
+
+  estimator = gax.maximize(optax.contrib.hutchinson_estimator_diag_hessian())
+  x = jnp.zeros(3)
+  estimate, _ = estimator.update(jax.grad(objective)(x), estimator.init(x), x, obj_fn=objective)
+  np.testing.assert_array_equal(estimate, [2.0, 2.0, 2.0])
+
+
+def test_maximize_sophia():
+  def make():
+    return optax.contrib.sophia(0.05, gamma=1.0, clip_threshold=10.0, update_interval=1)
+
+  runs = ascent_and_descent(make, steps=40, extra=lambda f, x: {"obj_fn": f})
+  assert_ascends_as_descent_on_negation(runs)
+
+
+VALUE_OPTIMIZERS = {
+    "polyak_sgd": lambda: optax.polyak_sgd(max_learning_rate=0.5),
+    "momo": lambda: optax.contrib.momo(0.5),
+    "momo_adam": lambda: optax.contrib.momo_adam(0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_OPTIMIZERS))
+def test_maximize_optimizers_that_take_the_value(name):
+  runs = ascent_and_descent(VALUE_OPTIMIZERS[name], steps=30, extra=lambda f, x: {"value": f(x)})
+  assert_ascends_as_descent_on_negation(runs)
+
+
+def probe(**used):
+  """A transform whose update returns what each extra argument in `used` gives at params."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del updates
+    return {key: call(extra_args[key], params) for key, call in used.items()}, state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def test_maximize_negates_every_objective_argument_and_nothing_else():
+  def value_and_aux(x):
+    return jnp.sum(x), {"aux": jnp.ones(2)}
+
+  def gradient(x):
+    return {"g": 3.0 * x}
+
+  def call(fn, params):
+    return fn(params)
+
+  def itself(value, params):
+    del params
+    return value
+
+  tx = gax.maximize(
+      probe(value=itself, grad=itself, value_fn=call, obj_fn=call, grad_fn=call, other=itself)
+  )
+  x = jnp.array([1.0, 2.0])
+  seen, _ = tx.update(x, tx.init(x), x, value=5.0, grad={"g": x}, value_fn=jnp.sum,
+                      obj_fn=value_and_aux, grad_fn=gradient, other=jnp.array(7.0))
+  assert float(seen["value"]) == -5.0
+  np.testing.assert_array_equal(seen["grad"]["g"], [-1.0, -2.0])
+  assert float(seen["value_fn"]) == -3.0
+  value, aux = seen["obj_fn"]
+  assert float(value) == -3.0
+  np.testing.assert_array_equal(aux["aux"], [1.0, 1.0])  # the aux keeps its sign
+  np.testing.assert_array_equal(seen["grad_fn"]["g"], [-3.0, -6.0])
+  assert float(seen["other"]) == 7.0

@@ -161,7 +161,44 @@ def _checked_state(
   return _Ascending(chain.init, update_fn)
 
 
-_OBJECTIVE_ARGS = ("value", "grad")
+# The extra arguments through which Optax hands a transform the objective (Optax's
+# names; every other extra argument passes unchanged), and what maximize hands on so
+# that tx sees -objective: a value or gradient is negated; a function of the params is
+# wrapped to return the negated value (value_fn, obj_fn) or gradient (grad_fn).
+_OBJECTIVE_VALUES = ("value", "grad")
+_OBJECTIVE_VALUE_FNS = ("value_fn", "obj_fn")
+_OBJECTIVE_GRAD_FNS = ("grad_fn",)
+
+
+def _negated_value_fn(value_fn):
+  def negated(*args, **kwargs):
+    value = value_fn(*args, **kwargs)
+    # A (value, aux) pair, as with jax.value_and_grad(has_aux=True): the aux is not the
+    # objective and keeps its sign.
+    if isinstance(value, tuple):
+      return (-value[0], *value[1:])
+    return -value
+
+  return negated
+
+
+def _negated_grad_fn(grad_fn):
+  return lambda *args, **kwargs: transforms.negate(grad_fn(*args, **kwargs))
+
+
+def _negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
+  """The extra arguments of ``update`` with the objective in them negated."""
+  extra_args = dict(extra_args)
+  for keys, negate in (
+      (_OBJECTIVE_VALUES, transforms.negate),
+      (_OBJECTIVE_VALUE_FNS, _negated_value_fn),
+      (_OBJECTIVE_GRAD_FNS, _negated_grad_fn),
+  ):
+    for key in keys:
+      if extra_args.get(key) is not None:
+        extra_args[key] = negate(extra_args[key])
+  return extra_args
+
 _LINESEARCH_STATES = tuple(
     getattr(optax, name)
     for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
@@ -211,13 +248,24 @@ def maximize(
   descends on ``-objective``: its momentum and statistics see the right sign
   and decoupled weight decay still shrinks the weights. The state is exactly
   ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
-  it was). The extra arguments ``value`` and ``grad`` are negated and
-  ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
-  optimizers such as ``optax.lbfgs()`` maximize too (and ``grad_fn`` to
-  return the negated gradient, for ``optax.contrib.sam(opaque_mode=True)``).
-  An ``optax.MultiSteps`` object is accepted as it is. The objective value and
-  gradient that a line search caches in its state are kept with the sign of
-  YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
+  it was). The extra arguments of ``update`` through which Optax takes the
+  objective are handed on for ``-objective``, so that every Optax optimizer
+  that uses them maximizes too:
+
+  - ``value`` (the objective's value) and ``grad`` (its gradient) are negated:
+    ``optax.lbfgs()`` and the line searches, ``optax.polyak_sgd``,
+    ``optax.contrib.momo``, ``optax.contrib.reduce_on_plateau``;
+  - ``value_fn`` (line searches) and ``obj_fn``
+    (``optax.contrib.sophia``, ``optax.contrib.hutchinson_estimator_diag_hessian``)
+    are wrapped to return the negated value (of a ``(value, aux)`` pair, only
+    the value is negated), so curvature estimates have the loss's sign;
+  - ``grad_fn`` (``optax.contrib.sam(opaque_mode=True)``) is wrapped to return
+    the negated gradient.
+
+  Other extra arguments pass unchanged. An ``optax.MultiSteps`` object is accepted as it is. The objective
+  value and gradient that a line search caches in its state are kept with the
+  sign of YOUR objective, so ``optax.value_and_grad_from_state(objective)``
+  works.
 
   A ``tx`` that already ascends is refused with a ``ValueError``: the result
   of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
@@ -262,20 +310,6 @@ def maximize(
     raise _refuse_ascending("it is gax.gradient_ascent(...) or gax.maximize(...)")
   inner = optax.with_extra_args_support(tx)
 
-  def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
-    extra_args = dict(extra_args)
-    for key in _OBJECTIVE_ARGS:
-      if extra_args.get(key) is not None:
-        extra_args[key] = transforms.negate(extra_args[key])
-    value_fn = extra_args.get("value_fn")
-    if value_fn is not None:
-      extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
-    # optax.contrib.sam(opaque_mode=True) takes its adversarial gradients from grad_fn.
-    grad_fn = extra_args.get("grad_fn")
-    if grad_fn is not None:
-      extra_args["grad_fn"] = lambda *a, **k: transforms.negate(grad_fn(*a, **k))
-    return extra_args
-
   def init_fn(params):
     state = inner.init(params)
     path = _flip_sign_path(state)
@@ -296,7 +330,7 @@ def maximize(
         transforms.negate(updates),
         _negate_cached_objective(state),
         params,
-        **negate_objective(extra_args),
+        **_negate_objective(extra_args),
     )
     return updates, _negate_cached_objective(state)
 
