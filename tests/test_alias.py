@@ -9,6 +9,8 @@
 """
 
 import functools
+import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import alias
 from tests import _mlp
 from tests._reference import ReferenceGradientAscent
 
@@ -549,6 +552,64 @@ def test_maximize_reduce_on_plateau_sees_the_maximizers_progress():
   assert float(optax.tree.get(runs[0][-1][2], "scale")) < 1.0  # it did reduce
 
 
+def rise_then_flat(start, top):
+  """An objective that rises in 10 steps of at least 1 from start to top, then stays."""
+  return [start + (top - start) * k / 10 for k in range(11)] + [top] * 30
+
+
+def plateau_scales(tx, values):
+  """The reduce_on_plateau scale after each update fed value=values[k]."""
+  x, update = jnp.zeros(3), jax.jit(tx.update)
+  state, scales = tx.init(x), []
+  for value in values:
+    _, state = update(jnp.zeros(3), state, x, value=jnp.float32(value))
+    scales.append(float(optax.tree.get(state, "scale")))
+  return scales
+
+
+@pytest.fixture
+def plateau_warning_not_yet_shown(monkeypatch):
+  monkeypatch.setattr(alias, "_plateau_relative_test_warned", threading.Event(), raising=False)
+
+
+def maximize_with_plateau(**plateau):
+  return gax.maximize(
+      optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=3, factor=0.5, **plateau))
+  )
+
+
+@pytest.mark.parametrize(("start", "top"), [(-30.0, -20.0), (-2.0, 8.0), (2.0, 12.0)],
+                         ids=["negative", "zero-crossing", "positive"])
+def test_maximize_reduce_on_plateau_with_rtol_0_cuts_for_either_sign(start, top):
+  scales = plateau_scales(maximize_with_plateau(rtol=0.0, atol=1e-3), rise_then_flat(start, top))
+  assert scales[10] == 1.0  # every rise of >= 1 is progress
+  # 30 flat steps at patience 3: a halving every third step, ten in all.
+  assert scales[-1] == 2.0**-10
+
+
+def test_maximize_reduce_on_plateau_with_optaxs_relative_test_never_cuts_a_positive_objective():
+  # Optax's own test, value < (1 - rtol) * best - atol: under maximize the value is
+  # -objective, and a flat negative value passes it.
+  tx = maximize_with_plateau()
+  assert plateau_scales(tx, rise_then_flat(-30.0, -20.0))[-1] == 2.0**-10
+  assert plateau_scales(tx, rise_then_flat(2.0, 12.0))[-1] == 1.0
+
+
+def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
+    plateau_warning_not_yet_shown, caplog
+):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    gax.maximize(optax.sgd(0.1)).init(jnp.zeros(3))
+    assert not caplog.records
+    for _ in range(2):
+      maximize_with_plateau().init(jnp.zeros(3))
+  [record] = caplog.records
+  assert record.levelno == logging.WARNING
+  message = record.getMessage()
+  assert "reduce_on_plateau" in message and "state[1]" in message
+  assert "rtol=0.0" in message and "atol" in message
+
+
 def test_maximize_schedule_free_adamw_and_its_eval_params():
   runs = ascent_and_descent(
       lambda: optax.contrib.schedule_free_adamw(0.5, warmup_steps=2),
@@ -646,6 +707,22 @@ VALUE_OPTIMIZERS = {
 def test_maximize_optimizers_that_take_the_value(name):
   runs = ascent_and_descent(VALUE_OPTIMIZERS[name], steps=30, extra=lambda f, x: {"value": f(x)})
   assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("f_min", [-5.0, 0.0])
+def test_maximize_polyak_sgd_f_min_bounds_the_negated_objective(f_min):
+  # The objective's maximum is 5. Polyak's step is (value - f_min) / |grad|^2 on the
+  # value it is handed, -objective: it ascends until the objective reaches -f_min.
+  def objective(x):
+    return 5.0 + bowl(x)
+
+  tx = gax.maximize(optax.polyak_sgd(max_learning_rate=0.5, f_min=f_min))
+  x, update = jnp.zeros(3), jax.jit(tx.update)
+  state = tx.init(x)
+  for _ in range(50):
+    updates, state = update(jax.grad(objective)(x), state, x, value=objective(x))
+    x = optax.apply_updates(x, updates)
+  assert abs(float(objective(x)) - -f_min) < 1e-3, float(objective(x))
 
 
 def probe(**used):

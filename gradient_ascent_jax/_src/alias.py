@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import jax
@@ -220,15 +221,29 @@ def _negate_cached_objective(state: Any) -> Any:
   )
 
 
-def _flip_sign_path(state: Any) -> str | None:
-  """Where ``state`` holds a :class:`FlipSignState` (the mark of ascent), if anywhere."""
+def _path_of(state: Any, state_type: type) -> str | None:
+  """Where ``state`` holds a ``state_type`` node, if anywhere."""
   def marked(node):
-    return isinstance(node, transforms.FlipSignState)
+    return isinstance(node, state_type)
 
   for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=marked)[0]:
     if marked(node):
       return "state" + jax.tree_util.keystr(path)
   return None
+
+
+_PLATEAU_RELATIVE_TEST = (
+    "gradient_ascent_jax: maximize(tx): tx holds optax.contrib.reduce_on_plateau "
+    "(at {path}), which is handed value=-objective. Its relative test, "
+    "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
+    "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "
+    "the scale never drops while your objective is positive. Build it with "
+    "rtol=0.0 and atol set to the least increase of the objective that counts as "
+    "progress, e.g. optax.contrib.reduce_on_plateau(rtol=0.0, atol=1e-3): that test "
+    "is right for objectives of either sign. Nothing to change if you did, or if "
+    "the objective stays negative. This warning is shown once."
+)
+_plateau_relative_test_warned = threading.Event()
 
 
 def _refuse_ascending(why: str) -> ValueError:
@@ -262,7 +277,12 @@ def maximize(
   - ``grad_fn`` (``optax.contrib.sam(opaque_mode=True)``) is wrapped to return
     the negated gradient.
 
-  Other extra arguments pass unchanged. An ``optax.MultiSteps`` object is accepted as it is. The objective
+  Other extra arguments pass unchanged. Hyperparameters about the objective
+  are about ``-objective``: ``polyak_sgd``'s ``f_min`` is a lower bound on it
+  (minus the objective's maximum). ``init`` logs one WARNING (once per
+  process) when ``tx`` holds ``optax.contrib.reduce_on_plateau``: under
+  ``maximize`` build it with ``rtol=0.0`` and an ``atol``, or its relative test
+  never cuts while the objective is positive. An ``optax.MultiSteps`` object is accepted as it is. The objective
   value and gradient that a line search caches in its state are kept with the
   sign of YOUR objective, so ``optax.value_and_grad_from_state(objective)``
   works.
@@ -312,11 +332,19 @@ def maximize(
 
   def init_fn(params):
     state = inner.init(params)
-    path = _flip_sign_path(state)
+    path = _path_of(state, transforms.FlipSignState)
     if path is not None:
       raise _refuse_ascending(
           f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
           "of gradient_ascent(...) or of a chain with flip_sign() does"
+      )
+    # The test that decides a plateau is in reduce_on_plateau's closure, out of
+    # reach, and no transform of the value it is handed makes a relative test
+    # right for both signs without knowing rtol: so say how to build it instead.
+    path = _path_of(state, optax.contrib.ReduceLROnPlateauState)
+    if path is not None:
+      transforms.warn_once(
+          _plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path)
       )
     return _negate_cached_objective(state)
 
