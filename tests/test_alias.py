@@ -268,6 +268,60 @@ def test_equals_sign_reversed_optax_rmsprop(dtype, rtol, momentum, beta):
         np.testing.assert_allclose(got, -descent, rtol=rtol, atol=rtol * 0.02)
 
 
+# --- the size of the first steps ------------------------------------------------------------
+
+
+def test_first_steps_are_hand_worked_multiples_of_the_learning_rate():
+  # No bias correction: with a gradient g of constant sign, m_t = (1 - beta^t) g^2, so
+  # s_t = sign(g) / sqrt(1 - beta^t) whatever |g|, and v_t = 0.9 v_{t-1} + s_t. By hand
+  # (beta 0.999): v_1 = 1 / sqrt(0.001) = 31.6228; v peaks at step 11, 93.431; the first
+  # ten v_t add up to 750.43.
+  lr, g = 1e-3, jnp.array([-1e3, -0.1, 2.0, 50.0])
+  tx = gax.gradient_ascent(learning_rate=lr)
+  state, moves = tx.init(jnp.zeros(4)), []
+  for _ in range(30):
+    updates, state = tx.update(g, state)
+    np.testing.assert_array_equal(np.sign(updates), np.sign(g))  # uphill, every element
+    moves.append(np.abs(np.asarray(updates, np.float64)) / lr)
+  moves = np.array(moves)
+  np.testing.assert_allclose(moves[0], 31.6228, rtol=1e-5)
+  np.testing.assert_allclose(moves.max(axis=0), 93.431, rtol=1e-4)
+  np.testing.assert_array_equal(moves.argmax(axis=0), 10)  # step 11
+  np.testing.assert_allclose(moves[:10].sum(axis=0), 750.43, rtol=1e-4)
+
+
+def fit_gaussian_mixture(learning_rate, steps=2000):
+  """Maximum likelihood of 0.5 N(-2, 1) + 0.5 N(3, 1) from 1000 draws; the fitted means, stds."""
+  component, noise = jax.random.split(jax.random.key(0))
+  data = jnp.where(jax.random.bernoulli(component, 0.5, (1000,)), -2.0, 3.0)
+  data = data + jax.random.normal(noise, (1000,))
+
+  def log_likelihood(p):
+    std = jnp.exp(p["log_std"])
+    log_densities = (jax.nn.log_softmax(p["logits"]) - 0.5 * ((data[:, None] - p["mu"]) / std) ** 2
+                     - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi))
+    return jnp.mean(jax.nn.logsumexp(log_densities, axis=1))
+
+  tx = gax.gradient_ascent(learning_rate)
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(log_likelihood)(params), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  params = {"mu": jnp.array([-0.5, 0.5]), "log_std": jnp.zeros(2), "logits": jnp.zeros(2)}
+  (params, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
+  return np.asarray(params["mu"]), np.exp(np.asarray(params["log_std"]))
+
+
+def test_a_learning_rate_of_adams_habit_breaks_a_gaussian_mixture_fit():
+  means, stds = fit_gaussian_mixture(1e-3)
+  np.testing.assert_allclose(means, [-2.0, 3.0], atol=0.1)  # the sample's own error: ~0.07
+  np.testing.assert_allclose(stds, [1.0, 1.0], atol=0.1)
+  means, stds = fit_gaussian_mixture(3e-2)  # first step 0.95 on every parameter
+  assert means.min() < -5.0 and stds.max() > 100.0, (means, stds)
+
+
 # --- (c) maximize ---------------------------------------------------------------------------
 
 DESCENT_OPTIMIZERS = {

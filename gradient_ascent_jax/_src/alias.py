@@ -40,8 +40,19 @@ def gradient_ascent(
   ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, momentum=momentum,
   maximize=True)`` under a ``LambdaLR`` with the warmup/decay factor.
 
+  The early steps are the largest. As in the original and in torch's RMSprop
+  there is no bias correction, so the first update moves every parameter by
+  ``learning_rate / sqrt(1 - beta)``, 31.6 x ``learning_rate`` for
+  ``beta=0.999``, whatever the size of its (non-zero) gradient. With
+  ``momentum=0.9`` and a steady gradient (one sign, one size), the steps then
+  grow to 93 x ``learning_rate`` at step 11, and the first ten add up to
+  750 x ``learning_rate``. Choose ``learning_rate`` from the move you accept,
+  not from other optimizers' defaults: about 1/30 of an acceptable first step
+  (1e-3 for parameters of order 1), or ramp it up with ``warmup_steps``.
+
   Args:
-    learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``).
+    learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``); each
+      parameter moves by ``learning_rate / sqrt(1 - beta)`` on the first step.
     momentum: momentum coefficient in ``[0, 1)``.
     beta: decay of the squared-gradient average in ``[0, 1)``.
     eps: > 0, added to the root mean square.
