@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gradient_ascent_jax._src import progress
@@ -134,6 +135,49 @@ def _describe(state: Any) -> str:
   return "None" if state is None else type(state).__name__
 
 
+def _plain(tree: Any) -> bool:
+  """Whether ``tree`` is built of lists, dicts and plain tuples only, around arrays."""
+  if type(tree) in (list, tuple):
+    return all(_plain(node) for node in tree)
+  if type(tree) is dict:
+    return all(_plain(node) for node in tree.values())
+  return tree is None or not isinstance(tree, tuple)
+
+
+def _leaves_by_name(tree: Any) -> dict[tuple, tuple]:
+  """Shape and dtype of every leaf, by its path of field names, keys and indices.
+
+  A NamedTuple's field and the dict key a checkpointer writes for it get the same name.
+  """
+  def name(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {
+      tuple(name(key) for key in path): (jnp.shape(leaf), jnp.result_type(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _restored_without_target(chain, state: Any, updates: Any) -> bool:
+  """Whether ``state`` holds this chain's arrays in plain containers.
+
+  That is what a checkpointer restores when it is not given the structure to restore
+  into (orbax's ``restore(path)``): the arrays are right, only the types are lost.
+  """
+  if type(state) not in (list, tuple, dict) or not _plain(state):
+    return False
+  try:
+    expected = jax.eval_shape(
+        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+    )
+  except (TypeError, ValueError, AttributeError):
+    return False
+  return _leaves_by_name(state) == _leaves_by_name(expected)
+
+
 def _checked_state(
     name: str, chain: optax.GradientTransformationExtraArgs
 ) -> optax.GradientTransformationExtraArgs:
@@ -156,6 +200,22 @@ def _checked_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     got = _describe(state)
+    if got != layout() and _restored_without_target(chain, state, updates):
+      raise ValueError(
+          f"{name}: the optimizer state is a plain {type(state).__name__} holding "
+          "the right arrays, not the state that tx.init(params) returns: a "
+          "checkpoint restored without a target, as orbax's "
+          "checkpointer.restore(path) and flax's serialization.msgpack_restore "
+          "give it. Do not replace it with tx.init(params), which starts over: "
+          "restore the checkpoint into the structure of tx.init(params). With "
+          "orbax: checkpointer.restore(path, jax.eval_shape(lambda: "
+          "tx.init(params))) (ocp.StandardCheckpointer), or manager.restore(step, "
+          "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
+          "(ocp.CheckpointManager). With flax: serialization.from_bytes("
+          "tx.init(params), blob), or serialization.from_state_dict(tx.init(params), "
+          "restored). If you saved a dict such as {'params': ..., 'opt_state': ...}, "
+          "restore into that dict with tx.init(params) as its 'opt_state'."
+      )
     if got != layout():
       raise ValueError(
           f"{name}: the optimizer state does not belong to this optimizer. "
