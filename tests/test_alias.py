@@ -612,13 +612,13 @@ def rise_then_flat(start, top):
 
 
 def plateau_scales(tx, values):
-  """The reduce_on_plateau scale after each update fed value=values[k]."""
+  """The reduce_on_plateau scale after each update fed value=values[k], and the last state."""
   x, update = jnp.zeros(3), jax.jit(tx.update)
   state, scales = tx.init(x), []
   for value in values:
     _, state = update(jnp.zeros(3), state, x, value=jnp.float32(value))
     scales.append(float(optax.tree.get(state, "scale")))
-  return scales
+  return scales, state
 
 
 @pytest.fixture
@@ -635,18 +635,20 @@ def maximize_with_plateau(**plateau):
 @pytest.mark.parametrize(("start", "top"), [(-30.0, -20.0), (-2.0, 8.0), (2.0, 12.0)],
                          ids=["negative", "zero-crossing", "positive"])
 def test_maximize_reduce_on_plateau_with_rtol_0_cuts_for_either_sign(start, top):
-  scales = plateau_scales(maximize_with_plateau(rtol=0.0, atol=1e-3), rise_then_flat(start, top))
+  scales, state = plateau_scales(maximize_with_plateau(rtol=0.0, atol=1e-3),
+                                 rise_then_flat(start, top))
   assert scales[10] == 1.0  # every rise of >= 1 is progress
   # 30 flat steps at patience 3: a halving every third step, ten in all.
   assert scales[-1] == 2.0**-10
+  assert float(optax.tree.get(state, "best_value")) == -top  # the best of -objective
 
 
 def test_maximize_reduce_on_plateau_with_optaxs_relative_test_never_cuts_a_positive_objective():
   # Optax's own test, value < (1 - rtol) * best - atol: under maximize the value is
   # -objective, and a flat negative value passes it.
   tx = maximize_with_plateau()
-  assert plateau_scales(tx, rise_then_flat(-30.0, -20.0))[-1] == 2.0**-10
-  assert plateau_scales(tx, rise_then_flat(2.0, 12.0))[-1] == 1.0
+  assert plateau_scales(tx, rise_then_flat(-30.0, -20.0))[0][-1] == 2.0**-10
+  assert plateau_scales(tx, rise_then_flat(2.0, 12.0))[0][-1] == 1.0
 
 
 def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
