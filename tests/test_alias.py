@@ -551,6 +551,37 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   np.testing.assert_allclose(optax.tree.get(state, "value"), concave(ascent[-1]), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(LINESEARCH_OPTIMIZERS))
+def test_maximize_line_search_hands_value_fn_its_own_extra_arguments(name):
+  # Optax's line searches read value_fn's signature to pick the extra arguments it
+  # takes: the negated value_fn must keep it, or update(..., weight=...) is refused.
+  def objective(x, weight):
+    return weight * concave(x)
+
+  def run(tx, objective):
+    @jax.jit
+    def step(x, state):
+      value, grad = jax.value_and_grad(objective)(x, 2.0)
+      updates, state = tx.update(
+          grad, state, x, value=value, grad=grad, value_fn=objective, weight=2.0
+      )
+      return optax.apply_updates(x, updates), state
+
+    x, state, path = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+    for _ in range(8):
+      x, state = step(x, state)
+      path.append(x)
+    return path
+
+  ascent = run(gax.maximize(LINESEARCH_OPTIMIZERS[name]()), objective)
+  values = [float(concave(x)) for x in [jnp.zeros(3), *ascent]]
+  assert values[-1] > values[1] > values[0], values
+  if name == "sgd_backtracking":  # (L-BFGS compiles slowly; one run of it is enough)
+    descent = run(LINESEARCH_OPTIMIZERS[name](), lambda x, weight: -objective(x, weight))
+    for x_up, x_down in zip(ascent, descent, strict=True):
+      np.testing.assert_array_equal(x_up, x_down)
+
+
 # --- maximize across the rest of Optax ------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -242,7 +243,10 @@ _OBJECTIVE_VALUE_FNS = ("value_fn", "obj_fn")
 _OBJECTIVE_GRAD_FNS = ("grad_fn",)
 
 
+# functools.wraps keeps the signature, from which Optax's line searches pick the
+# extra arguments that value_fn takes (update(..., value_fn=f, batch=b) calls f(p, batch=b)).
 def _negated_value_fn(value_fn):
+  @functools.wraps(value_fn)
   def negated(*args, **kwargs):
     value = value_fn(*args, **kwargs)
     # A (value, aux) pair, as with jax.value_and_grad(has_aux=True): the aux is not the
@@ -255,7 +259,11 @@ def _negated_value_fn(value_fn):
 
 
 def _negated_grad_fn(grad_fn):
-  return lambda *args, **kwargs: transforms.negate(grad_fn(*args, **kwargs))
+  @functools.wraps(grad_fn)
+  def negated(*args, **kwargs):
+    return transforms.negate(grad_fn(*args, **kwargs))
+
+  return negated
 
 
 def _negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
