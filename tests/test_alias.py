@@ -682,6 +682,32 @@ def test_maximize_reduce_on_plateau_with_optaxs_relative_test_never_cuts_a_posit
   assert plateau_scales(tx, rise_then_flat(2.0, 12.0))[0][-1] == 1.0
 
 
+def test_gradient_ascent_with_reduce_on_plateau_is_its_chain_under_maximize():
+  # The guide's recipe: gradient_ascent's stages after its flip_sign, under maximize.
+  def plateau():
+    return optax.contrib.reduce_on_plateau(patience=3, factor=0.5, rtol=0.0, atol=1e-3)
+
+  def run(tx):
+    x, state, path = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+    for _ in range(8):  # the objective sum(x) rises at every step
+      updates, state = tx.update(jnp.ones(3), state, x, value=jnp.sum(x))
+      x = optax.apply_updates(x, updates)
+      path.append(x)
+    return path, float(optax.tree.get(state, "scale", 1.0))  # (gradient_ascent has none)
+
+  recipe = gax.maximize(optax.chain(
+      gax.scale_by_adaptive_rms(), gax.momentum(), gax.scale_by_warmup_decay(0.05), plateau()))
+  with jax.disable_jit():
+    plain, _ = run(gax.gradient_ascent(0.05))
+    with_plateau, scale = run(recipe)
+    assert scale == 1.0  # no plateau: it is gradient_ascent, bit for bit
+    for x_plain, x_recipe in zip(plain, with_plateau, strict=True):
+      np.testing.assert_array_equal(x_plain, x_recipe)
+    # Chained after gradient_ascent() instead, the plateau logic gets +objective, a
+    # value it minimizes: it cuts the rate while the objective rises.
+    assert run(optax.chain(gax.gradient_ascent(0.05), plateau()))[1] < 1.0
+
+
 def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
     plateau_warning_not_yet_shown, caplog
 ):
