@@ -361,10 +361,10 @@ def maximize(
   (minus the objective's maximum). ``init`` logs one WARNING (once per
   process) when ``tx`` holds ``optax.contrib.reduce_on_plateau``: under
   ``maximize`` build it with ``rtol=0.0`` and an ``atol``, or its relative test
-  never cuts while the objective is positive. An ``optax.MultiSteps`` object is accepted as it is. The objective
-  value and gradient that a line search caches in its state are kept with the
-  sign of YOUR objective, so ``optax.value_and_grad_from_state(objective)``
-  works.
+  never cuts while the objective is positive. An ``optax.MultiSteps`` object
+  is accepted as it is. The objective value and gradient that a line search
+  caches in its state are kept with the sign of YOUR objective, so
+  ``optax.value_and_grad_from_state(objective)`` works.
 
   A ``tx`` that already ascends is refused with a ``ValueError``: the result
   of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
