@@ -316,3 +316,64 @@ def test_masked_transform_leaves_other_leaves_untouched():
     updates, state = tx.update({"w": jnp.ones(2), "bias": jnp.full(2, 7.0)}, state, params)
   np.testing.assert_array_equal(updates["w"], [1.5, 1.5])  # v2 = 0.5 * 1 + 1
   np.testing.assert_array_equal(updates["bias"], [7.0, 7.0])  # untouched
+
+
+# --- differentiating through the optimizer (meta-gradients) ------------------------------
+
+
+def meta_gradient(make_tx, param_dtype=jnp.float32, steps=5, hyperparameter=0.1):
+  """d/dh of the objective after ``steps`` updates of ``make_tx(h)``, float32 objective."""
+  start = jax.random.normal(jax.random.key(0), (16,))
+  target = 3.0 * jax.random.normal(jax.random.key(1), (16,))
+
+  def objective(x):
+    return -jnp.sum((x.astype(jnp.float32) - target) ** 2)
+
+  def final_objective(value):
+    tx = make_tx(value)
+    x = start.astype(param_dtype)
+
+    def step(carry, _):
+      x, state = carry
+      updates, state = tx.update(jax.grad(objective)(x).astype(param_dtype), state, x)
+      return (optax.apply_updates(x, updates), state), None
+
+    (x, _), _ = jax.lax.scan(step, (x, tx.init(x)), length=steps)
+    return objective(x)
+
+  return float(jax.jit(jax.grad(final_objective))(jnp.float32(hyperparameter)))
+
+
+def test_meta_gradient_in_float32_matches_the_optax_chain():
+  got = meta_gradient(gax.gradient_ascent)
+  want = meta_gradient(
+      lambda lr: optax.chain(
+          optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False), optax.trace(0.9), optax.scale(lr)
+      )
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: equal; 2.2e-6 over 6 other seeds
+
+
+# Largest relative distance from the float32 meta-gradient over 20 problems
+# (seeds) of this shape, times about 1.2: bfloat16 params 0.21, float16 params
+# 0.008, bfloat16 state 0.046, float16 state 0.028. Half-precision params move
+# in steps of their own spacing, hence the spread.
+@pytest.mark.parametrize(
+    "param_dtype, accumulator_dtype, rtol",
+    [
+        (jnp.bfloat16, None, 0.25),
+        (jnp.float16, None, 0.01),
+        (jnp.float32, jnp.bfloat16, 0.055),
+        (jnp.float32, jnp.float16, 0.035),
+    ],
+    ids=["bfloat16-params", "float16-params", "bfloat16-state", "float16-state"],
+)
+def test_meta_gradient_through_a_low_precision_state(param_dtype, accumulator_dtype, rtol):
+  # The one-unit nudge that keeps a rounded moment moving (jnp.nextafter) had
+  # no derivative: jax.grad raised NotImplementedError from the second update.
+  float32 = meta_gradient(gax.gradient_ascent)
+  low = meta_gradient(
+      lambda lr: gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype), param_dtype
+  )
+  assert np.isfinite(low)
+  np.testing.assert_allclose(low, float32, rtol=rtol)

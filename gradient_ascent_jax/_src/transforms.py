@@ -319,6 +319,23 @@ def _check_eps_is_normal(eps, accumulator) -> None:
     )
 
 
+@jax.custom_jvp
+def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
+  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
+
+  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
+  a rounding is differentiated as the value it rounds, as ``astype`` is.
+  Without this, ``jax.grad`` through a low-precision state (a meta-gradient)
+  raises ``NotImplementedError``.
+  """
+  return jnp.nextafter(x, toward)
+
+
+@_next_toward.defjvp
+def _next_toward_jvp(primals, tangents):
+  return _next_toward(*primals), tangents[0]
+
+
 def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
   """Moves a rounded moment at least one unit in the last place when it should move.
 
@@ -332,7 +349,9 @@ def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
   old_wide = old.astype(exact.dtype)
   stalled = (stored == old) & (exact != old_wide) & (old != 0)
   toward = jnp.where(exact < old_wide, jnp.zeros_like(old), jnp.full_like(old, jnp.inf))
-  return jnp.where(stalled, jnp.nextafter(old, toward), stored)
+  # Where stalled, stored == old: stepping from stored gives the same value
+  # and the derivative of the exact moment, which stored rounds.
+  return jnp.where(stalled, _next_toward(stored, toward), stored)
 
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
