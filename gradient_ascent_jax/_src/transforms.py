@@ -133,6 +133,23 @@ def flip_sign() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@jax.custom_jvp
+def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
+  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
+
+  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
+  a rounding is differentiated as the value it rounds, as ``astype`` is.
+  Without this, ``jax.grad`` through a low-precision state or with respect to
+  a traced ``clip_value`` (a meta-gradient) raises ``NotImplementedError``.
+  """
+  return jnp.nextafter(x, toward)
+
+
+@_next_toward.defjvp
+def _next_toward_jvp(primals, tangents):
+  return _next_toward(*primals), tangents[0]
+
+
 def _round_down(value: Any, dtype: jnp.dtype) -> Any:
   """The largest number of ``dtype`` that is <= ``value`` (> 0).
 
@@ -140,10 +157,12 @@ def _round_down(value: Any, dtype: jnp.dtype) -> Any:
   float16), and values above ``clip_value`` would pass.
   """
   if isinstance(value, jax.Array):
+    if value.dtype == dtype:
+      return value
     bound = value.astype(dtype)
     wide = jnp.promote_types(value.dtype, dtype)
     rounded_up = bound.astype(wide) > value.astype(wide)
-    return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
+    return jnp.where(rounded_up, _next_toward(bound, jnp.zeros_like(bound)), bound)
   with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
     bound = np.asarray(value, dtype)
   if float(bound) > float(value):
@@ -317,23 +336,6 @@ def _check_eps_is_normal(eps, accumulator) -> None:
         "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
         "a zero gradient would give 0 / 0 = NaN.",
     )
-
-
-@jax.custom_jvp
-def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
-  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
-
-  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
-  a rounding is differentiated as the value it rounds, as ``astype`` is.
-  Without this, ``jax.grad`` through a low-precision state (a meta-gradient)
-  raises ``NotImplementedError``.
-  """
-  return jnp.nextafter(x, toward)
-
-
-@_next_toward.defjvp
-def _next_toward_jvp(primals, tangents):
-  return _next_toward(*primals), tangents[0]
 
 
 def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
