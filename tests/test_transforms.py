@@ -407,3 +407,26 @@ def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(
 
   low = meta_gradient(make_tx, param_dtype, hyperparameter=2.0)
   np.testing.assert_allclose(low, meta_gradient(clip_then_optax_rms, hyperparameter=2.0), rtol=rtol)
+
+
+@pytest.mark.parametrize("accumulator_dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_meta_gradient_with_an_element_at_its_optimum_is_that_of_the_others(accumulator_dtype):
+  # An element that starts at its optimum has gradient 0 at every step; sqrt'(0)
+  # = inf times the 0 flowing back made the whole meta-gradient NaN from the
+  # second update on.
+  def final_objective(lr, target):
+    def objective(x):
+      return -jnp.sum((x - target) ** 2)
+
+    tx = gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype)
+    x = jnp.zeros_like(target)
+    state = tx.init(x)
+    for _ in range(3):
+      updates, state = tx.update(jax.grad(objective)(x), state, x)
+      x = optax.apply_updates(x, updates)
+    return objective(x)
+
+  with_it = jax.grad(final_objective)(jnp.float32(0.1), jnp.array([3.0, -1.0, 0.5, 0.0]))
+  without = jax.grad(final_objective)(jnp.float32(0.1), jnp.array([3.0, -1.0, 0.5]))
+  assert np.isfinite(without)
+  np.testing.assert_allclose(with_it, without, rtol=1e-6)

@@ -212,6 +212,27 @@ def _cast(x: jax.Array, dtype) -> jax.Array:
   return x if x.dtype == dtype else x.astype(dtype)
 
 
+@jax.custom_jvp
+def _sqrt(x: jax.Array) -> jax.Array:
+  """``jnp.sqrt``, whose derivative at 0 is 0 instead of inf.
+
+  A moment is 0 only where every gradient so far was 0, and then nothing
+  depends on it; but inf times the 0 that flows back is NaN, and every
+  meta-gradient through a zero gradient element (a dead unit, an unused
+  parameter) would be NaN from the second update on.
+  """
+  return jnp.sqrt(x)
+
+
+@_sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+  root = _sqrt(primals[0])
+  # Two selects: the unselected 0.5 / 0 must not reach a second derivative.
+  zero = root == 0
+  slope = jnp.where(zero, 0, 0.5 / jnp.where(zero, 1, root))
+  return root, slope * tangents[0]
+
+
 def _scalar_sqrt(value):
   return math.sqrt(value) if isinstance(value, (int, float)) else jnp.sqrt(value)
 
@@ -416,6 +437,11 @@ def scale_by_adaptive_rms(
   ``sqrt(1 + beta)`` too small, so that step is at most ``sqrt(2)`` too large
   and never beyond RMSprop's bound ``1/sqrt(1 - beta)``.
 
+  ``jax.grad`` through updates (meta-gradients) works in every dtype: the
+  one-unit move is differentiated as the moment it rounds, and the square
+  root of a zero moment (every gradient of that element 0 so far) has
+  derivative 0, not inf, so a zero gradient element gives no NaN.
+
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
     eps: added to the root mean square, > 0.
@@ -478,14 +504,14 @@ def scale_by_adaptive_rms(
         # sqrt(m_t) >= |q| always. Where m_t saturated (beyond the largest
         # value) the stored moment only bounds it from below: |q| keeps the
         # step of a huge gradient exact and every step <= 1/sqrt(1 - beta).
-        root = jnp.maximum(jnp.sqrt(m_stored), q_size)
+        root = jnp.maximum(_sqrt(m_stored), q_size)
       else:
         # float16/bfloat16 storage: divide by the moment before rounding, or a
         # small gradient's moment underflows to 0 and h / eps overflows.
         m_wide = beta * _cast(m, q.dtype)
         m_new = m_wide + q * q
-        exact_root = jnp.hypot(jnp.sqrt(m_wide), q_size)
-        root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
+        exact_root = jnp.hypot(_sqrt(m_wide), q_size)
+        root = jnp.where(jnp.isinf(m_new), exact_root, _sqrt(m_new))
       return _cast(_cast(h, q.dtype) / (root + eps), h.dtype)
 
     weighted_updates = jax.tree.map(weighted, updates, state.second_moment)
