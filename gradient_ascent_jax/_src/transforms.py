@@ -300,6 +300,8 @@ _nesterov_without_momentum_warned = threading.Event()
 
 
 def _init_accumulator(params, accumulator_dtype, transform: str):
+  # Again here: 64-bit types may have been switched off since construction.
+  validation.check_accumulator_dtype(accumulator_dtype)
   validation.check_floating_params(params, transform)
   return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
 

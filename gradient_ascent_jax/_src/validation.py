@@ -226,6 +226,17 @@ def check_accumulator_dtype(value: Any) -> None:
         "None or a floating-point dtype of 16 bits or more",
         "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
     )
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    # JAX would silently make float32 moments, and every update would then
+    # refuse the state that init had just made.
+    raise ValueError(
+        f"`accumulator_dtype` is {dtype.name} (got {value!r}), but 64-bit types are "
+        "off in JAX (its default), so the moments would silently be "
+        f"{jax.dtypes.canonicalize_dtype(dtype).name}. Enable 64-bit types at "
+        "startup, before any array is made: jax.config.update('jax_enable_x64', "
+        "True) (or JAX_ENABLE_X64=1 in the environment); or pass "
+        "accumulator_dtype=jnp.float32."
+    )
 
 
 def check_at_least(
