@@ -177,7 +177,9 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     clip_value: bound > 0. May be a JAX scalar or tracer.
 
   Returns:
-    A stateless ``optax.GradientTransformation``.
+    A stateless ``optax.GradientTransformation``. Complex updates raise a
+    ``TypeError`` (as in :func:`scale_by_adaptive_rms` and :func:`momentum`):
+    wrap the optimizer in ``optax.contrib.split_real_and_imaginary`` instead.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -202,6 +204,9 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   def update_fn(updates, state, params=None):
     del params
     _check_gradient_leaves(updates, "clip_by_value")
+    validation.check_real_leaves(
+        updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
+    )
     return jax.tree.map(clip_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -382,6 +387,11 @@ def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
   _check_gradient_leaves(updates, transform)
+  # Before the dtype checks: with accumulator_dtype set, a complex update would
+  # pass them and lose its imaginary part in the real state.
+  validation.check_real_leaves(
+      updates, transform, "gradient", "its state holds real numbers"
+  )
   if accumulator_dtype is not None:
     # The moments are stored back in the dtype they came in: a state made with
     # another accumulator_dtype would otherwise silently keep its own.

@@ -275,6 +275,26 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
       )
 
 
+SPLIT_COMPLEX = (
+    "For complex parameters, wrap the optimizer: "
+    "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
+    "optimizes the real and imaginary parts as two real parameters."
+)
+
+
+def check_real_leaves(tree: Any, transform: str, what: str, why: str) -> None:
+  """Raises TypeError naming the first complex leaf; ``why`` says what needs real numbers."""
+  if not any(np.iscomplexobj(leaf) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.iscomplexobj(leaf):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
+          f"but {why}. {SPLIT_COMPLEX}"
+      )
+
+
 def check_floating_params(params: Any, transform: str) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   check_array_leaves(
@@ -296,8 +316,7 @@ def check_floating_params(params: Any, transform: str) -> None:
           f"{transform}: parameter {where} has dtype {shown}; only real "
           "floating-point parameters can be optimized. Mask non-trainable "
           "leaves out with optax.masked / optax.multi_transform (or replace "
-          "them with None), and split complex parameters into real and "
-          "imaginary parts."
+          f"them with None). {SPLIT_COMPLEX}"
       )
     if jnp.finfo(dtype).bits < 16:
       raise TypeError(
