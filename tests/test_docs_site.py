@@ -11,7 +11,10 @@ every internal page that a link reaches is loaded in the browser, and:
 - every image on every page loads (decodes, non-zero width) and is a
   non-empty PNG or SVG file;
 - the API page has an entry for every name in ``gradient_ascent_jax.__all__``;
-- the site search for ``maximize`` lists the API entry of ``maximize``.
+- the site search for ``maximize`` lists the API entry of ``maximize``;
+- every row of every markdown table in docs/ and in the notebooks is on its
+  page, with as many cells as its source row has (a row joined to the one
+  before by ``||`` is silently dropped by the renderer).
 
 Without the built site or chromium the test skips, unless ``CI`` is set: then
 it fails, so CI cannot pass without running it.
@@ -26,6 +29,7 @@ import json
 import os
 from pathlib import Path
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -40,7 +44,8 @@ import gradient_ascent_jax as gax
 from tests import _optional
 
 ROOT = Path(__file__).resolve().parent.parent
-SITE = ROOT / "docs" / "_build" / "html"
+DOCS = ROOT / "docs"
+SITE = DOCS / "_build" / "html"
 PAGE_TIMEOUT_S = 30
 CHROMIUM_FLAGS = [
     "--headless",
@@ -71,6 +76,9 @@ PAGE_FACTS = """(async () => {
 API_EXAMPLES = """Object.fromEntries([...document.querySelectorAll("dl.py > dt[id]")].map(
     dt => [dt.id, dt.parentElement.querySelector(":scope > dd").innerText.includes(">>>")]))"""
 SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a.href)"
+# The number of cells of each row of each table of the article, in order.
+TABLE_ROWS = """[...document.querySelectorAll("article.bd-article table")].map(
+    table => [...table.rows].map(row => row.cells.length))"""
 
 
 def chromium_path() -> str | None:
@@ -282,4 +290,80 @@ def test_search_finds_maximize(browser, site_url):
     time.sleep(0.25)
   pytest.fail(f"searching 'maximize' did not list the API entry; results: {hits}")
 
+
+
+
+def markdown_tables(text: str) -> list[list[int]]:
+  """The number of cells of each row (the separator line excepted) of each table.
+
+  Cells are split at every unescaped ``|``, inside code spans too, as
+  markdown-it (and GitHub) do; fenced code blocks are skipped.
+  """
+  tables, rows, fence = [], None, None
+  for line in text.splitlines() + [""]:
+    stripped = line.strip()
+    marker = re.match(r"(`{3,}|~{3,})", stripped)
+    if fence is None and marker:
+      fence = marker.group(1)[0] * 3
+    elif fence is not None:
+      if stripped.startswith(fence):
+        fence = None
+      continue
+    if stripped.startswith("|"):
+      if rows is None:
+        rows = []
+      if not re.fullmatch(r"\|[\s:|-]+\|", stripped) or not rows:
+        rows.append(len(re.split(r"(?<!\\)\|", stripped.strip("|"))))
+    elif rows is not None:
+      tables.append(rows)
+      rows = None
+  return tables
+
+
+def markdown_sources() -> dict[str, str]:
+  """{page path in the site: markdown text} for docs/**/*.md and the notebooks' markdown."""
+  sources = {}
+  for path in sorted(DOCS.rglob("*.md")):
+    relative = path.relative_to(DOCS)
+    if relative.parts[0] not in ("_build", "notebooks"):
+      sources[str(relative.with_suffix(".html"))] = path.read_text(encoding="utf-8")
+  for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    sources[f"notebooks/{path.stem}.html"] = text
+  return sources
+
+
+def test_markdown_tables_parser_counts_cells_of_joined_rows():
+  text = "| a | b |\n| --- | --- |\n| `x` | y |\n| c | d || e | f |\n\n```\n| not | a | table |\n```\n"
+  assert markdown_tables(text) == [[2, 2, 5]]
+
+
+def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
+  problems, rows_seen = [], 0
+  for page, text in markdown_sources().items():
+    expected = markdown_tables(text)
+    if not expected:
+      continue
+    browser.load(site_url + page)
+    rendered = browser.evaluate(TABLE_ROWS)
+    if len(rendered) != len(expected):
+      problems.append(f"{page}: {len(expected)} tables in the source, {len(rendered)} on the page")
+      continue
+    for number, (source_rows, page_rows) in enumerate(zip(expected, rendered, strict=True), 1):
+      rows_seen += len(source_rows)
+      header = source_rows[0]
+      for row, cells in enumerate(source_rows):
+        if cells != header:
+          problems.append(
+              f"{page}: table {number}, row {row}: {cells} cells where the header has "
+              f"{header}; the renderer drops the extra ones (two rows joined by '||'?)"
+          )
+      if len(page_rows) != len(source_rows):
+        problems.append(
+            f"{page}: table {number} has {len(source_rows)} rows in the source, "
+            f"{len(page_rows)} on the page"
+        )
+  assert rows_seen >= 100, rows_seen  # the "what happens when" table alone has more
+  assert not problems, "\n".join(problems)
 
