@@ -14,7 +14,9 @@ every internal page that a link reaches is loaded in the browser, and:
 - the site search for ``maximize`` lists the API entry of ``maximize``;
 - every row of every markdown table in docs/ and in the notebooks is on its
   page, with as many cells as its source row has (a row joined to the one
-  before by ``||`` is silently dropped by the renderer).
+  before by ``||`` is silently dropped by the renderer);
+- at 1024, 1280 and 1440 px no element of any page reaches past the content
+  column (code blocks, which scroll, excepted).
 
 Without the built site or chromium the test skips, unless ``CI`` is set: then
 it fails, so CI cannot pass without running it.
@@ -79,6 +81,29 @@ SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a
 # The number of cells of each row of each table of the article, in order.
 TABLE_ROWS = """[...document.querySelectorAll("article.bd-article table")].map(
     table => [...table.rows].map(row => row.cells.length))"""
+# Elements of the article that reach past its sides, or that hide part of their
+# content behind a scroll bar; code blocks scroll by design and are skipped.
+OVERFLOWING = """(() => {
+  const column = document.querySelector("article.bd-article").getBoundingClientRect();
+  const described = e => e.tagName.toLowerCase() + (e.className ? "." + e.className : "")
+      + ": " + (e.innerText || e.getAttribute("src") || "").slice(0, 60).replace(/\\s+/g, " ");
+  const found = [], reported = [];  // only the outermost element of each overflow
+  for (const e of document.querySelectorAll("article.bd-article *")) {
+    if (e.closest("pre, div.highlight") || reported.some(r => r.contains(e))) continue;
+    const box = e.getBoundingClientRect();
+    if (box.width === 0 && box.height === 0) continue;
+    if (box.right > column.right + 1 || box.left < column.left - 1) {
+      found.push(`${described(e)} spans x = ${Math.round(box.left)}..${Math.round(box.right)}`
+          + `, the column ${Math.round(column.left)}..${Math.round(column.right)}`);
+      reported.push(e);
+    } else if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== "visible") {
+      found.push(`${described(e)} hides ${e.scrollWidth - e.clientWidth} px behind a scroll bar`);
+      reported.push(e);
+    }
+  }
+  return found;
+})()"""
+WIDTHS = (1024, 1280, 1440)
 
 
 def chromium_path() -> str | None:
@@ -367,3 +392,18 @@ def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
   assert rows_seen >= 100, rows_seen  # the "what happens when" table alone has more
   assert not problems, "\n".join(problems)
 
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_no_page_element_overflows_the_content_column(crawl, browser, width):
+  browser.call(
+      "Emulation.setDeviceMetricsOverride", session=True,
+      width=width, height=900, deviceScaleFactor=1, mobile=False,
+  )
+  problems = []
+  try:
+    for page in sorted(crawl):
+      browser.load(page)
+      problems += [f"{page} at {width} px: {found}" for found in browser.evaluate(OVERFLOWING)]
+  finally:
+    browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+  assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} in all)"
