@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -25,7 +28,17 @@ from gradient_ascent_jax._src import validation
 logger = logging.getLogger("gradient_ascent_jax")
 
 
-class FlipSignState(optax.EmptyState):
+if TYPE_CHECKING:
+  # optax ships no type information (no py.typed), so to a type checker its
+  # EmptyState is of unknown type, and so would be every class built on it.
+  class _EmptyState(NamedTuple):
+    """optax.EmptyState, as type checkers see it."""
+
+else:
+  _EmptyState = optax.EmptyState
+
+
+class FlipSignState(_EmptyState):
   """State of :func:`flip_sign`: empty, and the mark of a chain that ascends.
 
   :func:`maximize` looks for it in a state to refuse a transform that already
@@ -89,7 +102,7 @@ class ScaleByWarmupDecayState(NamedTuple):
     ScaleByWarmupDecayState(count=Array(0, dtype=int32))
   """
 
-  count: chex.Array
+  count: chex.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 def negate(tree: Any) -> Any:
@@ -647,7 +660,7 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
-    step_size = -schedule(state.count)
+    step_size = -cast(jax.Array, schedule(state.count))
 
     def scale(u):
       # A Python-float rate is weakly typed: times float16 updates it would be
@@ -655,7 +668,7 @@ def scale_by_warmup_decay(
       return _cast(step_size * _cast(u, _compute_dtype(u.dtype)), u.dtype)
 
     updates = jax.tree.map(scale, updates)
-    count = optax.safe_increment(state.count)
+    count = cast(jax.Array, optax.safe_increment(state.count))
     return updates, ScaleByWarmupDecayState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+from typing import NoReturn
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +39,7 @@ def _is_jax_value(value: Any) -> bool:
   return isinstance(value, jax.Array)
 
 
-def _fail(name: str, value: Any, allowed: str, fix: str) -> None:
+def _fail(name: str, value: Any, allowed: str, fix: str) -> NoReturn:
   raise ValueError(f"`{name}` must be {allowed}, got {value!r}. {fix}")
 
 
@@ -108,7 +110,7 @@ def check_interval(
     low_open: bool = False,
     high_open: bool = False,
     fix: str = "",
-) -> Any:
+) -> float | jax.Array:
   """Checks that a concrete number lies in an interval; returns it as a float.
 
   A JAX value is returned as it is, once its shape and dtype are checked.
@@ -148,7 +150,7 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   )
 
 
-def check_decay_rate(name: str, value: Any) -> Any:
+def check_decay_rate(name: str, value: Any) -> float | jax.Array:
   return check_interval(
       name,
       value,
@@ -159,7 +161,7 @@ def check_decay_rate(name: str, value: Any) -> Any:
   )
 
 
-def check_lr_decay(value: Any) -> Any:
+def check_lr_decay(value: Any) -> float | jax.Array | None:
   if value is None:
     return None
   fix = "Use None (or 1.0) for no decay; the rate is multiplied by lr_decay once per step."
@@ -168,7 +170,7 @@ def check_lr_decay(value: Any) -> Any:
 
 def check_count(
     name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
-) -> Any:
+) -> int | jax.Array:
   """Checks a concrete integer in [minimum, maximum]; returns it as an int.
 
   A JAX value is returned as it is, once its shape and dtype are checked.
@@ -182,12 +184,13 @@ def check_count(
   )
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
+  number = int(number)
   if number > maximum:
     _fail(name, value, f"an integer in [{minimum}, {maximum}]", fix)
-  return int(number)
+  return number
 
 
-def check_logging_interval(value: Any) -> Any:
+def check_logging_interval(value: Any) -> int | jax.Array | None:
   if value is None:
     return None
   return check_count(
