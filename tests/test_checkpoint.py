@@ -8,7 +8,6 @@ formats, neither of them pickle: orbax-checkpoint and flax.serialization
 """
 
 import logging
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -205,6 +204,7 @@ def test_checkpoint_holds_the_moments_by_name_in_the_params_dtype():
 
 RESUME_IN_NEW_PROCESS = """
 import sys
+sys.path.append(sys.argv[3])  # the checkout, for `tests`, after the installed package
 from flax import serialization
 import jax
 import orbax.checkpoint as ocp
@@ -233,10 +233,9 @@ def test_resume_in_a_new_python_process(tmp_path):
 
   result = tmp_path / "resumed.msgpack"
   root = Path(__file__).resolve().parent.parent
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-  subprocess.run(
-      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result)],
-      check=True, cwd=root, env=env, timeout=300,
+  subprocess.run(  # from tmp_path: `-c` puts the cwd first on sys.path
+      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result), str(root)],
+      check=True, cwd=tmp_path, timeout=300,
   )
   resumed = serialization.from_bytes(
       {"params": params, "opt_state": tx.init(params)}, result.read_bytes()

@@ -10,7 +10,8 @@ every internal page that a link reaches is loaded in the browser, and:
   element of that page;
 - every image on every page loads (decodes, non-zero width) and is a
   non-empty PNG or SVG file;
-- the API page has an entry for every name in ``gradient_ascent_jax.__all__``;
+- the API page has an entry for every name in ``gradient_ascent_jax.__all__``,
+  and shows the type aliases (``optax.ScalarOrSchedule``), not their expansions;
 - the site search for ``maximize`` lists the API entry of ``maximize``;
 - every row of every markdown table in docs/ and in the notebooks is on its
   page, with as many cells as its source row has (a row joined to the one
@@ -297,6 +298,16 @@ def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_
   has_example = browser.evaluate(API_EXAMPLES)
   without = [name for name in gax.__all__ if not has_example.get(f"gradient_ascent_jax.{name}")]
   assert not without, f"API entries without an example: {without}"
+
+
+def test_api_page_shows_type_aliases_not_their_expansions(browser, site_url):
+  browser.load(site_url + "api.html")
+  text = browser.evaluate("document.body.innerText")
+  for shown in ("learning_rate (optax.ScalarOrSchedule)", "momentum (jax.typing.ArrayLike)",
+                "accumulator_dtype (jax.typing.DTypeLike | None)", "count (chex.Array)"):
+    assert shown in text
+  for expanded in ("ndarray", "numpy.", "Callable[", "TypeAliasForwardRef"):
+    assert expanded not in text
 
 
 def test_notebooks_are_rendered(crawl, site_url):
