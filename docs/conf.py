@@ -90,5 +90,6 @@ html_theme_options = {
     "navigation_with_keys": False,
     "navbar_persistent": [],  # one search field (the sidebar's), not two
 }
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]  # tables that fit the column: see the file
 html_show_sourcelink = False

@@ -67,6 +67,8 @@ def gradient_ascent(
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
       or 0 for off. Off costs nothing; on, every step pays for a host callback.
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
+      ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
+      refused.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the state of

@@ -229,6 +229,17 @@ def check_accumulator_dtype(value: Any) -> None:
         "None or a floating-point dtype of 16 bits or more",
         "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
     )
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    # JAX would silently make float32 moments, and every update would then
+    # refuse the state that init had just made.
+    raise ValueError(
+        f"`accumulator_dtype` is {dtype.name} (got {value!r}), but 64-bit types are "
+        "off in JAX (its default), so the moments would silently be "
+        f"{jax.dtypes.canonicalize_dtype(dtype).name}. Enable 64-bit types at "
+        "startup, before any array is made: jax.config.update('jax_enable_x64', "
+        "True) (or JAX_ENABLE_X64=1 in the environment); or pass "
+        "accumulator_dtype=jnp.float32."
+    )
 
 
 def check_at_least(
@@ -267,6 +278,26 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
       )
 
 
+SPLIT_COMPLEX = (
+    "For complex parameters, wrap the optimizer: "
+    "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
+    "optimizes the real and imaginary parts as two real parameters."
+)
+
+
+def check_real_leaves(tree: Any, transform: str, what: str, why: str) -> None:
+  """Raises TypeError naming the first complex leaf; ``why`` says what needs real numbers."""
+  if not any(np.iscomplexobj(leaf) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.iscomplexobj(leaf):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
+          f"but {why}. {SPLIT_COMPLEX}"
+      )
+
+
 def check_floating_params(params: Any, transform: str) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   check_array_leaves(
@@ -288,8 +319,7 @@ def check_floating_params(params: Any, transform: str) -> None:
           f"{transform}: parameter {where} has dtype {shown}; only real "
           "floating-point parameters can be optimized. Mask non-trainable "
           "leaves out with optax.masked / optax.multi_transform (or replace "
-          "them with None), and split complex parameters into real and "
-          "imaginary parts."
+          f"them with None). {SPLIT_COMPLEX}"
       )
     if jnp.finfo(dtype).bits < 16:
       raise TypeError(
