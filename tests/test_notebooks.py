@@ -2,15 +2,14 @@
 
 Each notebook runs in a fresh ipykernel kernel started with THIS interpreter
 (a kernel spec written for the test, so a user-level ``python3`` spec pointing
-elsewhere cannot interfere) with this checkout first on ``PYTHONPATH``, so the
-notebooks test the code next to them, not an installed copy. The saved
-notebooks are not modified.
+elsewhere cannot interfere). The kernel imports the installed
+gradient_ascent_jax, as a user's would (``pip install -e .`` installs this
+checkout). The saved notebooks are not modified.
 """
 
 import itertools
 import json
 import math
-import os
 from pathlib import Path
 import re
 import sys
@@ -135,7 +134,6 @@ def execute(name, monkeypatch, kernel_dir):
   flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
            if not flag.startswith("--xla_force_host_platform_device_count")]
   monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   saved = stdout_of(notebook)
   for cell in notebook.cells:

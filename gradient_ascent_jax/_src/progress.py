@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from typing import NamedTuple
+from typing import cast
 
 import chex
 import jax
+import jax.core
 from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
 import numpy as np
@@ -143,7 +145,7 @@ class LogProgressState(NamedTuple):
     LogProgressState(count=Array(0, dtype=int32))
   """
 
-  count: chex.Array
+  count: chex.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 def log_progress(
@@ -227,7 +229,7 @@ def log_progress(
 
   def update_fn(updates, state, params=None):
     del params
-    step = optax.safe_increment(state.count)
+    step = cast(jax.Array, optax.safe_increment(state.count))
     interval = jnp.asarray(logging_interval)
     due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
 
