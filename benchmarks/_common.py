@@ -298,7 +298,7 @@ def environment() -> dict[str, str]:
     versions["torch"] = "absent"
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
       "machine": cpu_model(),
       "device": f"{device.platform} ({device.device_kind})",
       "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),

@@ -10,6 +10,7 @@ checkout). The saved notebooks are not modified.
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 import re
 import sys
