@@ -275,7 +275,7 @@ def test_nested_vmap_logs_once_per_step(log):
 
 def test_vmap_over_states_at_different_steps_logs_each_step(log):
   tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
-  states = gax.LogProgressState(count=jnp.array([0, 0, 4, 4], jnp.int32))
+  states = jax.vmap(tx.init)(jnp.zeros((4, 2)))._replace(count=jnp.array([0, 0, 4, 4], jnp.int32))
   step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)[1]))
   step(jnp.ones((4, 2)), states)
   jax.effects_barrier()
