@@ -3,6 +3,7 @@
 import logging
 import math
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -463,3 +464,217 @@ def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
     assert collective not in text
   expected = math.sqrt(128 * (1 + 4) + 16 * (9 + 16))
   np.testing.assert_allclose(float(progress._global_norm(tree)), expected, rtol=1e-6)
+
+
+# The objective in the records, and the descent warning ----------------------
+
+
+def _quadratic(x):
+  """The objective to maximize, highest (0) at x = 3."""
+  return -jnp.sum((x - 3.0) ** 2)
+
+
+def _ascend(tx, gradient_of, steps):
+  """Runs ``steps`` jitted steps from 0 passing value=_quadratic; returns the params seen."""
+  x = jnp.zeros(2)
+  state = tx.init(x)
+
+  @jax.jit
+  def step(x, state):
+    updates, state = tx.update(jax.grad(gradient_of)(x), state, x, value=_quadratic(x))
+    return optax.apply_updates(x, updates), state
+
+  seen = []
+  for _ in range(steps):
+    seen.append(np.asarray(x, np.float64))
+    x, state = step(x, state)
+  jax.effects_barrier()
+  return seen, state
+
+
+def _warnings(caplog):
+  return [r for r in _records(caplog) if r.levelno == logging.WARNING]
+
+
+def test_record_shows_the_objective_at_that_step(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=3)
+  seen, _ = _ascend(tx, _quadratic, 9)
+  records = _records(log)
+  assert [r.step for r in records] == [3, 6, 9]
+  # Step t is taken from the params before it, seen[t - 1]: -sum((x - 3)^2) by hand.
+  expected = [-np.sum((seen[t - 1] - 3.0) ** 2) for t in (3, 6, 9)]
+  np.testing.assert_allclose([r.value for r in records], expected, rtol=1e-6)
+  assert records[0].getMessage().startswith(f"step 3: objective {expected[0]:.6g}, learning rate")
+  assert _warnings(log) == []
+
+
+def test_without_value_the_record_has_no_objective(log):
+  _run(gax.gradient_ascent(logging_interval=1), 1)
+  (record,) = _records(log)
+  assert not hasattr(record, "value")
+  assert record.getMessage() == "step 1: learning rate 0.01, gradient norm 5"
+
+
+def test_log_progress_alone_takes_value():
+  tx = gax.log_progress(logging_interval=1)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(jnp.zeros(2))
+  for value in (4.0, 1.0):
+    _, state = tx.update(jnp.ones(2), state, value=value)
+  assert (float(state.first_value), float(state.last_value)) == (4.0, 1.0)
+  assert (int(state.falls), float(state.run_start_value)) == (1, 4.0)
+  np.testing.assert_allclose(float(state.mean_square_change), 9.0)  # one change, of -3
+
+
+def test_value_that_is_not_a_scalar_is_refused():
+  tx = gax.gradient_ascent(logging_interval=1)
+  with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
+                     r"float32 of shape \(3,\)"):
+    tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), value=jnp.ones(3))
+
+
+def test_logging_off_with_value_holds_no_callback():
+  params = jnp.zeros(2)
+  for tx in (gax.gradient_ascent(), gax.gradient_ascent(logging_interval=0)):
+    lowered = jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, params, value=v)).lower(
+        jnp.ones(2), tx.init(params), 1.0).as_text()
+    assert "callback" not in lowered
+
+
+def test_loss_gradient_mistake_warns_once_within_five_intervals(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+  # The mistake: the gradient of the loss sum((x - 3)^2), i.e. of -objective.
+  _, state = _ascend(tx, lambda x: -_quadratic(x), 100)
+  (warning,) = _warnings(log)
+  # Records at steps 5, 10, ...: the first sets the reference, the next 4 fall.
+  assert warning.step == 25
+  message = warning.getMessage()
+  assert "increases the objective whose gradient it is given" in message
+  assert "the gradient of a loss (or a sign error) makes it descend" in message
+  assert "grads = jax.grad(objective)(params)" in message
+  assert "jax.grad(lambda p: -loss(p))(params)" in message
+  assert len([r for r in _records(log) if r.levelno == logging.INFO]) == 20  # records go on
+  assert bool(state[0].descent_warned)
+  # A fresh state is a new run: it warns again.
+  log.clear()
+  _ascend(tx, lambda x: -_quadratic(x), 30)
+  assert [r.step for r in _warnings(log)] == [25]
+
+
+def test_descent_warning_shows_when_info_is_not_enabled(caplog, fresh_warning):
+  caplog.set_level(logging.WARNING, logger=LOGGER)
+  _ascend(gax.gradient_ascent(learning_rate=0.1, logging_interval=5), lambda x: -_quadratic(x), 40)
+  messages = [r.getMessage() for r in _warnings(caplog)]
+  assert len(messages) == 2
+  assert "dropped" in messages[0] and "keeps falling" in messages[1]
+
+
+def test_rising_objective_never_warns(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=1)
+  _, state = _ascend(tx, _quadratic, 300)  # oscillates about the maximum at the end
+  assert len(_records(log)) == 300 and _warnings(log) == []
+  assert not bool(state[0].descent_warned)
+
+
+NOISE_SEEDS = 64
+
+
+def _noisy_runs(gradient_sign, interval, steps=300):
+  """NOISE_SEEDS seeded runs (vmapped, one scan each) on the quadratic with noisy
+  values and gradients; returns each run's final LogProgressState."""
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=interval)
+
+  def run(key):
+    x = jnp.zeros(2)
+
+    def body(carry, key):
+      x, state = carry
+      value_key, grad_key = jax.random.split(key)
+      value = _quadratic(x) + 2.0 * jax.random.normal(value_key)  # std 2 on a range of 18
+      grads = gradient_sign * (jax.grad(_quadratic)(x) + 2.0 * jax.random.normal(grad_key, (2,)))
+      updates, state = tx.update(grads, state, x, value=value)
+      return (optax.apply_updates(x, updates), state), None
+
+    (x, state), _ = jax.lax.scan(body, (x, tx.init(x)), jax.random.split(key, steps))
+    return state[0]
+
+  states = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(interval), NOISE_SEEDS))
+  jax.effects_barrier()
+  return states
+
+
+@pytest.mark.parametrize("interval", [1, 2, 5, 10])
+def test_noisy_ascent_never_warns_and_noisy_descent_does(log, interval):
+  states = _noisy_runs(+1.0, interval)
+  assert not np.any(states.descent_warned)  # every seed, each with its own state
+  assert _warnings(log) == []
+  # vmap: one record per logged step, not one per seed.
+  assert [r.step for r in _records(log)] == list(range(interval, 301, interval))
+  log.clear()
+  states = _noisy_runs(-1.0, interval)  # the same noise, the gradient of the loss
+  assert np.all(states.descent_warned)
+  # One warning: the first step at which any seed descends.
+  assert len(_warnings(log)) == 1
+
+
+def test_descent_warning_under_pmap_once(log):
+  n = jax.local_device_count()
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+  x = jnp.zeros((n, 2))
+  state = jax.pmap(tx.init)(x)
+
+  @jax.pmap
+  def step(x, state):
+    updates, state = tx.update(-jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+    return optax.apply_updates(x, updates), state
+
+  for _ in range(30):
+    x, state = step(x, state)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log) if r.levelno == logging.INFO] == [5, 10, 15, 20, 25, 30]
+  assert [r.step for r in _warnings(log)] == [25]
+
+
+class _OldLogProgressState(NamedTuple):
+  """LogProgressState as saved before the objective was tracked: the count only."""
+
+  count: jax.Array
+
+
+_OldLogProgressState.__name__ = "LogProgressState"
+
+
+def test_state_of_the_old_layout_is_refused_not_misread():
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  old = (_OldLogProgressState(count=jnp.asarray(4, jnp.int32)), *state[1:])
+  with pytest.raises(ValueError, match=r"log_progress: the state is a LogProgressState with the "
+                     r"fields \('count',\), but log_progress now keeps \('count', 'first_value'"):
+    tx.update(jnp.ones(2), old, params)
+  # The fix the message names works.
+  fresh = (state[0]._replace(count=old[0].count), *state[1:])
+  assert int(tx.update(jnp.ones(2), fresh, params)[1][0].count) == 5
+
+
+def test_records_are_replayed_under_checkpoint_with_grad(log):
+  # Pinned JAX behaviour: remat recomputes the forward pass in the backward
+  # pass, debug callbacks included, and offers no way to tell the replay apart.
+  tx = gax.gradient_ascent(logging_interval=2)
+
+  def run(x):
+    state = tx.init(x)
+    for _ in range(6):
+      def step(x, state):
+        updates, state = tx.update(-2 * x + 1, state, x)
+        return optax.apply_updates(x, updates), state
+      x, state = jax.checkpoint(step)(x, state)
+    return x.sum()
+
+  jax.jit(jax.grad(run))(jnp.ones(3))
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 2, 4, 4, 6, 6]
+  log.clear()
+  jax.jit(run)(jnp.ones(3))  # without grad: once
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 6]

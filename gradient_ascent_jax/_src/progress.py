@@ -152,9 +152,9 @@ _DESCENT_NOISE = 3.0
 
 _DESCENT_WARNING = (
     "gradient_ascent_jax: the objective passed as value= keeps falling: it fell "
-    "at each of the last {records} progress records, from {start:.6g} to "
-    "{value:.6g} at step {step} (below {first:.6g}, its value at the first "
-    "record), by more than its record-to-record noise. gradient_ascent "
+    "at each of the last {records} progress records, up to step {step}, and "
+    "is below its value at the first step, both by more than its "
+    "record-to-record noise. gradient_ascent "
     "increases the objective whose gradient it is given; the gradient of a "
     "loss (or a sign error) makes it descend. Pass the gradient of the "
     "objective to maximize: grads = jax.grad(objective)(params), for a loss "
@@ -172,7 +172,7 @@ class LogProgressState(NamedTuple):
 
   Attributes:
     count: steps already seen, an int32 scalar that saturates at its maximum.
-    first_value: the objective at the first record (float32; NaN until then).
+    first_value: the objective at the first step (float32; NaN until then).
     last_value: the objective at the latest record (NaN until then).
     run_start_value: the objective at the record before the current run of
       falls.
@@ -215,6 +215,8 @@ def _check_layout(state: LogProgressState) -> None:
 def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressState, jax.Array]:
   """The state after the objective ``value`` at a step; whether it now descends."""
   value = jnp.asarray(value, jnp.float32)
+  finite = jnp.isfinite(value)
+  first = jnp.where(jnp.isnan(state.first_value) & finite, value, state.first_value)
   seen = ~jnp.isnan(state.last_value)
   change = value - state.last_value
   fell = seen & (change < 0)
@@ -224,7 +226,7 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   )
   new = LogProgressState(
       count=state.count,
-      first_value=jnp.where(seen, state.first_value, value),
+      first_value=first,
       last_value=value,
       run_start_value=jnp.where(fell & (state.falls == 0), state.last_value, state.run_start_value),
       falls=jnp.where(fell, state.falls + 1, 0),
@@ -232,16 +234,17 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
       changes=changes,
       descent_warned=state.descent_warned,
   )
+  noise = _DESCENT_NOISE * jnp.sqrt(new.mean_square_change)
   descending = (
       (new.falls >= _DESCENT_RECORDS)
-      & (new.run_start_value - value > _DESCENT_NOISE * jnp.sqrt(new.mean_square_change))
-      & (value < new.first_value)
+      & (new.run_start_value - value > noise)
+      & (first - value > noise)
   )
   new = new._replace(descent_warned=state.descent_warned | descending)
   # A non-finite objective is logged but not counted.
-  counted = due & jnp.isfinite(value)
+  counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
-  return new, counted & descending & ~state.descent_warned
+  return new._replace(first_value=first), counted & descending & ~state.descent_warned
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -279,11 +282,12 @@ def log_progress(
   which is what the gradient of a loss does to ascent. The rule, decided in
   the compiled step from the values at logged steps (kept in the state; the
   host remembers nothing): the objective fell at each of the last 4 records,
-  the total fall over them is more than 3 times the root mean square of its
-  record-to-record changes so far, and it is below its value at the first
-  record. Noisy ascent does not meet it: random dips seldom come 4 in a row,
-  the changes of a rising objective (its rises included) make the noise scale,
-  and ascent stays above where it started. Values that are not finite are
+  and both the total fall over them and its distance below its value at the
+  first step are more than 3 times the root mean square of its
+  record-to-record changes so far. Noisy ascent does not meet it: random dips
+  seldom come 4 in a row, the changes of a rising objective (its rises
+  included) make the noise scale, and ascent stays well above where it
+  started. Values that are not finite are
   logged but not counted. In a chain in front of a descent optimizer
   (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
 
@@ -358,12 +362,8 @@ def log_progress(
             extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
         )
     if objective and objective[1]:
-      value, start, first = (float(np.asarray(x)) for x in (objective[0], *objective[2:]))
       logger.warning(
-          _DESCENT_WARNING.format(
-              records=_DESCENT_RECORDS, start=start, value=value, step=step, first=first
-          ),
-          extra={"step": step, "value": value},
+          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step), extra={"step": step}
       )
 
   def rate_at(count):
@@ -391,7 +391,7 @@ def log_progress(
     if value is not None:
       value = _scalar_objective(value)
       new_state, descending = _track_descent(new_state, value, due)
-      objective = (value, descending, new_state.run_start_value, new_state.first_value)
+      objective = (value, descending)
 
     def send(tree, objective):
       grad_norm = _global_norm(tree)
@@ -399,8 +399,8 @@ def log_progress(
       payload = jax.lax.stop_gradient((rate, grad_norm, *objective))
       show = due & _first_of_its_step(step, due, *payload)
       if objective:
-        value, descending, *rest = objective
-        objective = (value, _any_of_its_step(step, due, descending), *rest)
+        value, descending = objective
+        objective = (value, _any_of_its_step(step, due, descending))
       jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device(), *objective)
 
     if isinstance(due, jax.core.Tracer):
