@@ -678,3 +678,15 @@ def test_records_are_replayed_under_checkpoint_with_grad(log):
   jax.jit(run)(jnp.ones(3))  # without grad: once
   jax.effects_barrier()
   assert [r.step for r in _records(log)] == [2, 4, 6]
+
+
+def test_state_can_be_donated(log):
+  # Every field its own buffer: XLA refuses to donate one buffer twice.
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  step = jax.jit(lambda p, s: tx.update(jnp.ones(2), s, p, value=1.0), donate_argnums=(1,))
+  state = tx.init(params)
+  for _ in range(2):
+    state = step(params, state)[1]
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2]

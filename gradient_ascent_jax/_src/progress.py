@@ -373,11 +373,17 @@ def log_progress(
 
   def init_fn(params):
     count = transforms.zero_step_count(params)
-    nan = jnp.full_like(count, jnp.nan, jnp.float32)
+
+    def like_count(fill, dtype):
+      # One buffer per field: a donated state must not hold one buffer twice.
+      return jnp.full_like(count, fill, dtype)
+
     return LogProgressState(
-        count=count, first_value=nan, last_value=nan, run_start_value=nan, falls=count,
-        mean_square_change=jnp.zeros_like(count, jnp.float32), changes=count,
-        descent_warned=jnp.zeros_like(count, bool),
+        count=count, first_value=like_count(jnp.nan, jnp.float32),
+        last_value=like_count(jnp.nan, jnp.float32),
+        run_start_value=like_count(jnp.nan, jnp.float32), falls=like_count(0, jnp.int32),
+        mean_square_change=like_count(0, jnp.float32), changes=like_count(0, jnp.int32),
+        descent_warned=like_count(False, bool),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
