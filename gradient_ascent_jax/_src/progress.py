@@ -145,16 +145,19 @@ def _on_one_device(tree: optax.Updates) -> optax.Updates:
   return jax.device_put(tree, next(iter(placements[0])))
 
 
-# The descent rule (see log_progress): this many consecutive falls, and a
-# total fall of more than _DESCENT_NOISE root-mean-square changes.
+# The descent rule (see log_progress): this many consecutive records below
+# the first step's objective by more than _DESCENT_NOISE noise deviations.
+# The noise of one recorded value is estimated from the second differences
+# of the records (x_k - 2 x_{k-1} + x_{k-2} has variance 6 sigma^2 for
+# independent noise), which a steady trend does not inflate.
 _DESCENT_RECORDS = 4
-_DESCENT_NOISE = 3.0
+_DESCENT_NOISE = 4.0
 
 _DESCENT_WARNING = (
-    "gradient_ascent_jax: the objective passed as value= keeps falling: it fell "
-    "at each of the last {records} progress records, up to step {step}, and "
-    "is below its value at the first step, both by more than its "
-    "record-to-record noise. gradient_ascent "
+    "gradient_ascent_jax: the objective passed as value= has fallen and stays "
+    "down: at each of the last {records} progress records, up to step {step}, "
+    "it was below its value at the first step by more than {noise:g} times its "
+    "noise. gradient_ascent "
     "increases the objective whose gradient it is given; the gradient of a "
     "loss (or a sign error) makes it descend. Pass the gradient of the "
     "objective to maximize: grads = jax.grad(objective)(params), for a loss "
@@ -174,29 +177,30 @@ class LogProgressState(NamedTuple):
     count: steps already seen, an int32 scalar that saturates at its maximum.
     first_value: the objective at the first step (float32; NaN until then).
     last_value: the objective at the latest record (NaN until then).
-    run_start_value: the objective at the record before the current run of
-      falls.
-    falls: how many consecutive records the objective fell at (int32).
-    mean_square_change: mean of the squared change of the objective from one
-      record to the next.
-    changes: how many changes that mean holds (int32).
+    records_below: how many consecutive records the objective was below
+      ``first_value`` by more than its noise (int32).
+    last_change: the change of the objective from the record before to the
+      latest one (NaN until there are two).
+    noise_variance: the variance of the noise of one recorded value, estimated
+      as the mean square of the second differences of the records over 6.
+    noise_samples: how many second differences that mean holds (int32).
     descent_warned: whether the descent warning has been given (bool).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import gradient_ascent_jax as gax
     >>> state = gax.log_progress(logging_interval=10).init(jnp.ones(2))
-    >>> state.count, state.falls, state.descent_warned
+    >>> state.count, state.records_below, state.descent_warned
     (Array(0, dtype=int32), Array(0, dtype=int32), Array(False, dtype=bool))
   """
 
   count: chex.Array
   first_value: chex.Array
   last_value: chex.Array
-  run_start_value: chex.Array
-  falls: chex.Array
-  mean_square_change: chex.Array
-  changes: chex.Array
+  last_change: chex.Array
+  records_below: chex.Array
+  noise_variance: chex.Array
+  noise_samples: chex.Array
   descent_warned: chex.Array
 
 
@@ -217,30 +221,22 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   value = jnp.asarray(value, jnp.float32)
   finite = jnp.isfinite(value)
   first = jnp.where(jnp.isnan(state.first_value) & finite, value, state.first_value)
-  seen = ~jnp.isnan(state.last_value)
   change = value - state.last_value
-  fell = seen & (change < 0)
-  changes = jnp.where(seen, optax.safe_increment(state.changes), state.changes)
-  mean_square = state.mean_square_change + (change**2 - state.mean_square_change) / jnp.maximum(
-      changes, 1
-  )
+  curvature = change - state.last_change
+  sampled = ~jnp.isnan(curvature)
+  samples = jnp.where(sampled, optax.safe_increment(state.noise_samples), state.noise_samples)
+  variance = state.noise_variance + (curvature**2 / 6 - state.noise_variance) / jnp.maximum(
+      samples, 1)
+  variance = jnp.where(sampled, variance, state.noise_variance)
+  below = (samples > 0) & (first - value > _DESCENT_NOISE * jnp.sqrt(variance))
+  records_below = jnp.where(below, optax.safe_increment(state.records_below), 0)
+  descending = records_below >= _DESCENT_RECORDS
   new = LogProgressState(
-      count=state.count,
-      first_value=first,
-      last_value=value,
-      run_start_value=jnp.where(fell & (state.falls == 0), state.last_value, state.run_start_value),
-      falls=jnp.where(fell, state.falls + 1, 0),
-      mean_square_change=jnp.where(seen, mean_square, state.mean_square_change),
-      changes=changes,
-      descent_warned=state.descent_warned,
+      count=state.count, first_value=first, last_value=value,
+      last_change=jnp.where(jnp.isnan(change), state.last_change, change),
+      records_below=records_below, noise_variance=variance, noise_samples=samples,
+      descent_warned=state.descent_warned | descending,
   )
-  noise = _DESCENT_NOISE * jnp.sqrt(new.mean_square_change)
-  descending = (
-      (new.falls >= _DESCENT_RECORDS)
-      & (new.run_start_value - value > noise)
-      & (first - value > noise)
-  )
-  new = new._replace(descent_warned=state.descent_warned | descending)
   # A non-finite objective is logged but not counted.
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
@@ -278,16 +274,17 @@ def log_progress(
   (e.g. from ``jax.value_and_grad``) and the record shows it too, as
   ``objective`` in the message and as the attribute ``value``: the value at
   that step. ``value`` is read as an objective to MAXIMIZE. One ``WARNING``
-  (once per optimizer state, so once per run) says so when it keeps falling,
-  which is what the gradient of a loss does to ascent. The rule, decided in
-  the compiled step from the values at logged steps (kept in the state; the
-  host remembers nothing): the objective fell at each of the last 4 records,
-  and both the total fall over them and its distance below its value at the
-  first step are more than 3 times the root mean square of its
-  record-to-record changes so far. Noisy ascent does not meet it: random dips
-  seldom come 4 in a row, the changes of a rising objective (its rises
-  included) make the noise scale, and ascent stays well above where it
-  started. Values that are not finite are
+  (once per optimizer state, so once per run) says so when it falls and stays
+  down, which is what the gradient of a loss does to ascent. The rule,
+  decided in the compiled step from the values at logged steps (kept in the
+  state; the host remembers nothing): at each of the last 4 records the
+  objective was below its value at the first step by more than 4 times the
+  noise of one record. That noise is estimated from the second differences
+  of the records so far (``x_k - 2 x_(k-1) + x_(k-2)``, of variance
+  ``6 sigma^2`` for independent noise), which a steady rise or fall leaves
+  out. Noisy ascent does not meet it: it stays above where it started, a dip
+  of ordinary size is within 4 deviations, and one record above the line
+  starts the count again. Values that are not finite are
   logged but not counted. In a chain in front of a descent optimizer
   (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
 
@@ -363,7 +360,8 @@ def log_progress(
         )
     if objective and objective[1]:
       logger.warning(
-          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step), extra={"step": step}
+          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
+          extra={"step": step},
       )
 
   def rate_at(count):
@@ -381,8 +379,8 @@ def log_progress(
     return LogProgressState(
         count=count, first_value=like_count(jnp.nan, jnp.float32),
         last_value=like_count(jnp.nan, jnp.float32),
-        run_start_value=like_count(jnp.nan, jnp.float32), falls=like_count(0, jnp.int32),
-        mean_square_change=like_count(0, jnp.float32), changes=like_count(0, jnp.int32),
+        last_change=like_count(jnp.nan, jnp.float32), records_below=like_count(0, jnp.int32),
+        noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
         descent_warned=like_count(False, bool),
     )
 
