@@ -12,6 +12,8 @@ from pathlib import Path
 import shutil
 import sys
 
+import sphinx.util.inspect
+
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # document this checkout, not an installed copy
@@ -39,7 +41,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
 ]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+# pypi.md is the package index's description (pyproject's readme), not a page.
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "pypi.md"]
 
 # The notebooks are shown with their committed outputs; tests/test_notebooks.py
 # executes every one of them against the current library.
@@ -50,9 +53,29 @@ myst_heading_anchors = 3
 autodoc_default_options = {}  # the State fields come from each docstring's Attributes
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Show the annotations as written (the module uses postponed annotations), not
+# expanded: `optax.ScalarOrSchedule` instead of a union of a dozen NumPy types.
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "optax.ScalarOrSchedule",
+        "optax.Schedule",
+        "optax.Updates",
+        "optax.Params",
+        "jax.typing.ArrayLike",
+        "jax.typing.DTypeLike",
+        "chex.Array",
+    )
+}
+# Inside a union (`jax.typing.DTypeLike | None`) Sphinx prints an alias by its
+# repr, "TypeAliasForwardRef('jax.typing.DTypeLike')": print its name.
+sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# The State fields' types show once, as the constructor's parameters (through
+# autodoc_type_aliases); napoleon would repeat them expanded under Attributes.
+napoleon_attr_annotations = False
 
 # Docstring literal blocks (``::``) hold equations and pseudo-code, not Python.
 highlight_language = "none"
@@ -67,5 +90,6 @@ html_theme_options = {
     "navigation_with_keys": False,
     "navbar_persistent": [],  # one search field (the sidebar's), not two
 }
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]  # tables that fit the column: see the file
 html_show_sourcelink = False

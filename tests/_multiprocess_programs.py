@@ -7,7 +7,7 @@ Nothing here touches ``jax.distributed`` at import time.
 
 Run as a worker::
 
-  python -m tests._multiprocess_programs PROCESS_ID NUM_PROCESSES PORT OUT_DIR [SCENARIOS]
+  python tests/_multiprocess_programs.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [SCENARIOS]
 
 SCENARIOS is a comma-separated subset of the layouts, ``checkpoint`` and
 ``logging`` (default: all).

@@ -1,6 +1,15 @@
-"""Test setup: 8 fake CPU devices for pmap/sharding, set before JAX starts."""
+"""Test setup: 8 fake CPU devices for pmap/sharding, set before JAX starts.
+
+The tests import the installed gradient_ascent_jax (``pip install -e .``
+installs this checkout; CI also installs the built wheel and runs the suite
+from a copy of the checkout without the package). The checkout is appended
+to ``sys.path``, after site-packages, for the ``tests`` and ``benchmarks``
+helpers, so it never stands in for the installed copy.
+"""
 
 import os
+from pathlib import Path
+import sys
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -9,6 +18,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if CHECKOUT not in sys.path:
+  sys.path.append(CHECKOUT)
+
+
+def pytest_report_header(config):
+  import gradient_ascent_jax as gax  # after the XLA flags above
+
+  return f"gradient_ascent_jax {gax.__version__} from {gax.__file__}"
 
 
 @pytest.fixture

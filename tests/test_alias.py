@@ -9,6 +9,8 @@
 """
 
 import functools
+import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import alias
 from tests import _mlp
 from tests._reference import ReferenceGradientAscent
 
@@ -265,6 +268,60 @@ def test_equals_sign_reversed_optax_rmsprop(dtype, rtol, momentum, beta):
         np.testing.assert_allclose(got, -descent, rtol=rtol, atol=rtol * 0.02)
 
 
+# --- the size of the first steps ------------------------------------------------------------
+
+
+def test_first_steps_are_hand_worked_multiples_of_the_learning_rate():
+  # No bias correction: with a gradient g of constant sign, m_t = (1 - beta^t) g^2, so
+  # s_t = sign(g) / sqrt(1 - beta^t) whatever |g|, and v_t = 0.9 v_{t-1} + s_t. By hand
+  # (beta 0.999): v_1 = 1 / sqrt(0.001) = 31.6228; v peaks at step 11, 93.431; the first
+  # ten v_t add up to 750.43.
+  lr, g = 1e-3, jnp.array([-1e3, -0.1, 2.0, 50.0])
+  tx = gax.gradient_ascent(learning_rate=lr)
+  state, moves = tx.init(jnp.zeros(4)), []
+  for _ in range(30):
+    updates, state = tx.update(g, state)
+    np.testing.assert_array_equal(np.sign(updates), np.sign(g))  # uphill, every element
+    moves.append(np.abs(np.asarray(updates, np.float64)) / lr)
+  moves = np.array(moves)
+  np.testing.assert_allclose(moves[0], 31.6228, rtol=1e-5)
+  np.testing.assert_allclose(moves.max(axis=0), 93.431, rtol=1e-4)
+  np.testing.assert_array_equal(moves.argmax(axis=0), 10)  # step 11
+  np.testing.assert_allclose(moves[:10].sum(axis=0), 750.43, rtol=1e-4)
+
+
+def fit_gaussian_mixture(learning_rate, steps=2000):
+  """Maximum likelihood of 0.5 N(-2, 1) + 0.5 N(3, 1) from 1000 draws; the fitted means, stds."""
+  component, noise = jax.random.split(jax.random.key(0))
+  data = jnp.where(jax.random.bernoulli(component, 0.5, (1000,)), -2.0, 3.0)
+  data = data + jax.random.normal(noise, (1000,))
+
+  def log_likelihood(p):
+    std = jnp.exp(p["log_std"])
+    log_densities = (jax.nn.log_softmax(p["logits"]) - 0.5 * ((data[:, None] - p["mu"]) / std) ** 2
+                     - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi))
+    return jnp.mean(jax.nn.logsumexp(log_densities, axis=1))
+
+  tx = gax.gradient_ascent(learning_rate)
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(log_likelihood)(params), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  params = {"mu": jnp.array([-0.5, 0.5]), "log_std": jnp.zeros(2), "logits": jnp.zeros(2)}
+  (params, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
+  return np.asarray(params["mu"]), np.exp(np.asarray(params["log_std"]))
+
+
+def test_a_learning_rate_of_adams_habit_breaks_a_gaussian_mixture_fit():
+  means, stds = fit_gaussian_mixture(1e-3)
+  np.testing.assert_allclose(means, [-2.0, 3.0], atol=0.1)  # the sample's own error: ~0.07
+  np.testing.assert_allclose(stds, [1.0, 1.0], atol=0.1)
+  means, stds = fit_gaussian_mixture(3e-2)  # first step 0.95 on every parameter
+  assert means.min() < -5.0 and stds.max() > 100.0, (means, stds)
+
+
 # --- (c) maximize ---------------------------------------------------------------------------
 
 DESCENT_OPTIMIZERS = {
@@ -494,6 +551,37 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   np.testing.assert_allclose(optax.tree.get(state, "value"), concave(ascent[-1]), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(LINESEARCH_OPTIMIZERS))
+def test_maximize_line_search_hands_value_fn_its_own_extra_arguments(name):
+  # Optax's line searches read value_fn's signature to pick the extra arguments it
+  # takes: the negated value_fn must keep it, or update(..., weight=...) is refused.
+  def objective(x, weight):
+    return weight * concave(x)
+
+  def run(tx, objective):
+    @jax.jit
+    def step(x, state):
+      value, grad = jax.value_and_grad(objective)(x, 2.0)
+      updates, state = tx.update(
+          grad, state, x, value=value, grad=grad, value_fn=objective, weight=2.0
+      )
+      return optax.apply_updates(x, updates), state
+
+    x, state, path = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+    for _ in range(8):
+      x, state = step(x, state)
+      path.append(x)
+    return path
+
+  ascent = run(gax.maximize(LINESEARCH_OPTIMIZERS[name]()), objective)
+  values = [float(concave(x)) for x in [jnp.zeros(3), *ascent]]
+  assert values[-1] > values[1] > values[0], values
+  if name == "sgd_backtracking":  # (L-BFGS compiles slowly; one run of it is enough)
+    descent = run(LINESEARCH_OPTIMIZERS[name](), lambda x, weight: -objective(x, weight))
+    for x_up, x_down in zip(ascent, descent, strict=True):
+      np.testing.assert_array_equal(x_up, x_down)
+
+
 # --- maximize across the rest of Optax ------------------------------------------------------
 
 
@@ -547,6 +635,92 @@ def test_maximize_reduce_on_plateau_sees_the_maximizers_progress():
   runs = ascent_and_descent(make, steps=30, extra=lambda f, x: {"value": f(x)})
   assert_ascends_as_descent_on_negation(runs)
   assert float(optax.tree.get(runs[0][-1][2], "scale")) < 1.0  # it did reduce
+
+
+def rise_then_flat(start, top):
+  """An objective that rises in 10 steps of at least 1 from start to top, then stays."""
+  return [start + (top - start) * k / 10 for k in range(11)] + [top] * 30
+
+
+def plateau_scales(tx, values):
+  """The reduce_on_plateau scale after each update fed value=values[k], and the last state."""
+  x, update = jnp.zeros(3), jax.jit(tx.update)
+  state, scales = tx.init(x), []
+  for value in values:
+    _, state = update(jnp.zeros(3), state, x, value=jnp.float32(value))
+    scales.append(float(optax.tree.get(state, "scale")))
+  return scales, state
+
+
+@pytest.fixture
+def plateau_warning_not_yet_shown(monkeypatch):
+  monkeypatch.setattr(alias, "_plateau_relative_test_warned", threading.Event(), raising=False)
+
+
+def maximize_with_plateau(**plateau):
+  return gax.maximize(
+      optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=3, factor=0.5, **plateau))
+  )
+
+
+@pytest.mark.parametrize(("start", "top"), [(-30.0, -20.0), (-2.0, 8.0), (2.0, 12.0)],
+                         ids=["negative", "zero-crossing", "positive"])
+def test_maximize_reduce_on_plateau_with_rtol_0_cuts_for_either_sign(start, top):
+  scales, state = plateau_scales(maximize_with_plateau(rtol=0.0, atol=1e-3),
+                                 rise_then_flat(start, top))
+  assert scales[10] == 1.0  # every rise of >= 1 is progress
+  # 30 flat steps at patience 3: a halving every third step, ten in all.
+  assert scales[-1] == 2.0**-10
+  assert float(optax.tree.get(state, "best_value")) == -top  # the best of -objective
+
+
+def test_maximize_reduce_on_plateau_with_optaxs_relative_test_never_cuts_a_positive_objective():
+  # Optax's own test, value < (1 - rtol) * best - atol: under maximize the value is
+  # -objective, and a flat negative value passes it.
+  tx = maximize_with_plateau()
+  assert plateau_scales(tx, rise_then_flat(-30.0, -20.0))[0][-1] == 2.0**-10
+  assert plateau_scales(tx, rise_then_flat(2.0, 12.0))[0][-1] == 1.0
+
+
+def test_gradient_ascent_with_reduce_on_plateau_is_its_chain_under_maximize():
+  # The guide's recipe: gradient_ascent's stages after its flip_sign, under maximize.
+  def plateau():
+    return optax.contrib.reduce_on_plateau(patience=3, factor=0.5, rtol=0.0, atol=1e-3)
+
+  def run(tx):
+    x, state, path = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+    for _ in range(8):  # the objective sum(x) rises at every step
+      updates, state = tx.update(jnp.ones(3), state, x, value=jnp.sum(x))
+      x = optax.apply_updates(x, updates)
+      path.append(x)
+    return path, float(optax.tree.get(state, "scale", 1.0))  # (gradient_ascent has none)
+
+  recipe = gax.maximize(optax.chain(
+      gax.scale_by_adaptive_rms(), gax.momentum(), gax.scale_by_warmup_decay(0.05), plateau()))
+  with jax.disable_jit():
+    plain, _ = run(gax.gradient_ascent(0.05))
+    with_plateau, scale = run(recipe)
+    assert scale == 1.0  # no plateau: it is gradient_ascent, bit for bit
+    for x_plain, x_recipe in zip(plain, with_plateau, strict=True):
+      np.testing.assert_array_equal(x_plain, x_recipe)
+    # Chained after gradient_ascent() instead, the plateau logic gets +objective, a
+    # value it minimizes: it cuts the rate while the objective rises.
+    assert run(optax.chain(gax.gradient_ascent(0.05), plateau()))[1] < 1.0
+
+
+def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
+    plateau_warning_not_yet_shown, caplog
+):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    gax.maximize(optax.sgd(0.1)).init(jnp.zeros(3))
+    assert not caplog.records
+    for _ in range(2):
+      maximize_with_plateau().init(jnp.zeros(3))
+  [record] = caplog.records
+  assert record.levelno == logging.WARNING
+  message = record.getMessage()
+  assert "reduce_on_plateau" in message and "state[1]" in message
+  assert "rtol=0.0" in message and "atol" in message
 
 
 def test_maximize_schedule_free_adamw_and_its_eval_params():
@@ -611,3 +785,94 @@ def test_maximize_apply_if_finite_skips_a_non_finite_step():
   ascent = runs[0]
   np.testing.assert_array_equal(ascent[4][0], ascent[3][0])  # the NaN step was skipped
   assert int(ascent[-1][2].total_notfinite) == 1
+
+
+# --- the objective in update's extra arguments (value, grad, value_fn, obj_fn, grad_fn) ----
+
+
+def test_maximize_hands_hutchinson_the_losss_curvature():
+  # obj = -sum((x - 1)^2): the loss -obj has Hessian 2 I, so the diagonal estimate is 2.
+  def objective(x):
+    return -jnp.sum((x - 1.0) ** 2)
+
+  estimator = gax.maximize(optax.contrib.hutchinson_estimator_diag_hessian())
+  x = jnp.zeros(3)
+  estimate, _ = estimator.update(jax.grad(objective)(x), estimator.init(x), x, obj_fn=objective)
+  np.testing.assert_array_equal(estimate, [2.0, 2.0, 2.0])
+
+
+def test_maximize_sophia():
+  def make():
+    return optax.contrib.sophia(0.05, gamma=1.0, clip_threshold=10.0, update_interval=1)
+
+  runs = ascent_and_descent(make, steps=40, extra=lambda f, x: {"obj_fn": f})
+  assert_ascends_as_descent_on_negation(runs)
+
+
+VALUE_OPTIMIZERS = {
+    "polyak_sgd": lambda: optax.polyak_sgd(max_learning_rate=0.5),
+    "momo": lambda: optax.contrib.momo(0.5),
+    "momo_adam": lambda: optax.contrib.momo_adam(0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_OPTIMIZERS))
+def test_maximize_optimizers_that_take_the_value(name):
+  runs = ascent_and_descent(VALUE_OPTIMIZERS[name], steps=30, extra=lambda f, x: {"value": f(x)})
+  assert_ascends_as_descent_on_negation(runs)
+
+
+@pytest.mark.parametrize("f_min", [-5.0, 0.0])
+def test_maximize_polyak_sgd_f_min_bounds_the_negated_objective(f_min):
+  # The objective's maximum is 5. Polyak's step is (value - f_min) / |grad|^2 on the
+  # value it is handed, -objective: it ascends until the objective reaches -f_min.
+  def objective(x):
+    return 5.0 + bowl(x)
+
+  tx = gax.maximize(optax.polyak_sgd(max_learning_rate=0.5, f_min=f_min))
+  x, update = jnp.zeros(3), jax.jit(tx.update)
+  state = tx.init(x)
+  for _ in range(50):
+    updates, state = update(jax.grad(objective)(x), state, x, value=objective(x))
+    x = optax.apply_updates(x, updates)
+  assert abs(float(objective(x)) - -f_min) < 1e-3, float(objective(x))
+
+
+def probe(**used):
+  """A transform whose update returns what each extra argument in `used` gives at params."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del updates
+    return {key: call(extra_args[key], params) for key, call in used.items()}, state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def test_maximize_negates_every_objective_argument_and_nothing_else():
+  def value_and_aux(x):
+    return jnp.sum(x), {"aux": jnp.ones(2)}
+
+  def gradient(x):
+    return {"g": 3.0 * x}
+
+  def call(fn, params):
+    return fn(params)
+
+  def itself(value, params):
+    del params
+    return value
+
+  tx = gax.maximize(
+      probe(value=itself, grad=itself, value_fn=call, obj_fn=call, grad_fn=call, other=itself)
+  )
+  x = jnp.array([1.0, 2.0])
+  seen, _ = tx.update(x, tx.init(x), x, value=5.0, grad={"g": x}, value_fn=jnp.sum,
+                      obj_fn=value_and_aux, grad_fn=gradient, other=jnp.array(7.0))
+  assert float(seen["value"]) == -5.0
+  np.testing.assert_array_equal(seen["grad"]["g"], [-1.0, -2.0])
+  assert float(seen["value_fn"]) == -3.0
+  value, aux = seen["obj_fn"]
+  assert float(value) == -3.0
+  np.testing.assert_array_equal(aux["aux"], [1.0, 1.0])  # the aux keeps its sign
+  np.testing.assert_array_equal(seen["grad_fn"]["g"], [-3.0, -6.0])
+  assert float(seen["other"]) == 7.0

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from tests._reference import ReferenceGradientAscent
 
 INT32_MAX = 2**31 - 1
 LR, MOMENTUM, BETA = 0.01, 0.9, 0.999  # the defaults
@@ -672,3 +673,83 @@ def test_clip_by_value_still_clips_integer_updates():
   tx = gax.clip_by_value(2.0)
   updates, _ = tx.update(jnp.array([3, -5, 1]), tx.init(None))
   np.testing.assert_array_equal(updates, [2, -2, 1])
+
+
+# Complex numbers --------------------------------------------------------------
+
+COMPLEX_GRADS = {"layer": {"w": jnp.array([3.0 + 4.0j, 12.0j], jnp.complex64)}}
+REAL_PARAMS = {"layer": {"w": jnp.zeros(2)}}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    ("make", "transform"),
+    [
+        (lambda: gax.clip_by_value(1.0), "clip_by_value"),
+        (lambda: gax.scale_by_adaptive_rms(), "scale_by_adaptive_rms"),
+        (lambda: gax.scale_by_adaptive_rms(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
+        (lambda: gax.momentum(), "momentum"),
+        (lambda: gax.momentum(accumulator_dtype=jnp.float32), "momentum"),
+        (lambda: quiet(clip_value=1.0, accumulator_dtype=jnp.float32), "clip_by_value"),
+        (lambda: quiet(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
+    ],
+    ids=["clip", "rms", "rms-float32-state", "momentum", "momentum-float32-state",
+         "gradient_ascent-clip", "gradient_ascent"],
+)
+def test_complex_gradient_raises_type_error_naming_transform_and_path(make, transform, jit):
+  # clip_by_value raised "TypeError: float() argument must be a string or a real
+  # number, not 'complex'"; with accumulator_dtype set, momentum silently dropped
+  # the imaginary part and scale_by_adaptive_rms failed inside jnp.hypot.
+  tx = make()
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(TypeError, match=rf"^{transform}: gradient \['layer'\]\['w'\] is complex") as error:
+    update(COMPLEX_GRADS, tx.init(REAL_PARAMS))
+  assert "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...))" in str(error.value)
+
+
+def test_complex_params_raise_type_error_at_init_naming_the_fix():
+  with pytest.raises(TypeError, match=r"parameter \['layer'\]\['w'\] has dtype complex64") as error:
+    quiet().init({"layer": {"w": jnp.zeros(2, jnp.complex64)}})
+  assert "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...))" in str(error.value)
+
+
+def test_linear_stages_work_on_complex_updates(caplog):
+  # flip_sign and scale_by_warmup_decay are linear: defined for complex numbers.
+  caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
+  for tx, factor in [(gax.flip_sign(), -1.0), (gax.scale_by_warmup_decay(0.5, 2), -0.25)]:
+    updates, _ = tx.update(COMPLEX_GRADS, tx.init(COMPLEX_GRADS))
+    assert updates["layer"]["w"].dtype == jnp.complex64
+    np.testing.assert_allclose(updates["layer"]["w"], factor * np.array([3 + 4j, 12j]), rtol=1e-6)
+  # log_progress passes them through and logs sqrt(|3+4i|**2 + |12i|**2) = 13.
+  tx = gax.log_progress(1, 0.1)
+  updates, _ = tx.update(COMPLEX_GRADS, tx.init(COMPLEX_GRADS))
+  assert updates is COMPLEX_GRADS
+  [record] = [r for r in caplog.records if r.name == "gradient_ascent_jax"]
+  np.testing.assert_allclose(record.grad_norm, 13.0, rtol=1e-6)
+
+
+def test_maximize_of_a_complex_capable_optimizer_descends_on_the_negated_gradient():
+  params = {"z": jnp.array([1.0 + 2.0j, -0.5j], jnp.complex64)}
+  grads = {"z": jnp.array([0.3 - 1.0j, 2.0 + 0.5j], jnp.complex64)}
+  tx = gax.maximize(optax.adam(0.1))
+  state = tx.init(params)
+  reference, reference_state = optax.adam(0.1), optax.adam(0.1).init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    expected, reference_state = reference.update(jax.tree.map(jnp.negative, grads), reference_state, params)
+    np.testing.assert_allclose(updates["z"], expected["z"], rtol=1e-6)
+
+
+def test_split_real_and_imaginary_runs_gradient_ascent_on_both_parts():
+  # The fix the complex errors name: real and imaginary parts as two real
+  # parameters, against the float64 NumPy reference on those parts.
+  z = jnp.array([1.0 + 2.0j, -0.5 + 0.25j], jnp.complex64)
+  grads = [jnp.array([0.3 - 1.0j, 2.0 + 0.5j]), jnp.array([-1.0 + 0.1j, 0.5 - 3.0j])]
+  tx = optax.contrib.split_real_and_imaginary(gax.gradient_ascent(0.1, clip_value=1.5))
+  state = tx.init(z)
+  reference = ReferenceGradientAscent(0.1, clip_value=1.5)
+  for g in grads * 2:
+    updates, state = tx.update(g.astype(jnp.complex64), state, z)
+    z = optax.apply_updates(z, updates)
+    real, imaginary = reference.step([np.real(g), np.imag(g)])
+    np.testing.assert_allclose(updates, real + 1j * imaginary, rtol=2e-5)

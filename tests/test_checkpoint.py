@@ -8,7 +8,6 @@ formats, neither of them pickle: orbax-checkpoint and flax.serialization
 """
 
 import logging
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -205,6 +204,7 @@ def test_checkpoint_holds_the_moments_by_name_in_the_params_dtype():
 
 RESUME_IN_NEW_PROCESS = """
 import sys
+sys.path.append(sys.argv[3])  # the checkout, for `tests`, after the installed package
 from flax import serialization
 import jax
 import orbax.checkpoint as ocp
@@ -233,13 +233,69 @@ def test_resume_in_a_new_python_process(tmp_path):
 
   result = tmp_path / "resumed.msgpack"
   root = Path(__file__).resolve().parent.parent
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-  subprocess.run(
-      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result)],
-      check=True, cwd=root, env=env, timeout=300,
+  subprocess.run(  # from tmp_path: `-c` puts the cwd first on sys.path
+      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result), str(root)],
+      check=True, cwd=tmp_path, timeout=300,
   )
   resumed = serialization.from_bytes(
       {"params": params, "opt_state": tx.init(params)}, result.read_bytes()
   )
   assert_trees_equal(resumed["params"], straight[0])
   assert_trees_equal(resumed["opt_state"], straight[1])
+
+
+def one_step_state(tx, params):
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  return state
+
+
+def next_update(tx, state, params):
+  return tx.update(jax.tree.map(jnp.ones_like, params), state, params)[0]
+
+
+def test_state_restored_without_a_target_says_to_restore_into_one_and_that_works(tmp_path):
+  tx = gax.gradient_ascent(learning_rate=0.1, warmup_steps=5)
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  state = one_step_state(tx, params)
+  path = save_orbax(tmp_path, {"params": params, "opt_state": state})
+  with ocp.StandardCheckpointer() as checkpointer:
+    untyped = checkpointer.restore(path)  # no target: lists and dicts
+  assert type(untyped["opt_state"]) is list
+  msgpack_untyped = serialization.msgpack_restore(serialization.to_bytes(state))
+  for plain, kind in ((untyped["opt_state"], "list"), (msgpack_untyped, "dict")):
+    for update in (tx.update, jax.jit(tx.update)):
+      with pytest.raises(ValueError) as raised:
+        update(jax.tree.map(jnp.ones_like, params), plain, params)
+      message = str(raised.value)
+      assert f"the optimizer state is a plain {kind} holding the right arrays" in message
+      assert "restored without a target" in message
+      assert "Do not replace it with tx.init(params), which starts over" in message
+      assert "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params)))" in message
+
+  # The advice, followed: each restores the step taken, and the run goes on from there.
+  expected = next_update(tx, state, params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        path, jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)}))
+  assert_trees_equal(next_update(tx, restored["opt_state"], params), expected)
+  with ocp.CheckpointManager(tmp_path / "managed") as manager:
+    manager.save(1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    restored = manager.restore(
+        1, args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params))))
+  assert_trees_equal(next_update(tx, restored, params), expected)
+  restored = serialization.from_state_dict(tx.init(params), msgpack_untyped)
+  assert_trees_equal(next_update(tx, restored, params), expected)
+
+
+def test_plain_state_of_other_arrays_is_still_another_optimizers(tmp_path):
+  tx = gax.gradient_ascent(learning_rate=0.1)
+  params = {"w": jnp.ones(3)}
+  others = (one_step_state(tx, {"w": jnp.ones(4)}), optax.adam(1e-3).init(params))
+  for i, other in enumerate(others):  # another shape; another optimizer
+    path = save_orbax(tmp_path / str(i), other)
+    with ocp.StandardCheckpointer() as checkpointer:
+      untyped = checkpointer.restore(path)
+    with pytest.raises(ValueError, match="does not belong to this optimizer") as raised:
+      tx.update(jax.tree.map(jnp.ones_like, params), untyped, params)
+    assert "restored without a target" not in str(raised.value)

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from gradient_ascent_jax import _demo
 
 
 def _run_demo(*args):
-  result = subprocess.run(
+  result = subprocess.run(  # from outside the checkout: `-m` puts the cwd first on sys.path
       [sys.executable, "-m", "gradient_ascent_jax", *args],
+      cwd=tempfile.gettempdir(),
       capture_output=True,
       text=True,
       timeout=300,

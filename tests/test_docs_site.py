@@ -10,8 +10,14 @@ every internal page that a link reaches is loaded in the browser, and:
   element of that page;
 - every image on every page loads (decodes, non-zero width) and is a
   non-empty PNG or SVG file;
-- the API page has an entry for every name in ``gradient_ascent_jax.__all__``;
-- the site search for ``maximize`` lists the API entry of ``maximize``.
+- the API page has an entry for every name in ``gradient_ascent_jax.__all__``,
+  and shows the type aliases (``optax.ScalarOrSchedule``), not their expansions;
+- the site search for ``maximize`` lists the API entry of ``maximize``;
+- every row of every markdown table in docs/ and in the notebooks is on its
+  page, with as many cells as its source row has (a row joined to the one
+  before by ``||`` is silently dropped by the renderer);
+- at 1024, 1280 and 1440 px no element of any page reaches past the content
+  column (code blocks, which scroll, excepted).
 
 Without the built site or chromium the test skips, unless ``CI`` is set: then
 it fails, so CI cannot pass without running it.
@@ -26,6 +32,7 @@ import json
 import os
 from pathlib import Path
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -40,7 +47,8 @@ import gradient_ascent_jax as gax
 from tests import _optional
 
 ROOT = Path(__file__).resolve().parent.parent
-SITE = ROOT / "docs" / "_build" / "html"
+DOCS = ROOT / "docs"
+SITE = DOCS / "_build" / "html"
 PAGE_TIMEOUT_S = 30
 CHROMIUM_FLAGS = [
     "--headless",
@@ -71,6 +79,32 @@ PAGE_FACTS = """(async () => {
 API_EXAMPLES = """Object.fromEntries([...document.querySelectorAll("dl.py > dt[id]")].map(
     dt => [dt.id, dt.parentElement.querySelector(":scope > dd").innerText.includes(">>>")]))"""
 SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a.href)"
+# The number of cells of each row of each table of the article, in order.
+TABLE_ROWS = """[...document.querySelectorAll("article.bd-article table")].map(
+    table => [...table.rows].map(row => row.cells.length))"""
+# Elements of the article that reach past its sides, or that hide part of their
+# content behind a scroll bar; code blocks scroll by design and are skipped.
+OVERFLOWING = """(() => {
+  const column = document.querySelector("article.bd-article").getBoundingClientRect();
+  const described = e => e.tagName.toLowerCase() + (e.className ? "." + e.className : "")
+      + ": " + (e.innerText || e.getAttribute("src") || "").slice(0, 60).replace(/\\s+/g, " ");
+  const found = [], reported = [];  // only the outermost element of each overflow
+  for (const e of document.querySelectorAll("article.bd-article *")) {
+    if (e.closest("pre, div.highlight") || reported.some(r => r.contains(e))) continue;
+    const box = e.getBoundingClientRect();
+    if (box.width === 0 && box.height === 0) continue;
+    if (box.right > column.right + 1 || box.left < column.left - 1) {
+      found.push(`${described(e)} spans x = ${Math.round(box.left)}..${Math.round(box.right)}`
+          + `, the column ${Math.round(column.left)}..${Math.round(column.right)}`);
+      reported.push(e);
+    } else if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== "visible") {
+      found.push(`${described(e)} hides ${e.scrollWidth - e.clientWidth} px behind a scroll bar`);
+      reported.push(e);
+    }
+  }
+  return found;
+})()"""
+WIDTHS = (1024, 1280, 1440)
 
 
 def chromium_path() -> str | None:
@@ -266,6 +300,16 @@ def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_
   assert not without, f"API entries without an example: {without}"
 
 
+def test_api_page_shows_type_aliases_not_their_expansions(browser, site_url):
+  browser.load(site_url + "api.html")
+  text = browser.evaluate("document.body.innerText")
+  for shown in ("learning_rate (optax.ScalarOrSchedule)", "momentum (jax.typing.ArrayLike)",
+                "accumulator_dtype (jax.typing.DTypeLike | None)", "count (chex.Array)"):
+    assert shown in text
+  for expanded in ("ndarray", "numpy.", "Callable[", "TypeAliasForwardRef"):
+    assert expanded not in text
+
+
 def test_notebooks_are_rendered(crawl, site_url):
   rendered = {Path(urlparse(url).path).stem for url in crawl if "/notebooks/" in url}
   expected = {path.stem for path in (ROOT / "notebooks").glob("*.ipynb")}
@@ -283,3 +327,94 @@ def test_search_finds_maximize(browser, site_url):
   pytest.fail(f"searching 'maximize' did not list the API entry; results: {hits}")
 
 
+
+
+def markdown_tables(text: str) -> list[list[int]]:
+  """The number of cells of each row (the separator line excepted) of each table.
+
+  Cells are split at every unescaped ``|``, inside code spans too, as
+  markdown-it (and GitHub) do; fenced code blocks are skipped.
+  """
+  tables, rows, fence = [], None, None
+  for line in text.splitlines() + [""]:
+    stripped = line.strip()
+    marker = re.match(r"(`{3,}|~{3,})", stripped)
+    if fence is None and marker:
+      fence = marker.group(1)[0] * 3
+    elif fence is not None:
+      if stripped.startswith(fence):
+        fence = None
+      continue
+    if stripped.startswith("|"):
+      if rows is None:
+        rows = []
+      if not re.fullmatch(r"\|[\s:|-]+\|", stripped) or not rows:
+        rows.append(len(re.split(r"(?<!\\)\|", stripped.strip("|"))))
+    elif rows is not None:
+      tables.append(rows)
+      rows = None
+  return tables
+
+
+def markdown_sources() -> dict[str, str]:
+  """{page path in the site: markdown text} for docs/**/*.md and the notebooks' markdown."""
+  sources = {}
+  for path in sorted(DOCS.rglob("*.md")):
+    relative = path.relative_to(DOCS)
+    if relative.parts[0] not in ("_build", "notebooks"):
+      sources[str(relative.with_suffix(".html"))] = path.read_text(encoding="utf-8")
+  for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    sources[f"notebooks/{path.stem}.html"] = text
+  return sources
+
+
+def test_markdown_tables_parser_counts_cells_of_joined_rows():
+  text = "| a | b |\n| --- | --- |\n| `x` | y |\n| c | d || e | f |\n\n```\n| not | a | table |\n```\n"
+  assert markdown_tables(text) == [[2, 2, 5]]
+
+
+def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
+  problems, rows_seen = [], 0
+  for page, text in markdown_sources().items():
+    expected = markdown_tables(text)
+    if not expected:
+      continue
+    browser.load(site_url + page)
+    rendered = browser.evaluate(TABLE_ROWS)
+    if len(rendered) != len(expected):
+      problems.append(f"{page}: {len(expected)} tables in the source, {len(rendered)} on the page")
+      continue
+    for number, (source_rows, page_rows) in enumerate(zip(expected, rendered, strict=True), 1):
+      rows_seen += len(source_rows)
+      header = source_rows[0]
+      for row, cells in enumerate(source_rows):
+        if cells != header:
+          problems.append(
+              f"{page}: table {number}, row {row}: {cells} cells where the header has "
+              f"{header}; the renderer drops the extra ones (two rows joined by '||'?)"
+          )
+      if len(page_rows) != len(source_rows):
+        problems.append(
+            f"{page}: table {number} has {len(source_rows)} rows in the source, "
+            f"{len(page_rows)} on the page"
+        )
+  assert rows_seen >= 100, rows_seen  # the "what happens when" table alone has more
+  assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_no_page_element_overflows_the_content_column(crawl, browser, width):
+  browser.call(
+      "Emulation.setDeviceMetricsOverride", session=True,
+      width=width, height=900, deviceScaleFactor=1, mobile=False,
+  )
+  problems = []
+  try:
+    for page in sorted(crawl):
+      browser.load(page)
+      problems += [f"{page} at {width} px: {found}" for found in browser.evaluate(OVERFLOWING)]
+  finally:
+    browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+  assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} in all)"

@@ -236,3 +236,33 @@ def test_plain_state_into_injected_optimizer_fails_in_optax():
   tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1)
   with pytest.raises(AttributeError, match="hyperparams"):
     tx.update(jnp.ones(2), gax.gradient_ascent().init(jnp.zeros(2)), jnp.zeros(2))
+
+
+def test_gradient_with_respect_to_an_injected_clip_value():
+  # Rounding the injected bound used jnp.nextafter, which has no derivative:
+  # jax.grad raised NotImplementedError.
+  weights = jax.tree.map(lambda g: jnp.linspace(-1.0, 2.0, g.size).reshape(g.shape), GRAD)
+
+  def final_objective(clip_value, injected):
+    if injected:
+      tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1, clip_value=0.7)
+    else:  # the same chain from Optax's transforms, built with the traced bound
+      tx = optax.chain(
+          optax.clip(clip_value),
+          optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
+          optax.trace(0.9),
+          optax.scale(0.1),
+      )
+    params = _params()
+    state = tx.init(params)
+    if injected:
+      state.hyperparams["clip_value"] = clip_value
+    for k in range(len(SCALES)):
+      updates, state = tx.update(grad_at(k), state, params)
+      params = optax.apply_updates(params, updates)
+    return sum(jnp.vdot(w, p) for w, p in zip(jax.tree.leaves(weights), jax.tree.leaves(params)))
+
+  got = jax.grad(final_objective)(jnp.float32(0.7), True)
+  want = jax.grad(final_objective)(jnp.float32(0.7), False)
+  assert abs(float(want)) > 0.1  # clipping matters here
+  np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: -4.81370 vs -4.81367, 7.7e-6

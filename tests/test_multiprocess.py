@@ -59,7 +59,6 @@ def worker_env(devices: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   return env
 
 
@@ -106,7 +105,8 @@ def workers(num_processes: int, out_dir: Path, scenarios: str | None = None):
       with open(out_dir / f"worker{i}.log", "w") as log:
         argv = [str(i), str(num_processes), str(port), str(out_dir)]
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests._multiprocess_programs", *argv,
+            # Run as a script: `-m` would put the checkout (the cwd) before the installed package.
+            [sys.executable, str(ROOT / "tests" / "_multiprocess_programs.py"), *argv,
              *([scenarios] if scenarios else [])],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         ))

@@ -2,15 +2,14 @@
 
 Each notebook runs in a fresh ipykernel kernel started with THIS interpreter
 (a kernel spec written for the test, so a user-level ``python3`` spec pointing
-elsewhere cannot interfere) with this checkout first on ``PYTHONPATH``, so the
-notebooks test the code next to them, not an installed copy. The saved
-notebooks are not modified.
+elsewhere cannot interfere). The kernel imports the installed
+gradient_ascent_jax, as a user's would (``pip install -e .`` installs this
+checkout). The saved notebooks are not modified.
 """
 
 import itertools
 import json
 import math
-import os
 from pathlib import Path
 import re
 import sys
@@ -79,7 +78,6 @@ def execute(name, monkeypatch, kernel_dir):
   # The kernel runs as a user's would: one CPU device, not the suite's 8 fake ones
   # (XLA partitions its CPU work by device count, which moves float32 roundings).
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   saved = stdout_of(notebook)
   for cell in notebook.cells:

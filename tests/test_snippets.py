@@ -1,8 +1,8 @@
 """Runs every Python block of README.md and docs/**/*.md as a user would paste it.
 
-Each ```python block runs as its own script in a fresh interpreter (this
-checkout first on PYTHONPATH, none of the test suite's settings such as its 8
-fake devices), and must exit cleanly. A block claims output in two ways, and
+Each ```python block runs as its own script in a fresh interpreter (importing
+the installed gradient_ascent_jax, without the test suite's settings such as
+its 8 fake devices), and must exit cleanly. A block claims output in two ways, and
 the claim is checked against what it really prints (stdout and stderr, where
 the log records go):
 
@@ -120,7 +120,6 @@ def test_claims_are_checked_with_tolerance_only_on_numbers():
 def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the suite's 8 fake devices are not the user's setup
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
   env["PYTHONUNBUFFERED"] = "1"  # keep prints and log records in order
   script = tmp_path / "snippet.py"
   script.write_text(code)

@@ -424,3 +424,35 @@ def test_construction_does_no_device_work():
         accumulator_dtype="float32",
     )
     gax.gradient_ascent(optax.linear_schedule(0.1, 0.0, 10), clip_value=np.float64(2.0))
+
+
+@pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum])
+@pytest.mark.parametrize(
+    "dtype", [jnp.float64, "float64", np.float64, float, np.dtype("float64")],
+    ids=["jnp", "str", "np", "float", "np.dtype"],
+)
+def test_float64_accumulator_without_x64_is_rejected_naming_x64(factory, dtype):
+  # init silently made float32 moments, and every update then refused them
+  # ("this optimizer was built with accumulator_dtype=float64 ... call init").
+  assert not jax.config.jax_enable_x64
+  with pytest.raises(ValueError, match="64-bit types are off") as info:
+    factory(accumulator_dtype=dtype)
+  assert "jax.config.update('jax_enable_x64', True)" in str(info.value)
+
+
+def test_float64_accumulator_built_with_x64_is_rejected_at_init_without_it():
+  with jax.enable_x64(True):
+    tx = gax.gradient_ascent(accumulator_dtype=jnp.float64)
+  with pytest.raises(ValueError, match="64-bit types are off"):
+    tx.init(jnp.zeros(2))
+
+
+def test_float64_accumulator_with_x64_keeps_float64_moments(x64):
+  tx = gax.gradient_ascent(0.1, accumulator_dtype=jnp.float64)
+  params = jnp.zeros(2, jnp.float32)
+  state = tx.init(params)
+  assert state[1].second_moment.dtype == jnp.float64 == state[2].velocity.dtype
+  updates, state = tx.update(jnp.array([1.0, -2.0], jnp.float32), state, params)
+  # First step: lr * h / sqrt((1 - beta) h**2) = 0.1 / sqrt(0.001) in each element's direction.
+  np.testing.assert_allclose(updates, [3.16227766, -3.16227766], rtol=1e-6)
+  assert updates.dtype == jnp.float32 and state[1].second_moment.dtype == jnp.float64

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gradient_ascent_jax._src import progress
@@ -39,8 +42,19 @@ def gradient_ascent(
   ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, momentum=momentum,
   maximize=True)`` under a ``LambdaLR`` with the warmup/decay factor.
 
+  The early steps are the largest. As in the original and in torch's RMSprop
+  there is no bias correction, so the first update moves every parameter by
+  ``learning_rate / sqrt(1 - beta)``, 31.6 x ``learning_rate`` for
+  ``beta=0.999``, whatever the size of its (non-zero) gradient. With
+  ``momentum=0.9`` and a steady gradient (one sign, one size), the steps then
+  grow to 93 x ``learning_rate`` at step 11, and the first ten add up to
+  750 x ``learning_rate``. Choose ``learning_rate`` from the move you accept,
+  not from other optimizers' defaults: about 1/30 of an acceptable first step
+  (1e-3 for parameters of order 1), or ramp it up with ``warmup_steps``.
+
   Args:
-    learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``).
+    learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``); each
+      parameter moves by ``learning_rate / sqrt(1 - beta)`` on the first step.
     momentum: momentum coefficient in ``[0, 1)``.
     beta: decay of the squared-gradient average in ``[0, 1)``.
     eps: > 0, added to the root mean square.
@@ -56,6 +70,8 @@ def gradient_ascent(
       logs the objective too, and one ``WARNING`` says so if it keeps falling
       (the gradient of a loss was passed).
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
+      ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
+      refused.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the state of
@@ -125,6 +141,49 @@ def _describe(state: Any) -> str:
   return "None" if state is None else type(state).__name__
 
 
+def _plain(tree: Any) -> bool:
+  """Whether ``tree`` is built of lists, dicts and plain tuples only, around arrays."""
+  if type(tree) in (list, tuple):
+    return all(_plain(node) for node in tree)
+  if type(tree) is dict:
+    return all(_plain(node) for node in tree.values())
+  return tree is None or not isinstance(tree, tuple)
+
+
+def _leaves_by_name(tree: Any) -> dict[tuple, tuple]:
+  """Shape and dtype of every leaf, by its path of field names, keys and indices.
+
+  A NamedTuple's field and the dict key a checkpointer writes for it get the same name.
+  """
+  def name(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {
+      tuple(name(key) for key in path): (jnp.shape(leaf), jnp.result_type(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _restored_without_target(chain, state: Any, updates: Any) -> bool:
+  """Whether ``state`` holds this chain's arrays in plain containers.
+
+  That is what a checkpointer restores when it is not given the structure to restore
+  into (orbax's ``restore(path)``): the arrays are right, only the types are lost.
+  """
+  if type(state) not in (list, tuple, dict) or not _plain(state):
+    return False
+  try:
+    expected = jax.eval_shape(
+        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+    )
+  except (TypeError, ValueError, AttributeError):
+    return False
+  return _leaves_by_name(state) == _leaves_by_name(expected)
+
+
 def _checked_state(
     name: str, chain: optax.GradientTransformationExtraArgs
 ) -> optax.GradientTransformationExtraArgs:
@@ -147,6 +206,22 @@ def _checked_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     got = _describe(state)
+    if got != layout() and _restored_without_target(chain, state, updates):
+      raise ValueError(
+          f"{name}: the optimizer state is a plain {type(state).__name__} holding "
+          "the right arrays, not the state that tx.init(params) returns: a "
+          "checkpoint restored without a target, as orbax's "
+          "checkpointer.restore(path) and flax's serialization.msgpack_restore "
+          "give it. Do not replace it with tx.init(params), which starts over: "
+          "restore the checkpoint into the structure of tx.init(params). With "
+          "orbax: checkpointer.restore(path, jax.eval_shape(lambda: "
+          "tx.init(params))) (ocp.StandardCheckpointer), or manager.restore(step, "
+          "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
+          "(ocp.CheckpointManager). With flax: serialization.from_bytes("
+          "tx.init(params), blob), or serialization.from_state_dict(tx.init(params), "
+          "restored). If you saved a dict such as {'params': ..., 'opt_state': ...}, "
+          "restore into that dict with tx.init(params) as its 'opt_state'."
+      )
     if got != layout():
       raise ValueError(
           f"{name}: the optimizer state does not belong to this optimizer. "
@@ -164,7 +239,51 @@ def _checked_state(
   return _Ascending(chain.init, update_fn)
 
 
-_OBJECTIVE_ARGS = ("value", "grad")
+# The extra arguments through which Optax hands a transform the objective (Optax's
+# names; every other extra argument passes unchanged), and what maximize hands on so
+# that tx sees -objective: a value or gradient is negated; a function of the params is
+# wrapped to return the negated value (value_fn, obj_fn) or gradient (grad_fn).
+_OBJECTIVE_VALUES = ("value", "grad")
+_OBJECTIVE_VALUE_FNS = ("value_fn", "obj_fn")
+_OBJECTIVE_GRAD_FNS = ("grad_fn",)
+
+
+# functools.wraps keeps the signature, from which Optax's line searches pick the
+# extra arguments that value_fn takes (update(..., value_fn=f, batch=b) calls f(p, batch=b)).
+def _negated_value_fn(value_fn):
+  @functools.wraps(value_fn)
+  def negated(*args, **kwargs):
+    value = value_fn(*args, **kwargs)
+    # A (value, aux) pair, as with jax.value_and_grad(has_aux=True): the aux is not the
+    # objective and keeps its sign.
+    if isinstance(value, tuple):
+      return (-value[0], *value[1:])
+    return -value
+
+  return negated
+
+
+def _negated_grad_fn(grad_fn):
+  @functools.wraps(grad_fn)
+  def negated(*args, **kwargs):
+    return transforms.negate(grad_fn(*args, **kwargs))
+
+  return negated
+
+
+def _negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
+  """The extra arguments of ``update`` with the objective in them negated."""
+  extra_args = dict(extra_args)
+  for keys, negate in (
+      (_OBJECTIVE_VALUES, transforms.negate),
+      (_OBJECTIVE_VALUE_FNS, _negated_value_fn),
+      (_OBJECTIVE_GRAD_FNS, _negated_grad_fn),
+  ):
+    for key in keys:
+      if extra_args.get(key) is not None:
+        extra_args[key] = negate(extra_args[key])
+  return extra_args
+
 _LINESEARCH_STATES = tuple(
     getattr(optax, name)
     for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
@@ -186,15 +305,29 @@ def _negate_cached_objective(state: Any) -> Any:
   )
 
 
-def _flip_sign_path(state: Any) -> str | None:
-  """Where ``state`` holds a :class:`FlipSignState` (the mark of ascent), if anywhere."""
+def _path_of(state: Any, state_type: type) -> str | None:
+  """Where ``state`` holds a ``state_type`` node, if anywhere."""
   def marked(node):
-    return isinstance(node, transforms.FlipSignState)
+    return isinstance(node, state_type)
 
   for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=marked)[0]:
     if marked(node):
       return "state" + jax.tree_util.keystr(path)
   return None
+
+
+_PLATEAU_RELATIVE_TEST = (
+    "gradient_ascent_jax: maximize(tx): tx holds optax.contrib.reduce_on_plateau "
+    "(at {path}), which is handed value=-objective. Its relative test, "
+    "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
+    "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "
+    "the scale never drops while your objective is positive. Build it with "
+    "rtol=0.0 and atol set to the least increase of the objective that counts as "
+    "progress, e.g. optax.contrib.reduce_on_plateau(rtol=0.0, atol=1e-3): that test "
+    "is right for objectives of either sign. Nothing to change if you did, or if "
+    "the objective stays negative. This warning is shown once."
+)
+_plateau_relative_test_warned = threading.Event()
 
 
 def _refuse_ascending(why: str) -> ValueError:
@@ -214,13 +347,29 @@ def maximize(
   descends on ``-objective``: its momentum and statistics see the right sign
   and decoupled weight decay still shrinks the weights. The state is exactly
   ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
-  it was). The extra arguments ``value`` and ``grad`` are negated and
-  ``value_fn`` is wrapped to return ``-value_fn(...)``, so line-search
-  optimizers such as ``optax.lbfgs()`` maximize too (and ``grad_fn`` to
-  return the negated gradient, for ``optax.contrib.sam(opaque_mode=True)``).
-  An ``optax.MultiSteps`` object is accepted as it is. The objective value and
-  gradient that a line search caches in its state are kept with the sign of
-  YOUR objective, so ``optax.value_and_grad_from_state(objective)`` works.
+  it was). The extra arguments of ``update`` through which Optax takes the
+  objective are handed on for ``-objective``, so that every Optax optimizer
+  that uses them maximizes too:
+
+  - ``value`` (the objective's value) and ``grad`` (its gradient) are negated:
+    ``optax.lbfgs()`` and the line searches, ``optax.polyak_sgd``,
+    ``optax.contrib.momo``, ``optax.contrib.reduce_on_plateau``;
+  - ``value_fn`` (line searches) and ``obj_fn``
+    (``optax.contrib.sophia``, ``optax.contrib.hutchinson_estimator_diag_hessian``)
+    are wrapped to return the negated value (of a ``(value, aux)`` pair, only
+    the value is negated), so curvature estimates have the loss's sign;
+  - ``grad_fn`` (``optax.contrib.sam(opaque_mode=True)``) is wrapped to return
+    the negated gradient.
+
+  Other extra arguments pass unchanged. Hyperparameters about the objective
+  are about ``-objective``: ``polyak_sgd``'s ``f_min`` is a lower bound on it
+  (minus the objective's maximum). ``init`` logs one WARNING (once per
+  process) when ``tx`` holds ``optax.contrib.reduce_on_plateau``: under
+  ``maximize`` build it with ``rtol=0.0`` and an ``atol``, or its relative test
+  never cuts while the objective is positive. An ``optax.MultiSteps`` object
+  is accepted as it is. The objective value and gradient that a line search
+  caches in its state are kept with the sign of YOUR objective, so
+  ``optax.value_and_grad_from_state(objective)`` works.
 
   A ``tx`` that already ascends is refused with a ``ValueError``: the result
   of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
@@ -265,27 +414,21 @@ def maximize(
     raise _refuse_ascending("it is gax.gradient_ascent(...) or gax.maximize(...)")
   inner = optax.with_extra_args_support(tx)
 
-  def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
-    extra_args = dict(extra_args)
-    for key in _OBJECTIVE_ARGS:
-      if extra_args.get(key) is not None:
-        extra_args[key] = transforms.negate(extra_args[key])
-    value_fn = extra_args.get("value_fn")
-    if value_fn is not None:
-      extra_args["value_fn"] = lambda *a, **k: -value_fn(*a, **k)
-    # optax.contrib.sam(opaque_mode=True) takes its adversarial gradients from grad_fn.
-    grad_fn = extra_args.get("grad_fn")
-    if grad_fn is not None:
-      extra_args["grad_fn"] = lambda *a, **k: transforms.negate(grad_fn(*a, **k))
-    return extra_args
-
   def init_fn(params):
     state = inner.init(params)
-    path = _flip_sign_path(state)
+    path = _path_of(state, transforms.FlipSignState)
     if path is not None:
       raise _refuse_ascending(
           f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
           "of gradient_ascent(...) or of a chain with flip_sign() does"
+      )
+    # The test that decides a plateau is in reduce_on_plateau's closure, out of
+    # reach, and no transform of the value it is handed makes a relative test
+    # right for both signs without knowing rtol: so say how to build it instead.
+    path = _path_of(state, optax.contrib.ReduceLROnPlateauState)
+    if path is not None:
+      transforms.warn_once(
+          _plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path)
       )
     return _negate_cached_objective(state)
 
@@ -299,7 +442,7 @@ def maximize(
         transforms.negate(updates),
         _negate_cached_objective(state),
         params,
-        **negate_objective(extra_args),
+        **_negate_objective(extra_args),
     )
     return updates, _negate_cached_objective(state)
 

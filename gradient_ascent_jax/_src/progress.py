@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from typing import NamedTuple
+from typing import cast
 
 import chex
 import jax
+import jax.core
 from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
 import numpy as np
@@ -194,7 +196,7 @@ class LogProgressState(NamedTuple):
     (Array(0, dtype=int32), Array(0, dtype=int32), Array(False, dtype=bool))
   """
 
-  count: chex.Array
+  count: chex.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   first_value: chex.Array
   last_value: chex.Array
   last_change: chex.Array
@@ -387,7 +389,7 @@ def log_progress(
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
     _check_layout(state)
-    step = optax.safe_increment(state.count)
+    step = cast(jax.Array, optax.safe_increment(state.count))
     interval = jnp.asarray(logging_interval)
     due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
     new_state = state._replace(count=step)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -25,7 +28,17 @@ from gradient_ascent_jax._src import validation
 logger = logging.getLogger("gradient_ascent_jax")
 
 
-class FlipSignState(optax.EmptyState):
+if TYPE_CHECKING:
+  # optax ships no type information (no py.typed), so to a type checker its
+  # EmptyState is of unknown type, and so would be every class built on it.
+  class _EmptyState(NamedTuple):
+    """optax.EmptyState, as type checkers see it."""
+
+else:
+  _EmptyState = optax.EmptyState
+
+
+class FlipSignState(_EmptyState):
   """State of :func:`flip_sign`: empty, and the mark of a chain that ascends.
 
   :func:`maximize` looks for it in a state to refuse a transform that already
@@ -89,7 +102,7 @@ class ScaleByWarmupDecayState(NamedTuple):
     ScaleByWarmupDecayState(count=Array(0, dtype=int32))
   """
 
-  count: chex.Array
+  count: chex.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 def negate(tree: Any) -> Any:
@@ -133,6 +146,23 @@ def flip_sign() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@jax.custom_jvp
+def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
+  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
+
+  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
+  a rounding is differentiated as the value it rounds, as ``astype`` is.
+  Without this, ``jax.grad`` through a low-precision state or with respect to
+  a traced ``clip_value`` (a meta-gradient) raises ``NotImplementedError``.
+  """
+  return jnp.nextafter(x, toward)
+
+
+@_next_toward.defjvp
+def _next_toward_jvp(primals, tangents):
+  return _next_toward(*primals), tangents[0]
+
+
 def _round_down(value: Any, dtype: jnp.dtype) -> Any:
   """The largest number of ``dtype`` that is <= ``value`` (> 0).
 
@@ -140,10 +170,12 @@ def _round_down(value: Any, dtype: jnp.dtype) -> Any:
   float16), and values above ``clip_value`` would pass.
   """
   if isinstance(value, jax.Array):
+    if value.dtype == dtype:
+      return value
     bound = value.astype(dtype)
     wide = jnp.promote_types(value.dtype, dtype)
     rounded_up = bound.astype(wide) > value.astype(wide)
-    return jnp.where(rounded_up, jnp.nextafter(bound, jnp.zeros_like(bound)), bound)
+    return jnp.where(rounded_up, _next_toward(bound, jnp.zeros_like(bound)), bound)
   with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
     bound = np.asarray(value, dtype)
   if float(bound) > float(value):
@@ -158,7 +190,9 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     clip_value: bound > 0. May be a JAX scalar or tracer.
 
   Returns:
-    A stateless ``optax.GradientTransformation``.
+    A stateless ``optax.GradientTransformation``. Complex updates raise a
+    ``TypeError`` (as in :func:`scale_by_adaptive_rms` and :func:`momentum`):
+    wrap the optimizer in ``optax.contrib.split_real_and_imaginary`` instead.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -183,6 +217,9 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   def update_fn(updates, state, params=None):
     del params
     _check_gradient_leaves(updates, "clip_by_value")
+    validation.check_real_leaves(
+        updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
+    )
     return jax.tree.map(clip_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -191,6 +228,27 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
 def _cast(x: jax.Array, dtype) -> jax.Array:
   # Skipping same-dtype converts keeps the traced program (and compile time) small.
   return x if x.dtype == dtype else x.astype(dtype)
+
+
+@jax.custom_jvp
+def _sqrt(x: jax.Array) -> jax.Array:
+  """``jnp.sqrt``, whose derivative at 0 is 0 instead of inf.
+
+  A moment is 0 only where every gradient so far was 0, and then nothing
+  depends on it; but inf times the 0 that flows back is NaN, and every
+  meta-gradient through a zero gradient element (a dead unit, an unused
+  parameter) would be NaN from the second update on.
+  """
+  return jnp.sqrt(x)
+
+
+@_sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+  root = _sqrt(primals[0])
+  # Two selects: the unselected 0.5 / 0 must not reach a second derivative.
+  zero = root == 0
+  slope = jnp.where(zero, 0, 0.5 / jnp.where(zero, 1, root))
+  return root, slope * tangents[0]
 
 
 def _scalar_sqrt(value):
@@ -260,6 +318,8 @@ _nesterov_without_momentum_warned = threading.Event()
 
 
 def _init_accumulator(params, accumulator_dtype, transform: str):
+  # Again here: 64-bit types may have been switched off since construction.
+  validation.check_accumulator_dtype(accumulator_dtype)
   validation.check_floating_params(params, transform)
   return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
 
@@ -332,12 +392,19 @@ def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
   old_wide = old.astype(exact.dtype)
   stalled = (stored == old) & (exact != old_wide) & (old != 0)
   toward = jnp.where(exact < old_wide, jnp.zeros_like(old), jnp.full_like(old, jnp.inf))
-  return jnp.where(stalled, jnp.nextafter(old, toward), stored)
+  # Where stalled, stored == old: stepping from stored gives the same value
+  # and the derivative of the exact moment, which stored rounds.
+  return jnp.where(stalled, _next_toward(stored, toward), stored)
 
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
   _check_gradient_leaves(updates, transform)
+  # Before the dtype checks: with accumulator_dtype set, a complex update would
+  # pass them and lose its imaginary part in the real state.
+  validation.check_real_leaves(
+      updates, transform, "gradient", "its state holds real numbers"
+  )
   if accumulator_dtype is not None:
     # The moments are stored back in the dtype they came in: a state made with
     # another accumulator_dtype would otherwise silently keep its own.
@@ -394,6 +461,11 @@ def scale_by_adaptive_rms(
   exact when the huge gradient dominates and otherwise at most
   ``sqrt(1 + beta)`` too small, so that step is at most ``sqrt(2)`` too large
   and never beyond RMSprop's bound ``1/sqrt(1 - beta)``.
+
+  ``jax.grad`` through updates (meta-gradients) works in every dtype: the
+  one-unit move is differentiated as the moment it rounds, and the square
+  root of a zero moment (every gradient of that element 0 so far) has
+  derivative 0, not inf, so a zero gradient element gives no NaN.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -457,14 +529,14 @@ def scale_by_adaptive_rms(
         # sqrt(m_t) >= |q| always. Where m_t saturated (beyond the largest
         # value) the stored moment only bounds it from below: |q| keeps the
         # step of a huge gradient exact and every step <= 1/sqrt(1 - beta).
-        root = jnp.maximum(jnp.sqrt(m_stored), q_size)
+        root = jnp.maximum(_sqrt(m_stored), q_size)
       else:
         # float16/bfloat16 storage: divide by the moment before rounding, or a
         # small gradient's moment underflows to 0 and h / eps overflows.
         m_wide = beta * _cast(m, q.dtype)
         m_new = m_wide + q * q
-        exact_root = jnp.hypot(jnp.sqrt(m_wide), q_size)
-        root = jnp.where(jnp.isinf(m_new), exact_root, jnp.sqrt(m_new))
+        exact_root = jnp.hypot(_sqrt(m_wide), q_size)
+        root = jnp.where(jnp.isinf(m_new), exact_root, _sqrt(m_new))
       return _cast(_cast(h, q.dtype) / (root + eps), h.dtype)
 
     weighted_updates = jax.tree.map(weighted, updates, state.second_moment)
@@ -588,7 +660,7 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
-    step_size = -schedule(state.count)
+    step_size = -cast(jax.Array, schedule(state.count))
 
     def scale(u):
       # A Python-float rate is weakly typed: times float16 updates it would be
@@ -596,7 +668,7 @@ def scale_by_warmup_decay(
       return _cast(step_size * _cast(u, _compute_dtype(u.dtype)), u.dtype)
 
     updates = jax.tree.map(scale, updates)
-    count = optax.safe_increment(state.count)
+    count = cast(jax.Array, optax.safe_increment(state.count))
     return updates, ScaleByWarmupDecayState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)

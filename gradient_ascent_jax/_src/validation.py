@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+from typing import NoReturn
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +39,7 @@ def _is_jax_value(value: Any) -> bool:
   return isinstance(value, jax.Array)
 
 
-def _fail(name: str, value: Any, allowed: str, fix: str) -> None:
+def _fail(name: str, value: Any, allowed: str, fix: str) -> NoReturn:
   raise ValueError(f"`{name}` must be {allowed}, got {value!r}. {fix}")
 
 
@@ -108,7 +110,7 @@ def check_interval(
     low_open: bool = False,
     high_open: bool = False,
     fix: str = "",
-) -> Any:
+) -> float | jax.Array:
   """Checks that a concrete number lies in an interval; returns it as a float.
 
   A JAX value is returned as it is, once its shape and dtype are checked.
@@ -148,7 +150,7 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   )
 
 
-def check_decay_rate(name: str, value: Any) -> Any:
+def check_decay_rate(name: str, value: Any) -> float | jax.Array:
   return check_interval(
       name,
       value,
@@ -159,7 +161,7 @@ def check_decay_rate(name: str, value: Any) -> Any:
   )
 
 
-def check_lr_decay(value: Any) -> Any:
+def check_lr_decay(value: Any) -> float | jax.Array | None:
   if value is None:
     return None
   fix = "Use None (or 1.0) for no decay; the rate is multiplied by lr_decay once per step."
@@ -168,7 +170,7 @@ def check_lr_decay(value: Any) -> Any:
 
 def check_count(
     name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
-) -> Any:
+) -> int | jax.Array:
   """Checks a concrete integer in [minimum, maximum]; returns it as an int.
 
   A JAX value is returned as it is, once its shape and dtype are checked.
@@ -182,12 +184,13 @@ def check_count(
   )
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
+  number = int(number)
   if number > maximum:
     _fail(name, value, f"an integer in [{minimum}, {maximum}]", fix)
-  return int(number)
+  return number
 
 
-def check_logging_interval(value: Any) -> Any:
+def check_logging_interval(value: Any) -> int | jax.Array | None:
   if value is None:
     return None
   return check_count(
@@ -225,6 +228,17 @@ def check_accumulator_dtype(value: Any) -> None:
         value,
         "None or a floating-point dtype of 16 bits or more",
         "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
+    )
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    # JAX would silently make float32 moments, and every update would then
+    # refuse the state that init had just made.
+    raise ValueError(
+        f"`accumulator_dtype` is {dtype.name} (got {value!r}), but 64-bit types are "
+        "off in JAX (its default), so the moments would silently be "
+        f"{jax.dtypes.canonicalize_dtype(dtype).name}. Enable 64-bit types at "
+        "startup, before any array is made: jax.config.update('jax_enable_x64', "
+        "True) (or JAX_ENABLE_X64=1 in the environment); or pass "
+        "accumulator_dtype=jnp.float32."
     )
 
 
@@ -264,6 +278,26 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
       )
 
 
+SPLIT_COMPLEX = (
+    "For complex parameters, wrap the optimizer: "
+    "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
+    "optimizes the real and imaginary parts as two real parameters."
+)
+
+
+def check_real_leaves(tree: Any, transform: str, what: str, why: str) -> None:
+  """Raises TypeError naming the first complex leaf; ``why`` says what needs real numbers."""
+  if not any(np.iscomplexobj(leaf) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.iscomplexobj(leaf):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
+          f"but {why}. {SPLIT_COMPLEX}"
+      )
+
+
 def check_floating_params(params: Any, transform: str) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   check_array_leaves(
@@ -285,8 +319,7 @@ def check_floating_params(params: Any, transform: str) -> None:
           f"{transform}: parameter {where} has dtype {shown}; only real "
           "floating-point parameters can be optimized. Mask non-trainable "
           "leaves out with optax.masked / optax.multi_transform (or replace "
-          "them with None), and split complex parameters into real and "
-          "imaginary parts."
+          f"them with None). {SPLIT_COMPLEX}"
       )
     if jnp.finfo(dtype).bits < 16:
       raise TypeError(
