@@ -1,9 +1,11 @@
 """Cost of progress logging: ``logging_interval=10`` against logging off.
 
 The peers are ``gax.gradient_ascent`` steps (jitted, donated, same gradient
-buffer), timed round-robin: logging every 10 steps, logging off
-(``logging_interval=None``), and the default ``gax.gradient_ascent()``, which
-must cost the same as logging off (it compiles no host callback); every sample is a whole number of logging
+buffer), timed round-robin: logging every 10 steps, with and without the
+objective passed as ``value=`` (a scalar argument of the step), logging off
+(``logging_interval=None``) with and without ``value=``, and the default
+``gax.gradient_ascent()``, which must cost the same as logging off (it
+compiles no host callback); every sample is a whole number of logging
 intervals, so it contains its share of logging steps. The records go to an
 in-memory handler at level INFO, so formatting and handling are included.
 
@@ -27,7 +29,26 @@ from benchmarks import _common
 import gradient_ascent_jax as gax
 
 LOGGING, OFF, DEFAULT = "logging every 10", "logging off", "default gradient_ascent()"
+LOGGING_VALUE, OFF_VALUE = "logging every 10, value=", "logging off, value="
 INTERVAL = 10
+
+
+class _ValueRunner(_common.JaxRunner):
+  """A step that also passes the objective, ``update(..., value=...)``."""
+
+  def __init__(self, tx, num_params, num_leaves, grads):
+    def step(params, state, grads, value):
+      updates, state = tx.update(grads, state, params, value=value)
+      return jax.tree.map(jnp.add, params, updates), state
+
+    params = _common.make_params(num_params, num_leaves)
+    super().__init__(jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads)
+    self.value = jnp.asarray(1.0, jnp.float32)
+
+  def __call__(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      self.params, self.state = self.step(self.params, self.state, self.grads, self.value)
+    jax.block_until_ready((self.params, self.state))
 
 
 @contextlib.contextmanager
@@ -54,8 +75,12 @@ def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
   runners = {
       LOGGING: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, INTERVAL),
                                     num_params, num_leaves, grads),
+      LOGGING_VALUE: _ValueRunner(_common.gradient_ascent(_common.DEFAULT, INTERVAL),
+                                  num_params, num_leaves, grads),
       OFF: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, None),
                                 num_params, num_leaves, grads),
+      OFF_VALUE: _ValueRunner(_common.gradient_ascent(_common.DEFAULT, None),
+                              num_params, num_leaves, grads),
       # _common.DEFAULT's settings are gradient_ascent()'s defaults; this peer
       # leaves logging_interval unset too.
       DEFAULT: _common.optax_runner(gax.gradient_ascent(), num_params, num_leaves, grads),

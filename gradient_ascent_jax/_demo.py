@@ -4,7 +4,8 @@ Run with ``python -m gradient_ascent_jax``. Each example maximizes
 ``-model(1.0)`` (drives the model's output at 1.0 down) for a number of steps
 and reports the objective before and after. The demo asks for progress
 records explicitly (``--logging-interval``, 10 by default here, while the
-library's default is off) and configures ``logging`` so that they are shown.
+library's default is off), passes the objective to them (``value=``) and
+configures ``logging`` so that they are shown.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def run_example(
   @jax.jit
   def step(params, state):
     value, grads = jax.value_and_grad(objective)(params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, value=value)  # logs the objective
     return optax.apply_updates(params, updates), state, value
 
   before = float(objective(params))

@@ -124,10 +124,15 @@ def zero1_state_shardings(tx, params, mesh: Mesh):
   )
 
 
-def train_step(tx):
+def train_step(tx, with_value=False):
+  """One step; ``with_value`` also passes the objective to the progress log."""
+
   def step(params, state, x, y):
-    grads = jax.grad(log_likelihood)(params, x, y)
-    updates, state = tx.update(grads, state, params)
+    if with_value:
+      value, grads = jax.value_and_grad(log_likelihood)(params, x, y)
+      updates, state = tx.update(grads, state, params, value=value)
+    else:
+      updates, state = tx.update(jax.grad(log_likelihood)(params, x, y), state, params)
     return optax.apply_updates(params, updates), state
 
   return step
@@ -169,7 +174,7 @@ def run(layout: str, mesh: Mesh, steps: int = STEPS, logging_interval=None, insp
     jit_kwargs["out_shardings"] = (param_shardings(layout, mesh), state_shardings)
   else:
     state = tx.init(params)  # eager: each buffer is placed where its parameter lives
-  step = jax.jit(train_step(tx), **jit_kwargs)
+  step = jax.jit(train_step(tx, with_value=logging_interval is not None), **jit_kwargs)
   first = place(batch(0), (data_sharding, data_sharding))
   # What the model alone needs: its gradient, placed as the parameters are.
   model_only = jax.jit(
@@ -284,10 +289,14 @@ def flat(tree, prefix: str) -> dict[str, np.ndarray]:
 class _Steps(logging.Handler):
   def __init__(self):
     super().__init__(logging.INFO)
-    self.steps = []
+    self.steps, self.values, self.warnings = [], [], 0
 
   def emit(self, record):
-    self.steps.append(int(record.step))
+    if record.levelno == logging.INFO:
+      self.steps.append(int(record.step))
+      self.values.append(float(record.value))
+    else:
+      self.warnings += 1
 
 
 def main(argv) -> None:
@@ -319,6 +328,8 @@ def main(argv) -> None:
     result = run("replicated", mesh, logging_interval=LOGGING_INTERVAL, inspect=False)
     jax.effects_barrier()
     meta["log_steps"] = handler.steps
+    meta["log_values"] = handler.values
+    meta["log_warnings"] = handler.warnings
     for key in ("params", "state"):
       arrays.update(flat(result[key], f"logging/{key}"))
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 from gradient_ascent_jax import _demo
@@ -35,8 +36,14 @@ def test_demo_command_runs_all_three_examples_and_objectives_rise():
   assert all(a > b for a, b in zip(after, before))
   # The objective is -model(1.0), so the optimized value is its negative.
   assert all(abs(o + a) < 1e-4 * max(1.0, abs(a)) for o, a in zip(optimized, after))
-  # The progress log is visible: 10 records per example at the default interval.
-  assert len(re.findall(r"\[gradient_ascent_jax\] step \d+:", out)) == 30
+  # The progress log is visible: 10 records per example at the default interval,
+  # each with the objective, which rises from record to record in every example.
+  logged = re.findall(r"\[gradient_ascent_jax\] step (\d+): objective ([-+0-9.e]+),", out)
+  assert len(logged) == 30
+  objectives = np.reshape([float(v) for _, v in logged], (3, 10))
+  for first, example in zip(before, objectives):
+    assert first < example[0] < example[-1]
+  assert "WARNING" not in out and "keeps falling" not in out
   assert "DID NOT RISE" not in out
 
 
@@ -44,7 +51,7 @@ def test_demo_flags():
   result = _run_demo("--example", "clipping", "--steps", "7", "--logging-interval", "3",
                      "--learning-rate", "0.001")
   assert result.returncode == 0, result.stderr
-  steps = re.findall(r"\[gradient_ascent_jax\] step (\d+): learning rate ([0-9.e-]+)", result.stdout)
+  steps = re.findall(r"\[gradient_ascent_jax\] step (\d+): objective [^,]+, learning rate ([0-9.e-]+)", result.stdout)
   assert [int(s) for s, _ in steps] == [3, 6]
   assert all(float(lr) == pytest.approx(0.001) for _, lr in steps)
   assert "Example 'basic'" not in result.stdout

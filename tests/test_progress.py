@@ -3,6 +3,7 @@
 import logging
 import math
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -275,7 +276,7 @@ def test_nested_vmap_logs_once_per_step(log):
 
 def test_vmap_over_states_at_different_steps_logs_each_step(log):
   tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
-  states = gax.LogProgressState(count=jnp.array([0, 0, 4, 4], jnp.int32))
+  states = jax.vmap(tx.init)(jnp.zeros((4, 2)))._replace(count=jnp.array([0, 0, 4, 4], jnp.int32))
   step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)[1]))
   step(jnp.ones((4, 2)), states)
   jax.effects_barrier()
@@ -463,3 +464,304 @@ def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
     assert collective not in text
   expected = math.sqrt(128 * (1 + 4) + 16 * (9 + 16))
   np.testing.assert_allclose(float(progress._global_norm(tree)), expected, rtol=1e-6)
+
+
+# The objective in the records, and the descent warning ----------------------
+
+
+def _quadratic(x):
+  """The objective to maximize, highest (0) at x = 3."""
+  return -jnp.sum((x - 3.0) ** 2)
+
+
+def _ascend(tx, gradient_of, steps):
+  """Runs ``steps`` jitted steps from 0 passing value=_quadratic; returns the params seen."""
+  x = jnp.zeros(2)
+  state = tx.init(x)
+
+  @jax.jit
+  def step(x, state):
+    updates, state = tx.update(jax.grad(gradient_of)(x), state, x, value=_quadratic(x))
+    return optax.apply_updates(x, updates), state
+
+  seen = []
+  for _ in range(steps):
+    seen.append(np.asarray(x, np.float64))
+    x, state = step(x, state)
+  jax.effects_barrier()
+  return seen, state
+
+
+def _warnings(caplog):
+  return [r for r in _records(caplog) if r.levelno == logging.WARNING]
+
+
+def _assert_one_warning_per_step(log):
+  # Each vmapped copy warns once; copies that warn at the same step, once together.
+  steps = [r.step for r in _warnings(log)]
+  assert steps and len(set(steps)) == len(steps)
+
+
+def test_record_shows_the_objective_at_that_step(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=3)
+  seen, _ = _ascend(tx, _quadratic, 9)
+  records = _records(log)
+  assert [r.step for r in records] == [3, 6, 9]
+  # Step t is taken from the params before it, seen[t - 1]: -sum((x - 3)^2) by hand.
+  expected = [-np.sum((seen[t - 1] - 3.0) ** 2) for t in (3, 6, 9)]
+  np.testing.assert_allclose([r.value for r in records], expected, rtol=1e-6)
+  assert records[0].getMessage().startswith(f"step 3: objective {expected[0]:.6g}, learning rate")
+  assert _warnings(log) == []
+
+
+def test_without_value_the_record_has_no_objective(log):
+  _run(gax.gradient_ascent(logging_interval=1), 1)
+  (record,) = _records(log)
+  assert not hasattr(record, "value")
+  assert record.getMessage() == "step 1: learning rate 0.01, gradient norm 5"
+
+
+def test_log_progress_alone_takes_value():
+  tx = gax.log_progress(logging_interval=1)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(jnp.zeros(2))
+  for value in (4.0, 1.0, 3.0):
+    _, state = tx.update(jnp.ones(2), state, value=value)
+  assert (float(state.first_value), float(state.last_value)) == (4.0, 3.0)
+  # Changes -3 then +2: one second difference, 5, so the noise variance is 25 / 6.
+  assert (float(state.last_change), int(state.noise_samples)) == (2.0, 1)
+  np.testing.assert_allclose(float(state.noise_variance), 25 / 6, rtol=1e-6)
+  assert int(state.records_below) == 0  # 3 is not below 4 by 4 * sqrt(25 / 6)
+
+
+def test_value_that_is_not_a_scalar_is_refused():
+  tx = gax.gradient_ascent(logging_interval=1)
+  with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
+                     r"float32 of shape \(3,\)"):
+    tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), value=jnp.ones(3))
+
+
+def test_logging_off_with_value_holds_no_callback():
+  params = jnp.zeros(2)
+  for tx in (gax.gradient_ascent(), gax.gradient_ascent(logging_interval=0)):
+    lowered = jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, params, value=v)).lower(
+        jnp.ones(2), tx.init(params), 1.0).as_text()
+    assert "callback" not in lowered
+
+
+def test_loss_gradient_mistake_warns_once_within_six_intervals(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+  # The mistake: the gradient of the loss sum((x - 3)^2), i.e. of -objective.
+  _, state = _ascend(tx, lambda x: -_quadratic(x), 100)
+  (warning,) = _warnings(log)
+  # Records at 5 and 10 give a change, 15 the first noise estimate; from there
+  # 4 records below the start: 15, 20, 25, 30.
+  assert warning.step == 30
+  message = warning.getMessage()
+  assert "increases the objective whose gradient it is given" in message
+  assert "the gradient of a loss (or a sign error) makes it descend" in message
+  assert "grads = jax.grad(objective)(params)" in message
+  assert "jax.grad(lambda p: -loss(p))(params)" in message
+  assert len([r for r in _records(log) if r.levelno == logging.INFO]) == 20  # records go on
+  assert bool(state[0].descent_warned)
+  # A fresh state is a new run: it warns again.
+  log.clear()
+  _ascend(tx, lambda x: -_quadratic(x), 30)
+  assert [r.step for r in _warnings(log)] == [30]
+
+
+def test_descent_warning_shows_when_info_is_not_enabled(caplog, fresh_warning):
+  caplog.set_level(logging.WARNING, logger=LOGGER)
+  _ascend(gax.gradient_ascent(learning_rate=0.1, logging_interval=5), lambda x: -_quadratic(x), 40)
+  messages = [r.getMessage() for r in _warnings(caplog)]
+  assert len(messages) == 2
+  assert "dropped" in messages[0] and "has fallen and stays down" in messages[1]
+
+
+def test_rising_objective_never_warns(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=1)
+  _, state = _ascend(tx, _quadratic, 300)  # oscillates about the maximum at the end
+  assert len(_records(log)) == 300 and _warnings(log) == []
+  assert not bool(state[0].descent_warned)
+
+
+NOISE_SEEDS = 64
+
+
+def _noisy_runs(gradient_sign, interval, steps=300):
+  """NOISE_SEEDS seeded runs (vmapped, one scan each) on the quadratic with noisy
+  values and gradients; returns each run's final LogProgressState."""
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=interval)
+
+  def run(key):
+    x = jnp.zeros(2)
+
+    def body(carry, key):
+      x, state = carry
+      value_key, grad_key = jax.random.split(key)
+      value = _quadratic(x) + 2.0 * jax.random.normal(value_key)  # std 2 on a range of 18
+      grads = gradient_sign * (jax.grad(_quadratic)(x) + 2.0 * jax.random.normal(grad_key, (2,)))
+      updates, state = tx.update(grads, state, x, value=value)
+      return (optax.apply_updates(x, updates), state), None
+
+    (x, state), _ = jax.lax.scan(body, (x, tx.init(x)), jax.random.split(key, steps))
+    return state[0]
+
+  states = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(interval), NOISE_SEEDS))
+  jax.effects_barrier()
+  return states
+
+
+@pytest.mark.parametrize("interval", [1, 2, 5, 10])
+def test_noisy_ascent_never_warns_and_noisy_descent_does(log, interval):
+  states = _noisy_runs(+1.0, interval)
+  assert not np.any(states.descent_warned)  # every seed, each with its own state
+  assert _warnings(log) == []
+  # vmap: one record per logged step, not one per seed.
+  assert [r.step for r in _records(log)] == list(range(interval, 301, interval))
+  log.clear()
+  states = _noisy_runs(-1.0, interval)  # the same noise, the gradient of the loss
+  assert np.all(states.descent_warned)
+  _assert_one_warning_per_step(log)
+
+
+def test_descent_warning_under_pmap_once(log):
+  n = jax.local_device_count()
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+  x = jnp.zeros((n, 2))
+  state = jax.pmap(tx.init)(x)
+
+  @jax.pmap
+  def step(x, state):
+    updates, state = tx.update(-jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+    return optax.apply_updates(x, updates), state
+
+  for _ in range(35):
+    x, state = step(x, state)
+  jax.effects_barrier()
+  assert [r.step for r in _records(log) if r.levelno == logging.INFO] == list(range(5, 36, 5))
+  assert [r.step for r in _warnings(log)] == [30]
+
+
+class _OldLogProgressState(NamedTuple):
+  """LogProgressState as saved before the objective was tracked: the count only."""
+
+  count: jax.Array
+
+
+_OldLogProgressState.__name__ = "LogProgressState"
+
+
+def test_state_of_the_old_layout_is_refused_not_misread():
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  old = (_OldLogProgressState(count=jnp.asarray(4, jnp.int32)), *state[1:])
+  with pytest.raises(ValueError, match=r"log_progress: the state is a LogProgressState with the "
+                     r"fields \('count',\), but log_progress now keeps \('count', 'first_value'"):
+    tx.update(jnp.ones(2), old, params)
+  # The fix the message names works.
+  fresh = (state[0]._replace(count=old[0].count), *state[1:])
+  assert int(tx.update(jnp.ones(2), fresh, params)[1][0].count) == 5
+
+
+def test_records_are_replayed_under_checkpoint_with_grad(log):
+  # Pinned JAX behaviour: remat recomputes the forward pass in the backward
+  # pass, debug callbacks included, and offers no way to tell the replay apart.
+  tx = gax.gradient_ascent(logging_interval=2)
+
+  def run(x):
+    state = tx.init(x)
+    for _ in range(6):
+      def step(x, state):
+        updates, state = tx.update(-2 * x + 1, state, x)
+        return optax.apply_updates(x, updates), state
+      x, state = jax.checkpoint(step)(x, state)
+    return x.sum()
+
+  jax.jit(jax.grad(run))(jnp.ones(3))
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 2, 4, 4, 6, 6]
+  log.clear()
+  jax.jit(run)(jnp.ones(3))  # without grad: once
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 6]
+
+
+def test_state_can_be_donated(log):
+  # Every field its own buffer: XLA refuses to donate one buffer twice.
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  step = jax.jit(lambda p, s: tx.update(jnp.ones(2), s, p, value=1.0), donate_argnums=(1,))
+  state = tx.init(params)
+  for _ in range(2):
+    state = step(params, state)[1]
+  jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2]
+
+
+REINFORCE_SEEDS = 8
+
+
+@pytest.fixture(scope="module")
+def reinforce_returns():
+  """Notebook 03's training (its learning rate, 100 iterations of 32 episodes), for
+  REINFORCE_SEEDS seeds at once under vmap, logging every iteration with the mean
+  return as value=; the records, the final LogProgressStates and the returns."""
+  from tests import _reinforce
+
+  logger = logging.getLogger(LOGGER)
+  handler = _CollectingHandler()
+  logger.addHandler(handler)
+  saved = logger.level
+  logger.setLevel(logging.INFO)
+  try:
+    tx = gax.gradient_ascent(learning_rate=3e-3, logging_interval=1)
+    curves, states = jax.jit(jax.vmap(lambda seed: _reinforce.train(tx, seed)))(
+        jnp.arange(REINFORCE_SEEDS))
+    jax.effects_barrier()
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved)
+  return handler.records, states[0], np.asarray(curves)
+
+
+class _CollectingHandler(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+def test_reinforce_returns_never_warn(reinforce_returns):
+  records, state, curves = reinforce_returns
+  infos = [r for r in records if r.levelno == logging.INFO]
+  assert [r.step for r in infos] == list(range(1, 101))  # one per iteration, not per seed
+  np.testing.assert_allclose([r.value for r in infos], curves[0], rtol=1e-6)
+  # Most seeds learn (the notebook's target is 150), and none of those warns.
+  learned = curves[:, -10:].mean(axis=1) > 150
+  assert np.sum(learned) >= REINFORCE_SEEDS // 2
+  assert not np.any(np.asarray(state.descent_warned)[learned])
+
+
+@pytest.mark.parametrize("interval", [2, 5, 10])
+def test_reinforce_returns_at_longer_intervals_never_warn(log, reinforce_returns, interval):
+  _, _, curves = reinforce_returns
+  tx = gax.log_progress(logging_interval=interval)
+
+  def replay(curve):
+    def body(state, value):
+      return tx.update(jnp.zeros(1), state, value=value)[1], None
+    return jax.lax.scan(body, tx.init(jnp.zeros(1)), curve)[0]
+
+  learned = curves[:, -10:].mean(axis=1) > 150
+  states = jax.jit(jax.vmap(replay))(jnp.asarray(curves[learned]))
+  assert not np.any(states.descent_warned)
+  assert _warnings(log) == []
+  # The same returns upside down (a sign error's mirror) warn for every seed that learned.
+  mirrored = jax.jit(jax.vmap(replay))(-jnp.asarray(curves))
+  np.testing.assert_array_equal(np.asarray(mirrored.descent_warned)[learned], True)
+  jax.effects_barrier()
+  _assert_one_warning_per_step(log)

@@ -66,6 +66,9 @@ def gradient_ascent(
     logging_interval: log progress every N steps (an ``INFO`` record on the
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
       or 0 for off. Off costs nothing; on, every step pays for a host callback.
+      With logging on, ``tx.update(grads, state, params, value=objective)``
+      logs the objective too, and one ``WARNING`` says so if it keeps falling
+      (the gradient of a loss was passed).
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.

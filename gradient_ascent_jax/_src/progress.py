@@ -40,16 +40,33 @@ def _warn_once_if_invisible() -> bool:
   return True
 
 
-@custom_vmap
-def _first_of_its_step(step, due, *payload):
-  """Whether no earlier due copy of the same step precedes each copy.
+def _merged_over_copies(rule):
+  """``rule(step, due, *args)`` as a ``custom_vmap`` that sees every copy at once.
 
   ``jax.debug.callback`` under ``vmap`` runs once per batch element, so one
-  call of a vmapped step would log one record per element. This elects one
-  copy per distinct step from the values of that very call (``step`` and
-  ``due`` hold one entry per copy); nothing is remembered between calls, so
-  repeated runs, threads and several uses of one optimizer keep their records.
+  call of a vmapped step would log one record per element. The rule decides,
+  from the values of that very call (``step`` and ``due`` hold one entry per
+  copy), which copies speak; nothing is remembered between calls, so repeated
+  runs, threads and several uses of one optimizer keep their records.
   """
+  merged = custom_vmap(rule)
+
+  @merged.def_vmap
+  def _vmap_rule(axis_size, in_batched, *args):
+    # The batch axis becomes more copies to decide over; an enclosing vmap
+    # then reaches this rule again with the copies of every level.
+    args = [
+        arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
+        for arg, batched in zip(args, in_batched)
+    ]
+    return merged(*args), True
+
+  return merged
+
+
+@_merged_over_copies
+def _first_of_its_step(step, due, *payload):
+  """Whether no earlier due copy of the same step precedes each copy."""
   del payload  # only here so that vmap over any callback argument reaches the rule
   shape = jnp.shape(step)
   step, due = jnp.ravel(step), jnp.ravel(due)
@@ -58,15 +75,13 @@ def _first_of_its_step(step, due, *payload):
   return ~jnp.any(repeated, axis=1).reshape(shape)
 
 
-@_first_of_its_step.def_vmap
-def _first_of_its_step_vmap(axis_size, in_batched, *args):
-  # The batch axis becomes more copies to elect from; an enclosing vmap then
-  # reaches this rule again with the copies of every level.
-  args = [
-      arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
-      for arg, batched in zip(args, in_batched)
-  ]
-  return _first_of_its_step(*args), True
+@_merged_over_copies
+def _any_of_its_step(step, due, flag):
+  """Whether any due copy of the same step has ``flag``, for each copy."""
+  shape = jnp.shape(step)
+  step, due, flag = jnp.ravel(step), jnp.ravel(due), jnp.ravel(flag)
+  raised = due[None, :] & flag[None, :] & (step[:, None] == step[None, :])
+  return jnp.any(raised, axis=1).reshape(shape)
 
 
 def _on_first_device() -> jax.Array | bool:
@@ -132,27 +147,122 @@ def _on_one_device(tree: optax.Updates) -> optax.Updates:
   return jax.device_put(tree, next(iter(placements[0])))
 
 
+# The descent rule (see log_progress): this many consecutive records below
+# the first step's objective by more than _DESCENT_NOISE noise deviations.
+# The noise of one recorded value is estimated from the second differences
+# of the records (x_k - 2 x_{k-1} + x_{k-2} has variance 6 sigma^2 for
+# independent noise), which a steady trend does not inflate.
+_DESCENT_RECORDS = 4
+_DESCENT_NOISE = 4.0
+
+_DESCENT_WARNING = (
+    "gradient_ascent_jax: the objective passed as value= has fallen and stays "
+    "down: at each of the last {records} progress records, up to step {step}, "
+    "it was below its value at the first step by more than {noise:g} times its "
+    "noise. gradient_ascent "
+    "increases the objective whose gradient it is given; the gradient of a "
+    "loss (or a sign error) makes it descend. Pass the gradient of the "
+    "objective to maximize: grads = jax.grad(objective)(params), for a loss "
+    "jax.grad(lambda p: -loss(p))(params). If the sign is right, a learning "
+    "rate that is too large can also make it fall. This warning is shown once "
+    "per optimizer state."
+)
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`.
 
+  The fields after ``count`` follow the objective passed as ``value``, at
+  logged steps only; without ``value`` they keep their initial values.
+
   Attributes:
     count: steps already seen, an int32 scalar that saturates at its maximum.
+    first_value: the objective at the first step (float32; NaN until then).
+    last_value: the objective at the latest record (NaN until then).
+    records_below: how many consecutive records the objective was below
+      ``first_value`` by more than its noise (int32).
+    last_change: the change of the objective from the record before to the
+      latest one (NaN until there are two).
+    noise_variance: the variance of the noise of one recorded value, estimated
+      as the mean square of the second differences of the records over 6.
+    noise_samples: how many second differences that mean holds (int32).
+    descent_warned: whether the descent warning has been given (bool).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import gradient_ascent_jax as gax
-    >>> gax.log_progress(logging_interval=10).init(jnp.ones(2))
-    LogProgressState(count=Array(0, dtype=int32))
+    >>> state = gax.log_progress(logging_interval=10).init(jnp.ones(2))
+    >>> state.count, state.records_below, state.descent_warned
+    (Array(0, dtype=int32), Array(0, dtype=int32), Array(False, dtype=bool))
   """
 
   count: chex.Array  # pyright: ignore[reportIncompatibleMethodOverride]
+  first_value: chex.Array
+  last_value: chex.Array
+  last_change: chex.Array
+  records_below: chex.Array
+  noise_variance: chex.Array
+  noise_samples: chex.Array
+  descent_warned: chex.Array
+
+
+def _check_layout(state: LogProgressState) -> None:
+  fields = getattr(state, "_fields", None)
+  if fields != LogProgressState._fields:
+    raise ValueError(
+        f"log_progress: the state is a {type(state).__name__} with the fields "
+        f"{fields}, but log_progress now keeps {LogProgressState._fields}. A "
+        "state saved by an earlier version (count only) is not read as it is: "
+        "make a fresh one with tx.init(params) and carry the step count over, "
+        "fresh._replace(count=old.count)."
+    )
+
+
+def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressState, jax.Array]:
+  """The state after the objective ``value`` at a step; whether it now descends."""
+  value = jnp.asarray(value, jnp.float32)
+  finite = jnp.isfinite(value)
+  first = jnp.where(jnp.isnan(state.first_value) & finite, value, state.first_value)
+  change = value - state.last_value
+  curvature = change - state.last_change
+  sampled = ~jnp.isnan(curvature)
+  samples = jnp.where(sampled, optax.safe_increment(state.noise_samples), state.noise_samples)
+  variance = state.noise_variance + (curvature**2 / 6 - state.noise_variance) / jnp.maximum(
+      samples, 1)
+  variance = jnp.where(sampled, variance, state.noise_variance)
+  below = (samples > 0) & (first - value > _DESCENT_NOISE * jnp.sqrt(variance))
+  records_below = jnp.where(below, optax.safe_increment(state.records_below), 0)
+  descending = records_below >= _DESCENT_RECORDS
+  new = LogProgressState(
+      count=state.count, first_value=first, last_value=value,
+      last_change=jnp.where(jnp.isnan(change), state.last_change, change),
+      records_below=records_below, noise_variance=variance, noise_samples=samples,
+      descent_warned=state.descent_warned | descending,
+  )
+  # A non-finite objective is logged but not counted.
+  counted = due & finite
+  new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
+  return new._replace(first_value=first), counted & descending & ~state.descent_warned
+
+
+def _scalar_objective(value) -> jax.Array:
+  value = jnp.asarray(value)
+  if value.shape != () or not (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+  ):
+    raise ValueError(
+        "log_progress: value must be the objective, a real scalar; got "
+        f"{value.dtype} of shape {value.shape}. Pass e.g. the first output of "
+        "jax.value_and_grad(objective)(params) (reduce a batch to its mean)."
+    )
+  return jax.lax.stop_gradient(value)
 
 
 def log_progress(
     logging_interval: jax.typing.ArrayLike | None = 10,
     learning_rate: optax.ScalarOrSchedule | None = None,
-) -> optax.GradientTransformation:
-  """Logs the step, learning rate and gradient norm every N steps.
+) -> optax.GradientTransformationExtraArgs:
+  """Logs the step, objective, learning rate and gradient norm every N steps.
 
   Passes updates through unchanged. On steps ``t = N, 2N, ...`` (``t`` counts
   from 1) it emits one ``INFO`` record on the logger ``gradient_ascent_jax``
@@ -162,15 +272,38 @@ def log_progress(
   gradient logs inf or NaN, one with no elements 0). The record also
   carries them as attributes ``step``, ``learning_rate`` and ``grad_norm``.
 
+  Pass the objective as ``tx.update(grads, state, params, value=objective)``
+  (e.g. from ``jax.value_and_grad``) and the record shows it too, as
+  ``objective`` in the message and as the attribute ``value``: the value at
+  that step. ``value`` is read as an objective to MAXIMIZE. One ``WARNING``
+  (once per optimizer state, so once per run) says so when it falls and stays
+  down, which is what the gradient of a loss does to ascent. The rule,
+  decided in the compiled step from the values at logged steps (kept in the
+  state; the host remembers nothing): at each of the last 4 records the
+  objective was below its value at the first step by more than 4 times the
+  noise of one record. That noise is estimated from the second differences
+  of the records so far (``x_k - 2 x_(k-1) + x_(k-2)``, of variance
+  ``6 sigma^2`` for independent noise), which a steady rise or fall leaves
+  out. Noisy ascent does not meet it: it stays above where it started, a dip
+  of ordinary size is within 4 deviations, and one record above the line
+  starts the count again. Values that are not finite are
+  logged but not counted. In a chain in front of a descent optimizer
+  (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
+
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
   is only computed on logging steps. Every call of the update logs its own
   records: repeated runs, threads sharing one optimizer and several uses of it
   (e.g. the groups of ``optax.multi_transform``) each log. Only the copies
   that ``vmap``, ``pmap`` and ``shard_map`` make of one call are merged: one
   record per distinct step (that of the first batch element at that step, on
-  the first device). ``optax.MultiSteps`` calls its optimizer on every
+  the first device; under ``vmap`` the warning comes when any element at that
+  step descends). ``optax.MultiSteps`` calls its optimizer on every
   micro-step and keeps the last call's state, so a logging step logs once per
   micro-step; the last record has the norm of the whole accumulated gradient.
+  Under ``jax.checkpoint`` (remat) with ``jax.grad`` through it, JAX replays
+  the callback when it recomputes the forward pass for the backward pass, so
+  each record (and the warning) comes twice; checkpoint the model's forward
+  pass rather than the update to log once.
   Run op by op (no ``jit``), leaves may be on different devices. With
   ``logging_interval`` None or 0 this is ``optax.identity()`` and the compiled
   program holds no host callback.
@@ -178,7 +311,8 @@ def log_progress(
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
   ``WARNING`` (the first time, once per process) says so and how to see them,
-  for example ``logging.basicConfig(level=logging.INFO)``.
+  for example ``logging.basicConfig(level=logging.INFO)``. The descent
+  warning is a ``WARNING`` and is shown either way.
 
   Args:
     logging_interval: N >= 1, or None/0 for off. May be a JAX integer (e.g.
@@ -186,7 +320,8 @@ def log_progress(
     learning_rate: the rate to report, a float or a schedule; None reports NaN.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`LogProgressState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`LogProgressState`; its ``update`` takes the keyword ``value``.
 
   Examples:
     >>> import logging
@@ -194,10 +329,10 @@ def log_progress(
     >>> import gradient_ascent_jax as gax
     >>> tx = gax.log_progress(logging_interval=2, learning_rate=0.1)
     >>> state = tx.init(jnp.zeros(2))
-    >>> for _ in range(2):
-    ...   updates, state = tx.update(jnp.array([3.0, 4.0]), state)
-    >>> int(state.count)
-    2
+    >>> for objective in (1.0, 2.0):
+    ...   updates, state = tx.update(jnp.array([3.0, 4.0]), state, value=objective)
+    >>> int(state.count), float(state.last_value)
+    (2, 2.0)
   """
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
@@ -205,19 +340,31 @@ def log_progress(
   if not validation.logging_enabled(logging_interval):
     return optax.identity()
 
-  def emit(step, rate, grad_norm, show):
+  def emit(step, rate, grad_norm, show, *objective):
     # Under vmap the cond becomes a select, and copies are elected: filter here.
-    if not show or _warn_once_if_invisible():
+    if not show:
       return
     step = int(step)
     rate, grad_norm = float(np.asarray(rate)), float(np.asarray(grad_norm))
-    logger.info(
-        "step %d: learning rate %.6g, gradient norm %.6g",
-        step,
-        rate,
-        grad_norm,
-        extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
-    )
+    if not _warn_once_if_invisible():
+      if objective:
+        value = float(np.asarray(objective[0]))
+        logger.info(
+            "step %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
+            step, value, rate, grad_norm,
+            extra={"step": step, "value": value, "learning_rate": rate, "grad_norm": grad_norm},
+        )
+      else:
+        logger.info(
+            "step %d: learning rate %.6g, gradient norm %.6g",
+            step, rate, grad_norm,
+            extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
+        )
+    if objective and objective[1]:
+      logger.warning(
+          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
+          extra={"step": step},
+      )
 
   def rate_at(count):
     if learning_rate is None:
@@ -225,24 +372,47 @@ def log_progress(
     return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
-    return LogProgressState(count=transforms.zero_step_count(params))
+    count = transforms.zero_step_count(params)
 
-  def update_fn(updates, state, params=None):
-    del params
+    def like_count(fill, dtype):
+      # One buffer per field: a donated state must not hold one buffer twice.
+      return jnp.full_like(count, fill, dtype)
+
+    return LogProgressState(
+        count=count, first_value=like_count(jnp.nan, jnp.float32),
+        last_value=like_count(jnp.nan, jnp.float32),
+        last_change=like_count(jnp.nan, jnp.float32), records_below=like_count(0, jnp.int32),
+        noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
+        descent_warned=like_count(False, bool),
+    )
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    _check_layout(state)
     step = cast(jax.Array, optax.safe_increment(state.count))
     interval = jnp.asarray(logging_interval)
     due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
+    new_state = state._replace(count=step)
+    objective = ()
+    if value is not None:
+      value = _scalar_objective(value)
+      new_state, descending = _track_descent(new_state, value, due)
+      objective = (value, descending)
 
-    def send(tree):
+    def send(tree, objective):
       grad_norm = _global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
-      show = due & _first_of_its_step(step, due, *jax.lax.stop_gradient((rate, grad_norm)))
-      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device())
+      payload = jax.lax.stop_gradient((rate, grad_norm, *objective))
+      show = due & _first_of_its_step(step, due, *payload)
+      if objective:
+        value, descending = objective
+        objective = (value, _any_of_its_step(step, due, descending))
+      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device(), *objective)
 
     if isinstance(due, jax.core.Tracer):
-      jax.lax.cond(due, send, lambda tree: None, updates)
+      jax.lax.cond(due, send, lambda *_: None, updates, objective)
     elif due:  # known now (no jit): a cond would need every leaf on one device
-      send(_on_one_device(updates))
-    return updates, LogProgressState(count=step)
+      send(_on_one_device(updates), objective)
+    return updates, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
