@@ -535,8 +535,14 @@ def scale_by_adaptive_rms(
         # small gradient's moment underflows to 0 and h / eps overflows.
         m_wide = beta * _cast(m, q.dtype)
         m_new = m_wide + q * q
-        exact_root = jnp.hypot(_sqrt(m_wide), q_size)
-        root = jnp.where(jnp.isinf(m_new), exact_root, _sqrt(m_new))
+        # hypot only where the moment overflowed; elsewhere it is fed ones, since
+        # its derivative at (0, 0) is NaN, and 0 times NaN would reach the
+        # meta-gradient through the branch that where() does not select.
+        overflowed = jnp.isinf(m_new)
+        exact_root = jnp.hypot(
+            jnp.where(overflowed, _sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1)
+        )
+        root = jnp.where(overflowed, exact_root, _sqrt(m_new))
       return _cast(_cast(h, q.dtype) / (root + eps), h.dtype)
 
     weighted_updates = jax.tree.map(weighted, updates, state.second_moment)
