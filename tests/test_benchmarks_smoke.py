@@ -124,14 +124,17 @@ def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
   rows = logging_overhead.main(["--smoke"])
   assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
   assert [row["peer"] for row in rows] == [
-      logging_overhead.LOGGING, logging_overhead.OFF, logging_overhead.DEFAULT]
+      logging_overhead.LOGGING, logging_overhead.LOGGING_VALUE, logging_overhead.OFF,
+      logging_overhead.OFF_VALUE, logging_overhead.DEFAULT]
   assert all(_positive(row["seconds"]) for row in rows)
-  assert rows[1]["overhead"] == 0.0
+  overhead = {row["peer"]: row["overhead"] for row in rows}
+  assert overhead[logging_overhead.OFF] == 0.0
   out = capsys.readouterr().out
   assert "| default gradient_ascent() |" in out
-  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records;
-  # the default peer logs none.
-  assert "4 log records captured" in out
+  assert "| logging every 10, value= |" in out
+  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records for
+  # each of the two logging peers; the peers with logging off log none.
+  assert "8 log records captured" in out
 
 
 def test_memory_smoke_state_bytes_and_peak():
