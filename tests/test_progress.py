@@ -547,6 +547,10 @@ def test_logging_off_with_value_holds_no_callback():
     lowered = jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, params, value=v)).lower(
         jnp.ones(2), tx.init(params), 1.0).as_text()
     assert "callback" not in lowered
+  # log_progress alone, off, takes value= too (a plain identity() refused it).
+  tx = gax.log_progress(logging_interval=None)
+  updates, _ = tx.update(jnp.ones(2), tx.init(params), params, value=1.0)
+  np.testing.assert_array_equal(updates, jnp.ones(2))
 
 
 def test_loss_gradient_mistake_warns_once_within_six_intervals(log):

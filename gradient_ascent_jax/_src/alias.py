@@ -28,7 +28,7 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
   Give it the gradient of the objective to MAXIMIZE; the updates it returns

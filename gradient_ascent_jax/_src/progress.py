@@ -242,7 +242,8 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   # A non-finite objective is logged but not counted.
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
-  return new._replace(first_value=first), counted & descending & ~state.descent_warned
+  fires = counted & descending & jnp.logical_not(state.descent_warned)
+  return new._replace(first_value=first), fires
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -305,8 +306,8 @@ def log_progress(
   each record (and the warning) comes twice; checkpoint the model's forward
   pass rather than the update to log once.
   Run op by op (no ``jit``), leaves may be on different devices. With
-  ``logging_interval`` None or 0 this is ``optax.identity()`` and the compiled
-  program holds no host callback.
+  ``logging_interval`` None or 0 this is ``optax.identity()`` (taking and
+  ignoring ``value``) and the compiled program holds no host callback.
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
@@ -338,7 +339,7 @@ def log_progress(
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
   if not validation.logging_enabled(logging_interval):
-    return optax.identity()
+    return optax.with_extra_args_support(optax.identity())
 
   def emit(step, rate, grad_norm, show, *objective):
     # Under vmap the cond becomes a select, and copies are elected: filter here.
