@@ -9,10 +9,13 @@ The build needs no network: no intersphinx inventories, no remote assets.
 """
 
 from pathlib import Path
+import re
 import shutil
 import sys
 
+from docutils import nodes
 import sphinx.util.inspect
+from sphinx.transforms.post_transforms import SphinxPostTransform
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -91,5 +94,33 @@ html_theme_options = {
     "navbar_persistent": [],  # one search field (the sidebar's), not two
 }
 html_static_path = ["_static"]
-html_css_files = ["tables.css"]  # tables that fit the column: see the file
+html_css_files = ["tables.css"]  # tables and code that fit the column: see the file
+
+
+class _BreakableLiteralsInTables(SphinxPostTransform):
+  """Puts a <wbr> after each / . _ : , ( of a literal in a table cell.
+
+  A test path such as tests/test_validation.py::test_name is one word to the
+  browser: the column either grows past the page or the path breaks mid-word.
+  With a break opportunity after each separator it wraps where a reader expects.
+  """
+
+  default_priority = 900
+  formats = ("html",)
+
+  def run(self, **kwargs):
+    for table in self.document.findall(nodes.table):
+      for literal in list(table.findall(nodes.literal)):
+        pieces = []
+        for text in literal.findall(nodes.Text):
+          for part in re.split(r"(?<=[/._:,(])(?=[^/._:,(])", str(text)):
+            if pieces:
+              pieces.append(nodes.raw("", "<wbr>", format="html"))
+            pieces.append(nodes.Text(part))
+        literal.children = []
+        literal.extend(pieces)
+
+
+def setup(app):
+  app.add_post_transform(_BreakableLiteralsInTables)
 html_show_sourcelink = False

@@ -17,7 +17,10 @@ every internal page that a link reaches is loaded in the browser, and:
   page, with as many cells as its source row has (a row joined to the one
   before by ``||`` is silently dropped by the renderer);
 - at 1024, 1280 and 1440 px no element of any page reaches past the content
-  column (code blocks, which scroll, excepted).
+  column or hides part of itself behind a scroll bar, code blocks included
+  (their long lines wrap);
+- at 1280 px a literal in a table (a test path, a long name) wraps only at a
+  space or after a separator (``/ . _ : , (``), never inside a word.
 
 Without the built site or chromium the test skips, unless ``CI`` is set: then
 it fails, so CI cannot pass without running it.
@@ -83,14 +86,14 @@ SEARCH_HITS = "[...document.querySelectorAll('#search-results li a')].map(a => a
 TABLE_ROWS = """[...document.querySelectorAll("article.bd-article table")].map(
     table => [...table.rows].map(row => row.cells.length))"""
 # Elements of the article that reach past its sides, or that hide part of their
-# content behind a scroll bar; code blocks scroll by design and are skipped.
+# content behind a scroll bar (a code block with a line too long to show).
 OVERFLOWING = """(() => {
   const column = document.querySelector("article.bd-article").getBoundingClientRect();
   const described = e => e.tagName.toLowerCase() + (e.className ? "." + e.className : "")
       + ": " + (e.innerText || e.getAttribute("src") || "").slice(0, 60).replace(/\\s+/g, " ");
   const found = [], reported = [];  // only the outermost element of each overflow
   for (const e of document.querySelectorAll("article.bd-article *")) {
-    if (e.closest("pre, div.highlight") || reported.some(r => r.contains(e))) continue;
+    if (reported.some(r => r.contains(e))) continue;
     const box = e.getBoundingClientRect();
     if (box.width === 0 && box.height === 0) continue;
     if (box.right > column.right + 1 || box.left < column.left - 1) {
@@ -105,6 +108,31 @@ OVERFLOWING = """(() => {
   return found;
 })()"""
 WIDTHS = (1024, 1280, 1440)
+# Where a literal in a table wraps inside a word: a new line that starts within
+# one text node, after a character that is not a space. The site puts each word
+# of a literal, and each piece between separators, in a text node of its own.
+MID_WORD_BREAKS = """(() => {
+  const found = [];
+  for (const code of document.querySelectorAll("article.bd-article table code")) {
+    const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const range = document.createRange();
+      let top = null;
+      for (let i = 0; i < node.length; i++) {
+        range.setStart(node, i);
+        range.setEnd(node, i + 1);
+        const rects = range.getClientRects();
+        if (!rects.length) continue;
+        if (top !== null && rects[0].top > top + 2 && !/\\s/.test(node.data[i - 1])) {
+          found.push(`${code.innerText.slice(0, 80)}: breaks before ${node.data.slice(i, i + 12)}`);
+          break;
+        }
+        top = rects[0].top;
+      }
+    }
+  }
+  return found;
+})()"""
 
 
 def chromium_path() -> str | None:
@@ -417,4 +445,22 @@ def test_no_page_element_overflows_the_content_column(crawl, browser, width):
       problems += [f"{page} at {width} px: {found}" for found in browser.evaluate(OVERFLOWING)]
   finally:
     browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+  assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} in all)"
+
+
+def test_literals_in_tables_wrap_only_between_words_or_after_separators(crawl, browser):
+  browser.call(
+      "Emulation.setDeviceMetricsOverride", session=True,
+      width=1280, height=900, deviceScaleFactor=1, mobile=False,
+  )
+  problems, pages_with_tables = [], 0
+  try:
+    for page in sorted(crawl):
+      browser.load(page)
+      if browser.evaluate("document.querySelectorAll('article.bd-article table code').length"):
+        pages_with_tables += 1
+      problems += [f"{page}: {found}" for found in browser.evaluate(MID_WORD_BREAKS)]
+  finally:
+    browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+  assert pages_with_tables >= 5, pages_with_tables
   assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} in all)"
