@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
@@ -140,7 +141,7 @@ def _on_one_device(tree: optax.Updates) -> optax.Updates:
   """``tree``, its leaves moved onto one device if they are on different ones."""
   # Op by op, JAX refuses to combine arrays committed to different devices
   # (a pipeline-parallel model run eagerly, say); this only runs on logging steps.
-  placements = [transforms.concrete_devices(x) for x in jax.tree.leaves(tree)]
+  placements = [placement.concrete_devices(x) for x in jax.tree.leaves(tree)]
   placements = [devices for devices in placements if devices is not None]
   if len(set(placements)) <= 1:
     return tree
@@ -373,7 +374,7 @@ def log_progress(
     return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
-    count = transforms.zero_step_count(params)
+    count = placement.zero_step_count(params)
 
     def like_count(fill, dtype):
       # One buffer per field: a donated state must not hold one buffer twice.

@@ -7,8 +7,8 @@ flip does not change the result; it comes first because that is what
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import threading
 from typing import TYPE_CHECKING
 from typing import Any
@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import numerics
+from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import validation
 
@@ -146,43 +148,6 @@ def flip_sign() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@jax.custom_jvp
-def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
-  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
-
-  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
-  a rounding is differentiated as the value it rounds, as ``astype`` is.
-  Without this, ``jax.grad`` through a low-precision state or with respect to
-  a traced ``clip_value`` (a meta-gradient) raises ``NotImplementedError``.
-  """
-  return jnp.nextafter(x, toward)
-
-
-@_next_toward.defjvp
-def _next_toward_jvp(primals, tangents):
-  return _next_toward(*primals), tangents[0]
-
-
-def _round_down(value: Any, dtype: jnp.dtype) -> Any:
-  """The largest number of ``dtype`` that is <= ``value`` (> 0).
-
-  Rounding to nearest could round a clip bound up (0.3 is 0.30005 in
-  float16), and values above ``clip_value`` would pass.
-  """
-  if isinstance(value, jax.Array):
-    if value.dtype == dtype:
-      return value
-    bound = value.astype(dtype)
-    wide = jnp.promote_types(value.dtype, dtype)
-    rounded_up = bound.astype(wide) > value.astype(wide)
-    return jnp.where(rounded_up, _next_toward(bound, jnp.zeros_like(bound)), bound)
-  with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
-    bound = np.asarray(value, dtype)
-  if float(bound) > float(value):
-    bound = np.nextafter(bound, np.zeros_like(bound))
-  return bound
-
-
 def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformation:
   """Clips every element of the updates to ``[-clip_value, clip_value]``.
 
@@ -211,7 +176,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
           "clip_value", clip_value, float(jnp.finfo(u.dtype).smallest_subnormal), u.dtype,
           "it rounds down to 0, and every gradient would be clipped to 0.",
       )
-    bound = _round_down(clip_value, u.dtype)
+    bound = numerics.round_down(clip_value, u.dtype)
     return jnp.clip(u, -bound, bound)
 
   def update_fn(updates, state, params=None):
@@ -223,82 +188,6 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     return jax.tree.map(clip_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _cast(x: jax.Array, dtype) -> jax.Array:
-  # Skipping same-dtype converts keeps the traced program (and compile time) small.
-  return x if x.dtype == dtype else x.astype(dtype)
-
-
-@jax.custom_jvp
-def _sqrt(x: jax.Array) -> jax.Array:
-  """``jnp.sqrt``, whose derivative at 0 is 0 instead of inf.
-
-  A moment is 0 only where every gradient so far was 0, and then nothing
-  depends on it; but inf times the 0 that flows back is NaN, and every
-  meta-gradient through a zero gradient element (a dead unit, an unused
-  parameter) would be NaN from the second update on.
-  """
-  return jnp.sqrt(x)
-
-
-@_sqrt.defjvp
-def _sqrt_jvp(primals, tangents):
-  root = _sqrt(primals[0])
-  # Two selects: the unselected 0.5 / 0 must not reach a second derivative.
-  zero = root == 0
-  slope = jnp.where(zero, 0, 0.5 / jnp.where(zero, 1, root))
-  return root, slope * tangents[0]
-
-
-def _scalar_sqrt(value):
-  return math.sqrt(value) if isinstance(value, (int, float)) else jnp.sqrt(value)
-
-
-def _compute_dtype(*dtypes) -> jnp.dtype:
-  # float16/bfloat16 state is updated in float32: beta=0.999 rounds to 1 in
-  # bfloat16, and eps=1e-8 flushes to 0 in float16 (0/0 on zero gradients).
-  return jnp.result_type(jnp.float32, *dtypes)
-
-
-def concrete_devices(x) -> frozenset | None:
-  """The devices that hold ``x`` if it is a concrete ``jax.Array``, else None.
-
-  A tracer (inside ``jit``, ``vmap`` or ``grad``) has no devices yet, and a
-  Python or NumPy value has none at all.
-  """
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    return frozenset(x.sharding.device_set)
-  return None
-
-
-def _multi_device_sharding(param):
-  """``param``'s sharding if it is a concrete array on several devices, else None."""
-  devices = concrete_devices(param)
-  return param.sharding if devices is not None and len(devices) > 1 else None
-
-
-def _zeros_like_on_same_devices(param, dtype):
-  # jnp.zeros_like puts the zeros of a weakly typed array (e.g. jnp.asarray(1.5)
-  # placed on a mesh) on one default device: name the param's sharding.
-  return jnp.zeros_like(param, dtype=dtype, device=_multi_device_sharding(param))
-
-
-def zero_step_count(params) -> jax.Array:
-  """An int32 step counter of 0, replicated over the mesh the params live on.
-
-  Left on the default device, the counter of a state initialised eagerly from
-  global arrays would be local to each process, and orbax refuses to save a
-  process-local array in a multi-process run. Params that are not laid out
-  with a ``NamedSharding`` over several devices (one device, tracers inside
-  ``jit``, whose ``out_shardings`` then decide) get the plain default.
-  """
-  for leaf in jax.tree.leaves(params):
-    sharding = _multi_device_sharding(leaf)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-      return jnp.zeros([], jnp.int32, device=replicated)
-  return jnp.zeros([], jnp.int32)
 
 
 def warn_once(shown: threading.Event, message: str) -> None:
@@ -321,80 +210,7 @@ def _init_accumulator(params, accumulator_dtype, transform: str):
   # Again here: 64-bit types may have been switched off since construction.
   validation.check_accumulator_dtype(accumulator_dtype)
   validation.check_floating_params(params, transform)
-  return jax.tree.map(lambda p: _zeros_like_on_same_devices(p, accumulator_dtype), params)
-
-
-def _warn_if_too_coarse(beta, accumulator, transform: str) -> None:
-  """Warns when the state dtype cannot resolve one step of the average.
-
-  m moves by (1 - beta) * (h**2 - m) per step; below half a unit in the last
-  place of m, rounding would undo it, so the stored m moves one unit instead
-  (see _unstall). With 1 - beta below the dtype's relative spacing that is
-  most steps: the average forgets faster than beta says, and with noisy
-  gradients sits below the float32 one.
-  """
-  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
-    return
-  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
-    finfo = jnp.finfo(dtype)
-    spacing = float(finfo.eps)
-    if 1 - float(beta) < spacing:
-      # Only a wider state can help, so the advice depends on the state dtype.
-      if finfo.bits < 32:
-        fix = "Pass accumulator_dtype=jnp.float32 to keep the moments in float32."
-      else:
-        fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
-        if finfo.bits < 64:
-          fix += (", or keep the moments in float64: enable "
-                  "jax.config.update('jax_enable_x64', True) and pass "
-                  "accumulator_dtype=jnp.float64")
-        fix += "."
-      logger.warning(
-          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
-          "spacing %.3g): %s %s",
-          transform, beta, dtype, spacing,
-          _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE, fix,
-      )
-
-
-_COARSE_HALF = (
-    "the stored second moment moves by one unit in the last place where beta "
-    "asks for less, so it forgets faster than beta says and, with noisy "
-    "gradients, averages low (steps up to about 1.4x larger than with float32 "
-    "state)."
-)
-_COARSE_WIDE = (
-    "the stored second moment can stop changing, and after a huge gradient "
-    "stay saturated for good."
-)
-
-
-def _check_eps_is_normal(eps, accumulator) -> None:
-  # Below the smallest normal number of the dtype the division runs in, eps is 0
-  # or a subnormal that flush-to-zero hardware reads as 0: a zero gradient gives 0 / 0.
-  for dtype in {_compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
-    validation.check_at_least(
-        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
-        "a zero gradient would give 0 / 0 = NaN.",
-    )
-
-
-def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
-  """Moves a rounded moment at least one unit in the last place when it should move.
-
-  beta = 0.999 changes m by at most 0.1% a step, less than half the spacing of
-  bfloat16 (0.4% to 0.8%): rounded to nearest, m would come back unchanged,
-  and a moment saturated by one huge gradient would pin its element's step
-  near zero for good. One unit towards the exact value is the smallest move
-  the dtype can make. A zero moment stays zero: its step is computed from the
-  exact moment, and the smallest subnormal could be 60x too large.
-  """
-  old_wide = old.astype(exact.dtype)
-  stalled = (stored == old) & (exact != old_wide) & (old != 0)
-  toward = jnp.where(exact < old_wide, jnp.zeros_like(old), jnp.full_like(old, jnp.inf))
-  # Where stalled, stored == old: stepping from stored gives the same value
-  # and the derivative of the exact moment, which stored rounds.
-  return jnp.where(stalled, _next_toward(stored, toward), stored)
+  return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
 def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
@@ -444,28 +260,10 @@ def scale_by_adaptive_rms(
     m_t = beta * m_{t-1} + (1 - beta) * h**2     # m_0 = 0, no bias correction
     s   = h / (sqrt(m_t) + eps)                  # eps outside the sqrt
 
-  The new second moment saturates at the largest finite value of its dtype
-  instead of overflowing to ``inf``: an inf moment would pin every later step
-  of that element to zero forever, a saturated one decays back by ``beta``
-  per step. Where ``h**2`` overflows but ``m_t`` does not, ``m_t`` is still
-  stored and used exactly. float16/bfloat16 state is updated in float32 and
-  stored back; ``s`` is computed from the exact float32 moment, before that
-  rounding; where rounding to nearest would leave the stored moment
-  unchanged although ``m_t`` moved (``beta = 0.999`` in bfloat16: 0.1% per
-  step against a spacing of 0.4% to 0.8%), it moves one unit in the last
-  place towards ``m_t``, so a saturated low-precision moment decays too
-  (bfloat16: back to an ordinary step in about 16 000 steps, float32 state
-  takes about 88 000). float32/float64 state that saturated no longer holds
-  ``m_t``, only a lower bound: ``s`` then divides by
-  ``max(sqrt(max), sqrt(1 - beta) * |h|)``,
-  exact when the huge gradient dominates and otherwise at most
-  ``sqrt(1 + beta)`` too small, so that step is at most ``sqrt(2)`` too large
-  and never beyond RMSprop's bound ``1/sqrt(1 - beta)``.
-
-  ``jax.grad`` through updates (meta-gradients) works in every dtype: the
-  one-unit move is differentiated as the moment it rounds, and the square
-  root of a zero moment (every gradient of that element 0 so far) has
-  derivative 0, not inf, so a zero gradient element gives no NaN.
+  The second moment saturates at its dtype's largest value instead of
+  becoming ``inf``; float16/bfloat16 state is updated in float32 and still
+  decays when rounding would stall it; ``jax.grad`` through updates works in
+  every dtype. How, and what each costs: the math page's "Precision" section.
 
   Args:
     beta: decay of the second-moment average, in ``[0, 1)``.
@@ -497,57 +295,28 @@ def scale_by_adaptive_rms(
 
   def init_fn(params):
     second_moment = _init_accumulator(params, accumulator_dtype, name)
-    _warn_if_too_coarse(beta, second_moment, name)
-    _check_eps_is_normal(eps, second_moment)
+    numerics.warn_if_too_coarse(beta, second_moment, name)
+    numerics.check_eps_is_normal(eps, second_moment)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def update_fn(updates, state, params=None):
     del params
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
-    # (sqrt(1 - beta) * h)**2 rather than (1 - beta) * h**2: h**2 overflows
+    # q = sqrt(1 - beta) * h, so that m_t = beta * m + q**2: h**2 overflows
     # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
-    weight = _scalar_sqrt(1 - beta)
+    weight = numerics.scalar_sqrt(1 - beta)
 
     def weighted(h, m):
-      return weight * _cast(h, _compute_dtype(h.dtype, m.dtype))
-
-    def new_moment(q, m):
-      m_new = beta * _cast(m, q.dtype) + q * q
-      # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
-      # inside the consumer fusion, which forces a copy of the donated buffer
-      # (two extra passes over memory). NaN propagates either way.
-      largest = jax.lax.full_like(m_new, jnp.finfo(m.dtype).max)
-      m_new = jax.lax.select(m_new > largest, largest, m_new)
-      stored = _cast(m_new, m.dtype)
-      return stored if stored.dtype == m_new.dtype else _unstall(stored, m, m_new)
+      return weight * numerics.cast(h, numerics.compute_dtype(h.dtype, m.dtype))
 
     def scale(h, q, m, m_stored):
-      q_size = jnp.abs(q)
-      if m_stored.dtype == q.dtype:
-        # Read the stored moment, not the old one again: re-reading the donated
-        # old buffer after its in-place update makes XLA copy it (extra passes).
-        # sqrt(m_t) >= |q| always. Where m_t saturated (beyond the largest
-        # value) the stored moment only bounds it from below: |q| keeps the
-        # step of a huge gradient exact and every step <= 1/sqrt(1 - beta).
-        root = jnp.maximum(_sqrt(m_stored), q_size)
-      else:
-        # float16/bfloat16 storage: divide by the moment before rounding, or a
-        # small gradient's moment underflows to 0 and h / eps overflows.
-        m_wide = beta * _cast(m, q.dtype)
-        m_new = m_wide + q * q
-        # hypot only where the moment overflowed; elsewhere it is fed ones, since
-        # its derivative at (0, 0) is NaN, and 0 times NaN would reach the
-        # meta-gradient through the branch that where() does not select.
-        overflowed = jnp.isinf(m_new)
-        exact_root = jnp.hypot(
-            jnp.where(overflowed, _sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1)
-        )
-        root = jnp.where(overflowed, exact_root, _sqrt(m_new))
-      return _cast(_cast(h, q.dtype) / (root + eps), h.dtype)
+      root = numerics.moment_root(beta, q, m, m_stored)
+      return numerics.cast(numerics.cast(h, q.dtype) / (root + eps), h.dtype)
 
-    weighted_updates = jax.tree.map(weighted, updates, state.second_moment)
-    second_moment = jax.tree.map(new_moment, weighted_updates, state.second_moment)
-    scaled = jax.tree.map(scale, updates, weighted_updates, state.second_moment, second_moment)
+    q = jax.tree.map(weighted, updates, state.second_moment)
+    second_moment = jax.tree.map(
+        functools.partial(numerics.saturating_moment, beta), q, state.second_moment)
+    scaled = jax.tree.map(scale, updates, q, state.second_moment, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -606,17 +375,17 @@ def momentum(
     return MomentumState(velocity=velocity)
 
   def new_velocity(s, v):
-    dtype = _compute_dtype(s.dtype, v.dtype)
-    return _cast(decay * _cast(v, dtype) + _cast(s, dtype), v.dtype)
+    dtype = numerics.compute_dtype(s.dtype, v.dtype)
+    return numerics.cast(decay * numerics.cast(v, dtype) + numerics.cast(s, dtype), v.dtype)
 
   def direction(s, v):
-    dtype = _compute_dtype(s.dtype, v.dtype)
-    s_wide, v_wide = _cast(s, dtype), _cast(v, dtype)
+    dtype = numerics.compute_dtype(s.dtype, v.dtype)
+    s_wide, v_wide = numerics.cast(s, dtype), numerics.cast(v, dtype)
     if isinstance(nesterov, (bool, np.bool_)):
       out = s_wide + decay * v_wide if nesterov else v_wide
     else:
       out = jnp.where(nesterov, s_wide + decay * v_wide, v_wide)
-    return _cast(out, s.dtype)
+    return numerics.cast(out, s.dtype)
 
   def update_fn(updates, state, params=None):
     del params
@@ -662,7 +431,7 @@ def scale_by_warmup_decay(
   )
 
   def init_fn(params):
-    return ScaleByWarmupDecayState(count=zero_step_count(params))
+    return ScaleByWarmupDecayState(count=placement.zero_step_count(params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -671,7 +440,7 @@ def scale_by_warmup_decay(
     def scale(u):
       # A Python-float rate is weakly typed: times float16 updates it would be
       # rounded to float16 first (1e-8 becomes 0). Multiply in float32.
-      return _cast(step_size * _cast(u, _compute_dtype(u.dtype)), u.dtype)
+      return numerics.cast(step_size * numerics.cast(u, numerics.compute_dtype(u.dtype)), u.dtype)
 
     updates = jax.tree.map(scale, updates)
     count = cast(jax.Array, optax.safe_increment(state.count))

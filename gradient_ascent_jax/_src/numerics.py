@@ -1,0 +1,202 @@
+"""Precision machinery of the transforms: casts, rounding, saturation, derivative fixes.
+
+The transforms state their equations; the work of computing them right in every
+dtype (float16, bfloat16, a float32 moment that overflows, ``jax.grad`` through
+all of it) is here. The reasons are on the math page of the documentation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradient_ascent_jax._src import validation
+
+logger = logging.getLogger("gradient_ascent_jax")
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+  """``x`` in ``dtype``; the same array when it already is (a smaller program)."""
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def compute_dtype(*dtypes) -> jnp.dtype:
+  """float32 or wider: the dtype that float16/bfloat16 arithmetic runs in.
+
+  ``beta=0.999`` rounds to 1 in bfloat16, and ``eps=1e-8`` flushes to 0 in
+  float16 (0/0 on zero gradients).
+  """
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
+@jax.custom_jvp
+def _next_toward(x: jax.Array, toward: jax.Array) -> jax.Array:
+  """``jnp.nextafter(x, toward)``, differentiated as ``x`` (straight through).
+
+  JAX has no derivative for ``nextafter``; a one-unit nudge is a rounding, and
+  a rounding is differentiated as the value it rounds, as ``astype`` is.
+  """
+  return jnp.nextafter(x, toward)
+
+
+@_next_toward.defjvp
+def _next_toward_jvp(primals, tangents):
+  return _next_toward(*primals), tangents[0]
+
+
+@jax.custom_jvp
+def sqrt(x: jax.Array) -> jax.Array:
+  """``jnp.sqrt``, whose derivative at 0 is 0 instead of inf.
+
+  A moment is 0 only where every gradient so far was 0, and nothing depends on
+  it then; but inf times the 0 that flows back is a NaN meta-gradient.
+  """
+  return jnp.sqrt(x)
+
+
+@sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+  root = sqrt(primals[0])
+  # Two selects: the unselected 0.5 / 0 must not reach a second derivative.
+  zero = root == 0
+  slope = jnp.where(zero, 0, 0.5 / jnp.where(zero, 1, root))
+  return root, slope * tangents[0]
+
+
+def scalar_sqrt(value):
+  """The square root of a hyperparameter: a Python float stays weakly typed."""
+  return math.sqrt(value) if isinstance(value, (int, float)) else jnp.sqrt(value)
+
+
+def round_down(value: Any, dtype: jnp.dtype) -> Any:
+  """The largest number of ``dtype`` that is <= ``value`` (> 0).
+
+  Rounding to nearest could round a clip bound up (0.3 is 0.30005 in
+  float16), and values above ``clip_value`` would pass.
+  """
+  if isinstance(value, jax.Array):
+    if value.dtype == dtype:
+      return value
+    bound = value.astype(dtype)
+    wide = jnp.promote_types(value.dtype, dtype)
+    rounded_up = bound.astype(wide) > value.astype(wide)
+    return jnp.where(rounded_up, _next_toward(bound, jnp.zeros_like(bound)), bound)
+  with np.errstate(over="ignore"):  # beyond the dtype's range: inf, stepped down below
+    bound = np.asarray(value, dtype)
+  if float(bound) > float(value):
+    bound = np.nextafter(bound, np.zeros_like(bound))
+  return bound
+
+
+def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
+  """Moves a rounded moment one unit in the last place where it should move.
+
+  Rounded to nearest, a bfloat16 moment that beta = 0.999 changes by 0.1% would
+  come back unchanged, and a moment saturated by one huge gradient would pin
+  its element's step near zero for good. A zero moment stays zero.
+  """
+  old_wide = old.astype(exact.dtype)
+  stalled = (stored == old) & (exact != old_wide) & (old != 0)
+  toward = jnp.where(exact < old_wide, jnp.zeros_like(old), jnp.full_like(old, jnp.inf))
+  # Where stalled, stored == old: stepping from stored gives the same value
+  # and the derivative of the exact moment, which stored rounds.
+  return jnp.where(stalled, _next_toward(stored, toward), stored)
+
+
+def saturating_moment(beta, q: jax.Array, m: jax.Array) -> jax.Array:
+  """``beta * m + q**2`` stored in ``m``'s dtype, at most its largest finite value.
+
+  ``q`` is ``sqrt(1 - beta) * h`` in the compute dtype. A rounded (float16,
+  bfloat16) moment that should move does, by one unit in the last place.
+  """
+  m_new = beta * cast(m, q.dtype) + q * q
+  # A select, not jnp.minimum: XLA:CPU re-computes a minimum-capped moment
+  # inside the consumer fusion, which forces a copy of the donated buffer
+  # (two extra passes over memory). NaN propagates either way.
+  largest = jax.lax.full_like(m_new, jnp.finfo(m.dtype).max)
+  m_new = jax.lax.select(m_new > largest, largest, m_new)
+  stored = cast(m_new, m.dtype)
+  return stored if stored.dtype == m_new.dtype else _unstall(stored, m, m_new)
+
+
+def moment_root(beta, q: jax.Array, m: jax.Array, m_stored: jax.Array) -> jax.Array:
+  """``sqrt(m_t)`` for the step, right where the stored moment saturated or rounded.
+
+  ``m`` is the previous moment and ``m_stored`` what :func:`saturating_moment`
+  stored. A saturated float32/float64 moment only bounds ``m_t`` from below:
+  ``|q|`` keeps the step of a huge gradient exact. A float16/bfloat16 moment
+  is bypassed: the root is taken of ``m_t`` before rounding.
+  """
+  q_size = jnp.abs(q)
+  if m_stored.dtype == q.dtype:
+    # Read the stored moment, not the old one again: re-reading the donated
+    # old buffer after its in-place update makes XLA copy it (extra passes).
+    return jnp.maximum(sqrt(m_stored), q_size)
+  m_wide = beta * cast(m, q.dtype)
+  m_new = m_wide + q * q
+  # hypot only where the moment overflowed; elsewhere it is fed ones, since
+  # its derivative at (0, 0) is NaN, and 0 times NaN would reach the
+  # meta-gradient through the branch that where() does not select.
+  overflowed = jnp.isinf(m_new)
+  exact_root = jnp.hypot(
+      jnp.where(overflowed, sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1)
+  )
+  return jnp.where(overflowed, exact_root, sqrt(m_new))
+
+
+_COARSE_HALF = (
+    "the stored second moment moves by one unit in the last place where beta "
+    "asks for less, so it forgets faster than beta says and, with noisy "
+    "gradients, averages low (steps up to about 1.4x larger than with float32 "
+    "state)."
+)
+_COARSE_WIDE = (
+    "the stored second moment can stop changing, and after a huge gradient "
+    "stay saturated for good."
+)
+
+
+def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
+  """Warns when the state dtype cannot resolve one step of the average.
+
+  m moves by (1 - beta) * (h**2 - m) per step; with 1 - beta below the dtype's
+  relative spacing, rounding would undo most steps.
+  """
+  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
+    return
+  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
+    finfo = jnp.finfo(dtype)
+    spacing = float(finfo.eps)
+    if 1 - float(beta) < spacing:
+      # Only a wider state can help, so the advice depends on the state dtype.
+      if finfo.bits < 32:
+        fix = "Pass accumulator_dtype=jnp.float32 to keep the moments in float32."
+      else:
+        fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
+        if finfo.bits < 64:
+          fix += (", or keep the moments in float64: enable "
+                  "jax.config.update('jax_enable_x64', True) and pass "
+                  "accumulator_dtype=jnp.float64")
+        fix += "."
+      logger.warning(
+          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
+          "spacing %.3g): %s %s",
+          transform, beta, dtype, spacing,
+          _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE, fix,
+      )
+
+
+def check_eps_is_normal(eps, accumulator) -> None:
+  """Refuses an eps that the division's dtype reads as 0 (a zero gradient: 0 / 0)."""
+  # Below the smallest normal number, eps is 0 or a subnormal that
+  # flush-to-zero hardware reads as 0.
+  for dtype in {compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
+    validation.check_at_least(
+        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
+        "a zero gradient would give 0 / 0 = NaN.",
+    )
