@@ -65,7 +65,8 @@ def gradient_ascent(
     warmup_steps: linear warmup over this many steps; 0 for none.
     logging_interval: log progress every N steps (an ``INFO`` record on the
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
-      or 0 for off. Off costs nothing; on, every step pays for a host callback.
+      or 0 for off. Off costs nothing; on, every step pays for a host callback,
+      which ``jax.export`` refuses: export a step built with None.
       With logging on, ``tx.update(grads, state, params, value=objective)``
       logs the objective too, and one ``WARNING`` says so if it keeps falling
       (the gradient of a loss was passed).

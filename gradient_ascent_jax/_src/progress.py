@@ -309,6 +309,8 @@ def log_progress(
   Run op by op (no ``jit``), leaves may be on different devices. With
   ``logging_interval`` None or 0 this is ``optax.identity()`` (taking and
   ignoring ``value``) and the compiled program holds no host callback.
+  ``jax.export`` refuses a step that holds one (a JAX interval, even 0, keeps
+  it): export the step without logging.
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
