@@ -403,6 +403,19 @@ def test_markdown_tables_parser_counts_cells_of_joined_rows():
   assert markdown_tables(text) == [[2, 2, 5]]
 
 
+MAX_TABLE_ROWS = 30  # a longer table is a wall: split it by topic
+
+
+def test_no_markdown_table_is_longer_than_a_screenful():
+  long = [
+      f"{page}: table {number} has {len(rows) - 1} rows"
+      for page, text in markdown_sources().items()
+      for number, rows in enumerate(markdown_tables(text), 1)
+      if len(rows) - 1 > MAX_TABLE_ROWS
+  ]
+  assert not long, "\n".join(long)
+
+
 def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
   problems, rows_seen = [], 0
   for page, text in markdown_sources().items():
