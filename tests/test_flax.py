@@ -159,3 +159,22 @@ def test_linen_train_state_maximizes_log_likelihood(digits):
   assert int(state.step) == STEPS
   # The step counter inside the optimizer state agrees with TrainState's.
   assert int(state.opt_state[-1].count) == STEPS
+
+
+def test_linen_apply_gradients_cannot_pass_value():
+  # docs/guide/flax.md writes apply_gradients out because its keywords go to .replace().
+  params = {"w": jnp.zeros(2)}
+  state = train_state.TrainState.create(
+      apply_fn=None, params=params, tx=gax.gradient_ascent(1e-3, logging_interval=1))
+  with pytest.raises(TypeError, match="value"):
+    state.apply_gradients(grads={"w": jnp.ones(2)}, value=jnp.float32(1.0))
+
+
+def test_nnx_optimizer_update_passes_value_to_the_log(caplog):
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, gax.gradient_ascent(1e-3, logging_interval=1), wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+  with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
+    optimizer.update(model, grads, value=jnp.float32(-2.5))
+    jax.effects_barrier()
+  assert [r.value for r in caplog.records if r.name == "gradient_ascent_jax"] == [-2.5]

@@ -49,8 +49,9 @@ def gradient_ascent(
   ``momentum=0.9`` and a steady gradient (one sign, one size), the steps then
   grow to 93 x ``learning_rate`` at step 11, and the first ten add up to
   750 x ``learning_rate``. Choose ``learning_rate`` from the move you accept,
-  not from other optimizers' defaults: about 1/30 of an acceptable first step
-  (1e-3 for parameters of order 1), or ramp it up with ``warmup_steps``.
+  not from other optimizers' defaults: about 1/30 of an acceptable first step,
+  or a tenth of Adam's rate for the same model (a start that held in measured
+  runs), or ramp it up with ``warmup_steps``.
 
   Args:
     learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``); each
