@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradient_ascent_jax._src import objective_args
 from gradient_ascent_jax._src import progress
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import transforms
@@ -241,72 +241,6 @@ def _checked_state(
   return _Ascending(chain.init, update_fn)
 
 
-# The extra arguments through which Optax hands a transform the objective (Optax's
-# names; every other extra argument passes unchanged), and what maximize hands on so
-# that tx sees -objective: a value or gradient is negated; a function of the params is
-# wrapped to return the negated value (value_fn, obj_fn) or gradient (grad_fn).
-_OBJECTIVE_VALUES = ("value", "grad")
-_OBJECTIVE_VALUE_FNS = ("value_fn", "obj_fn")
-_OBJECTIVE_GRAD_FNS = ("grad_fn",)
-
-
-# functools.wraps keeps the signature, from which Optax's line searches pick the
-# extra arguments that value_fn takes (update(..., value_fn=f, batch=b) calls f(p, batch=b)).
-def _negated_value_fn(value_fn):
-  @functools.wraps(value_fn)
-  def negated(*args, **kwargs):
-    value = value_fn(*args, **kwargs)
-    # A (value, aux) pair, as with jax.value_and_grad(has_aux=True): the aux is not the
-    # objective and keeps its sign.
-    if isinstance(value, tuple):
-      return (-value[0], *value[1:])
-    return -value
-
-  return negated
-
-
-def _negated_grad_fn(grad_fn):
-  @functools.wraps(grad_fn)
-  def negated(*args, **kwargs):
-    return transforms.negate(grad_fn(*args, **kwargs))
-
-  return negated
-
-
-def _negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
-  """The extra arguments of ``update`` with the objective in them negated."""
-  extra_args = dict(extra_args)
-  for keys, negate in (
-      (_OBJECTIVE_VALUES, transforms.negate),
-      (_OBJECTIVE_VALUE_FNS, _negated_value_fn),
-      (_OBJECTIVE_GRAD_FNS, _negated_grad_fn),
-  ):
-    for key in keys:
-      if extra_args.get(key) is not None:
-        extra_args[key] = negate(extra_args[key])
-  return extra_args
-
-_LINESEARCH_STATES = tuple(
-    getattr(optax, name)
-    for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
-    if hasattr(optax, name)
-)
-
-
-def _negate_cached_objective(state: Any) -> Any:
-  # Line searches cache the value and gradient of the objective THEY see
-  # (-objective) for optax.value_and_grad_from_state; the caller must read
-  # those of its own objective, or every step after the first descends.
-  def negate_cache(node):
-    if isinstance(node, _LINESEARCH_STATES):
-      return node._replace(value=-node.value, grad=transforms.negate(node.grad))
-    return node
-
-  return jax.tree.map(
-      negate_cache, state, is_leaf=lambda node: isinstance(node, _LINESEARCH_STATES)
-  )
-
-
 def _path_of(state: Any, state_type: type) -> str | None:
   """Where ``state`` holds a ``state_type`` node, if anywhere."""
   def marked(node):
@@ -432,7 +366,7 @@ def maximize(
       transforms.warn_once(
           _plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path)
       )
-    return _negate_cached_objective(state)
+    return objective_args.negate_cached_objective(state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if state is None:
@@ -442,10 +376,10 @@ def maximize(
       )
     updates, state = inner.update(
         transforms.negate(updates),
-        _negate_cached_objective(state),
+        objective_args.negate_cached_objective(state),
         params,
-        **_negate_objective(extra_args),
+        **objective_args.negate_objective(extra_args),
     )
-    return updates, _negate_cached_objective(state)
+    return updates, objective_args.negate_cached_objective(state)
 
   return _Ascending(init_fn, update_fn)
