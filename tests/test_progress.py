@@ -144,6 +144,58 @@ def test_one_record_per_step_under_vmap(log):
   assert [r.step for r in _records(log)] == [5, 10]
 
 
+@pytest.fixture
+def host_calls(monkeypatch):
+  """Counts the calls of the host functions that jax.debug.callback is given."""
+  calls = []
+  original = jax.debug.callback
+
+  def counting(callback, *args, **kwargs):
+    def counted(*call_args, **call_kwargs):
+      calls.append(1)
+      return callback(*call_args, **call_kwargs)
+
+    return original(counted, *args, **kwargs)
+
+  monkeypatch.setattr(jax.debug, "callback", counting)
+  return calls
+
+
+@pytest.mark.parametrize("with_value", [False, True])
+def test_vmapped_scan_calls_the_host_on_due_steps_only(log, host_calls, with_value):
+  # 40 steps, 8 copies, logging every 20: the host is called by each copy on
+  # the 2 due steps (16 calls), with or without value=, not on every step.
+  tx = gax.gradient_ascent(1e-3, logging_interval=20)
+
+  def run(x):
+    def body(carry, _):
+      x, state = carry
+      value = {"value": _quadratic(x)} if with_value else {}
+      updates, state = tx.update(jax.grad(_quadratic)(x), state, x, **value)
+      return (optax.apply_updates(x, updates), state), None
+
+    return jax.lax.scan(body, (x, tx.init(x)), None, length=40)[0]
+
+  jax.jit(jax.vmap(run))(jnp.zeros((8, 2)))
+  jax.effects_barrier()
+  assert len(host_calls) == 16
+  assert [r.step for r in _records(log)] == [20, 40]
+
+
+def test_vmap_over_states_calls_the_host_on_due_steps_only(log, host_calls):
+  # The state itself is batched (its step counter too): still no call on the
+  # steps where no copy is due.
+  tx = gax.gradient_ascent(1e-3, logging_interval=5)
+  x = jnp.zeros((8, 2))
+  state = jax.vmap(tx.init)(x)
+  step = jax.jit(jax.vmap(lambda x, s: tx.update(jnp.ones(2), s, x, value=1.0)[1]))
+  for _ in range(10):
+    state = step(x, state)
+  jax.effects_barrier()
+  assert len(host_calls) == 2 * 8
+  assert [r.step for r in _records(log)] == [5, 10]
+
+
 def test_one_record_per_step_under_pmap(log):
   n = jax.local_device_count()
   assert n == 8

@@ -84,6 +84,20 @@ def _any_of_its_step(step, due, flag):
   return jnp.any(raised, axis=1).reshape(shape)
 
 
+@custom_vmap
+def _in_any_copy(flag):
+  """``flag``; under ``vmap``, whether any copy has it, as one unbatched bool."""
+  return flag
+
+
+@_in_any_copy.def_vmap
+def _in_any_copy_rule(axis_size, in_batched, flag):
+  # An unbatched predicate keeps the logging cond a cond: a batched one turns
+  # it into a select that runs the host callback on every step of every copy.
+  del axis_size, in_batched
+  return _in_any_copy(jnp.any(flag)), False
+
+
 def _on_first_device() -> jax.Array | bool:
   """False on all devices but the first of ``pmap`` / ``shard_map``'s manual axes."""
   # There the callback runs once per device, with no batch axis to elect from.
@@ -239,11 +253,14 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
       records_below=records_below, noise_variance=variance, noise_samples=samples,
       descent_warned=state.descent_warned | descending,
   )
-  # A non-finite objective is logged but not counted.
+  # A non-finite objective is logged but not counted. The step counter stays
+  # out of the select: under vmap `counted` is batched (the value is), and a
+  # batched counter would make `due` batched, the logging cond a select, and
+  # the host callback run on every step of every copy.
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
   fires = counted & descending & jnp.logical_not(state.descent_warned)
-  return new._replace(first_value=first), fires
+  return new._replace(count=state.count, first_value=first), fires
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -411,7 +428,7 @@ def log_progress(
       jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device(), *objective)
 
     if isinstance(due, jax.core.Tracer):
-      jax.lax.cond(due, send, lambda *_: None, updates, objective)
+      jax.lax.cond(_in_any_copy(due), send, lambda *_: None, updates, objective)
     elif due:  # known now (no jit): a cond would need every leaf on one device
       send(_on_one_device(updates), objective)
     return updates, new_state
