@@ -5,6 +5,7 @@ import math
 import threading
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -586,6 +587,48 @@ def test_log_progress_alone_takes_value():
   assert int(state.records_below) == 0  # 3 is not below 4 by 4 * sqrt(25 / 6)
 
 
+def test_state_holds_no_nan_before_or_after_records():
+  # "Not yet" is a count or a flag: Optax's convention, every state leaf finite.
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=2)
+  x = jnp.zeros(2)
+  state = tx.init(x)
+  chex.assert_tree_all_finite(state)
+  for step in range(1, 6):
+    updates, state = tx.update(jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+    x = optax.apply_updates(x, updates)
+    chex.assert_tree_all_finite(state)
+    assert int(state[0].records) == step // 2 and bool(state[0].first_seen)
+  # Without value= the objective's fields keep their initial values.
+  state = _run(gax.gradient_ascent(logging_interval=1), 3)
+  chex.assert_tree_all_finite(state)
+  assert int(state[0].records) == 0 and not bool(state[0].first_seen)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_healthy_run_with_logging_passes_debug_nans(log, jit):
+  # JAX's NaN hunt checks every output (every op without jit): a healthy run
+  # with logging and value= on, and log_progress alone reporting no rate, pass.
+  with jax.debug_nans(True):
+    tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=2)
+
+    def step(x, state):
+      updates, state = tx.update(jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+      return optax.apply_updates(x, updates), state
+
+    step = jax.jit(step) if jit else step
+    x = jnp.zeros(2)
+    state = tx.init(x)
+    for _ in range(7):
+      x, state = step(x, state)
+    alone = gax.log_progress(logging_interval=1)
+    alone_state = alone.init(x)
+    for value in (1.0, 2.0):
+      alone_state = alone.update(jnp.ones(2), alone_state, value=value)[1]
+    jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 6, 1, 2]
+  assert math.isnan(_records(log)[-1].learning_rate)  # no rate given: NaN on the host only
+
+
 def test_value_that_is_not_a_scalar_is_refused():
   tx = gax.gradient_ascent(logging_interval=1)
   with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
@@ -706,6 +749,34 @@ class _OldLogProgressState(NamedTuple):
 
 
 _OldLogProgressState.__name__ = "LogProgressState"
+
+
+class _NanSentinelLogProgressState(NamedTuple):
+  """LogProgressState of 0.1.0: NaN meant "no objective yet"."""
+
+  count: jax.Array
+  first_value: jax.Array
+  last_value: jax.Array
+  last_change: jax.Array
+  records_below: jax.Array
+  noise_variance: jax.Array
+  noise_samples: jax.Array
+  descent_warned: jax.Array
+
+
+_NanSentinelLogProgressState.__name__ = "LogProgressState"
+
+
+def test_state_of_the_nan_sentinel_layout_is_refused_not_misread():
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  nan = jnp.asarray(jnp.nan, jnp.float32)
+  old = _NanSentinelLogProgressState(jnp.asarray(4, jnp.int32), nan, nan, nan, *state[0][4:8])
+  with pytest.raises(ValueError, match=r"fields \('count', 'first_value', 'last_value', "
+                     r"'last_change', 'records_below', 'noise_variance', 'noise_samples', "
+                     r"'descent_warned'\), but log_progress now keeps .*'first_seen', 'records'"):
+    tx.update(jnp.ones(2), (old, *state[1:]), params)
 
 
 def test_state_of_the_old_layout_is_refused_not_misread():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import NamedTuple
 from typing import cast
@@ -187,20 +188,25 @@ class LogProgressState(NamedTuple):
   """State of :func:`log_progress`.
 
   The fields after ``count`` follow the objective passed as ``value``, at
-  logged steps only; without ``value`` they keep their initial values.
+  logged steps only; without ``value`` they keep their initial values. "Not
+  yet" is a count or a flag: the state holds no NaN unless the objective was.
 
   Attributes:
     count: steps already seen, an int32 scalar that saturates at its maximum.
-    first_value: the objective at the first step (float32; NaN until then).
-    last_value: the objective at the latest record (NaN until then).
+    first_value: the objective at the first step (float32; 0 until
+      ``first_seen``).
+    last_value: the objective at the latest record (0 until ``records`` >= 1).
+    last_change: the change of the objective from the record before to the
+      latest one (0 until ``records`` >= 2).
     records_below: how many consecutive records the objective was below
       ``first_value`` by more than its noise (int32).
-    last_change: the change of the objective from the record before to the
-      latest one (NaN until there are two).
     noise_variance: the variance of the noise of one recorded value, estimated
       as the mean square of the second differences of the records over 6.
     noise_samples: how many second differences that mean holds (int32).
     descent_warned: whether the descent warning has been given (bool).
+    first_seen: whether ``first_value`` holds an objective (bool).
+    records: how many finite objectives were recorded at logged steps (int32,
+      saturating).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -218,6 +224,8 @@ class LogProgressState(NamedTuple):
   noise_variance: chex.Array
   noise_samples: chex.Array
   descent_warned: chex.Array
+  first_seen: chex.Array
+  records: chex.Array
 
 
 def _check_layout(state: LogProgressState) -> None:
@@ -226,7 +234,7 @@ def _check_layout(state: LogProgressState) -> None:
     raise ValueError(
         f"log_progress: the state is a {type(state).__name__} with the fields "
         f"{fields}, but log_progress now keeps {LogProgressState._fields}. A "
-        "state saved by an earlier version (count only) is not read as it is: "
+        "state saved by an earlier version is not read as it is: "
         "make a fresh one with tx.init(params) and carry the step count over, "
         "fresh._replace(count=old.count)."
     )
@@ -236,10 +244,13 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   """The state after the objective ``value`` at a step; whether it now descends."""
   value = jnp.asarray(value, jnp.float32)
   finite = jnp.isfinite(value)
-  first = jnp.where(jnp.isnan(state.first_value) & finite, value, state.first_value)
+  first = jnp.where(state.first_seen | ~finite, state.first_value, value)
+  # A non-finite value is not counted (below): keep it out of the arithmetic,
+  # so that no NaN is made from a finite one.
+  value = jnp.where(finite, value, state.last_value)
   change = value - state.last_value
   curvature = change - state.last_change
-  sampled = ~jnp.isnan(curvature)
+  sampled = state.records >= 2
   samples = jnp.where(sampled, optax.safe_increment(state.noise_samples), state.noise_samples)
   variance = state.noise_variance + (curvature**2 / 6 - state.noise_variance) / jnp.maximum(
       samples, 1)
@@ -249,9 +260,10 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   descending = records_below >= _DESCENT_RECORDS
   new = LogProgressState(
       count=state.count, first_value=first, last_value=value,
-      last_change=jnp.where(jnp.isnan(change), state.last_change, change),
+      last_change=jnp.where(state.records >= 1, change, state.last_change),
       records_below=records_below, noise_variance=variance, noise_samples=samples,
-      descent_warned=state.descent_warned | descending,
+      descent_warned=state.descent_warned | descending, first_seen=state.first_seen | finite,
+      records=optax.safe_increment(state.records),
   )
   # A non-finite objective is logged but not counted. The step counter stays
   # out of the select: under vmap `counted` is batched (the value is), and a
@@ -260,7 +272,8 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
   fires = counted & descending & jnp.logical_not(state.descent_warned)
-  return new._replace(count=state.count, first_value=first), fires
+  return new._replace(count=state.count, first_value=first,
+                      first_seen=state.first_seen | finite), fires
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -363,7 +376,8 @@ def log_progress(
     if not show:
       return
     step = int(step)
-    rate, grad_norm = float(np.asarray(rate)), float(np.asarray(grad_norm))
+    rate = math.nan if learning_rate is None else float(np.asarray(rate))
+    grad_norm = float(np.asarray(grad_norm))
     if not _warn_once_if_invisible():
       if objective:
         value = float(np.asarray(objective[0]))
@@ -385,8 +399,8 @@ def log_progress(
       )
 
   def rate_at(count):
-    if learning_rate is None:
-      return jnp.nan
+    if learning_rate is None:  # reported as NaN by the host: no NaN on the device
+      return 0.0
     return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
@@ -397,11 +411,12 @@ def log_progress(
       return jnp.full_like(count, fill, dtype)
 
     return LogProgressState(
-        count=count, first_value=like_count(jnp.nan, jnp.float32),
-        last_value=like_count(jnp.nan, jnp.float32),
-        last_change=like_count(jnp.nan, jnp.float32), records_below=like_count(0, jnp.int32),
+        count=count, first_value=like_count(0, jnp.float32),
+        last_value=like_count(0, jnp.float32),
+        last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
         noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
-        descent_warned=like_count(False, bool),
+        descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
+        records=like_count(0, jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
