@@ -629,6 +629,21 @@ def test_healthy_run_with_logging_passes_debug_nans(log, jit):
   assert math.isnan(_records(log)[-1].learning_rate)  # no rate given: NaN on the host only
 
 
+@pytest.mark.parametrize(("make", "counters"), [
+    (lambda: gax.gradient_ascent(), 1),
+    (lambda: gax.gradient_ascent(logging_interval=2), 2),
+    (lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=2), 3),
+], ids=["logging off", "logging on", "injected"])
+def test_faq_step_count_lookup_works_in_every_configuration(log, make, counters):
+  # docs/guide/faq.md: the stage's state by name, then its field. A bare "count"
+  # is in LogProgressState too (and in inject_hyperparams' state).
+  state = _run(make(), 3)
+  assert int(optax.tree.get(state, "ScaleByWarmupDecayState").count) == 3
+  if counters > 1:
+    with pytest.raises(KeyError, match="Found multiple values for 'count'"):
+      optax.tree.get(state, "count")
+
+
 def test_value_that_is_not_a_scalar_is_refused():
   tx = gax.gradient_ascent(logging_interval=1)
   with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
