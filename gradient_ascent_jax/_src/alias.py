@@ -317,7 +317,7 @@ def _path_of(state: Any, state_type: type) -> str | None:
 
 
 _PLATEAU_RELATIVE_TEST = (
-    "gradient_ascent_jax: maximize(tx): tx holds optax.contrib.reduce_on_plateau "
+    "maximize(tx): tx holds optax.contrib.reduce_on_plateau "
     "(at {path}), which is handed value=-objective. Its relative test, "
     "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
     "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "

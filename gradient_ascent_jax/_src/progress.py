@@ -23,7 +23,7 @@ from gradient_ascent_jax._src import validation
 logger = logging.getLogger("gradient_ascent_jax")
 
 _INVISIBLE_WARNING = (
-    "gradient_ascent_jax: progress records are due (logging_interval is set) "
+    "progress records are due (logging_interval is set) "
     "but the logger 'gradient_ascent_jax' is not enabled for INFO, so they are "
     "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
     "add a handler and setLevel(logging.INFO) on "
@@ -171,7 +171,7 @@ _DESCENT_RECORDS = 4
 _DESCENT_NOISE = 4.0
 
 _DESCENT_WARNING = (
-    "gradient_ascent_jax: the objective passed as value= has fallen and stays "
+    "the objective passed as value= has fallen and stays "
     "down: at each of the last {records} progress records, up to step {step}, "
     "it was below its value at the first step by more than {noise:g} times its "
     "noise. gradient_ascent "
