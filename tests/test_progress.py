@@ -85,7 +85,7 @@ def test_callback_present_in_program_when_on():
 @pytest.fixture
 def fresh_warning(monkeypatch):
   """The once-per-process WARNING, re-armed for this test."""
-  monkeypatch.setattr(progress, "_invisible_warned", threading.Event())
+  monkeypatch.setattr(progress, "_invisible_warned", {})
 
 
 def test_default_compiles_no_callback():
@@ -928,7 +928,8 @@ def test_each_warning_names_the_logger_once(monkeypatch, fresh_warning):
   handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
   logger = logging.getLogger(LOGGER)
   logger.addHandler(handler)
-  monkeypatch.setattr(logger, "level", logging.WARNING)
+  level = logger.level
+  logger.setLevel(logging.WARNING)
   try:
     # The records are dropped (WARNING only), and the descent warning comes.
     _ascend(gax.gradient_ascent(learning_rate=0.1, logging_interval=5),
@@ -938,9 +939,102 @@ def test_each_warning_names_the_logger_once(monkeypatch, fresh_warning):
         jnp.zeros(2))
   finally:
     logger.removeHandler(handler)
+    logger.setLevel(level)
   lines = stream.getvalue().splitlines()
   starts = ["progress records are due", "the objective passed as value= has fallen",
             "nesterov=True has no effect", "maximize(tx): tx holds"]
   assert [line.split(": ", 1)[1].startswith(start) for line, start in zip(lines, starts)] == [
       True] * 4
   assert len(lines) == 4 and all(line.count(LOGGER + ":") == 1 for line in lines)
+
+
+# Named records (logging_name) ---------------------------------------------------
+
+
+def _game(g, d):
+  """A min-max game: the generator maximizes it, the discriminator its negative."""
+  return -jnp.sum((g - 1.0) ** 2) + jnp.sum(g * d) + jnp.sum(d**2)
+
+
+def _play(gen, disc, steps):
+  g, d = jnp.zeros(2), jnp.ones(2)
+
+  @jax.jit
+  def step(g, d, gen_state, disc_state):
+    value, grads = jax.value_and_grad(_game)(g, d)
+    g_updates, gen_state = gen.update(grads, gen_state, g, value=value)
+    value, grads = jax.value_and_grad(lambda d: -_game(g, d))(d)
+    d_updates, disc_state = disc.update(grads, disc_state, d, value=value)
+    return g + g_updates, d + d_updates, gen_state, disc_state
+
+  states = gen.init(g), disc.init(d)
+  for _ in range(steps):
+    g, d, *states = step(g, d, *states)
+  jax.effects_barrier()
+
+
+def test_two_named_optimizers_in_one_jitted_step_log_apart(caplog):
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)  # on the library's logger: it sees both children
+  handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+  logger = logging.getLogger(LOGGER)
+  logger.addHandler(handler)
+  caplog.set_level(logging.INFO, logger=LOGGER)
+  try:
+    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+  finally:
+    logger.removeHandler(handler)
+  records = [r for r in caplog.records if r.name.startswith(LOGGER)]
+  assert sorted((r.name, r.step) for r in records) == [
+      (f"{LOGGER}.disc", 2), (f"{LOGGER}.disc", 4), (f"{LOGGER}.gen", 2), (f"{LOGGER}.gen", 4)]
+  for r in records:
+    name = r.name.rsplit(".", 1)[1]
+    assert r.getMessage().startswith(f"{name}: step {r.step}: objective ")
+  lines = sorted(stream.getvalue().splitlines())
+  assert len(lines) == 4
+  assert lines[0].startswith(f"{LOGGER}.disc: disc: step 2: objective ")
+  assert lines[-1].startswith(f"{LOGGER}.gen: gen: step 4: objective ")
+
+
+def test_a_named_optimizer_is_filtered_by_its_logger(caplog, fresh_warning):
+  caplog.set_level(logging.INFO, logger=LOGGER)
+  child = logging.getLogger(f"{LOGGER}.gen")
+  child.setLevel(logging.WARNING)  # the generator's records off, the discriminator's on
+  try:
+    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+  finally:
+    child.setLevel(logging.NOTSET)
+  infos = [r for r in caplog.records if r.levelno == logging.INFO]
+  assert {r.name for r in infos} == {f"{LOGGER}.disc"} and len(infos) == 2
+  # The records asked for and dropped: one warning, from that child, naming it.
+  (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert warning.name == f"{LOGGER}.gen"
+  assert warning.getMessage().startswith(
+      f"gen: progress records are due (logging_interval is set) but the logger '{LOGGER}.gen' "
+      "is not enabled for INFO")
+
+
+def test_multi_transform_groups_log_under_their_names(log):
+  grouped = optax.multi_transform(
+      {"body": gax.gradient_ascent(logging_interval=1, logging_name="body"),
+       "head": gax.gradient_ascent(logging_interval=1, logging_name="head")},
+      {"a": "body", "b": "head"})
+  _run(grouped, 2)
+  records = sorted((r for r in log.records if r.name.startswith(LOGGER + ".")),
+                   key=lambda r: (r.name, r.step))
+  assert [(r.name, r.step) for r in records] == [
+      (f"{LOGGER}.body", 1), (f"{LOGGER}.body", 2), (f"{LOGGER}.head", 1), (f"{LOGGER}.head", 2)]
+  # Each group's own norm, |(3, 0)| and |4|, under its own name.
+  assert [r.getMessage() for r in records[::2]] == [
+      "body: step 1: learning rate 0.01, gradient norm 3",
+      "head: step 1: learning rate 0.01, gradient norm 4"]
+
+
+def test_descent_warning_of_a_named_optimizer_names_it(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5, logging_name="critic")
+  _ascend(tx, lambda x: -_quadratic(x), 40)
+  (warning,) = [r for r in log.records if r.levelno == logging.WARNING]
+  assert warning.name == f"{LOGGER}.critic" and warning.step == 30
+  assert warning.getMessage().startswith("critic: the objective passed as value= has fallen")

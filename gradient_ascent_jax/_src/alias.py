@@ -28,6 +28,7 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
+    logging_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
@@ -72,6 +73,9 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
+    logging_name: None, or a name such as ``"disc"``: the records and
+      warnings then go to the logger ``gradient_ascent_jax.disc`` and start
+      with ``disc:``, so that two optimizers' records can be told apart.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the state of
@@ -107,13 +111,14 @@ def gradient_ascent(
       "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
   logging_interval = validation.check_logging_interval(logging_interval)
+  logging_name = validation.check_logging_name(logging_name)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay
   )
   stages = []
   if validation.logging_enabled(logging_interval):
-    stages.append(progress.log_progress(logging_interval, schedule))
+    stages.append(progress.log_progress(logging_interval, schedule, logging_name=logging_name))
   stages.append(transforms.flip_sign())
   if clip_value is not None:
     stages.append(transforms.clip_by_value(clip_value))

@@ -23,21 +23,34 @@ from gradient_ascent_jax._src import validation
 logger = logging.getLogger("gradient_ascent_jax")
 
 _INVISIBLE_WARNING = (
-    "progress records are due (logging_interval is set) "
-    "but the logger 'gradient_ascent_jax' is not enabled for INFO, so they are "
+    "{prefix}progress records are due (logging_interval is set) "
+    "but the logger '{name}' is not enabled for INFO, so they are "
     "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
     "add a handler and setLevel(logging.INFO) on "
-    "logging.getLogger('gradient_ascent_jax'). To stop logging (and its cost "
+    "logging.getLogger('{name}'). To stop logging (and its cost "
     "per step), pass logging_interval=None. This warning is shown once."
 )
-_invisible_warned = threading.Event()
+# One warning per logger: silencing one named optimizer must not hide another's.
+_invisible_warned: dict[str, threading.Event] = {}
+_invisible_warned_lock = threading.Lock()
 
 
-def _warn_once_if_invisible() -> bool:
+def _named(logging_name: str | None) -> tuple[logging.Logger, str]:
+  """The logger of ``logging_name`` (a child of the library's) and the prefix of its messages."""
+  if logging_name is None:
+    return logger, ""
+  return logger.getChild(logging_name), f"{logging_name}: "
+
+
+def _warn_once_if_invisible(named_logger: logging.Logger, prefix: str) -> bool:
   """Returns True when INFO records would be dropped; warns the first time."""
-  if logger.isEnabledFor(logging.INFO):
+  if named_logger.isEnabledFor(logging.INFO):
     return False
-  transforms.warn_once(_invisible_warned, _INVISIBLE_WARNING)
+  with _invisible_warned_lock:
+    shown = _invisible_warned.setdefault(named_logger.name, threading.Event())
+  if not shown.is_set():
+    shown.set()
+    named_logger.warning(_INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name))
   return True
 
 
@@ -263,7 +276,7 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
       last_change=jnp.where(state.records >= 1, change, state.last_change),
       records_below=records_below, noise_variance=variance, noise_samples=samples,
       descent_warned=state.descent_warned | descending, first_seen=state.first_seen | finite,
-      records=optax.safe_increment(state.records),
+      records=cast(jax.Array, optax.safe_increment(state.records)),
   )
   # A non-finite objective is logged but not counted. The step counter stays
   # out of the select: under vmap `counted` is batched (the value is), and a
@@ -292,6 +305,8 @@ def _scalar_objective(value) -> jax.Array:
 def log_progress(
     logging_interval: jax.typing.ArrayLike | None = 10,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    logging_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Logs the step, objective, learning rate and gradient norm every N steps.
 
@@ -341,7 +356,7 @@ def log_progress(
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
-  ``WARNING`` (the first time, once per process) says so and how to see them,
+  ``WARNING`` (the first time, once per process and logger) says so and how to see them,
   for example ``logging.basicConfig(level=logging.INFO)``. The descent
   warning is a ``WARNING`` and is shown either way.
 
@@ -349,6 +364,9 @@ def log_progress(
     logging_interval: N >= 1, or None/0 for off. May be a JAX integer (e.g.
       injected by ``optax.inject_hyperparams``); then 0 means off at run time.
     learning_rate: the rate to report, a float or a schedule; None reports NaN.
+    logging_name: None, or a name such as ``"disc"``: records and warnings go
+      to the child logger ``gradient_ascent_jax.disc`` (handlers on
+      ``gradient_ascent_jax`` still see them) and start with ``disc:``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -368,6 +386,7 @@ def log_progress(
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
+  named_logger, prefix = _named(validation.check_logging_name(logging_name))
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
 
@@ -378,23 +397,24 @@ def log_progress(
     step = int(step)
     rate = math.nan if learning_rate is None else float(np.asarray(rate))
     grad_norm = float(np.asarray(grad_norm))
-    if not _warn_once_if_invisible():
+    if not _warn_once_if_invisible(named_logger, prefix):
       if objective:
         value = float(np.asarray(objective[0]))
-        logger.info(
-            "step %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
-            step, value, rate, grad_norm,
+        named_logger.info(
+            "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
+            prefix, step, value, rate, grad_norm,
             extra={"step": step, "value": value, "learning_rate": rate, "grad_norm": grad_norm},
         )
       else:
-        logger.info(
-            "step %d: learning rate %.6g, gradient norm %.6g",
-            step, rate, grad_norm,
+        named_logger.info(
+            "%sstep %d: learning rate %.6g, gradient norm %.6g",
+            prefix, step, rate, grad_norm,
             extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
         )
     if objective and objective[1]:
-      logger.warning(
-          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
+      named_logger.warning(
+          prefix + _DESCENT_WARNING.format(
+              records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
           extra={"step": step},
       )
 
