@@ -382,7 +382,7 @@ def _logged_norm(log, grads):
   tx = gax.log_progress(logging_interval=1)
   jax.jit(tx.update)(grads, tx.init(grads))
   jax.effects_barrier()
-  (record,) = _records(log)
+  (record,) = [r for r in _records(log) if r.levelno == logging.INFO]
   return record.grad_norm
 
 
@@ -1038,3 +1038,69 @@ def test_descent_warning_of_a_named_optimizer_names_it(log):
   (warning,) = [r for r in log.records if r.levelno == logging.WARNING]
   assert warning.name == f"{LOGGER}.critic" and warning.step == 30
   assert warning.getMessage().startswith("critic: the objective passed as value= has fallen")
+
+
+# A run that goes non-finite --------------------------------------------------
+
+
+def _cosh_objective(x):
+  """Maximum at 0; an ascent step of 30 x 31.6 from 1 overflows exp in float32."""
+  return -jnp.sum(jnp.exp(x) + jnp.exp(-x))
+
+
+def _diverge(tx, x, steps, with_value=True, mapped=None):
+  def step(x, state):
+    value, grads = jax.value_and_grad(_cosh_objective)(x)
+    updates, state = tx.update(grads, state, x, **({"value": value} if with_value else {}))
+    return optax.apply_updates(x, updates), state
+
+  init, step = (tx.init, jax.jit(step)) if mapped is None else (mapped(tx.init), mapped(step))
+  state = init(x)
+  for _ in range(steps):
+    x, state = step(x, state)
+  jax.effects_barrier()
+  return state
+
+
+def test_diverging_run_warns_once_naming_the_step(log):
+  # The first step moves x from 1 by 30 / sqrt(1 - 0.999) = 949: at step 2 the
+  # objective is -inf (exp(948) overflows float32).
+  state = _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12)
+  (warning,) = _warnings(log)
+  assert warning.step == 2
+  message = warning.getMessage()
+  assert message.startswith("step 2: the objective passed as value= is not finite")
+  for advice in ("learning_rate / sqrt(1 - beta)", "smaller", "warmup_steps", "clip_value"):
+    assert advice in message
+  assert bool(state[0].nonfinite_warned)
+  assert [r.step for r in _records(log) if r.levelno == logging.INFO] == [5, 10]
+
+
+def test_diverging_run_without_value_warns_at_the_next_logged_step(log):
+  # Only the gradient norm tells: it is computed on logged steps.
+  _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12,
+           with_value=False)
+  (warning,) = _warnings(log)
+  assert warning.step == 5
+  assert warning.getMessage().startswith("step 5: the gradient norm is not finite")
+
+
+def test_healthy_run_never_warns_that_it_diverged(log):
+  state = _diverge(gax.gradient_ascent(learning_rate=0.01, logging_interval=1), jnp.ones(2), 30)
+  assert _warnings(log) == [] and len(_records(log)) == 30
+  assert not bool(state[0].nonfinite_warned)
+
+
+def test_diverging_copies_under_vmap_warn_once(log):
+  # Copies from 1 diverge at step 2; copies from 0 (the maximum) stay there.
+  x = jnp.tile(jnp.array([[1.0, 1.0], [0.0, 0.0]]), (4, 1))
+  state = _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12,
+                   mapped=lambda f: jax.jit(jax.vmap(f)))
+  assert [r.step for r in _warnings(log)] == [2]
+  np.testing.assert_array_equal(state[0].nonfinite_warned, [True, False] * 4)
+
+
+def test_diverging_run_under_pmap_warns_once(log):
+  x = jnp.ones((jax.local_device_count(), 2))
+  _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12, mapped=jax.pmap)
+  assert [r.step for r in _warnings(log)] == [2]

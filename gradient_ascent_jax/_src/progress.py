@@ -197,6 +197,18 @@ _DESCENT_WARNING = (
 )
 
 
+_NONFINITE_WARNING = (
+    "step {step}: {what} is not finite: the run has diverged. With "
+    "gradient_ascent the usual cause is steps that are too large: the first "
+    "step moves every parameter by learning_rate / sqrt(1 - beta) (31.6 x "
+    "learning_rate for beta=0.999) whatever the size of its gradient, and "
+    "momentum then adds to it. Try a learning_rate 3-10 times smaller, "
+    "warmup_steps to ramp it up, or clip_value to bound the gradients. The "
+    "objective is checked on every step, the gradient norm on logged steps. "
+    "This warning is shown once per optimizer state."
+)
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`.
 
@@ -220,6 +232,8 @@ class LogProgressState(NamedTuple):
     first_seen: whether ``first_value`` holds an objective (bool).
     records: how many finite objectives were recorded at logged steps (int32,
       saturating).
+    nonfinite_warned: whether the warning that the objective or the gradient
+      norm is not finite has been given (bool).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -239,6 +253,7 @@ class LogProgressState(NamedTuple):
   descent_warned: chex.Array
   first_seen: chex.Array
   records: chex.Array
+  nonfinite_warned: chex.Array
 
 
 def _check_layout(state: LogProgressState) -> None:
@@ -277,6 +292,7 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
       records_below=records_below, noise_variance=variance, noise_samples=samples,
       descent_warned=state.descent_warned | descending, first_seen=state.first_seen | finite,
       records=cast(jax.Array, optax.safe_increment(state.records)),
+      nonfinite_warned=state.nonfinite_warned,
   )
   # A non-finite objective is logged but not counted. The step counter stays
   # out of the select: under vmap `counted` is batched (the value is), and a
@@ -336,6 +352,12 @@ def log_progress(
   logged but not counted. In a chain in front of a descent optimizer
   (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
 
+  When the objective (checked on every step) or the gradient norm (checked
+  on logged steps, where it is computed; not under ``pmap``/``shard_map``,
+  where it is each device's) first is not finite, one
+  ``WARNING`` (once per optimizer state, decided in the compiled step) names
+  the step and the usual fixes: a smaller learning rate, warmup, clipping.
+
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
   is only computed on logging steps. Every call of the update logs its own
   records: repeated runs, threads sharing one optimizer and several uses of it
@@ -390,8 +412,12 @@ def log_progress(
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
 
-  def emit(step, rate, grad_norm, show, *objective):
-    # Under vmap the cond becomes a select, and copies are elected: filter here.
+  def emit(step, rate, grad_norm, show, nonfinite, value_nonfinite, *objective):
+    # Copies are elected under vmap (and pmap's devices): filter here.
+    if nonfinite:
+      what = "the objective passed as value=" if value_nonfinite else "the gradient norm"
+      named_logger.warning(prefix + _NONFINITE_WARNING.format(step=int(step), what=what),
+                           extra={"step": int(step)})
     if not show:
       return
     step = int(step)
@@ -436,7 +462,7 @@ def log_progress(
         last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
         noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
         descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
-        records=like_count(0, jnp.int32),
+        records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -452,20 +478,46 @@ def log_progress(
       new_state, descending = _track_descent(new_state, value, due)
       objective = (value, descending)
 
+    # The objective is checked on every step (a scalar: cheap), the gradient
+    # norm where it is computed: on logged steps, and on the step that warns.
+    # Under pmap/shard_map the norm is each device's own: only the objective
+    # is checked there, so that the state stays what the devices share.
+    value_bad = ~jnp.isfinite(objective[0]) if objective else jnp.zeros((), bool)
+    value_fires = value_bad & ~state.nonfinite_warned
+    norm_checked = not jax.sharding.get_abstract_mesh().manual_axes
+
     def send(tree, objective):
       grad_norm = _global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
       payload = jax.lax.stop_gradient((rate, grad_norm, *objective))
       show = due & _first_of_its_step(step, due, *payload)
+      fires = value_fires
+      if norm_checked:
+        fires = fires | (~jnp.isfinite(grad_norm) & ~state.nonfinite_warned)
+      speak = due | fires
+      warns = speak & _first_of_its_step(step, speak, *payload) & _any_of_its_step(
+          step, speak, fires)
+      value_warns = _any_of_its_step(step, speak, fires & value_bad)
       if objective:
         value, descending = objective
         objective = (value, _any_of_its_step(step, due, descending))
-      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device(), *objective)
+      on_first = _on_first_device()
+      jax.debug.callback(emit, step, rate, grad_norm, show & on_first, warns & on_first,
+                         value_warns, *objective)
+      return fires if norm_checked else None
 
+    def skip(*_):
+      return jnp.zeros((), bool) if norm_checked else None
+
+    fires = value_fires
     if isinstance(due, jax.core.Tracer):
-      jax.lax.cond(_in_any_copy(due), send, lambda *_: None, updates, objective)
-    elif due:  # known now (no jit): a cond would need every leaf on one device
-      send(_on_one_device(updates), objective)
-    return updates, new_state
+      fired = jax.lax.cond(_in_any_copy(due | value_fires), send, skip, updates, objective)
+    elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
+      fired = send(_on_one_device(updates), objective)
+    else:
+      fired = None
+    if fired is not None:
+      fires = fires | fired
+    return updates, new_state._replace(nonfinite_warned=new_state.nonfinite_warned | fires)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
