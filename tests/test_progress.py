@@ -1104,3 +1104,30 @@ def test_diverging_run_under_pmap_warns_once(log):
   x = jnp.ones((jax.local_device_count(), 2))
   _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12, mapped=jax.pmap)
   assert [r.step for r in _warnings(log)] == [2]
+
+
+def test_value_and_grad_of_a_loss_ascends_it_and_its_logged_value_rises(log):
+  # The log_progress docstring's claim: this mistake looks like success and no
+  # warning can tell; negating the loss is the fix.
+  def loss(x):
+    return jnp.sum((x - 3.0) ** 2)
+
+  def run(value_and_grad):
+    tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+    x = jnp.zeros(2)
+    state = tx.init(x)
+    for _ in range(40):
+      value, grads = value_and_grad(x)
+      updates, state = tx.update(grads, state, x, value=value)
+      x = optax.apply_updates(x, updates)
+    jax.effects_barrier()
+    values = [r.value for r in _records(log) if r.levelno == logging.INFO]
+    log.clear()
+    return x, values
+
+  x, values = run(jax.value_and_grad(loss))
+  assert np.all(np.diff(values) > 0) and values[-1] > loss(jnp.zeros(2))  # the loss rose
+  assert _warnings(log) == []
+  x, values = run(jax.value_and_grad(lambda p: -loss(p)))
+  # -loss rose: x went to 3 (it oscillates about it, momentum 0.9).
+  assert values[-1] > values[0] and float(loss(x)) < float(loss(jnp.zeros(2))) / 10

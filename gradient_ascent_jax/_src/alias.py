@@ -69,7 +69,9 @@ def gradient_ascent(
       or 0 for off. Off costs nothing; on, every step pays for a host callback.
       With logging on, ``tx.update(grads, state, params, value=objective)``
       logs the objective too, and one ``WARNING`` says so if it keeps falling
-      (the gradient of a loss was passed).
+      (the gradient of a loss was passed). For a loss, pass
+      ``jax.value_and_grad(lambda p: -loss(p))``: its value and gradient as
+      they are would ascend the loss, and the logged value would rise.
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.

@@ -337,7 +337,11 @@ def log_progress(
   Pass the objective as ``tx.update(grads, state, params, value=objective)``
   (e.g. from ``jax.value_and_grad``) and the record shows it too, as
   ``objective`` in the message and as the attribute ``value``: the value at
-  that step. ``value`` is read as an objective to MAXIMIZE. One ``WARNING``
+  that step. ``value`` is read as an objective to MAXIMIZE: passing
+  ``value, grads = jax.value_and_grad(loss)(params)`` as they are ascends the
+  loss, and its logged value rises, which looks like success and which no
+  warning can tell. Negate both: ``jax.value_and_grad(lambda p: -loss(p))``.
+  One ``WARNING``
   (once per optimizer state, so once per run) says so when it falls and stays
   down, which is what the gradient of a loss does to ascent. The rule,
   decided in the compiled step from the values at logged steps (kept in the
