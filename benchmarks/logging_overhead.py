@@ -8,6 +8,10 @@ objective passed as ``value=`` (a scalar argument of the step), logging off
 compiles no host callback); every sample is a whole number of logging
 intervals, so it contains its share of logging steps. The records go to an
 in-memory handler at level INFO, so formatting and handling are included.
+Three more peers run ``COPIES`` optimizers at once, ``jax.vmap`` of the step
+over params and state (the same parameters in all, split among the copies):
+logging with and without ``value=``, compared with the vmapped step with
+logging off.
 
 Run ``python -m benchmarks.logging_overhead --help`` for the options.
 """
@@ -24,13 +28,43 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import _common
 import gradient_ascent_jax as gax
 
 LOGGING, OFF, DEFAULT = "logging every 10", "logging off", "default gradient_ascent()"
 LOGGING_VALUE, OFF_VALUE = "logging every 10, value=", "logging off, value="
+VMAP_LOGGING, VMAP_LOGGING_VALUE = "vmap 8, logging every 10", "vmap 8, logging every 10, value="
+VMAP_OFF = "vmap 8, logging off"
 INTERVAL = 10
+COPIES = 8
+VMAPPED = (VMAP_LOGGING, VMAP_LOGGING_VALUE, VMAP_OFF)
+
+
+class _VmappedRunner(_common.JaxRunner):
+  """``COPIES`` optimizers at once: the step vmapped over params and state."""
+
+  def __init__(self, tx, num_params, num_leaves, grads, with_value):
+    def step(params, state, grads, value):
+      value = {"value": value} if with_value else {}
+      updates, state = tx.update(grads, state, params, **value)
+      return jax.tree.map(jnp.add, params, updates), state
+
+    params = [jnp.stack([p] * COPIES) for p in _common.make_params(num_params, num_leaves)]
+    batched = jax.vmap(step, in_axes=(0, 0, None, None))
+    super().__init__(jax.jit(batched, donate_argnums=(0, 1)), params,
+                     jax.vmap(tx.init)(params), grads)
+    self.value = jnp.asarray(1.0, jnp.float32)
+
+  def __call__(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      self.params, self.state = self.step(self.params, self.state, self.grads, self.value)
+    jax.block_until_ready((self.params, self.state))
+
+  def snapshot(self) -> list[np.ndarray]:
+    """The first copy's params, checked like the other peers'."""
+    return [np.array(p[0], np.float64) for p in self.params]
 
 
 class _ValueRunner(_common.JaxRunner):
@@ -85,9 +119,20 @@ def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
       # leaves logging_interval unset too.
       DEFAULT: _common.optax_runner(gax.gradient_ascent(), num_params, num_leaves, grads),
   }
+  # Each copy holds its share of the parameters: every peer moves as many.
+  copy_grads = [g[: size // COPIES] for g in grads]
+  for name, interval, with_value in ((VMAP_LOGGING, INTERVAL, False),
+                                     (VMAP_LOGGING_VALUE, INTERVAL, True),
+                                     (VMAP_OFF, None, False)):
+    runners[name] = _VmappedRunner(_common.gradient_ascent(_common.DEFAULT, interval),
+                                   num_params // COPIES, num_leaves, copy_grads, with_value)
+  checked = {name: runner for name, runner in runners.items() if name not in VMAPPED}
   # Compile, check both against gax.gradient_ascent without logging (logging
   # must not change a step), and leave the counter on a multiple of 10.
-  _common.check_runners(runners, _common.DEFAULT, grads, dict.fromkeys(runners, 0.0),
+  _common.check_runners(checked, _common.DEFAULT, grads, dict.fromkeys(checked, 0.0),
+                        steps=INTERVAL)
+  vmapped = {name: runners[name] for name in VMAPPED}
+  _common.check_runners(vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0),
                         steps=INTERVAL)
   samples = {name: [] for name in runners}
   for repeat in range(repeats):
@@ -99,11 +144,12 @@ def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
       samples[name].append((time.perf_counter() - start) / samples_steps)
   medians = {name: statistics.median(times) for name, times in samples.items()}
   return [{"params": size * num_leaves, "leaves": num_leaves, "peer": name, "seconds": seconds,
-           "overhead": seconds / medians[OFF] - 1.0} for name, seconds in medians.items()]
+           "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0}
+          for name, seconds in medians.items()]
 
 
 def table(rows: list[dict]) -> str:
-  headers = ["params", "leaves", "peer", "time/step", "vs off (<= 3%)"]
+  headers = ["params", "leaves", "peer", "time/step", "vs off (vmap: vs vmap off)"]
   body = [[f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
            f"{row['overhead']:+.1%}"] for row in rows]
   return _common.markdown_table(headers, body)

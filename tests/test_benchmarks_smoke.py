@@ -125,16 +125,19 @@ def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
   assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
   assert [row["peer"] for row in rows] == [
       logging_overhead.LOGGING, logging_overhead.LOGGING_VALUE, logging_overhead.OFF,
-      logging_overhead.OFF_VALUE, logging_overhead.DEFAULT]
+      logging_overhead.OFF_VALUE, logging_overhead.DEFAULT, logging_overhead.VMAP_LOGGING,
+      logging_overhead.VMAP_LOGGING_VALUE, logging_overhead.VMAP_OFF]
   assert all(_positive(row["seconds"]) for row in rows)
   overhead = {row["peer"]: row["overhead"] for row in rows}
-  assert overhead[logging_overhead.OFF] == 0.0
+  assert overhead[logging_overhead.OFF] == overhead[logging_overhead.VMAP_OFF] == 0.0
   out = capsys.readouterr().out
   assert "| default gradient_ascent() |" in out
   assert "| logging every 10, value= |" in out
+  assert "| vmap 8, logging every 10, value= |" in out
   # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records for
-  # each of the two logging peers; the peers with logging off log none.
-  assert "8 log records captured" in out
+  # each of the four logging peers (one per step for the 8 vmapped copies); the
+  # peers with logging off log none.
+  assert "16 log records captured" in out
 
 
 def test_memory_smoke_state_bytes_and_peak():

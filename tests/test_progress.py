@@ -1,10 +1,12 @@
 """SPEC section 7: progress logging through `logging`, from inside jit."""
 
+import io
 import logging
 import math
 import threading
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +85,7 @@ def test_callback_present_in_program_when_on():
 @pytest.fixture
 def fresh_warning(monkeypatch):
   """The once-per-process WARNING, re-armed for this test."""
-  monkeypatch.setattr(progress, "_invisible_warned", threading.Event())
+  monkeypatch.setattr(progress, "_invisible_warned", {})
 
 
 def test_default_compiles_no_callback():
@@ -141,6 +143,58 @@ def test_one_record_per_step_under_vmap(log):
 
   jax.jit(jax.vmap(run))(grads)
   jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [5, 10]
+
+
+@pytest.fixture
+def host_calls(monkeypatch):
+  """Counts the calls of the host functions that jax.debug.callback is given."""
+  calls = []
+  original = jax.debug.callback
+
+  def counting(callback, *args, **kwargs):
+    def counted(*call_args, **call_kwargs):
+      calls.append(1)
+      return callback(*call_args, **call_kwargs)
+
+    return original(counted, *args, **kwargs)
+
+  monkeypatch.setattr(jax.debug, "callback", counting)
+  return calls
+
+
+@pytest.mark.parametrize("with_value", [False, True])
+def test_vmapped_scan_calls_the_host_on_due_steps_only(log, host_calls, with_value):
+  # 40 steps, 8 copies, logging every 20: the host is called by each copy on
+  # the 2 due steps (16 calls), with or without value=, not on every step.
+  tx = gax.gradient_ascent(1e-3, logging_interval=20)
+
+  def run(x):
+    def body(carry, _):
+      x, state = carry
+      value = {"value": _quadratic(x)} if with_value else {}
+      updates, state = tx.update(jax.grad(_quadratic)(x), state, x, **value)
+      return (optax.apply_updates(x, updates), state), None
+
+    return jax.lax.scan(body, (x, tx.init(x)), None, length=40)[0]
+
+  jax.jit(jax.vmap(run))(jnp.zeros((8, 2)))
+  jax.effects_barrier()
+  assert len(host_calls) == 16
+  assert [r.step for r in _records(log)] == [20, 40]
+
+
+def test_vmap_over_states_calls_the_host_on_due_steps_only(log, host_calls):
+  # The state itself is batched (its step counter too): still no call on the
+  # steps where no copy is due.
+  tx = gax.gradient_ascent(1e-3, logging_interval=5)
+  x = jnp.zeros((8, 2))
+  state = jax.vmap(tx.init)(x)
+  step = jax.jit(jax.vmap(lambda x, s: tx.update(jnp.ones(2), s, x, value=1.0)[1]))
+  for _ in range(10):
+    state = step(x, state)
+  jax.effects_barrier()
+  assert len(host_calls) == 2 * 8
   assert [r.step for r in _records(log)] == [5, 10]
 
 
@@ -328,7 +382,7 @@ def _logged_norm(log, grads):
   tx = gax.log_progress(logging_interval=1)
   jax.jit(tx.update)(grads, tx.init(grads))
   jax.effects_barrier()
-  (record,) = _records(log)
+  (record,) = [r for r in _records(log) if r.levelno == logging.INFO]
   return record.grad_norm
 
 
@@ -534,6 +588,63 @@ def test_log_progress_alone_takes_value():
   assert int(state.records_below) == 0  # 3 is not below 4 by 4 * sqrt(25 / 6)
 
 
+def test_state_holds_no_nan_before_or_after_records():
+  # "Not yet" is a count or a flag: Optax's convention, every state leaf finite.
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=2)
+  x = jnp.zeros(2)
+  state = tx.init(x)
+  chex.assert_tree_all_finite(state)
+  for step in range(1, 6):
+    updates, state = tx.update(jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+    x = optax.apply_updates(x, updates)
+    chex.assert_tree_all_finite(state)
+    assert int(state[0].records) == step // 2 and bool(state[0].first_seen)
+  # Without value= the objective's fields keep their initial values.
+  state = _run(gax.gradient_ascent(logging_interval=1), 3)
+  chex.assert_tree_all_finite(state)
+  assert int(state[0].records) == 0 and not bool(state[0].first_seen)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_healthy_run_with_logging_passes_debug_nans(log, jit):
+  # JAX's NaN hunt checks every output (every op without jit): a healthy run
+  # with logging and value= on, and log_progress alone reporting no rate, pass.
+  with jax.debug_nans(True):
+    tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=2)
+
+    def step(x, state):
+      updates, state = tx.update(jax.grad(_quadratic)(x), state, x, value=_quadratic(x))
+      return optax.apply_updates(x, updates), state
+
+    step = jax.jit(step) if jit else step
+    x = jnp.zeros(2)
+    state = tx.init(x)
+    for _ in range(7):
+      x, state = step(x, state)
+    alone = gax.log_progress(logging_interval=1)
+    alone_state = alone.init(x)
+    for value in (1.0, 2.0):
+      alone_state = alone.update(jnp.ones(2), alone_state, value=value)[1]
+    jax.effects_barrier()
+  assert [r.step for r in _records(log)] == [2, 4, 6, 1, 2]
+  assert math.isnan(_records(log)[-1].learning_rate)  # no rate given: NaN on the host only
+
+
+@pytest.mark.parametrize(("make", "counters"), [
+    (lambda: gax.gradient_ascent(), 1),
+    (lambda: gax.gradient_ascent(logging_interval=2), 2),
+    (lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=2), 3),
+], ids=["logging off", "logging on", "injected"])
+def test_faq_step_count_lookup_works_in_every_configuration(log, make, counters):
+  # docs/guide/faq.md: the stage's state by name, then its field. A bare "count"
+  # is in LogProgressState too (and in inject_hyperparams' state).
+  state = _run(make(), 3)
+  assert int(optax.tree.get(state, "ScaleByWarmupDecayState").count) == 3
+  if counters > 1:
+    with pytest.raises(KeyError, match="Found multiple values for 'count'"):
+      optax.tree.get(state, "count")
+
+
 def test_value_that_is_not_a_scalar_is_refused():
   tx = gax.gradient_ascent(logging_interval=1)
   with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
@@ -656,6 +767,34 @@ class _OldLogProgressState(NamedTuple):
 _OldLogProgressState.__name__ = "LogProgressState"
 
 
+class _NanSentinelLogProgressState(NamedTuple):
+  """LogProgressState of 0.1.0: NaN meant "no objective yet"."""
+
+  count: jax.Array
+  first_value: jax.Array
+  last_value: jax.Array
+  last_change: jax.Array
+  records_below: jax.Array
+  noise_variance: jax.Array
+  noise_samples: jax.Array
+  descent_warned: jax.Array
+
+
+_NanSentinelLogProgressState.__name__ = "LogProgressState"
+
+
+def test_state_of_the_nan_sentinel_layout_is_refused_not_misread():
+  tx = gax.gradient_ascent(logging_interval=2)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  nan = jnp.asarray(jnp.nan, jnp.float32)
+  old = _NanSentinelLogProgressState(jnp.asarray(4, jnp.int32), nan, nan, nan, *state[0][4:8])
+  with pytest.raises(ValueError, match=r"fields \('count', 'first_value', 'last_value', "
+                     r"'last_change', 'records_below', 'noise_variance', 'noise_samples', "
+                     r"'descent_warned'\), but log_progress now keeps .*'first_seen', 'records'"):
+    tx.update(jnp.ones(2), (old, *state[1:]), params)
+
+
 def test_state_of_the_old_layout_is_refused_not_misread():
   tx = gax.gradient_ascent(logging_interval=2)
   params = jnp.zeros(2)
@@ -775,3 +914,220 @@ def test_reinforce_returns_at_longer_intervals_never_warn(log, reinforce_returns
   assert np.mean(np.asarray(mirrored.descent_warned)[learned]) >= 0.5
   jax.effects_barrier()
   _assert_one_warning_per_step(log)
+
+
+def test_each_warning_names_the_logger_once(monkeypatch, fresh_warning):
+  # The README's format already shows the logger's name: the messages don't repeat it.
+  from gradient_ascent_jax._src import alias
+  from gradient_ascent_jax._src import transforms
+
+  monkeypatch.setattr(transforms, "_nesterov_without_momentum_warned", threading.Event())
+  monkeypatch.setattr(alias, "_plateau_relative_test_warned", threading.Event())
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+  logger = logging.getLogger(LOGGER)
+  logger.addHandler(handler)
+  level = logger.level
+  logger.setLevel(logging.WARNING)
+  try:
+    # The records are dropped (WARNING only), and the descent warning comes.
+    _ascend(gax.gradient_ascent(learning_rate=0.1, logging_interval=5),
+            lambda x: -_quadratic(x), 40)
+    gax.momentum(0.0, nesterov=True).init(jnp.zeros(2))
+    gax.maximize(optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau())).init(
+        jnp.zeros(2))
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+  lines = stream.getvalue().splitlines()
+  starts = ["progress records are due", "the objective passed as value= has fallen",
+            "nesterov=True has no effect", "maximize(tx): tx holds"]
+  assert [line.split(": ", 1)[1].startswith(start) for line, start in zip(lines, starts)] == [
+      True] * 4
+  assert len(lines) == 4 and all(line.count(LOGGER + ":") == 1 for line in lines)
+
+
+# Named records (logging_name) ---------------------------------------------------
+
+
+def _game(g, d):
+  """A min-max game: the generator maximizes it, the discriminator its negative."""
+  return -jnp.sum((g - 1.0) ** 2) + jnp.sum(g * d) + jnp.sum(d**2)
+
+
+def _play(gen, disc, steps):
+  g, d = jnp.zeros(2), jnp.ones(2)
+
+  @jax.jit
+  def step(g, d, gen_state, disc_state):
+    value, grads = jax.value_and_grad(_game)(g, d)
+    g_updates, gen_state = gen.update(grads, gen_state, g, value=value)
+    value, grads = jax.value_and_grad(lambda d: -_game(g, d))(d)
+    d_updates, disc_state = disc.update(grads, disc_state, d, value=value)
+    return g + g_updates, d + d_updates, gen_state, disc_state
+
+  states = gen.init(g), disc.init(d)
+  for _ in range(steps):
+    g, d, *states = step(g, d, *states)
+  jax.effects_barrier()
+
+
+def test_two_named_optimizers_in_one_jitted_step_log_apart(caplog):
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)  # on the library's logger: it sees both children
+  handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+  logger = logging.getLogger(LOGGER)
+  logger.addHandler(handler)
+  caplog.set_level(logging.INFO, logger=LOGGER)
+  try:
+    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+  finally:
+    logger.removeHandler(handler)
+  records = [r for r in caplog.records if r.name.startswith(LOGGER)]
+  assert sorted((r.name, r.step) for r in records) == [
+      (f"{LOGGER}.disc", 2), (f"{LOGGER}.disc", 4), (f"{LOGGER}.gen", 2), (f"{LOGGER}.gen", 4)]
+  for r in records:
+    name = r.name.rsplit(".", 1)[1]
+    assert r.getMessage().startswith(f"{name}: step {r.step}: objective ")
+  lines = sorted(stream.getvalue().splitlines())
+  assert len(lines) == 4
+  assert lines[0].startswith(f"{LOGGER}.disc: disc: step 2: objective ")
+  assert lines[-1].startswith(f"{LOGGER}.gen: gen: step 4: objective ")
+
+
+def test_a_named_optimizer_is_filtered_by_its_logger(caplog, fresh_warning):
+  caplog.set_level(logging.INFO, logger=LOGGER)
+  child = logging.getLogger(f"{LOGGER}.gen")
+  child.setLevel(logging.WARNING)  # the generator's records off, the discriminator's on
+  try:
+    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+  finally:
+    child.setLevel(logging.NOTSET)
+  infos = [r for r in caplog.records if r.levelno == logging.INFO]
+  assert {r.name for r in infos} == {f"{LOGGER}.disc"} and len(infos) == 2
+  # The records asked for and dropped: one warning, from that child, naming it.
+  (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert warning.name == f"{LOGGER}.gen"
+  assert warning.getMessage().startswith(
+      f"gen: progress records are due (logging_interval is set) but the logger '{LOGGER}.gen' "
+      "is not enabled for INFO")
+
+
+def test_multi_transform_groups_log_under_their_names(log):
+  grouped = optax.multi_transform(
+      {"body": gax.gradient_ascent(logging_interval=1, logging_name="body"),
+       "head": gax.gradient_ascent(logging_interval=1, logging_name="head")},
+      {"a": "body", "b": "head"})
+  _run(grouped, 2)
+  records = sorted((r for r in log.records if r.name.startswith(LOGGER + ".")),
+                   key=lambda r: (r.name, r.step))
+  assert [(r.name, r.step) for r in records] == [
+      (f"{LOGGER}.body", 1), (f"{LOGGER}.body", 2), (f"{LOGGER}.head", 1), (f"{LOGGER}.head", 2)]
+  # Each group's own norm, |(3, 0)| and |4|, under its own name.
+  assert [r.getMessage() for r in records[::2]] == [
+      "body: step 1: learning rate 0.01, gradient norm 3",
+      "head: step 1: learning rate 0.01, gradient norm 4"]
+
+
+def test_descent_warning_of_a_named_optimizer_names_it(log):
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5, logging_name="critic")
+  _ascend(tx, lambda x: -_quadratic(x), 40)
+  (warning,) = [r for r in log.records if r.levelno == logging.WARNING]
+  assert warning.name == f"{LOGGER}.critic" and warning.step == 30
+  assert warning.getMessage().startswith("critic: the objective passed as value= has fallen")
+
+
+# A run that goes non-finite --------------------------------------------------
+
+
+def _cosh_objective(x):
+  """Maximum at 0; an ascent step of 30 x 31.6 from 1 overflows exp in float32."""
+  return -jnp.sum(jnp.exp(x) + jnp.exp(-x))
+
+
+def _diverge(tx, x, steps, with_value=True, mapped=None):
+  def step(x, state):
+    value, grads = jax.value_and_grad(_cosh_objective)(x)
+    updates, state = tx.update(grads, state, x, **({"value": value} if with_value else {}))
+    return optax.apply_updates(x, updates), state
+
+  init, step = (tx.init, jax.jit(step)) if mapped is None else (mapped(tx.init), mapped(step))
+  state = init(x)
+  for _ in range(steps):
+    x, state = step(x, state)
+  jax.effects_barrier()
+  return state
+
+
+def test_diverging_run_warns_once_naming_the_step(log):
+  # The first step moves x from 1 by 30 / sqrt(1 - 0.999) = 949: at step 2 the
+  # objective is -inf (exp(948) overflows float32).
+  state = _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12)
+  (warning,) = _warnings(log)
+  assert warning.step == 2
+  message = warning.getMessage()
+  assert message.startswith("step 2: the objective passed as value= is not finite")
+  for advice in ("learning_rate / sqrt(1 - beta)", "smaller", "warmup_steps", "clip_value"):
+    assert advice in message
+  assert bool(state[0].nonfinite_warned)
+  assert [r.step for r in _records(log) if r.levelno == logging.INFO] == [5, 10]
+
+
+def test_diverging_run_without_value_warns_at_the_next_logged_step(log):
+  # Only the gradient norm tells: it is computed on logged steps.
+  _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12,
+           with_value=False)
+  (warning,) = _warnings(log)
+  assert warning.step == 5
+  assert warning.getMessage().startswith("step 5: the gradient norm is not finite")
+
+
+def test_healthy_run_never_warns_that_it_diverged(log):
+  state = _diverge(gax.gradient_ascent(learning_rate=0.01, logging_interval=1), jnp.ones(2), 30)
+  assert _warnings(log) == [] and len(_records(log)) == 30
+  assert not bool(state[0].nonfinite_warned)
+
+
+def test_diverging_copies_under_vmap_warn_once(log):
+  # Copies from 1 diverge at step 2; copies from 0 (the maximum) stay there.
+  x = jnp.tile(jnp.array([[1.0, 1.0], [0.0, 0.0]]), (4, 1))
+  state = _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12,
+                   mapped=lambda f: jax.jit(jax.vmap(f)))
+  assert [r.step for r in _warnings(log)] == [2]
+  np.testing.assert_array_equal(state[0].nonfinite_warned, [True, False] * 4)
+
+
+def test_diverging_run_under_pmap_warns_once(log):
+  x = jnp.ones((jax.local_device_count(), 2))
+  _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12, mapped=jax.pmap)
+  assert [r.step for r in _warnings(log)] == [2]
+
+
+def test_value_and_grad_of_a_loss_ascends_it_and_its_logged_value_rises(log):
+  # The log_progress docstring's claim: this mistake looks like success and no
+  # warning can tell; negating the loss is the fix.
+  def loss(x):
+    return jnp.sum((x - 3.0) ** 2)
+
+  def run(value_and_grad):
+    tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=5)
+    x = jnp.zeros(2)
+    state = tx.init(x)
+    for _ in range(40):
+      value, grads = value_and_grad(x)
+      updates, state = tx.update(grads, state, x, value=value)
+      x = optax.apply_updates(x, updates)
+    jax.effects_barrier()
+    values = [r.value for r in _records(log) if r.levelno == logging.INFO]
+    log.clear()
+    return x, values
+
+  x, values = run(jax.value_and_grad(loss))
+  assert np.all(np.diff(values) > 0) and values[-1] > loss(jnp.zeros(2))  # the loss rose
+  assert _warnings(log) == []
+  x, values = run(jax.value_and_grad(lambda p: -loss(p)))
+  # -loss rose: x went to 3 (it oscillates about it, momentum 0.9).
+  assert values[-1] > values[0] and float(loss(x)) < float(loss(jnp.zeros(2))) / 10

@@ -45,6 +45,10 @@ BAD_VALUES = [
     ("logging_interval", 1.5),
     ("nesterov", 1),
     ("nesterov", "yes"),
+    ("logging_name", ""),
+    ("logging_name", " "),
+    ("logging_name", "disc."),
+    ("logging_name", 3),
 ]
 
 GOOD_VALUES = [
@@ -70,6 +74,8 @@ GOOD_VALUES = [
     ("logging_interval", 1),
     ("nesterov", True),
     ("nesterov", np.bool_(False)),
+    ("logging_name", None),
+    ("logging_name", "disc"),
 ]
 
 
@@ -84,7 +90,7 @@ def test_gradient_ascent_rejects_bad_value_naming_the_argument(name, value):
 def test_gradient_ascent_accepts_edge_values(name, value):
   """An edge value is accepted and used: two steps follow the NumPy reference."""
   tx = gax.gradient_ascent(**{name: value})
-  reference_options = {} if name == "logging_interval" else {name: value}
+  reference_options = {} if name in ("logging_interval", "logging_name") else {name: value}
   reference = ReferenceGradientAscent(**reference_options)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
@@ -109,6 +115,7 @@ def test_gradient_ascent_accepts_edge_values(name, value):
         (gax.scale_by_warmup_decay, {"lr_decay": 2.0}, "lr_decay"),
         (gax.warmup_decay_schedule, {"lr_decay": 0.0}, "lr_decay"),
         (gax.log_progress, {"logging_interval": -2}, "logging_interval"),
+        (gax.log_progress, {"logging_name": ""}, "logging_name"),
     ],
 )
 def test_each_public_factory_checks_its_arguments(factory, kwargs, name):

@@ -28,6 +28,7 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
+    logging_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
@@ -70,10 +71,15 @@ def gradient_ascent(
       which ``jax.export`` refuses: export a step built with None.
       With logging on, ``tx.update(grads, state, params, value=objective)``
       logs the objective too, and one ``WARNING`` says so if it keeps falling
-      (the gradient of a loss was passed).
+      (the gradient of a loss was passed). For a loss, pass
+      ``jax.value_and_grad(lambda p: -loss(p))``: its value and gradient as
+      they are would ascend the loss, and the logged value would rise.
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
+    logging_name: None, or a name such as ``"disc"``: the records and
+      warnings then go to the logger ``gradient_ascent_jax.disc`` and start
+      with ``disc:``, so that two optimizers' records can be told apart.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the state of
@@ -109,13 +115,14 @@ def gradient_ascent(
       "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
   logging_interval = validation.check_logging_interval(logging_interval)
+  logging_name = validation.check_logging_name(logging_name)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay
   )
   stages = []
   if validation.logging_enabled(logging_interval):
-    stages.append(progress.log_progress(logging_interval, schedule))
+    stages.append(progress.log_progress(logging_interval, schedule, logging_name=logging_name))
   stages.append(transforms.flip_sign())
   if clip_value is not None:
     stages.append(transforms.clip_by_value(clip_value))
@@ -253,7 +260,7 @@ def _path_of(state: Any, state_type: type) -> str | None:
 
 
 _PLATEAU_RELATIVE_TEST = (
-    "gradient_ascent_jax: maximize(tx): tx holds optax.contrib.reduce_on_plateau "
+    "maximize(tx): tx holds optax.contrib.reduce_on_plateau "
     "(at {path}), which is handed value=-objective. Its relative test, "
     "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
     "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "

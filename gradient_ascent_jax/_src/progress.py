@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import NamedTuple
 from typing import cast
@@ -17,27 +18,39 @@ import optax
 
 from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import schedules
-from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
 
 _INVISIBLE_WARNING = (
-    "gradient_ascent_jax: progress records are due (logging_interval is set) "
-    "but the logger 'gradient_ascent_jax' is not enabled for INFO, so they are "
+    "{prefix}progress records are due (logging_interval is set) "
+    "but the logger '{name}' is not enabled for INFO, so they are "
     "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
     "add a handler and setLevel(logging.INFO) on "
-    "logging.getLogger('gradient_ascent_jax'). To stop logging (and its cost "
+    "logging.getLogger('{name}'). To stop logging (and its cost "
     "per step), pass logging_interval=None. This warning is shown once."
 )
-_invisible_warned = threading.Event()
+# One warning per logger: silencing one named optimizer must not hide another's.
+_invisible_warned: dict[str, threading.Event] = {}
+_invisible_warned_lock = threading.Lock()
 
 
-def _warn_once_if_invisible() -> bool:
+def _named(logging_name: str | None) -> tuple[logging.Logger, str]:
+  """The logger of ``logging_name`` (a child of the library's) and the prefix of its messages."""
+  if logging_name is None:
+    return logger, ""
+  return logger.getChild(logging_name), f"{logging_name}: "
+
+
+def _warn_once_if_invisible(named_logger: logging.Logger, prefix: str) -> bool:
   """Returns True when INFO records would be dropped; warns the first time."""
-  if logger.isEnabledFor(logging.INFO):
+  if named_logger.isEnabledFor(logging.INFO):
     return False
-  transforms.warn_once(_invisible_warned, _INVISIBLE_WARNING)
+  with _invisible_warned_lock:
+    shown = _invisible_warned.setdefault(named_logger.name, threading.Event())
+  if not shown.is_set():
+    shown.set()
+    named_logger.warning(_INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name))
   return True
 
 
@@ -83,6 +96,20 @@ def _any_of_its_step(step, due, flag):
   step, due, flag = jnp.ravel(step), jnp.ravel(due), jnp.ravel(flag)
   raised = due[None, :] & flag[None, :] & (step[:, None] == step[None, :])
   return jnp.any(raised, axis=1).reshape(shape)
+
+
+@custom_vmap
+def _in_any_copy(flag):
+  """``flag``; under ``vmap``, whether any copy has it, as one unbatched bool."""
+  return flag
+
+
+@_in_any_copy.def_vmap
+def _in_any_copy_rule(axis_size, in_batched, flag):
+  # An unbatched predicate keeps the logging cond a cond: a batched one turns
+  # it into a select that runs the host callback on every step of every copy.
+  del axis_size, in_batched
+  return _in_any_copy(jnp.any(flag)), False
 
 
 def _on_first_device() -> jax.Array | bool:
@@ -157,7 +184,7 @@ _DESCENT_RECORDS = 4
 _DESCENT_NOISE = 4.0
 
 _DESCENT_WARNING = (
-    "gradient_ascent_jax: the objective passed as value= has fallen and stays "
+    "the objective passed as value= has fallen and stays "
     "down: at each of the last {records} progress records, up to step {step}, "
     "it was below its value at the first step by more than {noise:g} times its "
     "noise. gradient_ascent "
@@ -170,24 +197,43 @@ _DESCENT_WARNING = (
 )
 
 
+_NONFINITE_WARNING = (
+    "step {step}: {what} is not finite: the run has diverged. With "
+    "gradient_ascent the usual cause is steps that are too large: the first "
+    "step moves every parameter by learning_rate / sqrt(1 - beta) (31.6 x "
+    "learning_rate for beta=0.999) whatever the size of its gradient, and "
+    "momentum then adds to it. Try a learning_rate 3-10 times smaller, "
+    "warmup_steps to ramp it up, or clip_value to bound the gradients. The "
+    "objective is checked on every step, the gradient norm on logged steps. "
+    "This warning is shown once per optimizer state."
+)
+
+
 class LogProgressState(NamedTuple):
   """State of :func:`log_progress`.
 
   The fields after ``count`` follow the objective passed as ``value``, at
-  logged steps only; without ``value`` they keep their initial values.
+  logged steps only; without ``value`` they keep their initial values. "Not
+  yet" is a count or a flag: the state holds no NaN unless the objective was.
 
   Attributes:
     count: steps already seen, an int32 scalar that saturates at its maximum.
-    first_value: the objective at the first step (float32; NaN until then).
-    last_value: the objective at the latest record (NaN until then).
+    first_value: the objective at the first step (float32; 0 until
+      ``first_seen``).
+    last_value: the objective at the latest record (0 until ``records`` >= 1).
+    last_change: the change of the objective from the record before to the
+      latest one (0 until ``records`` >= 2).
     records_below: how many consecutive records the objective was below
       ``first_value`` by more than its noise (int32).
-    last_change: the change of the objective from the record before to the
-      latest one (NaN until there are two).
     noise_variance: the variance of the noise of one recorded value, estimated
       as the mean square of the second differences of the records over 6.
     noise_samples: how many second differences that mean holds (int32).
     descent_warned: whether the descent warning has been given (bool).
+    first_seen: whether ``first_value`` holds an objective (bool).
+    records: how many finite objectives were recorded at logged steps (int32,
+      saturating).
+    nonfinite_warned: whether the warning that the objective or the gradient
+      norm is not finite has been given (bool).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -205,6 +251,9 @@ class LogProgressState(NamedTuple):
   noise_variance: chex.Array
   noise_samples: chex.Array
   descent_warned: chex.Array
+  first_seen: chex.Array
+  records: chex.Array
+  nonfinite_warned: chex.Array
 
 
 def _check_layout(state: LogProgressState) -> None:
@@ -213,7 +262,7 @@ def _check_layout(state: LogProgressState) -> None:
     raise ValueError(
         f"log_progress: the state is a {type(state).__name__} with the fields "
         f"{fields}, but log_progress now keeps {LogProgressState._fields}. A "
-        "state saved by an earlier version (count only) is not read as it is: "
+        "state saved by an earlier version is not read as it is: "
         "make a fresh one with tx.init(params) and carry the step count over, "
         "fresh._replace(count=old.count)."
     )
@@ -223,10 +272,13 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   """The state after the objective ``value`` at a step; whether it now descends."""
   value = jnp.asarray(value, jnp.float32)
   finite = jnp.isfinite(value)
-  first = jnp.where(jnp.isnan(state.first_value) & finite, value, state.first_value)
+  first = jnp.where(state.first_seen | ~finite, state.first_value, value)
+  # A non-finite value is not counted (below): keep it out of the arithmetic,
+  # so that no NaN is made from a finite one.
+  value = jnp.where(finite, value, state.last_value)
   change = value - state.last_value
   curvature = change - state.last_change
-  sampled = ~jnp.isnan(curvature)
+  sampled = state.records >= 2
   samples = jnp.where(sampled, optax.safe_increment(state.noise_samples), state.noise_samples)
   variance = state.noise_variance + (curvature**2 / 6 - state.noise_variance) / jnp.maximum(
       samples, 1)
@@ -236,15 +288,21 @@ def _track_descent(state: LogProgressState, value, due) -> tuple[LogProgressStat
   descending = records_below >= _DESCENT_RECORDS
   new = LogProgressState(
       count=state.count, first_value=first, last_value=value,
-      last_change=jnp.where(jnp.isnan(change), state.last_change, change),
+      last_change=jnp.where(state.records >= 1, change, state.last_change),
       records_below=records_below, noise_variance=variance, noise_samples=samples,
-      descent_warned=state.descent_warned | descending,
+      descent_warned=state.descent_warned | descending, first_seen=state.first_seen | finite,
+      records=cast(jax.Array, optax.safe_increment(state.records)),
+      nonfinite_warned=state.nonfinite_warned,
   )
-  # A non-finite objective is logged but not counted.
+  # A non-finite objective is logged but not counted. The step counter stays
+  # out of the select: under vmap `counted` is batched (the value is), and a
+  # batched counter would make `due` batched, the logging cond a select, and
+  # the host callback run on every step of every copy.
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
   fires = counted & descending & jnp.logical_not(state.descent_warned)
-  return new._replace(first_value=first), fires
+  return new._replace(count=state.count, first_value=first,
+                      first_seen=state.first_seen | finite), fires
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -263,6 +321,8 @@ def _scalar_objective(value) -> jax.Array:
 def log_progress(
     logging_interval: jax.typing.ArrayLike | None = 10,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    logging_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Logs the step, objective, learning rate and gradient norm every N steps.
 
@@ -277,7 +337,11 @@ def log_progress(
   Pass the objective as ``tx.update(grads, state, params, value=objective)``
   (e.g. from ``jax.value_and_grad``) and the record shows it too, as
   ``objective`` in the message and as the attribute ``value``: the value at
-  that step. ``value`` is read as an objective to MAXIMIZE. One ``WARNING``
+  that step. ``value`` is read as an objective to MAXIMIZE: passing
+  ``value, grads = jax.value_and_grad(loss)(params)`` as they are ascends the
+  loss, and its logged value rises, which looks like success and which no
+  warning can tell. Negate both: ``jax.value_and_grad(lambda p: -loss(p))``.
+  One ``WARNING``
   (once per optimizer state, so once per run) says so when it falls and stays
   down, which is what the gradient of a loss does to ascent. The rule,
   decided in the compiled step from the values at logged steps (kept in the
@@ -291,6 +355,12 @@ def log_progress(
   starts the count again. Values that are not finite are
   logged but not counted. In a chain in front of a descent optimizer
   (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
+
+  When the objective (checked on every step) or the gradient norm (checked
+  on logged steps, where it is computed; not under ``pmap``/``shard_map``,
+  where it is each device's) first is not finite, one
+  ``WARNING`` (once per optimizer state, decided in the compiled step) names
+  the step and the usual fixes: a smaller learning rate, warmup, clipping.
 
   The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
   is only computed on logging steps. Every call of the update logs its own
@@ -314,7 +384,7 @@ def log_progress(
 
   Records are ``INFO``, which Python drops until ``logging`` is configured.
   When a record is due and the logger is not enabled for ``INFO``, one
-  ``WARNING`` (the first time, once per process) says so and how to see them,
+  ``WARNING`` (the first time, once per process and logger) says so and how to see them,
   for example ``logging.basicConfig(level=logging.INFO)``. The descent
   warning is a ``WARNING`` and is shown either way.
 
@@ -322,6 +392,9 @@ def log_progress(
     logging_interval: N >= 1, or None/0 for off. May be a JAX integer (e.g.
       injected by ``optax.inject_hyperparams``); then 0 means off at run time.
     learning_rate: the rate to report, a float or a schedule; None reports NaN.
+    logging_name: None, or a name such as ``"disc"``: records and warnings go
+      to the child logger ``gradient_ascent_jax.disc`` (handlers on
+      ``gradient_ascent_jax`` still see them) and start with ``disc:``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -341,38 +414,45 @@ def log_progress(
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
+  named_logger, prefix = _named(validation.check_logging_name(logging_name))
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
 
-  def emit(step, rate, grad_norm, show, *objective):
-    # Under vmap the cond becomes a select, and copies are elected: filter here.
+  def emit(step, rate, grad_norm, show, nonfinite, value_nonfinite, *objective):
+    # Copies are elected under vmap (and pmap's devices): filter here.
+    if nonfinite:
+      what = "the objective passed as value=" if value_nonfinite else "the gradient norm"
+      named_logger.warning(prefix + _NONFINITE_WARNING.format(step=int(step), what=what),
+                           extra={"step": int(step)})
     if not show:
       return
     step = int(step)
-    rate, grad_norm = float(np.asarray(rate)), float(np.asarray(grad_norm))
-    if not _warn_once_if_invisible():
+    rate = math.nan if learning_rate is None else float(np.asarray(rate))
+    grad_norm = float(np.asarray(grad_norm))
+    if not _warn_once_if_invisible(named_logger, prefix):
       if objective:
         value = float(np.asarray(objective[0]))
-        logger.info(
-            "step %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
-            step, value, rate, grad_norm,
+        named_logger.info(
+            "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
+            prefix, step, value, rate, grad_norm,
             extra={"step": step, "value": value, "learning_rate": rate, "grad_norm": grad_norm},
         )
       else:
-        logger.info(
-            "step %d: learning rate %.6g, gradient norm %.6g",
-            step, rate, grad_norm,
+        named_logger.info(
+            "%sstep %d: learning rate %.6g, gradient norm %.6g",
+            prefix, step, rate, grad_norm,
             extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
         )
     if objective and objective[1]:
-      logger.warning(
-          _DESCENT_WARNING.format(records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
+      named_logger.warning(
+          prefix + _DESCENT_WARNING.format(
+              records=_DESCENT_RECORDS, step=step, noise=_DESCENT_NOISE),
           extra={"step": step},
       )
 
   def rate_at(count):
-    if learning_rate is None:
-      return jnp.nan
+    if learning_rate is None:  # reported as NaN by the host: no NaN on the device
+      return 0.0
     return schedules.learning_rate_at(learning_rate, count)
 
   def init_fn(params):
@@ -383,11 +463,12 @@ def log_progress(
       return jnp.full_like(count, fill, dtype)
 
     return LogProgressState(
-        count=count, first_value=like_count(jnp.nan, jnp.float32),
-        last_value=like_count(jnp.nan, jnp.float32),
-        last_change=like_count(jnp.nan, jnp.float32), records_below=like_count(0, jnp.int32),
+        count=count, first_value=like_count(0, jnp.float32),
+        last_value=like_count(0, jnp.float32),
+        last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
         noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
-        descent_warned=like_count(False, bool),
+        descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
+        records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -403,20 +484,46 @@ def log_progress(
       new_state, descending = _track_descent(new_state, value, due)
       objective = (value, descending)
 
+    # The objective is checked on every step (a scalar: cheap), the gradient
+    # norm where it is computed: on logged steps, and on the step that warns.
+    # Under pmap/shard_map the norm is each device's own: only the objective
+    # is checked there, so that the state stays what the devices share.
+    value_bad = ~jnp.isfinite(objective[0]) if objective else jnp.zeros((), bool)
+    value_fires = value_bad & ~state.nonfinite_warned
+    norm_checked = not jax.sharding.get_abstract_mesh().manual_axes
+
     def send(tree, objective):
       grad_norm = _global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
       payload = jax.lax.stop_gradient((rate, grad_norm, *objective))
       show = due & _first_of_its_step(step, due, *payload)
+      fires = value_fires
+      if norm_checked:
+        fires = fires | (~jnp.isfinite(grad_norm) & ~state.nonfinite_warned)
+      speak = due | fires
+      warns = speak & _first_of_its_step(step, speak, *payload) & _any_of_its_step(
+          step, speak, fires)
+      value_warns = _any_of_its_step(step, speak, fires & value_bad)
       if objective:
         value, descending = objective
         objective = (value, _any_of_its_step(step, due, descending))
-      jax.debug.callback(emit, step, rate, grad_norm, show & _on_first_device(), *objective)
+      on_first = _on_first_device()
+      jax.debug.callback(emit, step, rate, grad_norm, show & on_first, warns & on_first,
+                         value_warns, *objective)
+      return fires if norm_checked else None
 
+    def skip(*_):
+      return jnp.zeros((), bool) if norm_checked else None
+
+    fires = value_fires
     if isinstance(due, jax.core.Tracer):
-      jax.lax.cond(due, send, lambda *_: None, updates, objective)
-    elif due:  # known now (no jit): a cond would need every leaf on one device
-      send(_on_one_device(updates), objective)
-    return updates, new_state
+      fired = jax.lax.cond(_in_any_copy(due | value_fires), send, skip, updates, objective)
+    elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
+      fired = send(_on_one_device(updates), objective)
+    else:
+      fired = None
+    if fired is not None:
+      fires = fires | fired
+    return updates, new_state._replace(nonfinite_warned=new_state.nonfinite_warned | fires)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

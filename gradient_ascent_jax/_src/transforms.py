@@ -198,7 +198,7 @@ def warn_once(shown: threading.Event, message: str) -> None:
 
 
 _NESTEROV_WITHOUT_MOMENTUM = (
-    "gradient_ascent_jax: nesterov=True has no effect with momentum 0: the "
+    "nesterov=True has no effect with momentum 0: the "
     "Nesterov look-ahead adds momentum * velocity, which is 0, so the steps "
     "are those of nesterov=False. Pass a momentum in (0, 1), e.g. 0.9, for "
     "Nesterov momentum, or nesterov=False. This warning is shown once."

@@ -204,6 +204,20 @@ def check_logging_interval(value: Any) -> int | jax.Array | None:
   )
 
 
+def check_logging_name(value: Any) -> str | None:
+  if value is None:
+    return None
+  if not isinstance(value, str) or not all(part.strip() for part in value.split(".")):
+    _fail(
+        "logging_name",
+        value,
+        "None or a non-empty string (dot-separated parts, none empty)",
+        "Pass a name such as 'disc': the records then go to the logger "
+        "'gradient_ascent_jax.disc' and each message starts with 'disc: '.",
+    )
+  return value
+
+
 def check_bool(name: str, value: Any) -> Any:
   fix = f"Pass {name}=True or {name}=False."
   if _is_jax_value(value):
