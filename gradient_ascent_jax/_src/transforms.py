@@ -225,6 +225,43 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def add_decayed_weights(
+    weight_decay: jax.typing.ArrayLike, mask: Any = None
+) -> optax.GradientTransformation:
+  """Adds ``weight_decay * params`` to the (descent-convention) updates.
+
+  After :func:`flip_sign` the updates are ``-h``, so this gives
+  ``-(h - weight_decay * p)``: ascent on ``objective - weight_decay/2 * |p|^2``.
+  The term is cast to the updates' dtype, so the stages after it see the
+  gradients' dtype (as ``optax.add_decayed_weights`` does not when a traced
+  float32 rate meets bfloat16 params).
+
+  Args:
+    weight_decay: >= 0. May be a JAX scalar or tracer.
+    mask: None, or as in ``optax.masked``: a pytree of bools (True: decayed)
+      or a callable ``params -> pytree of bools``.
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` (``optax.masked`` of one if
+    ``mask`` is given); its ``update`` needs the params.
+  """
+
+  def decay_leaf(u, p):
+    return None if u is None else u + (weight_decay * p).astype(u.dtype)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "gradient_ascent: weight_decay > 0 pulls the params toward 0, so update "
+          "needs them: call tx.update(grads, state, params) with the params the "
+          "gradients are of (or build the optimizer with weight_decay=0)."
+      )
+    return jax.tree.map(decay_leaf, updates, params, is_leaf=lambda u: u is None), state
+
+  decay = optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return decay if mask is None else optax.masked(decay, mask)
+
+
 def _cast(x: jax.Array, dtype) -> jax.Array:
   # Skipping same-dtype converts keeps the traced program (and compile time) small.
   return x if x.dtype == dtype else x.astype(dtype)
