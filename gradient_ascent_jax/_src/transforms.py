@@ -238,16 +238,22 @@ def add_decayed_weights(
 
   Args:
     weight_decay: >= 0. May be a JAX scalar or tracer.
-    mask: None, or as in ``optax.masked``: a pytree of bools (True: decayed)
-      or a callable ``params -> pytree of bools``.
+    mask: None (every leaf decays), or which leaves decay, as in
+      ``optax.masked``: a pytree of bools (True: decayed), or a prefix of the
+      params' tree, or a callable ``params -> such a pytree``.
 
   Returns:
-    A stateless ``optax.GradientTransformation`` (``optax.masked`` of one if
-    ``mask`` is given); its ``update`` needs the params.
+    A stateless ``optax.GradientTransformation`` whose ``update`` needs the
+    params. The state does not depend on the mask or the params.
   """
 
-  def decay_leaf(u, p):
-    return None if u is None else u + (weight_decay * p).astype(u.dtype)
+  def decay(updates, params):
+    return jax.tree.map(
+        lambda u, p: None if u is None else u + (weight_decay * p).astype(u.dtype),
+        updates,
+        params,
+        is_leaf=lambda u: u is None,
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -256,10 +262,15 @@ def add_decayed_weights(
           "needs them: call tx.update(grads, state, params) with the params the "
           "gradients are of (or build the optimizer with weight_decay=0)."
       )
-    return jax.tree.map(decay_leaf, updates, params, is_leaf=lambda u: u is None), state
+    if mask is None:
+      return decay(updates, params), state
+    chosen = mask(params) if callable(mask) else mask
+    # A leaf of the mask may stand for a whole subtree of the params.
+    return jax.tree.map(
+        lambda keep, u, p: decay(u, p) if keep else u, chosen, updates, params
+    ), state
 
-  decay = optax.GradientTransformation(optax.init_empty_state, update_fn)
-  return decay if mask is None else optax.masked(decay, mask)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _cast(x: jax.Array, dtype) -> jax.Array:
