@@ -983,3 +983,13 @@ def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():
   updates, state = jax.jit(tx.update)(jnp.ones(3, jnp.bfloat16), state, params)
   assert updates.dtype == jnp.bfloat16
   assert bool(jnp.all(jnp.isfinite(updates.astype(jnp.float32))))
+
+
+def test_state_without_weight_decay_is_refused_with_it():
+  params = jnp.ones(2)
+  state = gax.gradient_ascent().init(params)
+  with pytest.raises(ValueError, match="does not belong to this optimizer"):
+    gax.gradient_ascent(weight_decay=0.1).update(jnp.ones(2), state, params)
+  state = gax.gradient_ascent(weight_decay=0.1).init(params)
+  with pytest.raises(ValueError, match="does not belong to this optimizer"):
+    gax.gradient_ascent().update(jnp.ones(2), state, params)
