@@ -71,7 +71,9 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
   )
   params = _params()
   state = tx.init(params)
-  assert set(state.hyperparams) == set(NUMERIC)
+  # weight_decay too, with its default 0.0 (a JAX value: its stage is in the chain).
+  assert set(state.hyperparams) == set(NUMERIC) | {"weight_decay"}
+  assert float(state.hyperparams["weight_decay"]) == 0.0
   # The stored values are the ones the steps use: the NumPy reference with them.
   state.hyperparams["logging_interval"] = jnp.full_like(state.hyperparams["logging_interval"], 2)
   with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
@@ -297,3 +299,20 @@ def test_injected_weight_decay_is_used_and_changes_without_retracing():
   params_old, _ = step(params, unchanged)
   assert len(traces) == 1
   assert not np.allclose(params_new["w"], params_old["w"])
+
+
+def test_injected_default_weight_decay_needs_params_or_a_static_arg():
+  # Optax injects every numeric default, weight_decay=0.0 among them; a JAX value may
+  # be > 0, so its stage is in the chain and update needs the params (as for
+  # optax.inject_hyperparams(optax.adamw)). As a static argument, 0 adds no stage.
+  params, grads = jnp.ones(2), jnp.ones(2)
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.01)
+  with pytest.raises(ValueError, match=r"static_args=\('weight_decay',\)"):
+    tx.update(grads, tx.init(params))
+  tx.update(grads, tx.init(params), params)
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay",))(
+      learning_rate=0.01
+  )
+  updates, _ = tx.update(grads, tx.init(params))
+  plain, _ = gax.gradient_ascent(0.01).update(grads, gax.gradient_ascent(0.01).init(params))
+  np.testing.assert_allclose(updates, plain, rtol=2e-5)  # float32 injected beta: see above

@@ -79,7 +79,8 @@ def gradient_ascent(
       weight_decay/2 * |params|^2``: ``weight_decay * params`` is taken from
       the (clipped) gradient before the RMS scaling, as in torch's
       ``RMSprop(maximize=True, weight_decay=...)``. ``update`` then needs the
-      params.
+      params, as it does for any JAX value (``optax.inject_hyperparams``
+      injects the default 0.0 unless it is in ``static_args``).
     weight_decay_mask: which leaves decay (to spare biases and norms): a
       pytree of bools (True: decayed) or a callable ``params -> pytree of
       bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.

@@ -257,10 +257,17 @@ def add_decayed_weights(
 
   def update_fn(updates, state, params=None):
     if params is None:
+      unknown = ""
+      if isinstance(weight_decay, jax.Array):
+        unknown = (
+            " Here weight_decay is a JAX value, which may be 0 but cannot be known to "
+            "be when the optimizer is built: optax.inject_hyperparams injects it (with "
+            "its default 0.0) unless you name it in static_args=('weight_decay',)."
+        )
       raise ValueError(
           "gradient_ascent: weight_decay > 0 pulls the params toward 0, so update "
           "needs them: call tx.update(grads, state, params) with the params the "
-          "gradients are of (or build the optimizer with weight_decay=0)."
+          "gradients are of (or build the optimizer with weight_decay=0)." + unknown
       )
     if mask is None:
       return decay(updates, params), state
