@@ -249,7 +249,7 @@ def add_decayed_weights(
 
   def decay(updates, params):
     return jax.tree.map(
-        lambda u, p: None if u is None else u + (weight_decay * p).astype(u.dtype),
+        lambda u, p: None if u is None else u + _cast(weight_decay * p, u.dtype),
         updates,
         params,
         is_leaf=lambda u: u is None,
