@@ -14,8 +14,8 @@ import shutil
 import sys
 
 from docutils import nodes
-import sphinx.util.inspect
 from sphinx.transforms.post_transforms import SphinxPostTransform
+import sphinx.util.inspect
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent

@@ -876,3 +876,120 @@ def test_maximize_negates_every_objective_argument_and_nothing_else():
   np.testing.assert_array_equal(aux["aux"], [1.0, 1.0])  # the aux keeps its sign
   np.testing.assert_array_equal(seen["grad_fn"]["g"], [-3.0, -6.0])
   assert float(seen["other"]) == 7.0
+
+
+# weight_decay ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_value", [None, 0.5])
+def test_weight_decay_enters_the_rms_scaling_after_the_clip(clip_value):
+  # h = clip(g, -c, c) - wd * p goes into RMSprop; the NumPy reference is fed that h
+  # (computed here) with its own clipping off. The params move, so p changes each step.
+  wd = 0.3
+  tx = gax.gradient_ascent(0.05, clip_value=clip_value, weight_decay=wd)
+  reference = ReferenceGradientAscent(0.05)
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  state = tx.init(params)
+  for _ in range(20):
+    grad = rng.normal(scale=2.0, size=(3, 4)).astype(np.float32)
+    h = np.asarray(grad, np.float64)
+    if clip_value is not None:
+      h = np.clip(h, -clip_value, clip_value)
+    h = h - wd * np.asarray(params, np.float64)
+    updates, state = tx.update(jnp.asarray(grad), state, params)
+    (expected,) = reference.step([h])
+    # float32 against float64: v sums terms of both signs, so scale atol to the update.
+    np.testing.assert_allclose(updates, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    params = optax.apply_updates(params, updates)
+
+
+def test_weight_decay_pulls_the_maximum_toward_zero():
+  # Ascent on -(x - 1)^2 - wd/2 x^2, whose maximum is at 2 / (2 + wd) (< 1, not > 1:
+  # the decay shrinks). Start at the objective's own maximum, x = 1.
+  wd = 0.5
+  tx = gax.gradient_ascent(0.001, weight_decay=wd)
+  x = jnp.ones(1)
+  state = tx.init(x)
+  step = jax.jit(lambda x, state: tx.update(jax.grad(lambda x: -jnp.sum((x - 1.0) ** 2))(x),
+                                            state, x))
+  for _ in range(2000):
+    updates, state = step(x, state)
+    x = optax.apply_updates(x, updates)
+  # RMSprop's steps do not shrink to 0 at the optimum; measured: within 2e-3 of it.
+  np.testing.assert_allclose(x, 2 / (2 + wd), atol=5e-3)
+
+
+def stage_types(tx, params=None):
+  return [type(stage).__name__ for stage in tx.init(jnp.zeros(2) if params is None else params)]
+
+
+@pytest.mark.parametrize("off", [0.0, 0, -0.0, np.float64(0.0)])
+def test_weight_decay_zero_adds_no_stage(off):
+  # The default's state layout is unchanged, so checkpoints of it still restore.
+  expected = ["FlipSignState", "ScaleByAdaptiveRmsState", "MomentumState",
+              "ScaleByWarmupDecayState"]
+  assert stage_types(gax.gradient_ascent()) == expected
+  tx = gax.gradient_ascent(weight_decay=off, weight_decay_mask={"w": False})
+  assert stage_types(tx) == expected
+
+
+def test_weight_decay_adds_one_stateless_stage_after_the_clip():
+  assert stage_types(gax.gradient_ascent(clip_value=1.0, weight_decay=0.1)) == [
+      "FlipSignState", "EmptyState", "EmptyState", "ScaleByAdaptiveRmsState", "MomentumState",
+      "ScaleByWarmupDecayState",
+  ]
+  # A JAX value cannot be known to be 0 when the optimizer is built: the stage is there.
+  assert len(stage_types(gax.gradient_ascent(weight_decay=jnp.asarray(0.0)))) == 5
+
+
+def test_weight_decay_without_params_says_to_pass_them():
+  tx = gax.gradient_ascent(weight_decay=0.1)
+  state = tx.init(jnp.ones(2))
+  with pytest.raises(ValueError, match=r"call tx.update\(grads, state, params\)") as info:
+    tx.update(jnp.ones(2), state)
+  assert "weight_decay" in str(info.value)
+  # With weight_decay=0 (the default), params stay optional.
+  tx = gax.gradient_ascent()
+  tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [{"w": True, "b": False}, lambda params: jax.tree.map(lambda p: p.ndim > 1, params)],
+    ids=["pytree", "callable"],
+)
+def test_weight_decay_mask_spares_the_masked_out_leaves(mask):
+  # A flat objective (zero gradient): only the decay moves the params.
+  tx = gax.gradient_ascent(0.001, weight_decay=0.1, weight_decay_mask=mask)
+  params = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 2.0)}
+  state = tx.init(params)
+  for _ in range(10):
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["b"], 2.0)  # not decayed: h = 0 every step
+  assert float(jnp.max(params["w"])) < 1.96  # decayed toward 0 (first step alone: -0.0316)
+  assert float(jnp.min(params["w"])) > 0.0
+
+
+def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():
+  # A float32 rate times bfloat16 params is float32; the stages after the decay must
+  # still see (and return) the gradients' bfloat16.
+  tx = optax.inject_hyperparams(gax.gradient_ascent, hyperparam_dtype=jnp.float32)(
+      learning_rate=0.01, weight_decay=0.1
+  )
+  params = jnp.ones(3, jnp.bfloat16)
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(jnp.ones(3, jnp.bfloat16), state, params)
+  assert updates.dtype == jnp.bfloat16
+  assert bool(jnp.all(jnp.isfinite(updates.astype(jnp.float32))))
+
+
+def test_state_without_weight_decay_is_refused_with_it():
+  params = jnp.ones(2)
+  state = gax.gradient_ascent().init(params)
+  with pytest.raises(ValueError, match="does not belong to this optimizer"):
+    gax.gradient_ascent(weight_decay=0.1).update(jnp.ones(2), state, params)
+  state = gax.gradient_ascent(weight_decay=0.1).init(params)
+  with pytest.raises(ValueError, match="does not belong to this optimizer"):
+    gax.gradient_ascent().update(jnp.ones(2), state, params)

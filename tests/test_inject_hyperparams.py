@@ -71,7 +71,9 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
   )
   params = _params()
   state = tx.init(params)
-  assert set(state.hyperparams) == set(NUMERIC)
+  # weight_decay too, with its default 0.0 (a JAX value: its stage is in the chain).
+  assert set(state.hyperparams) == set(NUMERIC) | {"weight_decay"}
+  assert float(state.hyperparams["weight_decay"]) == 0.0
   # The stored values are the ones the steps use: the NumPy reference with them.
   state.hyperparams["logging_interval"] = jnp.full_like(state.hyperparams["logging_interval"], 2)
   with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
@@ -266,3 +268,51 @@ def test_gradient_with_respect_to_an_injected_clip_value():
   want = jax.grad(final_objective)(jnp.float32(0.7), False)
   assert abs(float(want)) > 0.1  # clipping matters here
   np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: -4.81370 vs -4.81367, 7.7e-6
+
+
+def test_injected_weight_decay_is_used_and_changes_without_retracing():
+  traces = []
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.01, weight_decay=0.2)
+  plain = gax.gradient_ascent(0.01, weight_decay=0.2)
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, 0.1, -0.3])}
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)  # runs only while tracing
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state, plain_params, plain_state = tx.init(params), params, plain.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+    updates, plain_state = plain.update(grads, plain_state, plain_params)
+    plain_params = optax.apply_updates(plain_params, updates)
+  # The injected beta is float32: 1 - beta differs from 1e-3 by 1.3e-5 (measured 6.4e-6).
+  np.testing.assert_allclose(params["w"], plain_params["w"], rtol=2e-5)
+
+  # A new value between steps: the same compiled step, other numbers.
+  unchanged = jax.tree.map(jnp.copy, state)
+  # full_like keeps dtype and weak type, so the compiled step is reused.
+  state.hyperparams["weight_decay"] = jnp.full_like(state.hyperparams["weight_decay"], 5.0)
+  params_new, _ = step(params, state)
+  params_old, _ = step(params, unchanged)
+  assert len(traces) == 1
+  assert not np.allclose(params_new["w"], params_old["w"])
+
+
+def test_injected_default_weight_decay_needs_params_or_a_static_arg():
+  # Optax injects every numeric default, weight_decay=0.0 among them; a JAX value may
+  # be > 0, so its stage is in the chain and update needs the params (as for
+  # optax.inject_hyperparams(optax.adamw)). As a static argument, 0 adds no stage.
+  params, grads = jnp.ones(2), jnp.ones(2)
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.01)
+  with pytest.raises(ValueError, match=r"static_args=\('weight_decay',\)"):
+    tx.update(grads, tx.init(params))
+  tx.update(grads, tx.init(params), params)
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay",))(
+      learning_rate=0.01
+  )
+  updates, _ = tx.update(grads, tx.init(params))
+  plain, _ = gax.gradient_ascent(0.01).update(grads, gax.gradient_ascent(0.01).init(params))
+  np.testing.assert_allclose(updates, plain, rtol=2e-5)  # float32 injected beta: see above

@@ -41,9 +41,12 @@ KNOBS = dict(
     clip_value=0.5,
     lr_decay=0.99,
     warmup_steps=3,
+    weight_decay=1e-3,
+    weight_decay_mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
 )
 # The same as injected hyperparameters (a schedule is not a number to inject).
 INJECTED = dict(KNOBS, learning_rate=0.05)
+del INJECTED["weight_decay_mask"]  # not a number either
 
 
 def make_step(tx):

@@ -49,6 +49,12 @@ BAD_VALUES = [
     ("logging_name", " "),
     ("logging_name", "disc."),
     ("logging_name", 3),
+    ("weight_decay", -0.1),
+    ("weight_decay", -1e-300),
+    ("weight_decay", float("inf")),
+    ("weight_decay", float("nan")),
+    ("weight_decay", "1e-4"),
+    ("weight_decay", None),
 ]
 
 GOOD_VALUES = [
@@ -128,6 +134,18 @@ def test_error_message_says_how_to_fix():
     gax.gradient_ascent(clip_value=0)
   with pytest.raises(ValueError, match="Use 0 to turn warmup off"):
     gax.gradient_ascent(warmup_steps=-1)
+
+
+def test_weight_decay_error_says_how_to_fix():
+  with pytest.raises(ValueError, match="Use 0 for no decay") as info:
+    gax.gradient_ascent(weight_decay=-0.01)
+  assert "`weight_decay` must be in [0.0, inf), got -0.01" in str(info.value)
+
+
+def test_weight_decay_jax_value_is_not_checked_at_construction():
+  gax.gradient_ascent(weight_decay=jnp.asarray(-1.0))  # builds: it could be a tracer
+  with pytest.raises(ValueError, match="`weight_decay` must be a scalar"):
+    gax.gradient_ascent(weight_decay=jnp.ones(2))
 
 
 def test_jax_values_are_not_checked_at_construction():

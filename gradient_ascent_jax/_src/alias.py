@@ -28,7 +28,9 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
     logging_name: str | None = None,
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
@@ -37,7 +39,8 @@ def gradient_ascent(
   chain::
 
     log_progress (if logging_interval) -> flip_sign -> clip_by_value (if
-    clip_value) -> scale_by_adaptive_rms -> momentum -> scale_by_warmup_decay
+    clip_value) -> weight decay (if weight_decay) -> scale_by_adaptive_rms
+    -> momentum -> scale_by_warmup_decay
 
   With ``clip_value=None, nesterov=False`` this is
   ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, momentum=momentum,
@@ -77,9 +80,18 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
+    weight_decay: >= 0; 0 (default) for none. Ascends on ``objective -
+      weight_decay/2 * |params|^2``: ``weight_decay * params`` is taken from
+      the (clipped) gradient before the RMS scaling, as in torch's
+      ``RMSprop(maximize=True, weight_decay=...)``. ``update`` then needs the
+      params, as it does for any JAX value (``optax.inject_hyperparams``
+      injects the default 0.0 unless it is in ``static_args``).
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
+    weight_decay_mask: which leaves decay (to spare biases and norms): a
+      pytree of bools (True: decayed) or a callable ``params -> pytree of
+      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is the state of
@@ -116,6 +128,7 @@ def gradient_ascent(
   )
   logging_interval = validation.check_logging_interval(logging_interval)
   logging_name = validation.check_logging_name(logging_name)
+  weight_decay = validation.check_weight_decay(weight_decay)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay
@@ -126,6 +139,8 @@ def gradient_ascent(
   stages.append(transforms.flip_sign())
   if clip_value is not None:
     stages.append(transforms.clip_by_value(clip_value))
+  if validation.weight_decay_enabled(weight_decay):
+    stages.append(transforms.add_decayed_weights(weight_decay, weight_decay_mask))
   stages += [
       transforms.scale_by_adaptive_rms(
           beta, eps, accumulator_dtype=accumulator_dtype
@@ -236,7 +251,7 @@ def _checked_state(
           f"{name}: the optimizer state does not belong to this optimizer. "
           f"Expected the state that tx.init(params) of this {name}(...) "
           f"returns, a tuple of {layout()}; got {got}. A state is only valid "
-          "for the optimizer (and the clip_value/logging_interval choice) that "
+          "for the optimizer (and the clip_value/weight_decay/logging_interval choice) that "
           "made it: call state = tx.init(params) with this tx."
       )
     try:

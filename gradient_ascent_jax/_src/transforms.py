@@ -190,6 +190,61 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def add_decayed_weights(
+    weight_decay: jax.typing.ArrayLike, mask: Any = None
+) -> optax.GradientTransformation:
+  """Adds ``weight_decay * params`` to the (descent-convention) updates.
+
+  After :func:`flip_sign` the updates are ``-h``, so this gives
+  ``-(h - weight_decay * p)``: ascent on ``objective - weight_decay/2 * |p|^2``.
+  The term is cast to the updates' dtype, so the stages after it see the
+  gradients' dtype (as ``optax.add_decayed_weights`` does not when a traced
+  float32 rate meets bfloat16 params).
+
+  Args:
+    weight_decay: >= 0. May be a JAX scalar or tracer.
+    mask: None (every leaf decays), or which leaves decay, as in
+      ``optax.masked``: a pytree of bools (True: decayed), or a prefix of the
+      params' tree, or a callable ``params -> such a pytree``.
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` whose ``update`` needs the
+    params. The state does not depend on the mask or the params.
+  """
+
+  def decay(updates, params):
+    return jax.tree.map(
+        lambda u, p: None if u is None else u + numerics.cast(weight_decay * p, u.dtype),
+        updates,
+        params,
+        is_leaf=lambda u: u is None,
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      unknown = ""
+      if isinstance(weight_decay, jax.Array):
+        unknown = (
+            " Here weight_decay is a JAX value, which may be 0 but cannot be known to "
+            "be when the optimizer is built: optax.inject_hyperparams injects it (with "
+            "its default 0.0) unless you name it in static_args=('weight_decay',)."
+        )
+      raise ValueError(
+          "gradient_ascent: weight_decay > 0 pulls the params toward 0, so update "
+          "needs them: call tx.update(grads, state, params) with the params the "
+          "gradients are of (or build the optimizer with weight_decay=0)." + unknown
+      )
+    if mask is None:
+      return decay(updates, params), state
+    chosen = mask(params) if callable(mask) else mask
+    # A leaf of the mask may stand for a whole subtree of the params.
+    return jax.tree.map(
+        lambda keep, u, p: decay(u, p) if keep else u, chosen, updates, params
+    ), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def warn_once(shown: threading.Event, message: str) -> None:
   """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it."""
   if not shown.is_set():

@@ -218,6 +218,23 @@ def check_logging_name(value: Any) -> str | None:
   return value
 
 
+def check_weight_decay(value: Any) -> float | jax.Array:
+  return check_interval(
+      "weight_decay",
+      value,
+      0.0,
+      math.inf,
+      high_open=True,
+      fix="Use 0 for no decay, or a small rate such as 1e-4: the optimizer then "
+      "ascends on objective - weight_decay/2 * |params|^2.",
+  )
+
+
+def weight_decay_enabled(weight_decay: Any) -> bool:
+  """Whether the decay stage is needed; False only for a concrete 0."""
+  return _is_jax_value(weight_decay) or weight_decay > 0
+
+
 def check_bool(name: str, value: Any) -> Any:
   fix = f"Pass {name}=True or {name}=False."
   if _is_jax_value(value):
