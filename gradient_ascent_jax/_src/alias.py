@@ -46,16 +46,11 @@ def gradient_ascent(
   ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, momentum=momentum,
   maximize=True)`` under a ``LambdaLR`` with the warmup/decay factor.
 
-  The early steps are the largest. As in the original and in torch's RMSprop
-  there is no bias correction, so the first update moves every parameter by
-  ``learning_rate / sqrt(1 - beta)``, 31.6 x ``learning_rate`` for
-  ``beta=0.999``, whatever the size of its (non-zero) gradient. With
-  ``momentum=0.9`` and a steady gradient (one sign, one size), the steps then
-  grow to 93 x ``learning_rate`` at step 11, and the first ten add up to
-  750 x ``learning_rate``. Choose ``learning_rate`` from the move you accept,
-  not from other optimizers' defaults: about 1/30 of an acceptable first step,
-  or a tenth of Adam's rate for the same model (a start that held in measured
-  runs), or ramp it up with ``warmup_steps``.
+  The early steps are the largest: with no bias correction (as in torch's
+  RMSprop) the first update moves every parameter by ``learning_rate /
+  sqrt(1 - beta)``, 31.6 x ``learning_rate``, whatever its gradient's size,
+  and momentum then adds to it. Start at a tenth of Adam's rate for the same
+  model, or ramp up with ``warmup_steps``: see the hyperparameters guide.
 
   Args:
     learning_rate: float >= 0, JAX scalar, or Optax schedule (``lr``); each
@@ -72,20 +67,17 @@ def gradient_ascent(
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
       or 0 for off. Off costs nothing; on, every step pays for a host callback,
       which ``jax.export`` refuses: export a step built with None.
-      With logging on, ``tx.update(grads, state, params, value=objective)``
-      logs the objective too, and one ``WARNING`` says so if it keeps falling
-      (the gradient of a loss was passed). For a loss, pass
-      ``jax.value_and_grad(lambda p: -loss(p))``: its value and gradient as
-      they are would ascend the loss, and the logged value would rise.
+      ``tx.update(grads, state, params, value=objective)`` logs the
+      objective too; for a loss, pass ``jax.value_and_grad(lambda p:
+      -loss(p))``, or ascent raises the loss while its logged value rises.
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
     weight_decay: >= 0; 0 (default) for none. Ascends on ``objective -
-      weight_decay/2 * |params|^2``: ``weight_decay * params`` is taken from
-      the (clipped) gradient before the RMS scaling, as in torch's
-      ``RMSprop(maximize=True, weight_decay=...)``. ``update`` then needs the
-      params, as it does for any JAX value (``optax.inject_hyperparams``
-      injects the default 0.0 unless it is in ``static_args``).
+      weight_decay/2 * |params|^2`` (the term enters before the RMS scaling,
+      as in torch's ``RMSprop(maximize=True, weight_decay=...)``); ``update``
+      then needs the params, as it does when the value is a JAX array
+      (``optax.inject_hyperparams`` injects the default unless static).
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
@@ -94,10 +86,8 @@ def gradient_ascent(
       bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is the state of
-    the chain above (a tuple, one entry per stage). Its ``update`` refuses a
-    state that ``init`` of this configuration would not make, and says that
-    errors raised in a stage come from ``gradient_ascent``.
+    An ``optax.GradientTransformationExtraArgs`` with the chain's state (a
+    tuple, one entry per stage); ``update`` refuses any other state.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

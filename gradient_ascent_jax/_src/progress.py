@@ -329,64 +329,33 @@ def log_progress(
   Passes updates through unchanged. On steps ``t = N, 2N, ...`` (``t`` counts
   from 1) it emits one ``INFO`` record on the logger ``gradient_ascent_jax``
   with the step, the learning rate in force (``learning_rate(t - 1)`` for a
-  schedule) and the global L2 norm of the incoming updates (in float32 or
-  float64, scaled so that it is right for every gradient dtype; an inf or NaN
-  gradient logs inf or NaN, one with no elements 0). The record also
-  carries them as attributes ``step``, ``learning_rate`` and ``grad_norm``.
+  schedule) and the global L2 norm of the incoming updates, right for every
+  dtype; the record carries them as attributes ``step``, ``learning_rate``
+  and ``grad_norm``. The record is sent with ``jax.debug.callback`` from
+  inside ``jit``; the norm is only computed on logged steps.
 
   Pass the objective as ``tx.update(grads, state, params, value=objective)``
-  (e.g. from ``jax.value_and_grad``) and the record shows it too, as
-  ``objective`` in the message and as the attribute ``value``: the value at
-  that step. ``value`` is read as an objective to MAXIMIZE: passing
-  ``value, grads = jax.value_and_grad(loss)(params)`` as they are ascends the
-  loss, and its logged value rises, which looks like success and which no
-  warning can tell. Negate both: ``jax.value_and_grad(lambda p: -loss(p))``.
-  One ``WARNING``
-  (once per optimizer state, so once per run) says so when it falls and stays
-  down, which is what the gradient of a loss does to ascent. The rule,
-  decided in the compiled step from the values at logged steps (kept in the
-  state; the host remembers nothing): at each of the last 4 records the
-  objective was below its value at the first step by more than 4 times the
-  noise of one record. That noise is estimated from the second differences
-  of the records so far (``x_k - 2 x_(k-1) + x_(k-2)``, of variance
-  ``6 sigma^2`` for independent noise), which a steady rise or fall leaves
-  out. Noisy ascent does not meet it: it stays above where it started, a dip
-  of ordinary size is within 4 deviations, and one record above the line
-  starts the count again. Values that are not finite are
-  logged but not counted. In a chain in front of a descent optimizer
-  (minimizing a loss), pass ``value=-loss``, or leave ``value`` out.
+  and the record shows it too (attribute ``value``). It is read as an
+  objective to MAXIMIZE: one ``WARNING`` (once per optimizer state) says so
+  when it falls and stays down, as the gradient of a loss makes ascent do.
+  Passing ``value, grads = jax.value_and_grad(loss)(params)`` as they are
+  ascends the loss while its logged value rises, which no warning can tell:
+  negate both, ``jax.value_and_grad(lambda p: -loss(p))``. In front of a
+  descent optimizer, pass ``value=-loss`` or leave ``value`` out. When the
+  objective or the logged norm first is not finite, one ``WARNING`` names the
+  step and the usual fixes. Both rules are decided in the compiled step from
+  the state; the host remembers nothing.
 
-  When the objective (checked on every step) or the gradient norm (checked
-  on logged steps, where it is computed; not under ``pmap``/``shard_map``,
-  where it is each device's) first is not finite, one
-  ``WARNING`` (once per optimizer state, decided in the compiled step) names
-  the step and the usual fixes: a smaller learning rate, warmup, clipping.
+  The copies that ``vmap``, ``pmap`` and ``shard_map`` make of one call give
+  one record per step; every call of the update (repeated runs, threads,
+  ``multi_transform`` groups) logs its own. With ``logging_interval`` None or
+  0 this is ``optax.identity()`` (taking and ignoring ``value``) and the
+  compiled program holds no host callback, which ``jax.export`` needs.
+  Records are ``INFO``, which Python drops until ``logging`` is configured:
+  then one ``WARNING`` (once per logger) says how to see them.
 
-  The record is sent with ``jax.debug.callback`` from inside ``jit``; the norm
-  is only computed on logging steps. Every call of the update logs its own
-  records: repeated runs, threads sharing one optimizer and several uses of it
-  (e.g. the groups of ``optax.multi_transform``) each log. Only the copies
-  that ``vmap``, ``pmap`` and ``shard_map`` make of one call are merged: one
-  record per distinct step (that of the first batch element at that step, on
-  the first device; under ``vmap`` the warning comes when any element at that
-  step descends). ``optax.MultiSteps`` calls its optimizer on every
-  micro-step and keeps the last call's state, so a logging step logs once per
-  micro-step; the last record has the norm of the whole accumulated gradient.
-  Under ``jax.checkpoint`` (remat) with ``jax.grad`` through it, JAX replays
-  the callback when it recomputes the forward pass for the backward pass, so
-  each record (and the warning) comes twice; checkpoint the model's forward
-  pass rather than the update to log once.
-  Run op by op (no ``jit``), leaves may be on different devices. With
-  ``logging_interval`` None or 0 this is ``optax.identity()`` (taking and
-  ignoring ``value``) and the compiled program holds no host callback.
-  ``jax.export`` refuses a step that holds one (a JAX interval, even 0, keeps
-  it): export the step without logging.
-
-  Records are ``INFO``, which Python drops until ``logging`` is configured.
-  When a record is due and the logger is not enabled for ``INFO``, one
-  ``WARNING`` (the first time, once per process and logger) says so and how to see them,
-  for example ``logging.basicConfig(level=logging.INFO)``. The descent
-  warning is a ``WARNING`` and is shown either way.
+  The rules, and how records behave under ``MultiSteps``, ``jax.checkpoint``
+  and several devices: the math page's "Progress records and warnings".
 
   Args:
     logging_interval: N >= 1, or None/0 for off. May be a JAX integer (e.g.
