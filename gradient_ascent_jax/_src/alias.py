@@ -330,6 +330,10 @@ _PLATEAU_RELATIVE_TEST = (
 _plateau_relative_test_warned = threading.Event()
 
 
+def _warn_plateau_relative_test(path: str) -> None:
+  transforms.warn_once(_plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path))
+
+
 def _refuse_ascending(why: str) -> ValueError:
   return ValueError(
       f"maximize: tx already ascends ({why}). maximize(tx) would negate the "
@@ -427,9 +431,7 @@ def maximize(
     # right for both signs without knowing rtol: so say how to build it instead.
     path = _path_of(state, optax.contrib.ReduceLROnPlateauState)
     if path is not None:
-      transforms.warn_once(
-          _plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path)
-      )
+      _warn_plateau_relative_test(path)
     return _negate_cached_objective(state)
 
   def update_fn(updates, state, params=None, **extra_args):

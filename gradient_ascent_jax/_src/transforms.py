@@ -302,7 +302,13 @@ def zero_step_count(params) -> jax.Array:
 
 
 def warn_once(shown: threading.Event, message: str) -> None:
-  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it."""
+  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it.
+
+  Call it from a module-level function, never from a transform's closure: a
+  closure that reads the Event carries its lock, and cannot be pickled
+  (cloudpickle, as Ray and Dask use it, ships closures by value, module-level
+  functions by name).
+  """
   if not shown.is_set():
     shown.set()
     logger.warning(message)
