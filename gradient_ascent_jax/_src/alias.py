@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gradient_ascent_jax._src import progress
+from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
@@ -207,21 +208,7 @@ def _checked_state(
   def update_fn(updates, state, params=None, **extra_args):
     got = _describe(state)
     if got != layout() and _restored_without_target(chain, state, updates):
-      raise ValueError(
-          f"{name}: the optimizer state is a plain {type(state).__name__} holding "
-          "the right arrays, not the state that tx.init(params) returns: a "
-          "checkpoint restored without a target, as orbax's "
-          "checkpointer.restore(path) and flax's serialization.msgpack_restore "
-          "give it. Do not replace it with tx.init(params), which starts over: "
-          "restore the checkpoint into the structure of tx.init(params). With "
-          "orbax: checkpointer.restore(path, jax.eval_shape(lambda: "
-          "tx.init(params))) (ocp.StandardCheckpointer), or manager.restore(step, "
-          "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
-          "(ocp.CheckpointManager). With flax: serialization.from_bytes("
-          "tx.init(params), blob), or serialization.from_state_dict(tx.init(params), "
-          "restored). If you saved a dict such as {'params': ..., 'opt_state': ...}, "
-          "restore into that dict with tx.init(params) as its 'opt_state'."
-      )
+      raise restore.restored_without_target(name, state)
     if got != layout():
       raise ValueError(
           f"{name}: the optimizer state does not belong to this optimizer. "

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
@@ -389,6 +390,7 @@ def log_progress(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
+    restore.check_own_state(state, LogProgressState, "log_progress")
     _check_layout(state)
     step = cast(jax.Array, optax.safe_increment(state.count))
     interval = jnp.asarray(logging_interval)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import validation
 
@@ -140,6 +141,7 @@ def flip_sign() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, FlipSignState, "flip_sign")
     _check_gradient_leaves(updates, "flip_sign")
     return negate(updates), state
 
@@ -509,6 +511,7 @@ def scale_by_adaptive_rms(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, ScaleByAdaptiveRmsState, name)
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
     # (sqrt(1 - beta) * h)**2 rather than (1 - beta) * h**2: h**2 overflows
     # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
@@ -626,6 +629,7 @@ def momentum(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, MomentumState, name)
     _check_matches_state(updates, state.velocity, accumulator_dtype, name)
     velocity = jax.tree.map(new_velocity, updates, state.velocity)
     return jax.tree.map(direction, updates, velocity), MomentumState(velocity)
@@ -672,6 +676,7 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, ScaleByWarmupDecayState, "scale_by_warmup_decay")
     step_size = -cast(jax.Array, schedule(state.count))
 
     def scale(u):
