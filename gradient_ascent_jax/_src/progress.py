@@ -100,22 +100,17 @@ def _on_first_device() -> jax.Array | bool:
 _STACK_SIZE = 100
 
 
-def _stacking_key(leaf) -> tuple | None:
-  """Leaves with one key may be stacked without moving data; None: reduce it alone.
+def _stacking_key(leaf) -> tuple:
+  """Leaves with one key are stacked: one shape, and one layout where it is known.
 
-  The layout of a leaf on a mesh with Auto axes is XLA's choice, unknown when
-  tracing: stacking two such leaves may make XLA move one to the other's
-  layout (an all-to-all of whole gradients), so each is reduced on its own
-  devices and only its scalars travel. Elsewhere (one device, Explicit or
-  manual axes) the layout is in the type, and leaves of one shape and layout
-  stack where they lie.
+  With Explicit mesh axes the layout is in the type, and leaves of one layout
+  stack where they lie (stacking two layouts is refused). On Auto axes XLA
+  picks the layouts after tracing: leaves of one shape are stacked, and XLA
+  may move one into another's layout. Reducing each leaf alone there would
+  move only scalars, but compiled in 90 s instead of 1.4 s for 1000 sharded
+  leaves on 8 CPU devices.
   """
-  sharding = getattr(jax.typeof(leaf), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  for size, kind in zip(getattr(mesh, "axis_sizes", ()), getattr(mesh, "axis_types", ())):
-    if size > 1 and kind == jax.sharding.AxisType.Auto:
-      return None
-  return jnp.shape(leaf), sharding
+  return jnp.shape(leaf), getattr(jax.typeof(leaf), "sharding", None)
 
 
 def _powers_of_two_near(largest: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,17 +136,17 @@ def _global_norm(tree: optax.Updates) -> jax.Array:
   stacked, up to ``_STACK_SIZE`` at a time, and each stack is reduced once:
   one reduction per leaf makes XLA's compile time explode with the number of
   leaves, and so does one stack of thousands of leaves. Across devices only
-  the two scalars of each block travel (see ``_stacking_key``). No scale
-  computed from all blocks feeds back into a block: XLA would copy that
-  computation into each one.
+  the two scalars of each block travel when the layouts are known (see
+  ``_stacking_key``). No scale computed from all blocks feeds back into a
+  block: XLA would copy that computation into each one.
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
   dtype = jnp.result_type(jnp.float32, *leaves)
   groups: dict[object, list[jax.Array]] = {}
-  for index, leaf in enumerate(leaves):
-    groups.setdefault(_stacking_key(leaf) or index, []).append(leaf)
+  for leaf in leaves:
+    groups.setdefault(_stacking_key(leaf), []).append(leaf)
   stacks = [
       group[start : start + _STACK_SIZE]
       for group in groups.values()
