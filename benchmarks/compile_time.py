@@ -5,8 +5,8 @@ function, so nothing is served from a cache; peers are measured round-robin.
 Peers: ``gax`` with progress logging every 10 steps, ``gax`` with logging off
 (the default), the equivalent Optax chain (which has no logging), and that
 chain behind ``optax.clip_by_global_norm``, which computes a global norm too
-(one reduction per leaf; the progress log stacks the leaves of one shape,
-100 at a time, and reduces each stack once).
+(one reduction per leaf; the progress log stacks the leaves of one shape and
+layout, 100 at a time, and reduces each stack once).
 A second table sets logging on against off, per number of leaves; for many
 small leaves (where the cost of a per-leaf norm shows) run, for example,
 ``--leaves 1000,3000,5000 --leaf-size 2``.

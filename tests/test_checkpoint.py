@@ -288,6 +288,52 @@ def test_state_restored_without_a_target_says_to_restore_into_one_and_that_works
   assert_trees_equal(next_update(tx, restored, params), expected)
 
 
+# The chain that gradient_ascent is, of public stages, and each stage with a state alone.
+STAGES = {
+    "chain": lambda: optax.chain(gax.log_progress(2, 0.05), gax.flip_sign(),
+                                 gax.scale_by_adaptive_rms(), gax.momentum(),
+                                 gax.scale_by_warmup_decay(0.05)),
+    "log_progress": lambda: gax.log_progress(2, 0.05),
+    "flip_sign": gax.flip_sign,
+    "scale_by_adaptive_rms": gax.scale_by_adaptive_rms,
+    "momentum": gax.momentum,
+    "scale_by_warmup_decay": lambda: gax.scale_by_warmup_decay(0.05),
+}
+
+
+def restore_without_and_with_target(fmt, tmp_path, state, target):
+  if fmt == "msgpack":
+    blob = serialization.to_bytes(state)
+    return serialization.msgpack_restore(blob), serialization.from_bytes(target, blob)
+  path = save_orbax(tmp_path, {"opt_state": state})
+  with ocp.StandardCheckpointer() as checkpointer:
+    plain = checkpointer.restore(path)["opt_state"]
+    restored = checkpointer.restore(path, jax.eval_shape(lambda: {"opt_state": target}))
+  return plain, restored["opt_state"]
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+@pytest.mark.parametrize("stages", list(STAGES))
+def test_stage_restored_without_a_target_says_to_restore_into_one(stages, fmt, tmp_path, caplog):
+  tx = STAGES[stages]()
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  state = one_step_state(tx, params)
+  plain, restored = restore_without_and_with_target(fmt, tmp_path, state, tx.init(params))
+  if stages == "flip_sign" and plain is None:
+    pytest.skip("orbax restores the empty state as None, which flip_sign passes on")
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(ValueError) as raised:
+      update(jax.tree.map(jnp.ones_like, params), plain, params)
+    message = str(raised.value)
+    assert "restored without a target" in message
+    assert "Do not replace it with tx.init(params), which starts over" in message
+    assert "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params)))" in message
+    assert "serialization.from_state_dict(tx.init(params), restored)" in message
+    assert "earlier version" not in message
+  # The advice, followed, resumes the run.
+  assert_trees_equal(next_update(tx, restored, params), next_update(tx, state, params))
+
+
 def test_plain_state_of_other_arrays_is_still_another_optimizers(tmp_path):
   tx = gax.gradient_ascent(learning_rate=0.1)
   params = {"w": jnp.ones(3)}

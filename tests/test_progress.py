@@ -448,6 +448,16 @@ def test_norm_of_many_leaves_in_several_stacks(log):
   np.testing.assert_allclose(norm, np.sqrt(249 * 2 + 200 + 9), rtol=1e-6)
 
 
+@pytest.mark.parametrize("big, small", [(2e19, 1.0), (1e-30, 3e-31), (1e38, 1e-30)])
+def test_norm_of_blocks_of_far_apart_magnitudes(log, big, small):
+  # Each block is scaled by its own largest magnitude, then the blocks by the largest
+  # of all: neither the squares of one nor their sum over- or underflows float32.
+  grads = {"big": jnp.full(4, big, jnp.float32), "small": jnp.full(3, small, jnp.float32)}
+  big, small = (float(np.float32(x)) for x in (big, small))
+  np.testing.assert_allclose(_logged_norm(log, grads), math.sqrt(4 * big**2 + 3 * small**2),
+                             rtol=1e-6)
+
+
 def test_leaves_on_different_devices_log(log):
   first, second = jax.devices()[:2]
   params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}

@@ -9,6 +9,7 @@ logging step, not one per device.
 """
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +212,49 @@ def test_sharded_logging_emits_one_record_per_logging_step(mesh, caplog):
   records = [r for r in caplog.records if r.name == "gradient_ascent_jax"]
   assert [r.step for r in records] == [2, 4, 6]
   np.testing.assert_allclose([r.grad_norm for r in records], norms[1::2], rtol=1e-5)
+
+
+# Leaves of one shape in different layouts, as a Megatron pair of weights has them.
+CROSSED = {"w_in": P(None, "model"), "w_out": P("model", None), "w_mid": P(None, "model")}
+
+
+def crossed_grads(mesh):
+  grads = {name: jnp.arange(64.0).reshape(8, 8) * (i + 1) / 100 for i, name in enumerate(CROSSED)}
+  return grads, {name: NamedSharding(mesh, spec) for name, spec in CROSSED.items()}
+
+
+def collective_shapes(text):
+  """The result types of every collective in a compiled HLO text, by collective."""
+  found = {}
+  for line in text.splitlines():
+    match = re.search(r"= (.+?) ([a-z-]+?)(?:-start)?\(", line)
+    if match and match[2] in (*COMMUNICATION, "all-reduce", "reduce-scatter"):
+      found.setdefault(match[2], []).append(match[1])
+  return found
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_logging_step_logs_same_shaped_leaves_in_different_layouts(axis_type, caplog):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  grads, shardings = crossed_grads(mesh)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(grads, shardings)
+    tx = gax.gradient_ascent(0.05, logging_interval=1)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    text = step.lower(params, state, params).compile().as_text()
+    with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
+      step(params, state, params)
+      jax.effects_barrier()
+  if axis_type == AxisType.Explicit:  # on Auto axes XLA may move a leaf (see _stacking_key)
+    collectives = collective_shapes(text)
+    assert set(collectives) == {"all-reduce"}, collectives
+    for shapes in collectives["all-reduce"]:
+      # A scalar, or a tuple of scalars when XLA combines all-reduces.
+      assert re.fullmatch(r"\(?(f32\[\](, )?)+\)?", shapes), shapes
+  (record,) = [r for r in caplog.records if r.name == "gradient_ascent_jax"]
+  want = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in grads.values()))
+  np.testing.assert_allclose(record.grad_norm, want, rtol=1e-6)
 
 
 # Data parallelism: a logistic-regression log-likelihood on a sharded batch.

@@ -11,6 +11,7 @@ import optax
 
 from gradient_ascent_jax._src import objective_args
 from gradient_ascent_jax._src import progress
+from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
@@ -221,21 +222,7 @@ def _checked_state(
   def update_fn(updates, state, params=None, **extra_args):
     got = _describe(state)
     if got != layout() and _restored_without_target(chain, state, updates):
-      raise ValueError(
-          f"{name}: the optimizer state is a plain {type(state).__name__} holding "
-          "the right arrays, not the state that tx.init(params) returns: a "
-          "checkpoint restored without a target, as orbax's "
-          "checkpointer.restore(path) and flax's serialization.msgpack_restore "
-          "give it. Do not replace it with tx.init(params), which starts over: "
-          "restore the checkpoint into the structure of tx.init(params). With "
-          "orbax: checkpointer.restore(path, jax.eval_shape(lambda: "
-          "tx.init(params))) (ocp.StandardCheckpointer), or manager.restore(step, "
-          "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
-          "(ocp.CheckpointManager). With flax: serialization.from_bytes("
-          "tx.init(params), blob), or serialization.from_state_dict(tx.init(params), "
-          "restored). If you saved a dict such as {'params': ..., 'opt_state': ...}, "
-          "restore into that dict with tx.init(params) as its 'opt_state'."
-      )
+      raise restore.restored_without_target(name, state)
     if got != layout():
       raise ValueError(
           f"{name}: the optimizer state does not belong to this optimizer. "
@@ -276,6 +263,10 @@ _PLATEAU_RELATIVE_TEST = (
     "the objective stays negative. This warning is shown once."
 )
 _plateau_relative_test_warned = threading.Event()
+
+
+def _warn_plateau_relative_test(path: str) -> None:
+  transforms.warn_once(_plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path))
 
 
 def _refuse_ascending(why: str) -> ValueError:
@@ -375,9 +366,7 @@ def maximize(
     # right for both signs without knowing rtol: so say how to build it instead.
     path = _path_of(state, optax.contrib.ReduceLROnPlateauState)
     if path is not None:
-      transforms.warn_once(
-          _plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path)
-      )
+      _warn_plateau_relative_test(path)
     return objective_args.negate_cached_objective(state)
 
   def update_fn(updates, state, params=None, **extra_args):

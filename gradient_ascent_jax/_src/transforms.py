@@ -24,6 +24,7 @@ import optax
 
 from gradient_ascent_jax._src import numerics
 from gradient_ascent_jax._src import placement
+from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
 from gradient_ascent_jax._src import validation
 
@@ -142,6 +143,7 @@ def flip_sign() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, FlipSignState, "flip_sign")
     _check_gradient_leaves(updates, "flip_sign")
     return negate(updates), state
 
@@ -246,7 +248,13 @@ def add_decayed_weights(
 
 
 def warn_once(shown: threading.Event, message: str) -> None:
-  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it."""
+  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it.
+
+  Call it from a module-level function, never from a transform's closure: a
+  closure that reads the Event carries its lock, and cannot be pickled
+  (cloudpickle, as Ray and Dask use it, ships closures by value, module-level
+  functions by name).
+  """
   if not shown.is_set():
     shown.set()
     logger.warning(message)
@@ -356,6 +364,7 @@ def scale_by_adaptive_rms(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, ScaleByAdaptiveRmsState, name)
     _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
     # q = sqrt(1 - beta) * h, so that m_t = beta * m + q**2: h**2 overflows
     # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
@@ -444,6 +453,7 @@ def momentum(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, MomentumState, name)
     _check_matches_state(updates, state.velocity, accumulator_dtype, name)
     velocity = jax.tree.map(new_velocity, updates, state.velocity)
     return jax.tree.map(direction, updates, velocity), MomentumState(velocity)
@@ -490,6 +500,7 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
+    restore.check_own_state(state, ScaleByWarmupDecayState, "scale_by_warmup_decay")
     step_size = -cast(jax.Array, schedule(state.count))
 
     def scale(u):
