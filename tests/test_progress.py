@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import gradient_norm
 from gradient_ascent_jax._src import progress
 
 LOGGER = "gradient_ascent_jax"
@@ -523,11 +524,11 @@ def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
   tree = {"a": jnp.full((8, 16), 1.0), "b": jnp.full((8, 16), 2.0),
           "c": jnp.full(16, 3.0), "d": jnp.full(16, 4.0)}
   tree = jax.device_put(tree, {k: jax.sharding.NamedSharding(mesh, s) for k, s in specs.items()})
-  text = jax.jit(progress._global_norm).lower(tree).compile().as_text().lower()
+  text = jax.jit(gradient_norm.global_norm).lower(tree).compile().as_text().lower()
   for collective in ("all-gather", "all-to-all", "collective-permute"):
     assert collective not in text
   expected = math.sqrt(128 * (1 + 4) + 16 * (9 + 16))
-  np.testing.assert_allclose(float(progress._global_norm(tree)), expected, rtol=1e-6)
+  np.testing.assert_allclose(float(gradient_norm.global_norm(tree)), expected, rtol=1e-6)
 
 
 # The objective in the records, and the descent warning ----------------------

@@ -11,11 +11,12 @@ from typing import cast
 import chex
 import jax
 import jax.core
-from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import copies
+from gradient_ascent_jax._src import gradient_norm
 from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
@@ -53,159 +54,6 @@ def _warn_once_if_invisible(named_logger: logging.Logger, prefix: str) -> bool:
     shown.set()
     named_logger.warning(_INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name))
   return True
-
-
-def _merged_over_copies(rule):
-  """``rule(step, due, *args)`` as a ``custom_vmap`` that sees every copy at once.
-
-  ``jax.debug.callback`` under ``vmap`` runs once per batch element, so one
-  call of a vmapped step would log one record per element. The rule decides,
-  from the values of that very call (``step`` and ``due`` hold one entry per
-  copy), which copies speak; nothing is remembered between calls, so repeated
-  runs, threads and several uses of one optimizer keep their records.
-  """
-  merged = custom_vmap(rule)
-
-  @merged.def_vmap
-  def _vmap_rule(axis_size, in_batched, *args):
-    # The batch axis becomes more copies to decide over; an enclosing vmap
-    # then reaches this rule again with the copies of every level.
-    args = [
-        arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
-        for arg, batched in zip(args, in_batched)
-    ]
-    return merged(*args), True
-
-  return merged
-
-
-@_merged_over_copies
-def _first_of_its_step(step, due, *payload):
-  """Whether no earlier due copy of the same step precedes each copy."""
-  del payload  # only here so that vmap over any callback argument reaches the rule
-  shape = jnp.shape(step)
-  step, due = jnp.ravel(step), jnp.ravel(due)
-  earlier = jnp.tril(jnp.ones((step.size, step.size), bool), k=-1)
-  repeated = earlier & due[None, :] & (step[:, None] == step[None, :])
-  return ~jnp.any(repeated, axis=1).reshape(shape)
-
-
-@_merged_over_copies
-def _any_of_its_step(step, due, flag):
-  """Whether any due copy of the same step has ``flag``, for each copy."""
-  shape = jnp.shape(step)
-  step, due, flag = jnp.ravel(step), jnp.ravel(due), jnp.ravel(flag)
-  raised = due[None, :] & flag[None, :] & (step[:, None] == step[None, :])
-  return jnp.any(raised, axis=1).reshape(shape)
-
-
-@custom_vmap
-def _in_any_copy(flag):
-  """``flag``; under ``vmap``, whether any copy has it, as one unbatched bool."""
-  return flag
-
-
-@_in_any_copy.def_vmap
-def _in_any_copy_rule(axis_size, in_batched, flag):
-  # An unbatched predicate keeps the logging cond a cond: a batched one turns
-  # it into a select that runs the host callback on every step of every copy.
-  del axis_size, in_batched
-  return _in_any_copy(jnp.any(flag)), False
-
-
-def _on_first_device() -> jax.Array | bool:
-  """False on all devices but the first of ``pmap`` / ``shard_map``'s manual axes."""
-  # There the callback runs once per device, with no batch axis to elect from.
-  manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-  if not manual_axes:
-    return True
-  return jax.lax.axis_index(manual_axes) == 0
-
-
-# Leaves per stack in the logged norm. One stack of 5000 two-element leaves
-# compiled in 28-30 s on XLA:CPU (the logging stage alone); stacks of 50,
-# 100, 500 and 1000 leaves took 8.0, 7.2, 8.7 and 9.4 s.
-_STACK_SIZE = 100
-
-
-def _stacking_key(leaf) -> tuple:
-  """Leaves with one key are stacked: one shape, and one layout where it is known.
-
-  With Explicit mesh axes the layout is in the type, and leaves of one layout
-  stack where they lie (stacking two layouts is refused). On Auto axes XLA
-  picks the layouts after tracing: leaves of one shape are stacked, and XLA
-  may move one into another's layout. Reducing each leaf alone there would
-  move only scalars, but compiled in 90 s instead of 1.4 s for 1000 sharded
-  leaves on 8 CPU devices.
-  """
-  return jnp.shape(leaf), getattr(jax.typeof(leaf), "sharding", None)
-
-
-def _powers_of_two_near(largest: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``2**e`` and ``2**-e``, both normal, with ``largest * 2**-e`` below 4 (below 1 if it can).
-
-  Scaling by a power of two is exact. Dividing by ``largest`` itself is not
-  safe: XLA:CPU turns a division into a product with the reciprocal, which
-  for a float32 above 2**126 is subnormal, and flushed to zero.
-  """
-  limit = jnp.finfo(largest.dtype).maxexp - 2
-  exponent = jnp.clip(jnp.frexp(largest)[1], -limit, limit)
-  one = jnp.ones_like(largest)
-  return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
-
-
-def _global_norm(tree: optax.Updates) -> jax.Array:
-  """The L2 norm of all leaves, right wherever the result dtype can hold it.
-
-  Computed in float32 or wider (float64 stays float64) whatever the gradient's
-  dtype, and each block scaled by a power of two near its own largest
-  magnitude first, so that no square overflows or underflows: a float16
-  gradient of 300 has norm 600, not inf. Leaves of one shape and layout are
-  stacked, up to ``_STACK_SIZE`` at a time, and each stack is reduced once:
-  one reduction per leaf makes XLA's compile time explode with the number of
-  leaves, and so does one stack of thousands of leaves. Across devices only
-  the two scalars of each block travel when the layouts are known (see
-  ``_stacking_key``). No scale computed from all blocks feeds back into a
-  block: XLA would copy that computation into each one.
-  """
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros([], jnp.float32)
-  dtype = jnp.result_type(jnp.float32, *leaves)
-  groups: dict[object, list[jax.Array]] = {}
-  for leaf in leaves:
-    groups.setdefault(_stacking_key(leaf), []).append(leaf)
-  stacks = [
-      group[start : start + _STACK_SIZE]
-      for group in groups.values()
-      for start in range(0, len(group), _STACK_SIZE)
-  ]
-  largest, scales, squares = [], [], []
-  for stack in stacks:
-    # Cast and take magnitudes after stacking: one op per stack, not per leaf.
-    block = jnp.abs((stack[0] if len(stack) == 1 else jnp.stack(stack)).astype(dtype))
-    block_largest = jnp.max(block, initial=0)
-    scale, inverse = _powers_of_two_near(block_largest)
-    largest.append(block_largest)
-    scales.append(scale)
-    squares.append(jnp.sum(jnp.square(block * inverse)))
-  top = jnp.max(jnp.stack(largest))
-  scale, inverse = _powers_of_two_near(top)
-  squares = jnp.square(jnp.stack(scales) * inverse) * jnp.stack(squares)
-  norm = scale * jnp.sqrt(jnp.sum(squares))
-  # An inf or NaN gradient logs inf or NaN, not the NaN that inf / inf makes.
-  return jnp.where(jnp.isfinite(top), norm, top)
-
-
-def _on_one_device(tree: optax.Updates) -> optax.Updates:
-  """``tree``, its leaves moved onto one device if they are on different ones."""
-  # Op by op, JAX refuses to combine arrays committed to different devices
-  # (a pipeline-parallel model run eagerly, say); this only runs on logging steps.
-  placements = [placement.concrete_devices(x) for x in jax.tree.leaves(tree)]
-  placements = [devices for devices in placements if devices is not None]
-  if len(set(placements)) <= 1:
-    return tree
-  return jax.device_put(tree, next(iter(placements[0])))
 
 
 # The descent rule (see log_progress): this many consecutive records below
@@ -432,19 +280,14 @@ def log_progress(
     rate = math.nan if learning_rate is None else float(np.asarray(rate))
     grad_norm = float(np.asarray(grad_norm))
     if not _warn_once_if_invisible(named_logger, prefix):
-      if objective:
-        value = float(np.asarray(objective[0]))
-        named_logger.info(
-            "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
-            prefix, step, value, rate, grad_norm,
-            extra={"step": step, "value": value, "learning_rate": rate, "grad_norm": grad_norm},
-        )
-      else:
-        named_logger.info(
-            "%sstep %d: learning rate %.6g, gradient norm %.6g",
-            prefix, step, rate, grad_norm,
-            extra={"step": step, "learning_rate": rate, "grad_norm": grad_norm},
-        )
+      fields = {"step": step, "learning_rate": rate, "grad_norm": grad_norm}
+      shown = "%sstep %d: learning rate %.6g, gradient norm %.6g"
+      if objective:  # the record carries the objective too, in its message and as .value
+        fields["value"] = float(np.asarray(objective[0]))
+        shown = "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g"
+      named_logger.info(
+          shown, prefix, *[fields[key] for key in ("step", "value", "learning_rate", "grad_norm")
+                           if key in fields], extra=fields)
     if objective and objective[1]:
       named_logger.warning(
           prefix + _DESCENT_WARNING.format(
@@ -496,21 +339,21 @@ def log_progress(
     norm_checked = not jax.sharding.get_abstract_mesh().manual_axes
 
     def send(tree, objective):
-      grad_norm = _global_norm(tree)
+      grad_norm = gradient_norm.global_norm(tree)
       rate = jnp.asarray(rate_at(state.count), jnp.float32)
       payload = jax.lax.stop_gradient((rate, grad_norm, *objective))
-      show = due & _first_of_its_step(step, due, *payload)
+      show = due & copies.first_of_its_step(step, due, *payload)
       fires = value_fires
       if norm_checked:
         fires = fires | (~jnp.isfinite(grad_norm) & ~state.nonfinite_warned)
       speak = due | fires
-      warns = speak & _first_of_its_step(step, speak, *payload) & _any_of_its_step(
+      warns = speak & copies.first_of_its_step(step, speak, *payload) & copies.any_of_its_step(
           step, speak, fires)
-      value_warns = _any_of_its_step(step, speak, fires & value_bad)
+      value_warns = copies.any_of_its_step(step, speak, fires & value_bad)
       if objective:
         value, descending = objective
-        objective = (value, _any_of_its_step(step, due, descending))
-      on_first = _on_first_device()
+        objective = (value, copies.any_of_its_step(step, due, descending))
+      on_first = copies.on_first_device()
       jax.debug.callback(emit, step, rate, grad_norm, show & on_first, warns & on_first,
                          value_warns, *objective)
       return fires if norm_checked else None
@@ -520,9 +363,9 @@ def log_progress(
 
     fires = value_fires
     if isinstance(due, jax.core.Tracer):
-      fired = jax.lax.cond(_in_any_copy(due | value_fires), send, skip, updates, objective)
+      fired = jax.lax.cond(copies.in_any_copy(due | value_fires), send, skip, updates, objective)
     elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
-      fired = send(_on_one_device(updates), objective)
+      fired = send(gradient_norm.on_one_device(updates), objective)
     else:
       fired = None
     if fired is not None:
