@@ -15,7 +15,7 @@ from gradient_ascent_jax._src.transforms import momentum
 from gradient_ascent_jax._src.transforms import scale_by_adaptive_rms
 from gradient_ascent_jax._src.transforms import scale_by_warmup_decay
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "FlipSignState",
