@@ -17,9 +17,10 @@ import optax
 
 from gradient_ascent_jax._src import copies
 from gradient_ascent_jax._src import gradient_norm
+from gradient_ascent_jax._src import once
 from gradient_ascent_jax._src import placement
-from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
+from gradient_ascent_jax._src import state_checks
 from gradient_ascent_jax._src import validation
 
 logger = logging.getLogger("gradient_ascent_jax")
@@ -34,7 +35,6 @@ _INVISIBLE_WARNING = (
 )
 # One warning per logger: silencing one named optimizer must not hide another's.
 _invisible_warned: dict[str, threading.Event] = {}
-_invisible_warned_lock = threading.Lock()
 
 
 def _named(logging_name: str | None) -> tuple[logging.Logger, str]:
@@ -48,11 +48,11 @@ def _warn_once_if_invisible(named_logger: logging.Logger, prefix: str) -> bool:
   """Returns True when INFO records would be dropped; warns the first time."""
   if named_logger.isEnabledFor(logging.INFO):
     return False
-  with _invisible_warned_lock:
-    shown = _invisible_warned.setdefault(named_logger.name, threading.Event())
-  if not shown.is_set():
-    shown.set()
-    named_logger.warning(_INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name))
+  once.warn_once(
+      once.flag_for(_invisible_warned, named_logger.name),
+      _INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name),
+      named_logger,
+  )
   return True
 
 
@@ -318,7 +318,7 @@ def log_progress(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
-    restore.check_own_state(state, LogProgressState, "log_progress")
+    state_checks.check_own_state(state, LogProgressState, "log_progress")
     _check_layout(state)
     step = cast(jax.Array, optax.safe_increment(state.count))
     interval = jnp.asarray(logging_interval)

@@ -8,7 +8,6 @@ flip does not change the result; it comes first because that is what
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from typing import TYPE_CHECKING
 from typing import Any
@@ -17,19 +16,16 @@ from typing import cast
 
 import chex
 import jax
-import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from gradient_ascent_jax._src import numerics
+from gradient_ascent_jax._src import once
 from gradient_ascent_jax._src import placement
-from gradient_ascent_jax._src import restore
 from gradient_ascent_jax._src import schedules
+from gradient_ascent_jax._src import state_checks
 from gradient_ascent_jax._src import validation
-
-logger = logging.getLogger("gradient_ascent_jax")
-
 
 if TYPE_CHECKING:
   # optax ships no type information (no py.typed), so to a type checker its
@@ -85,8 +81,10 @@ class MomentumState(NamedTuple):
   Examples:
     >>> import jax.numpy as jnp
     >>> import gradient_ascent_jax as gax
-    >>> gax.momentum().init({"w": jnp.ones(2)})
-    MomentumState(velocity={'w': Array([0., 0.], dtype=float32)})
+    >>> tx = gax.momentum(0.5)
+    >>> _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+    >>> state.velocity  # 0.5 * 0 + 1
+    Array([1., 1.], dtype=float32)
   """
 
   velocity: optax.Updates
@@ -113,15 +111,6 @@ def negate(tree: Any) -> Any:
   return jax.tree.map(jnp.negative, tree)
 
 
-def _check_gradient_leaves(updates: Any, transform: str) -> None:
-  validation.check_array_leaves(
-      updates,
-      transform,
-      "gradient",
-      "Pass gradients as arrays, in the tree of the params (as jax.grad gives them).",
-  )
-
-
 def flip_sign() -> optax.GradientTransformation:
   """Negates the updates, ``u -> -u``: the flip that turns descent into ascent.
 
@@ -143,8 +132,8 @@ def flip_sign() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    restore.check_own_state(state, FlipSignState, "flip_sign")
-    _check_gradient_leaves(updates, "flip_sign")
+    state_checks.check_own_state(state, FlipSignState, "flip_sign")
+    state_checks.check_gradient_leaves(updates, "flip_sign")
     return negate(updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -183,7 +172,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
 
   def update_fn(updates, state, params=None):
     del params
-    _check_gradient_leaves(updates, "clip_by_value")
+    state_checks.check_gradient_leaves(updates, "clip_by_value")
     validation.check_real_leaves(
         updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
     )
@@ -247,19 +236,6 @@ def add_decayed_weights(
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def warn_once(shown: threading.Event, message: str) -> None:
-  """Logs ``message`` as a WARNING unless ``shown`` is set, then sets it.
-
-  Call it from a module-level function, never from a transform's closure: a
-  closure that reads the Event carries its lock, and cannot be pickled
-  (cloudpickle, as Ray and Dask use it, ships closures by value, module-level
-  functions by name).
-  """
-  if not shown.is_set():
-    shown.set()
-    logger.warning(message)
-
-
 _NESTEROV_WITHOUT_MOMENTUM = (
     "nesterov=True has no effect with momentum 0: the "
     "Nesterov look-ahead adds momentum * velocity, which is 0, so the steps "
@@ -267,47 +243,6 @@ _NESTEROV_WITHOUT_MOMENTUM = (
     "Nesterov momentum, or nesterov=False. This warning is shown once."
 )
 _nesterov_without_momentum_warned = threading.Event()
-
-
-def _init_accumulator(params, accumulator_dtype, transform: str):
-  # Again here: 64-bit types may have been switched off since construction.
-  validation.check_accumulator_dtype(accumulator_dtype)
-  validation.check_floating_params(params, transform)
-  return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
-
-
-def _check_matches_state(updates, accumulator, accumulator_dtype, transform):
-  """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
-  _check_gradient_leaves(updates, transform)
-  # Before the dtype checks: with accumulator_dtype set, a complex update would
-  # pass them and lose its imaginary part in the real state.
-  validation.check_real_leaves(
-      updates, transform, "gradient", "its state holds real numbers"
-  )
-  if accumulator_dtype is not None:
-    # The moments are stored back in the dtype they came in: a state made with
-    # another accumulator_dtype would otherwise silently keep its own.
-    expected = jnp.dtype(accumulator_dtype)
-    found = sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)})
-    if found and found != [expected.name]:
-      raise ValueError(
-          f"{transform}: the optimizer state holds {', '.join(found)} moments, "
-          f"but this optimizer was built with accumulator_dtype={expected.name}. "
-          "The state comes from an optimizer with another accumulator_dtype: "
-          "call state = tx.init(params) with this optimizer."
-      )
-  try:
-    chex.assert_trees_all_equal_structs(updates, accumulator)
-    chex.assert_trees_all_equal_shapes(updates, accumulator)
-    if accumulator_dtype is None:
-      chex.assert_trees_all_equal_dtypes(updates, accumulator)
-  except AssertionError as error:
-    raise ValueError(
-        f"{transform}: the gradients do not match the optimizer state, which "
-        "was initialised from the params. Pass gradients with the same tree "
-        "structure, shapes and dtypes as those params (or re-run init). "
-        f"Details (tree 0 is the gradients, tree 1 the state): {error}"
-    ) from None
 
 
 def scale_by_adaptive_rms(
@@ -334,8 +269,8 @@ def scale_by_adaptive_rms(
     accumulator_dtype: dtype of ``second_moment``; default: that of params.
 
   Returns:
-    An ``optax.GradientTransformation`` with state
-    :class:`ScaleByAdaptiveRmsState`.
+    An ``optax.GradientTransformation`` with state :class:`ScaleByAdaptiveRmsState`;
+    the scaled updates keep the dtype of the updates it is given.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -357,15 +292,15 @@ def scale_by_adaptive_rms(
   name = "scale_by_adaptive_rms"
 
   def init_fn(params):
-    second_moment = _init_accumulator(params, accumulator_dtype, name)
+    second_moment = state_checks.init_accumulator(params, accumulator_dtype, name)
     numerics.warn_if_too_coarse(beta, second_moment, name)
     numerics.check_eps_is_normal(eps, second_moment)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def update_fn(updates, state, params=None):
     del params
-    restore.check_own_state(state, ScaleByAdaptiveRmsState, name)
-    _check_matches_state(updates, state.second_moment, accumulator_dtype, name)
+    state_checks.check_own_state(state, ScaleByAdaptiveRmsState, name)
+    state_checks.check_matches_state(updates, state.second_moment, accumulator_dtype, name)
     # q = sqrt(1 - beta) * h, so that m_t = beta * m + q**2: h**2 overflows
     # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
     weight = numerics.scalar_sqrt(1 - beta)
@@ -432,10 +367,10 @@ def momentum(
   name = "momentum"
   if nesterov is True and isinstance(decay, float) and decay == 0:
     # Nesterov with momentum 0 takes plain (momentum-free) steps: say so, once.
-    warn_once(_nesterov_without_momentum_warned, _NESTEROV_WITHOUT_MOMENTUM)
+    once.warn_once(_nesterov_without_momentum_warned, _NESTEROV_WITHOUT_MOMENTUM)
 
   def init_fn(params):
-    velocity = _init_accumulator(params, accumulator_dtype, name)
+    velocity = state_checks.init_accumulator(params, accumulator_dtype, name)
     return MomentumState(velocity=velocity)
 
   def new_velocity(s, v):
@@ -453,8 +388,8 @@ def momentum(
 
   def update_fn(updates, state, params=None):
     del params
-    restore.check_own_state(state, MomentumState, name)
-    _check_matches_state(updates, state.velocity, accumulator_dtype, name)
+    state_checks.check_own_state(state, MomentumState, name)
+    state_checks.check_matches_state(updates, state.velocity, accumulator_dtype, name)
     velocity = jax.tree.map(new_velocity, updates, state.velocity)
     return jax.tree.map(direction, updates, velocity), MomentumState(velocity)
 
@@ -478,8 +413,7 @@ def scale_by_warmup_decay(
     lr_decay: per-step decay factor in ``(0, 1]``, or ``None``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state
-    :class:`ScaleByWarmupDecayState`.
+    An ``optax.GradientTransformation`` with state :class:`ScaleByWarmupDecayState`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -500,7 +434,7 @@ def scale_by_warmup_decay(
 
   def update_fn(updates, state, params=None):
     del params
-    restore.check_own_state(state, ScaleByWarmupDecayState, "scale_by_warmup_decay")
+    state_checks.check_own_state(state, ScaleByWarmupDecayState, "scale_by_warmup_decay")
     step_size = -cast(jax.Array, schedule(state.count))
 
     def scale(u):

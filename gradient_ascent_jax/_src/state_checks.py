@@ -1,0 +1,201 @@
+"""Checks that a state belongs to its optimizer, and what a state restored without a target is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradient_ascent_jax._src import placement
+from gradient_ascent_jax._src import validation
+
+# orbax's checkpointer.restore(path) and flax's msgpack_restore give the arrays back in
+# plain dicts and lists: the state types are lost, and re-initialising loses the run.
+_WITHOUT_TARGET = (
+    "a checkpoint restored without a target, as orbax's checkpointer.restore(path) "
+    "and flax's serialization.msgpack_restore give it"
+)
+_RESTORE_INTO_TARGET = (
+    "Do not replace it with tx.init(params), which starts over: restore the "
+    "checkpoint into the structure of tx.init(params). With orbax: "
+    "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params))) "
+    "(ocp.StandardCheckpointer), or manager.restore(step, "
+    "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
+    "(ocp.CheckpointManager). With flax: serialization.from_bytes(tx.init(params), "
+    "blob), or serialization.from_state_dict(tx.init(params), restored). If you "
+    "saved a dict such as {'params': ..., 'opt_state': ...}, restore into that dict "
+    "with tx.init(params) as its 'opt_state'."
+)
+
+
+def restored_without_target(name: str, state: Any) -> ValueError:
+  """The error for a whole optimizer's state that holds its arrays in plain containers."""
+  return ValueError(
+      f"{name}: the optimizer state is a plain {type(state).__name__} holding the "
+      f"right arrays, not the state that tx.init(params) returns: {_WITHOUT_TARGET}. "
+      + _RESTORE_INTO_TARGET
+  )
+
+
+def check_own_state(state: Any, state_type: type, name: str) -> None:
+  """Refuses, at trace time, a plain container (or a key) where a stage's state belongs.
+
+  That is what a stage meets when the checkpoint of a chain is restored without a
+  target: a dict or list, or, since ``optax.chain`` iterates over the state it is
+  given, one key of a restored dict, a string.
+  """
+  if isinstance(state, state_type) or not isinstance(state, (dict, list, tuple, str)):
+    return
+  if isinstance(state, tuple) and type(state) is not tuple:
+    return  # another NamedTuple: left to the stage's own checks
+  found = f"the string {state!r}" if isinstance(state, str) else f"a plain {type(state).__name__}"
+  how = (" (optax.chain hands each stage one entry of its state, and the entries of a "
+         "dict are its keys)") if isinstance(state, str) else ""
+  raise ValueError(
+      f"{name}: the state is {found}, not the {state_type.__name__} that "
+      f"tx.init(params) returns{how}: {_WITHOUT_TARGET}. " + _RESTORE_INTO_TARGET
+  )
+
+
+def check_gradient_leaves(updates: Any, transform: str) -> None:
+  validation.check_array_leaves(
+      updates,
+      transform,
+      "gradient",
+      "Pass gradients as arrays, in the tree of the params (as jax.grad gives them).",
+  )
+
+
+def init_accumulator(params, accumulator_dtype, transform: str):
+  """Zeros like ``params`` on their devices, in ``accumulator_dtype`` if set."""
+  # Again here: 64-bit types may have been switched off since construction.
+  validation.check_accumulator_dtype(accumulator_dtype)
+  validation.check_floating_params(params, transform)
+  return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
+
+
+def check_matches_state(updates, accumulator, accumulator_dtype, transform):
+  """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
+  check_gradient_leaves(updates, transform)
+  # Before the dtype checks: with accumulator_dtype set, a complex update would
+  # pass them and lose its imaginary part in the real state.
+  validation.check_real_leaves(
+      updates, transform, "gradient", "its state holds real numbers"
+  )
+  if accumulator_dtype is not None:
+    # The moments are stored back in the dtype they came in: a state made with
+    # another accumulator_dtype would otherwise silently keep its own.
+    expected = jnp.dtype(accumulator_dtype)
+    found = sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)})
+    if found and found != [expected.name]:
+      raise ValueError(
+          f"{transform}: the optimizer state holds {', '.join(found)} moments, "
+          f"but this optimizer was built with accumulator_dtype={expected.name}. "
+          "The state comes from an optimizer with another accumulator_dtype: "
+          "call state = tx.init(params) with this optimizer."
+      )
+  try:
+    chex.assert_trees_all_equal_structs(updates, accumulator)
+    chex.assert_trees_all_equal_shapes(updates, accumulator)
+    if accumulator_dtype is None:
+      chex.assert_trees_all_equal_dtypes(updates, accumulator)
+  except AssertionError as error:
+    raise ValueError(
+        f"{transform}: the gradients do not match the optimizer state, which "
+        "was initialised from the params. Pass gradients with the same tree "
+        "structure, shapes and dtypes as those params (or re-run init). "
+        f"Details (tree 0 is the gradients, tree 1 the state): {error}"
+    ) from None
+
+
+def _describe(state: Any) -> str:
+  if isinstance(state, tuple) and type(state) is tuple:
+    return "(" + ", ".join(type(stage).__name__ for stage in state) + ")"
+  return "None" if state is None else type(state).__name__
+
+
+def _plain(tree: Any) -> bool:
+  """Whether ``tree`` is built of lists, dicts and plain tuples only, around arrays."""
+  if type(tree) in (list, tuple):
+    return all(_plain(node) for node in tree)
+  if type(tree) is dict:
+    return all(_plain(node) for node in tree.values())
+  return tree is None or not isinstance(tree, tuple)
+
+
+def _leaves_by_name(tree: Any) -> dict[tuple, tuple]:
+  """Shape and dtype of every leaf, by its path of field names, keys and indices.
+
+  A NamedTuple's field and the dict key a checkpointer writes for it get the same name.
+  """
+  def name(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {
+      tuple(name(key) for key in path): (jnp.shape(leaf), jnp.result_type(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _restored_without_target(chain, state: Any, updates: Any) -> bool:
+  """Whether ``state`` holds this chain's arrays in plain containers.
+
+  That is what a checkpointer restores when it is not given the structure to restore
+  into (orbax's ``restore(path)``): the arrays are right, only the types are lost.
+  """
+  if type(state) not in (list, tuple, dict) or not _plain(state):
+    return False
+  try:
+    expected = jax.eval_shape(
+        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+    )
+  except (TypeError, ValueError, AttributeError):
+    return False
+  return _leaves_by_name(state) == _leaves_by_name(expected)
+
+
+def checked_state(
+    name: str, chain: optax.GradientTransformationExtraArgs
+) -> optax.GradientTransformationExtraArgs:
+  """``chain``, whose update first checks, at trace time, the state it is given.
+
+  A chain zips its stages with the entries of the state it is given: a state
+  from another configuration or optimizer either fails deep inside a stage
+  with a message about something else, or, when the entries happen to line
+  up, is silently accepted. The state itself is unchanged (the chain's).
+  """
+  # Filled on the first update, since init may be costly. A plain list, not
+  # functools.cache: a cached local function cannot be cloudpickled.
+  expected_layout = []
+
+  def layout():
+    if not expected_layout:
+      # Params {} give the per-stage state types without touching any array.
+      expected_layout.append(_describe(jax.eval_shape(chain.init, {})))
+    return expected_layout[0]
+
+  def update_fn(updates, state, params=None, **extra_args):
+    got = _describe(state)
+    if got != layout() and _restored_without_target(chain, state, updates):
+      raise restored_without_target(name, state)
+    if got != layout():
+      raise ValueError(
+          f"{name}: the optimizer state does not belong to this optimizer. "
+          f"Expected the state that tx.init(params) of this {name}(...) "
+          f"returns, a tuple of {layout()}; got {got}. A state is only valid "
+          "for the optimizer (and the clip_value/weight_decay/logging_interval choice) that "
+          "made it: call state = tx.init(params) with this tx."
+      )
+    try:
+      return chain.update(updates, state, params, **extra_args)
+    except (ValueError, TypeError) as error:
+      error.add_note(f"(raised in a stage of {name}(...).update)")
+      raise
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
