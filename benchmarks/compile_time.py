@@ -11,12 +11,19 @@ A second table sets logging on against off, per number of leaves; for many
 small leaves (where the cost of a per-leaf norm shows) run, for example,
 ``--leaves 1000,3000,5000 --leaf-size 2``.
 
+``--mesh auto`` (or ``explicit``) traces and compiles under ``jax.set_mesh`` of a
+2x4 mesh of that axis type, each leaf an ``(8, leaf_size / 8)`` array split
+alternately by rows and by columns, so that leaves of one shape lie in two
+layouts. It needs 8 devices: on a CPU, set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before running.
+
 Run ``python -m benchmarks.compile_time --help`` for the options.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import contextlib
 import statistics
 import sys
 import time
@@ -53,18 +60,41 @@ def lower_and_compile(make_tx, config, params) -> tuple[float, float]:
   return middle - start, time.perf_counter() - middle
 
 
-def measure(config, num_leaves, leaf_size, repeats, peers=tuple(PEERS)) -> list[dict]:
+def mesh_and_params(kind: str, num_leaves: int, leaf_size: int):
+  """A 2x4 mesh of ``kind`` axes and leaves split alternately by rows and columns."""
+  if jax.device_count() < 8 or leaf_size % 32:
+    raise SystemExit(
+        f"--mesh needs 8 devices (found {jax.device_count()}; on a CPU set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8) and a --leaf-size that is "
+        f"a multiple of 32 (got {leaf_size})."
+    )
+  axis_type = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type[kind],) * 2)
+  specs = (jax.sharding.PartitionSpec(None, "model"), jax.sharding.PartitionSpec("model", None))
+  params = [
+      jax.device_put(leaf.reshape(8, -1), jax.sharding.NamedSharding(mesh, specs[i % 2]))
+      for i, leaf in enumerate(_common.make_params(num_leaves * leaf_size, num_leaves))
+  ]
+  return mesh, params
+
+
+def measure(config, num_leaves, leaf_size, repeats, peers=tuple(PEERS),
+            mesh_kind: str | None = None) -> list[dict]:
   # Every peer must compute the steps of gax.gradient_ascent before it is timed.
   # The math of one leaf does not depend on how many there are, and checking
   # at full size would compile every peer a second time.
   _common.check_transforms({peer: PEERS[peer](config) for peer in peers},
                            config, min(num_leaves, 10), dict.fromkeys(peers, 1e-5))
-  params = _common.make_params(num_leaves * leaf_size, num_leaves)
+  if mesh_kind is None:
+    mesh, params = None, _common.make_params(num_leaves * leaf_size, num_leaves)
+  else:
+    mesh, params = mesh_and_params(mesh_kind, num_leaves, leaf_size)
   samples = {peer: [] for peer in peers}
   for _ in range(repeats):
     for peer in peers:
       make_tx = PEERS[peer]
-      samples[peer].append(lower_and_compile(make_tx, config, params))
+      with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        samples[peer].append(lower_and_compile(make_tx, config, params))
   medians = {}
   for peer, pairs in samples.items():
     lower = statistics.median(p[0] for p in pairs)
@@ -109,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--peers", default=",".join(PEERS),
                       help=f"comma-separated subset of {list(PEERS)}; the optax chain, the "
                       "reference of the ratios, is always timed")
+  parser.add_argument("--mesh", choices=["auto", "explicit"], default=None,
+                      help="compile for leaves sharded on a 2x4 mesh of these axes (needs 8 "
+                      "devices; see the module docstring)")
   parser.add_argument("--configs", default="default",
                       help=f"comma-separated subset of {sorted(_common.CONFIGS)}")
   args = parser.parse_args(argv)
@@ -120,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   for name in args.configs.split(","):
     for num_leaves in _common.parse_counts(args.leaves):
       rows += measure(_common.CONFIGS[name], num_leaves, args.leaf_size, repeats,
-                      tuple(peer for peer in PEERS if peer in args.peers.split(",") or peer == OPTAX))
+                      tuple(peer for peer in PEERS if peer in args.peers.split(",") or peer == OPTAX),
+                      args.mesh)
   print(f"({repeats} interleaved repeats, median)\n")
   print(table(rows) + "\n")
   print(logging_table(rows) + "\n")
