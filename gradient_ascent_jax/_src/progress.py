@@ -115,6 +115,8 @@ class LogProgressState(NamedTuple):
       saturating).
     nonfinite_warned: whether the warning that the objective or the gradient
       norm is not finite has been given (bool).
+    record: None on the callback path; with ``emit="state"`` the latest
+      progress record, packed for :class:`ProgressReader`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -135,6 +137,7 @@ class LogProgressState(NamedTuple):
   first_seen: chex.Array
   records: chex.Array
   nonfinite_warned: chex.Array
+  record: chex.Array | None = None
 
 
 def _check_layout(state: LogProgressState) -> None:
