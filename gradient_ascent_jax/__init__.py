@@ -4,6 +4,7 @@ from gradient_ascent_jax._src.alias import gradient_ascent
 from gradient_ascent_jax._src.alias import maximize
 from gradient_ascent_jax._src.progress import LogProgressState
 from gradient_ascent_jax._src.progress import log_progress
+from gradient_ascent_jax._src.reader import ProgressReader
 from gradient_ascent_jax._src.schedules import warmup_decay_schedule
 from gradient_ascent_jax._src.transforms import FlipSignState
 from gradient_ascent_jax._src.transforms import MomentumState
@@ -21,6 +22,7 @@ __all__ = (
     "FlipSignState",
     "LogProgressState",
     "MomentumState",
+    "ProgressReader",
     "ScaleByAdaptiveRmsState",
     "ScaleByWarmupDecayState",
     "clip_by_value",

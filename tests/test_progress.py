@@ -15,7 +15,7 @@ import pytest
 
 import gradient_ascent_jax as gax
 from gradient_ascent_jax._src import gradient_norm
-from gradient_ascent_jax._src import progress
+from gradient_ascent_jax._src import records
 
 LOGGER = "gradient_ascent_jax"
 GRADS = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # global norm 5
@@ -86,7 +86,7 @@ def test_callback_present_in_program_when_on():
 @pytest.fixture
 def fresh_warning(monkeypatch):
   """The once-per-process WARNING, re-armed for this test."""
-  monkeypatch.setattr(progress, "_invisible_warned", {})
+  monkeypatch.setattr(records, "_invisible_warned", {})
 
 
 def test_default_compiles_no_callback():

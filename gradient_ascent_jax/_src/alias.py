@@ -32,6 +32,7 @@ def gradient_ascent(
     weight_decay: jax.typing.ArrayLike = 0.0,
     logging_name: str | None = None,
     weight_decay_mask: Any = None,
+    logging_emit: str = "callback",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
@@ -66,8 +67,9 @@ def gradient_ascent(
     warmup_steps: linear warmup over this many steps; 0 for none.
     logging_interval: log progress every N steps (an ``INFO`` record on the
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
-      or 0 for off. Off costs nothing; on, every step pays for a host callback,
-      which ``jax.export`` refuses: export a step built with None.
+      or 0 for off. Off costs nothing. On, with ``logging_emit="callback"``,
+      every step pays for a host callback, which ``jax.export`` refuses; with
+      ``logging_emit="state"`` it does not (see :class:`ProgressReader`).
       ``tx.update(grads, state, params, value=objective)`` logs the
       objective too; for a loss, pass ``jax.value_and_grad(lambda p:
       -loss(p))``, or ascent raises the loss while its logged value rises.
@@ -85,6 +87,10 @@ def gradient_ascent(
     weight_decay_mask: which leaves decay (to spare biases and norms): a
       pytree of bools (True: decayed) or a callable ``params -> pytree of
       bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.
+    logging_emit: how the records leave the compiled step: ``"callback"``
+      (default), by ``jax.debug.callback``, which suits a loop inside
+      ``lax.scan``; ``"state"``, kept in the state for a
+      :class:`ProgressReader` called in a Python loop, with no callback at all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the chain's state (a
@@ -119,6 +125,7 @@ def gradient_ascent(
   )
   logging_interval = validation.check_logging_interval(logging_interval)
   logging_name = validation.check_logging_name(logging_name)
+  logging_emit = validation.check_logging_emit("logging_emit", logging_emit)
   weight_decay = validation.check_weight_decay(weight_decay)
 
   schedule = schedules.warmup_decay_schedule(
@@ -126,7 +133,8 @@ def gradient_ascent(
   )
   stages = []
   if validation.logging_enabled(logging_interval):
-    stages.append(progress.log_progress(logging_interval, schedule, logging_name=logging_name))
+    stages.append(progress.log_progress(
+        logging_interval, schedule, logging_name=logging_name, emit=logging_emit))
   stages.append(transforms.flip_sign())
   if clip_value is not None:
     stages.append(transforms.clip_by_value(clip_value))

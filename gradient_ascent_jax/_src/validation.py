@@ -292,6 +292,19 @@ def logging_enabled(logging_interval: Any) -> bool:
   return _is_jax_value(logging_interval) or logging_interval > 0
 
 
+def check_logging_emit(name: str, value: Any) -> str:
+  if value not in ("callback", "state") or not isinstance(value, str):
+    _fail(
+        name,
+        value,
+        '"callback" or "state"',
+        'Use "callback" (the default) to log from inside the compiled step, or "state" '
+        "to keep the records in the optimizer state and log them with "
+        "gax.ProgressReader() from a Python training loop.",
+    )
+  return value
+
+
 # jnp.result_type would read the string "float32" as a dtype: check the type.
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float, complex)
 

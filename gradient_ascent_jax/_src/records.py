@@ -1,0 +1,178 @@
+"""A progress record: packed into one array in the compiled step, logged on the host.
+
+Both ways a record leaves the step carry the same array: ``jax.debug.callback``
+hands it to :func:`emit` (``emit="callback"``), or ``LogProgressState.record``
+keeps it for :class:`ProgressReader` (``emit="state"``). The array is
+self-describing, the logger's name included, so the host needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradient_ascent_jax._src import once
+
+logger = logging.getLogger("gradient_ascent_jax")
+
+
+class Record(NamedTuple):
+  """What one step reports; arrays in the compiled step, Python values on the host."""
+
+  step: Any
+  learning_rate: Any
+  grad_norm: Any
+  value: Any  # the objective; 0 where none was passed
+  show: Any  # the INFO record is this copy's to log
+  nonfinite: Any  # the non-finite WARNING is this copy's to log
+  value_nonfinite: Any  # ...and it is the objective (else the gradient norm) that is not finite
+  descending: Any  # the descent WARNING comes with the INFO record
+
+
+# Word layout: step, flags, length of the name in bytes, the three floats (one
+# word each, or two with float64), then the name's UTF-8 bytes.
+_SHOW, _NONFINITE, _VALUE_NONFINITE, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE = (
+    1 << bit for bit in range(7))
+_HEAD = 3
+
+
+def _name_words(name: str | None) -> tuple[int, np.ndarray]:
+  data = (name or "").encode()
+  padded = data + b"\0" * (-len(data) % 4)
+  return len(data), np.frombuffer(padded, "<u4").astype(np.uint32)
+
+
+def size(name: str | None) -> int:
+  """The length of a packed record for an optimizer named ``name``."""
+  wide = jnp.dtype(jnp.result_type(float)) == jnp.float64
+  return _HEAD + 3 * (2 if wide else 1) + len(_name_words(name)[1])
+
+
+def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -> jax.Array:
+  """``record`` as one uint32 array (traceable)."""
+  float_type = jnp.result_type(float)  # float64 where x64 is on, so no digit is lost
+  floats = jnp.stack([jnp.asarray(x).astype(float_type)
+                      for x in (record.learning_rate, record.grad_norm, record.value)])
+  float_words = jax.lax.bitcast_convert_type(floats, jnp.uint32).reshape(-1)
+  flags = sum(jnp.where(flag, bit, 0).astype(jnp.uint32) for flag, bit in (
+      (record.show, _SHOW), (record.nonfinite, _NONFINITE),
+      (record.value_nonfinite, _VALUE_NONFINITE), (record.descending, _DESCENDING)))
+  constant = ((_HAS_VALUE if has_value else 0) | (_HAS_RATE if has_rate else 0)
+              | (_WIDE if jnp.dtype(float_type) == jnp.float64 else 0))
+  length, name_words = _name_words(name)
+  head = jnp.stack([jnp.asarray(record.step).astype(jnp.uint32),
+                    flags | jnp.uint32(constant), jnp.asarray(length, jnp.uint32)])
+  return jnp.concatenate([head, float_words, jnp.asarray(name_words, jnp.uint32)])
+
+
+def unpack(words: np.ndarray) -> tuple[Record, bool, bool, str | None]:
+  """A packed record read back: the record, whether it has an objective and a rate, the name."""
+  words = np.asarray(words, np.uint32)
+  flags, length = int(words[1]), int(words[2])
+  float_type = np.dtype("<f8" if flags & _WIDE else "<f4")
+  end = _HEAD + 3 * float_type.itemsize // 4
+  rate, grad_norm, value = (float(x) for x in words[_HEAD:end].astype("<u4").view(float_type))
+  name = words[end:].astype("<u4").tobytes()[:length].decode() if length else None
+  record = Record(step=int(words[0]), learning_rate=rate, grad_norm=grad_norm, value=value,
+                  show=bool(flags & _SHOW), nonfinite=bool(flags & _NONFINITE),
+                  value_nonfinite=bool(flags & _VALUE_NONFINITE),
+                  descending=bool(flags & _DESCENDING))
+  return record, bool(flags & _HAS_VALUE), bool(flags & _HAS_RATE), name
+
+
+def has_news(words: np.ndarray) -> bool:
+  """Whether a packed record has anything to log."""
+  return bool(int(words[1]) & (_SHOW | _NONFINITE))
+
+
+_INVISIBLE_WARNING = (
+    "{prefix}progress records are due (logging_interval is set) "
+    "but the logger '{name}' is not enabled for INFO, so they are "
+    "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
+    "add a handler and setLevel(logging.INFO) on "
+    "logging.getLogger('{name}'). To stop logging (and its cost "
+    "per step), pass logging_interval=None. This warning is shown once."
+)
+# One warning per logger: silencing one named optimizer must not hide another's.
+_invisible_warned: dict[str, threading.Event] = {}
+
+# The descent rule's constants (progress.py decides it; the warning names them).
+DESCENT_RECORDS = 4
+DESCENT_NOISE = 4.0
+
+_DESCENT_WARNING = (
+    "the objective passed as value= has fallen and stays "
+    "down: at each of the last {records} progress records, up to step {step}, "
+    "it was below its value at the first step by more than {noise:g} times its "
+    "noise. gradient_ascent "
+    "increases the objective whose gradient it is given; the gradient of a "
+    "loss (or a sign error) makes it descend. Pass the gradient of the "
+    "objective to maximize: grads = jax.grad(objective)(params), for a loss "
+    "jax.grad(lambda p: -loss(p))(params). If the sign is right, a learning "
+    "rate that is too large can also make it fall. This warning is shown once "
+    "per optimizer state."
+)
+
+_NONFINITE_WARNING = (
+    "step {step}: {what} is not finite: the run has diverged. With "
+    "gradient_ascent the usual cause is steps that are too large: the first "
+    "step moves every parameter by learning_rate / sqrt(1 - beta) (31.6 x "
+    "learning_rate for beta=0.999) whatever the size of its gradient, and "
+    "momentum then adds to it. Try a learning_rate 3-10 times smaller, "
+    "warmup_steps to ramp it up, or clip_value to bound the gradients. The "
+    "objective is checked on every step, the gradient norm on logged steps. "
+    "This warning is shown once per optimizer state."
+)
+
+
+def named(logging_name: str | None) -> tuple[logging.Logger, str]:
+  """The logger of ``logging_name`` (a child of the library's) and the prefix of its messages."""
+  if logging_name is None:
+    return logger, ""
+  return logger.getChild(logging_name), f"{logging_name}: "
+
+
+def _dropped(named_logger: logging.Logger, prefix: str) -> bool:
+  """Returns True when INFO records would be dropped; warns the first time."""
+  if named_logger.isEnabledFor(logging.INFO):
+    return False
+  once.warn_once(
+      once.flag_for(_invisible_warned, named_logger.name),
+      _INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name),
+      named_logger,
+  )
+  return True
+
+
+def emit(words: np.ndarray) -> None:
+  """Logs what one packed record holds: the non-finite warning, the record, the descent warning."""
+  record, has_value, has_rate, name = unpack(words)
+  named_logger, prefix = named(name)
+  step = record.step
+  if record.nonfinite:
+    what = "the objective passed as value=" if record.value_nonfinite else "the gradient norm"
+    named_logger.warning(prefix + _NONFINITE_WARNING.format(step=step, what=what),
+                         extra={"step": step})
+  if not record.show:
+    return
+  if not _dropped(named_logger, prefix):
+    rate = record.learning_rate if has_rate else float("nan")
+    fields = {"step": step, "learning_rate": rate, "grad_norm": record.grad_norm}
+    if has_value:  # the record carries the objective too, in its message and as .value
+      fields["value"] = record.value
+      named_logger.info("%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
+                        prefix, step, record.value, rate, record.grad_norm, extra=fields)
+    else:
+      named_logger.info("%sstep %d: learning rate %.6g, gradient norm %.6g",
+                        prefix, step, rate, record.grad_norm, extra=fields)
+  if has_value and record.descending:
+    named_logger.warning(
+        prefix + _DESCENT_WARNING.format(records=DESCENT_RECORDS, step=step, noise=DESCENT_NOISE),
+        extra={"step": step},
+    )
