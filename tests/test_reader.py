@@ -1,0 +1,448 @@
+"""Records kept in the state (``logging_emit="state"``) and ``gax.ProgressReader``.
+
+The callback path is the oracle: every scenario runs on both paths and the
+records (logger, level, message, step, norm, objective) must be the same.
+"""
+
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import records
+
+LOGGER = "gradient_ascent_jax"
+PATHS = ("callback", "state")
+
+
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.seen = []
+
+  def emit(self, record):
+    self.seen.append((record.name, record.levelno, record.getMessage(),
+                      getattr(record, "step", None), getattr(record, "grad_norm", None),
+                      getattr(record, "value", None)))
+
+
+@pytest.fixture
+def collect(monkeypatch):
+  """The library's records, at INFO, collected apart from other handlers."""
+  monkeypatch.setattr(records, "_invisible_warned", {})
+  handler = _Collect()
+  logger = logging.getLogger(LOGGER)
+  saved = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  yield handler.seen
+  logger.removeHandler(handler)
+  logger.level, logger.propagate = saved
+
+
+def _objective(p):
+  return -jnp.sum((p["a"] - 2.0) ** 2) - 0.5 * jnp.sum(p["b"] ** 2)
+
+
+PARAMS = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+
+
+def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **kw):
+  """A jitted Python loop of ``steps`` steps; the records it logged (and the last state)."""
+  tx = gax.gradient_ascent(0.05, logging_emit=path, **{"logging_interval": 5, **kw})
+
+  def step(params, state, i):
+    value, grads = jax.value_and_grad(_objective)(params)
+    value = jnp.where(i == (-1 if nan_at is None else nan_at), jnp.nan, value)
+    updates, state = tx.update(grads, state, params, value=value)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  params = jax.tree.map(jnp.copy, PARAMS)
+  state, reader = tx.init(params), gax.ProgressReader()
+  for i in range(steps):
+    params, state = step(params, state, i)
+    if path == "state" and read:
+      reader(state)
+  if path == "state" and read:
+    reader.flush()
+  jax.effects_barrier()
+  seen = list(collect)
+  collect.clear()
+  return seen, state
+
+
+@pytest.mark.parametrize("case", [
+    {}, {"donate": True}, {"nan_at": 7}, {"nan_at": 7, "donate": True},
+    {"logging_name": "gen"}, {"logging_interval": 1, "steps": 6, "donate": True},
+])
+def test_state_path_logs_what_the_callback_path_logs(collect, case):
+  by_callback, _ = _train("callback", collect, **case)
+  by_state, _ = _train("state", collect, **case)
+  assert by_callback, "the oracle logged nothing"
+  assert by_state == by_callback
+
+
+def test_records_are_those_expected(collect):
+  # Independent of the callback path: steps, levels and the first norm by hand.
+  seen, _ = _train("state", collect, nan_at=7)
+  assert [(s[1], s[3]) for s in seen] == [(logging.INFO, 5), (logging.WARNING, 8),
+                                          (logging.INFO, 10), (logging.INFO, 15),
+                                          (logging.INFO, 20), (logging.INFO, 25)]
+  assert "step 8: the objective passed as value= is not finite" in seen[1][2]
+  seen, _ = _train("state", collect, logging_interval=1, steps=1)
+  # The gradient at the start: a = 1 (d/da = 2 * (2 - 1) = 2 each), b = 1 (-1 each).
+  np.testing.assert_allclose(seen[0][4], np.sqrt(3 * 4 + 4 * 1), rtol=1e-6)
+  assert seen[0][5] == pytest.approx(-3.0 - 2.0)
+
+
+def test_compiled_step_holds_no_callback_and_no_effect():
+  tx = gax.gradient_ascent(logging_interval=10, logging_emit="state")
+  step = lambda g, s, p: tx.update(g, s, p, value=1.0)  # noqa: E731
+  args = (PARAMS, tx.init(PARAMS), PARAMS)
+  assert not jax.make_jaxpr(step)(*args).effects
+  lowered = jax.jit(step).lower(*args).as_text()
+  assert "callback" not in lowered
+  # The callback path of the same optimizer has one: the check can fail.
+  tx = gax.gradient_ascent(logging_interval=10)
+  assert "callback" in jax.jit(step).lower(PARAMS, tx.init(PARAMS), PARAMS).as_text()
+
+
+def test_state_path_exports():
+  # jax.export refuses host callbacks; the state path has none.
+  tx = gax.gradient_ascent(logging_interval=2, logging_emit="state")
+  state = tx.init(PARAMS)
+  exported = jax.export.export(jax.jit(lambda g, s: tx.update(g, s, PARAMS)))(PARAMS, state)
+  _, state = exported.call(PARAMS, state)
+  _, state = exported.call(PARAMS, state)
+  assert records.unpack(np.asarray(state[0].record))[0].step == 2
+
+
+def test_callback_sends_one_packed_array(monkeypatch):
+  calls = []
+  original = jax.debug.callback
+
+  def counting(callback, *args, **kwargs):
+    calls.append(len(args))
+    return original(callback, *args, **kwargs)
+
+  monkeypatch.setattr(jax.debug, "callback", counting)
+  tx = gax.gradient_ascent(logging_interval=1)
+  jax.jit(lambda s: tx.update(PARAMS, s, PARAMS, value=1.0))(tx.init(PARAMS))
+  jax.effects_barrier()
+  assert calls == [1]
+
+
+def test_packed_record_round_trips_every_field(x64):
+  for dtype in (jnp.float32, jnp.float64):
+    record = records.Record(step=jnp.asarray(2**31 - 1, jnp.int32), learning_rate=jnp.float32(0.1),
+                            grad_norm=jnp.asarray(1e300 if dtype == jnp.float64 else 3e38, dtype),
+                            value=jnp.asarray(-1.25, dtype), show=True, nonfinite=False,
+                            value_nonfinite=True, descending=True)
+    words = records.pack(record, has_value=True, has_rate=False, name="gen.é")
+    back, has_value, has_rate, name = records.unpack(np.asarray(words))
+    assert (back.step, back.show, back.nonfinite, back.value_nonfinite, back.descending) == (
+        2**31 - 1, True, False, True, True)
+    assert back.learning_rate == np.float32(0.1)
+    assert back.grad_norm == (1e300 if dtype == jnp.float64 else float(np.float32(3e38)))
+    assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
+
+
+def test_vmap_copies_log_as_on_the_callback_path(collect):
+  def run(path):
+    tx = gax.gradient_ascent(0.05, logging_interval=3, logging_emit=path)
+    x = jnp.arange(8.0).reshape(4, 2)
+    state, reader = jax.vmap(tx.init)(x), gax.ProgressReader()
+    step = jax.jit(jax.vmap(lambda x, s: tx.update(-2 * x, s, x, value=-jnp.sum(x**2))[1]))
+    for _ in range(9):
+      state = step(x, state)
+      if path == "state":
+        reader(state)
+    reader.flush()
+    jax.effects_barrier()
+    seen = list(collect)
+    collect.clear()
+    return seen
+
+  by_callback = run("callback")
+  assert [s[3] for s in by_callback] == [3, 6, 9]
+  assert run("state") == by_callback
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_vmap_over_states_at_different_steps_logs_each_step(collect, path):
+  tx = gax.gradient_ascent(logging_interval=2, logging_emit=path)
+  x = jnp.zeros((2, 2))
+  state = jax.vmap(tx.init)(x)
+  step = jax.jit(jax.vmap(lambda x, s: tx.update(jnp.ones(2), s, x)[1]))
+  reader = gax.ProgressReader()
+  # The second copy starts one step ahead: the copies are due on alternate calls.
+  state = (state[0]._replace(count=jnp.array([0, 1], jnp.int32)), *state[1:])
+  for _ in range(4):
+    state = step(x, state)
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  assert [s[3] for s in collect] == [2, 2, 4, 4]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_on_a_later_pmap_device_warns_once(collect, path):
+  n = jax.local_device_count()
+  x = jnp.arange(2.0 * n).reshape(n, 2)
+  tx = gax.gradient_ascent(0.05, logging_interval=2, logging_emit=path)
+  state, reader = jax.pmap(tx.init)(x), gax.ProgressReader()
+  # Only the last device's objective is NaN, at every step.
+  step = jax.pmap(lambda x, s: tx.update(
+      -2 * x, s, x, value=jnp.where(jax.lax.axis_index("i") == n - 1, jnp.nan, 1.0))[1],
+      axis_name="i")
+  for _ in range(4):
+    state = step(x, state)
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  warnings = [s for s in collect if s[1] == logging.WARNING]
+  assert [s[3] for s in warnings] == [1]
+  assert "the objective passed as value= is not finite" in warnings[0][2]
+  assert [s[3] for s in collect if s[1] == logging.INFO] == [2, 4]
+  # Every device remembers the warning, not only the one whose objective was NaN.
+  np.testing.assert_array_equal(state[0].nonfinite_warned, [True] * n)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_on_a_later_shard_map_device_warns_once(collect, path):
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  spec = jax.sharding.PartitionSpec
+  tx = gax.log_progress(logging_interval=1, learning_rate=0.1, emit=path)
+  grads = jax.device_put(jnp.ones((mesh.size, 2)), jax.NamedSharding(mesh, spec("d")))
+  state, reader = tx.init(grads), gax.ProgressReader()
+
+  def per_device(g, s):
+    bad = jax.lax.axis_index("d") == mesh.size - 1
+    return tx.update(g, s, value=jnp.where(bad, jnp.nan, 1.0))[1]
+
+  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec("d"), spec()),
+                               out_specs=spec(), check_vma=False))
+  for _ in range(2):
+    state = step(grads, state)
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  assert [(s[1], s[3]) for s in collect] == [
+      (logging.WARNING, 1), (logging.INFO, 1), (logging.INFO, 2)]
+
+
+def test_two_named_optimizers_in_one_dict(collect):
+  gen = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state", logging_name="gen")
+  disc = gax.gradient_ascent(0.1, logging_interval=3, logging_emit="state", logging_name="disc")
+  g, d = jnp.zeros(2), jnp.ones(2)
+  states = {"gen": gen.init(g), "disc": disc.init(d)}
+
+  @jax.jit
+  def step(states):
+    return {"gen": gen.update(jnp.ones(2), states["gen"], g)[1],
+            "disc": disc.update(jnp.ones(2), states["disc"], d)[1]}
+
+  reader = gax.ProgressReader()
+  for _ in range(6):
+    states = step(states)
+    reader(states)
+  reader.flush()
+  seen = sorted((s[0], s[3]) for s in collect)
+  assert seen == [(LOGGER + ".disc", 3), (LOGGER + ".disc", 6), (LOGGER + ".gen", 2),
+                  (LOGGER + ".gen", 4), (LOGGER + ".gen", 6)]
+  assert all(s[2].startswith(s[0].rsplit(".", 1)[1] + ": step ") for s in collect)
+
+
+def test_states_of_two_optimizers_handed_in_turn_log_once_each(collect):
+  txs = [gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state") for _ in range(2)]
+  states = [tx.init(jnp.zeros(2)) for tx in txs]
+  reader = gax.ProgressReader()
+  for _ in range(4):
+    for k, tx in enumerate(txs):
+      states[k] = jax.jit(tx.update)(jnp.full(2, k + 1.0), states[k])[1]
+      reader(states[k])
+  reader.flush()
+  assert [(s[3], s[4]) for s in collect] == [
+      (2, pytest.approx(np.sqrt(2))), (2, pytest.approx(2 * np.sqrt(2))),
+      (4, pytest.approx(np.sqrt(2))), (4, pytest.approx(2 * np.sqrt(2)))]
+
+
+def test_repeated_runs_each_log(collect):
+  tx = gax.gradient_ascent(logging_interval=3, logging_emit="state")
+  step = jax.jit(lambda s: tx.update(jnp.ones(2), s, jnp.zeros(2))[1])
+  reader = gax.ProgressReader()
+  for _ in range(2):
+    state = tx.init(jnp.zeros(2))
+    for _ in range(3):
+      state = step(state)
+      reader(state)
+  reader.flush()
+  assert [s[3] for s in collect] == [3, 3]
+
+
+def test_nnx_optimizer_and_linen_train_state(collect):
+  from flax import nnx
+  from flax.training import train_state
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit="state")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    grads = nnx.grad(lambda m: -jnp.sum(m(jnp.ones((1, 2))) ** 2))(model)
+    optimizer.update(model, grads)
+
+  reader = gax.ProgressReader()
+  for _ in range(4):
+    nnx_step(model, optimizer)
+    reader(optimizer)
+  reader.flush()
+  assert [s[3] for s in collect] == [2, 4]
+  collect.clear()
+
+  params = {"w": jnp.ones(2)}
+  ts = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  ts_step = jax.jit(lambda ts: ts.apply_gradients(grads={"w": -ts.params["w"]}))
+  for _ in range(4):
+    ts = ts_step(ts)
+    reader(ts)
+  reader.flush()
+  assert [s[3] for s in collect] == [2, 4]
+
+
+def test_reader_does_not_wait_for_a_running_step(collect):
+  # A step that runs for a while: right after reader(state) returns the record
+  # is still being computed, so the reader did not wait for it.
+  tx = gax.gradient_ascent(logging_interval=1, logging_emit="state")
+  big = jnp.ones((600, 600)) / 600
+
+  @jax.jit
+  def slow_step(state, big):
+    heavy = jax.lax.fori_loop(0, 400, lambda _, m: jnp.tanh(m @ m), big)
+    return tx.update(jnp.ones(2) * heavy[0, 0], state, jnp.zeros(2))[1]
+
+  state = tx.init(jnp.zeros(2))
+  jax.block_until_ready(slow_step(state, big))  # compiled
+  reader = gax.ProgressReader()
+  state = slow_step(state, big)
+  reader(state)
+  running = not state[0].record.is_ready()
+  reader.flush()
+  assert running
+  assert [s[3] for s in collect] == [1]
+
+
+def test_not_calling_the_reader_logs_nothing_and_a_late_call_logs_the_latest(collect):
+  seen, state = _train("state", collect, read=False)
+  assert seen == []
+  reader = gax.ProgressReader()
+  reader(state)
+  reader.flush()
+  assert [s[3] for s in collect] == [25]
+
+
+def test_reader_of_a_state_without_kept_records_warns_once(caplog):
+  caplog.set_level(logging.WARNING, logger=LOGGER)
+  tx = gax.gradient_ascent(logging_interval=2)  # the callback path: nothing to read
+  reader = gax.ProgressReader()
+  for _ in range(3):
+    reader(tx.init(jnp.zeros(2)))
+  warnings = [r for r in caplog.records if r.name == LOGGER]
+  assert len(warnings) == 1 and "logging_emit='state'" in warnings[0].getMessage()
+
+
+def test_reader_inside_jit_is_refused():
+  tx = gax.gradient_ascent(logging_interval=2, logging_emit="state")
+  reader = gax.ProgressReader()
+  with pytest.raises(TypeError, match="outside jit"):
+    jax.jit(lambda s: reader(s))(tx.init(jnp.zeros(2)))
+
+
+def test_records_invisible_warning_and_descent_warning_come_through_the_reader(monkeypatch):
+  monkeypatch.setattr(records, "_invisible_warned", {})
+  handler = _Collect()
+  logger = logging.getLogger(LOGGER)
+  saved = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.WARNING)  # INFO records are dropped
+  try:
+    tx = gax.gradient_ascent(0.1, logging_interval=5, logging_emit="state")
+    x = jnp.zeros(2)
+    state, reader = tx.init(x), gax.ProgressReader()
+    loss = lambda x: jnp.sum((x - 1.0) ** 2)  # noqa: E731
+    # The gradient of a loss, its value as the objective: ascent that descends.
+    step = jax.jit(lambda x, s: tx.update(jax.grad(loss)(x), s, x, value=-loss(x)))
+    for _ in range(60):
+      updates, state = step(x, state)
+      x = optax.apply_updates(x, updates)
+      reader(state)
+    reader.flush()
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved)
+  messages = [s[2] for s in handler.seen]
+  assert sum("progress records are due" in m for m in messages) == 1
+  assert sum("has fallen and stays down" in m for m in messages) == 1
+  assert all(s[1] == logging.WARNING for s in handler.seen)
+
+
+def test_emit_is_validated_and_a_state_of_the_other_path_is_refused():
+  with pytest.raises(ValueError, match=r"`logging_emit` must be \"callback\" or \"state\""):
+    gax.gradient_ascent(logging_interval=2, logging_emit="host")
+  with pytest.raises(ValueError, match=r"`emit` must be"):
+    gax.log_progress(2, emit=None)
+  by_state = gax.gradient_ascent(logging_interval=2, logging_emit="state")
+  by_callback = gax.gradient_ascent(logging_interval=2)
+  with pytest.raises(ValueError, match="made by an optimizer with logging_emit='state'"):
+    by_callback.update(jnp.ones(2), by_state.init(jnp.zeros(2)), jnp.zeros(2))
+  with pytest.raises(ValueError, match="made by an optimizer with logging_emit='callback'"):
+    by_state.update(jnp.ones(2), by_callback.init(jnp.zeros(2)), jnp.zeros(2))
+
+
+def test_healthy_state_path_passes_debug_nans(collect):
+  with jax.debug_nans(True):
+    _, state = _train("state", collect, steps=10)
+  assert np.all(np.isfinite(np.asarray(state[0].record.view(np.float32)[3:6])))
+
+
+def test_multi_steps_and_threads(collect):
+  tx = optax.MultiSteps(gax.log_progress(logging_interval=1, emit="state"), every_k_schedule=2)
+  state = tx.init(jnp.zeros(2))
+  update = jax.jit(tx.update)
+  reader = gax.ProgressReader()
+  for grads in (jnp.array([1.0, 0.0]), jnp.array([3.0, 0.0])):
+    state = update(grads, state)[1]
+    reader(state)
+  reader.flush()
+  # The kept inner state is that of the mean gradient (norm 2) at step 1.
+  assert [(s[3], s[4]) for s in collect] == [(1, 2.0)]
+  collect.clear()
+
+  # Threads, each with its own reader, log their own records.
+  tx = gax.gradient_ascent(logging_interval=2, logging_emit="state")
+  step = jax.jit(lambda s: tx.update(jnp.ones(2), s, jnp.zeros(2))[1])
+
+  def worker():
+    state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+    for _ in range(4):
+      state = step(state)
+      reader(state)
+    reader.flush()
+
+  threads = [threading.Thread(target=worker) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(s[3] for s in collect) == [2, 2, 2, 4, 4, 4]
