@@ -90,7 +90,10 @@ def _describe(tree: Any) -> str:
   if isinstance(tree, dict):
     return f"a dict with the keys {sorted(tree, key=str)}"
   if isinstance(tree, (list, tuple)):
-    return f"a {type(tree).__name__} of {len(tree)} entries"
+    stages = ""
+    if tree and all(hasattr(entry, "_fields") for entry in tree):
+      stages = " (" + ", ".join(type(entry).__name__ for entry in tree) + ")"
+    return f"a {type(tree).__name__} of {len(tree)} entries{stages}"
   return "None" if tree is None else f"a {type(tree).__name__}"
 
 
