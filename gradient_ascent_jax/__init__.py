@@ -2,6 +2,7 @@
 
 from gradient_ascent_jax._src.alias import gradient_ascent
 from gradient_ascent_jax._src.alias import maximize
+from gradient_ascent_jax._src.carry_over import carry_over
 from gradient_ascent_jax._src.progress import LogProgressState
 from gradient_ascent_jax._src.progress import log_progress
 from gradient_ascent_jax._src.reader import ProgressReader
@@ -25,6 +26,7 @@ __all__ = (
     "ProgressReader",
     "ScaleByAdaptiveRmsState",
     "ScaleByWarmupDecayState",
+    "carry_over",
     "clip_by_value",
     "flip_sign",
     "gradient_ascent",

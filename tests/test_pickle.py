@@ -12,7 +12,8 @@ import gradient_ascent_jax as gax
 
 cloudpickle = pytest.importorskip("cloudpickle")
 
-# What each public factory (every lower-case name in __all__) builds, with its options on.
+# What each public factory (every lower-case name in __all__ but carry_over, which builds
+# nothing) builds, with its options on.
 FACTORIES = {
     "clip_by_value": [lambda: gax.clip_by_value(0.5)],
     "flip_sign": [gax.flip_sign],
@@ -35,7 +36,7 @@ CASES = [(name, i) for name, makers in FACTORIES.items() for i in range(len(make
 
 
 def test_every_public_factory_is_covered():
-  assert set(FACTORIES) == {name for name in gax.__all__ if name[0].islower()}
+  assert set(FACTORIES) == {name for name in gax.__all__ if name[0].islower()} - {"carry_over"}
 
 
 def _steps(tx, params, grads, count=3):

@@ -76,15 +76,8 @@ class LogProgressState(NamedTuple):
 
 
 def _check_layout(state: LogProgressState) -> None:
-  fields = getattr(state, "_fields", None)
-  if fields != LogProgressState._fields:
-    raise ValueError(
-        f"log_progress: the state is a {type(state).__name__} with the fields "
-        f"{fields}, but log_progress now keeps {LogProgressState._fields}. A "
-        "state saved by an earlier version is not read as it is: "
-        "make a fresh one with tx.init(params) and carry the step count over, "
-        "fresh._replace(count=old.count)."
-    )
+  if getattr(state, "_fields", None) != LogProgressState._fields:
+    raise state_checks.earlier_layout("log_progress", state, LogProgressState._fields)
 
 
 

@@ -27,8 +27,25 @@ _RESTORE_INTO_TARGET = (
     "(ocp.CheckpointManager). With flax: serialization.from_bytes(tx.init(params), "
     "blob), or serialization.from_state_dict(tx.init(params), restored). If you "
     "saved a dict such as {'params': ..., 'opt_state': ...}, restore into that dict "
-    "with tx.init(params) as its 'opt_state'."
+    "with tx.init(params) as its 'opt_state'. Or carry the restored state over: "
+    "state = gax.carry_over(restored, tx.init(params))."
 )
+# An earlier version's state is carried over, never replaced: tx.init would lose the run.
+_CARRY_OVER = (
+    "Do not replace it with tx.init(params), which starts the run over: carry it "
+    "over, state = gax.carry_over(old_state, tx.init(params)), with tx and params "
+    "built as the saved run built them. That keeps the moments, the velocity and "
+    "the step counts, and the run continues exactly."
+)
+
+
+def earlier_layout(name: str, state: Any, fields: tuple[str, ...]) -> ValueError:
+  """The error for a stage's state of another layout, as an earlier version saved it."""
+  return ValueError(
+      f"{name}: the state is a {type(state).__name__} with the fields "
+      f"{getattr(state, '_fields', None)}, but {name} now keeps {fields}: a state "
+      "saved by an earlier version (pickled, or restored without a target). " + _CARRY_OVER
+  )
 
 
 def restored_without_target(name: str, state: Any) -> ValueError:
@@ -160,6 +177,21 @@ def _restored_without_target(chain, state: Any, updates: Any) -> bool:
   return _leaves_by_name(state) == _leaves_by_name(expected)
 
 
+def _carries_over(chain, state: Any, updates: Any) -> bool:
+  """Whether carry_over makes ``state`` this chain's state (an earlier version's layout)."""
+  # Imported here: carry_over reads progress's state type, and progress imports this module.
+  from gradient_ascent_jax._src import carry_over  # pylint: disable=import-outside-toplevel
+
+  try:
+    expected = jax.eval_shape(
+        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+    )
+    carry_over.carried(state, expected, abstract_ok=True)
+  except (TypeError, ValueError, AttributeError):
+    return False
+  return True
+
+
 def checked_state(
     name: str, chain: optax.GradientTransformationExtraArgs
 ) -> optax.GradientTransformationExtraArgs:
@@ -184,6 +216,12 @@ def checked_state(
     got = _describe(state)
     if got != layout() and _restored_without_target(chain, state, updates):
       raise restored_without_target(name, state)
+    if got != layout() and _carries_over(chain, state, updates):
+      raise ValueError(
+          f"{name}: the optimizer state is {got}, not the tuple of {layout()} that "
+          "tx.init(params) returns, but it holds this optimizer's run: a state saved by "
+          "an earlier version, or restored without a target. " + _CARRY_OVER
+      )
     if got != layout():
       raise ValueError(
           f"{name}: the optimizer state does not belong to this optimizer. "
