@@ -163,3 +163,31 @@ def test_another_optimizers_state_is_refused():
   tx = gax.gradient_ascent(**settings("v0_1_0", "logging"))
   with pytest.raises(ValueError, match=r"the state given holds a tuple of 2 entries \(ScaleByAdamState, EmptyState\)"):
     gax.carry_over(optax.adam(0.1).init(params), tx.init(params))
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_run_carries_over_into_the_state_path_and_back(release, caplog):
+  # Records kept in the state are new since 0.2.0: an old run moves to that path and
+  # logs there, then back to the callback path, keeping its count.
+  caplog.set_level("INFO", logger="gradient_ascent_jax")
+  old = load(release, "logging", "pickle")
+  params = old["params"]
+  by_state = gax.gradient_ascent(**settings(release, "logging"), logging_emit="state")
+  state = gax.carry_over(old["opt_state"], by_state.init(params))
+  count = int(state[0].count)
+  reader = gax.ProgressReader()
+  for _ in range(2):
+    state = jax.jit(by_state.update)(params, state, params, value=1.0)[1]
+    reader(state)
+  reader.flush()
+  steps = [r.step for r in caplog.records if r.name == "gradient_ascent_jax"]
+  assert steps == [s for s in (count + 1, count + 2) if s % by_state_interval(release) == 0]
+  by_callback = gax.gradient_ascent(**settings(release, "logging"))
+  back = gax.carry_over(state, by_callback.init(params))
+  assert back[0].record is None and int(back[0].count) == count + 2
+  with pytest.raises(ValueError, match="gax.carry_over"):
+    by_callback.update(params, state, params)
+
+
+def by_state_interval(release):
+  return settings(release, "logging")["logging_interval"]

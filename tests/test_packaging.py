@@ -67,4 +67,4 @@ def test_license_is_declared_and_shipped():
 def test_public_names_are_exactly_all():
   public = {name for name in dir(gax) if not name.startswith("_")}
   assert public == set(gax.__all__)
-  assert len(gax.__all__) == len(set(gax.__all__)) == 15
+  assert len(gax.__all__) == len(set(gax.__all__)) == 16

@@ -64,18 +64,27 @@ def _log_progress_fields(fields: dict[str, Any], target: Any, path: str,
     for name, value in (("first_value", first), ("last_value", last), ("last_change", change)):
       fields[name] = jnp.where(jnp.isnan(value), 0, value).astype(jnp.float32)
     fields["nonfinite_warned"] = jnp.zeros_like(count, bool)  # 0.1.0 had no such warning
-  if set(fields) == set(_LOG_PROGRESS_0_2_0):
+  if set(fields) == set(_LOG_PROGRESS_0_2_0) or _other_path(fields.get("record"), target.record):
+    # The record is only the latest progress record: a run saved before it existed,
+    # or by the other logging path, goes on with the target's (nothing to log).
     fields = dict(fields)
     record = target.record
     if not abstract_ok and any(isinstance(leaf, jax.ShapeDtypeStruct)
                                for leaf in jax.tree.leaves(record)):
       raise ValueError(
-          f"carry_over: at {path}.record the target holds only a shape, but a state "
-          "saved before record existed has no value for it. Pass target=tx.init(params) "
-          "itself (not its jax.eval_shape), whose record is the initial one."
+          f"carry_over: at {path}.record the target holds only a shape, but the state "
+          "given keeps no record of this kind. Pass target=tx.init(params) itself "
+          "(not its jax.eval_shape), whose record is the initial one."
       )
     fields["record"] = record
   return fields
+
+
+def _other_path(old_record: Any, target_record: Any) -> bool:
+  """Whether a record was kept by the other logging path (None on the callback path)."""
+  if _empty(old_record) or _empty(target_record):
+    return _empty(old_record) != _empty(target_record)
+  return jnp.shape(old_record) != jnp.shape(target_record)
 
 
 # How the fields of a state type's earlier layouts become today's, by type.

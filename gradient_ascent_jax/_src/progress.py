@@ -91,8 +91,8 @@ def _check_emit(state: LogProgressState, emit: str) -> None:
       f"(log_progress(emit={made_by!r})), but this one has {wanted!r}: the state path "
       "keeps its records in LogProgressState.record, the callback path holds None there. "
       "Use the same setting as the optimizer that made the state, or carry the run over "
-      "with fresh = tx.init(params); fresh[0]._replace(record=fresh[0].record) for the "
-      "logging stage, keeping the other fields of the old state."
+      "to this one: state = gax.carry_over(state, tx.init(params)), which keeps every "
+      "moment and count."
   )
 
 
