@@ -973,6 +973,32 @@ def test_each_warning_names_the_logger_once(monkeypatch, fresh_warning):
   assert len(lines) == 4 and all(line.count(LOGGER + ":") == 1 for line in lines)
 
 
+def test_the_documented_format_names_each_optimizer_once(monkeypatch, fresh_warning):
+  # The README's format: each line shows a named optimizer's name once (the
+  # message starts with it), and an unnamed one's lines carry no name twice.
+  from pathlib import Path
+  import re
+
+  readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+  documented = re.search(r'logging.basicConfig\(format="([^"]+)"\)', readme).group(1)
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  handler.setFormatter(logging.Formatter(documented))
+  logger = logging.getLogger(LOGGER)
+  logger.addHandler(handler)
+  level = logger.level
+  logger.setLevel(logging.INFO)
+  try:
+    _play(gax.gradient_ascent(0.1, logging_interval=2, logging_name="gen"),
+          gax.gradient_ascent(0.1, logging_interval=2, logging_name="disc"), 2)
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+  lines = stream.getvalue().splitlines()
+  names = [re.findall(r"\b(gen|disc)\b", line) for line in lines]
+  assert sorted(names) == [["disc"], ["gen"]], lines
+
+
 # Named records (logging_name) ---------------------------------------------------
 
 

@@ -446,3 +446,16 @@ def test_multi_steps_and_threads(collect):
   for t in threads:
     t.join()
   assert sorted(s[3] for s in collect) == [2, 2, 2, 4, 4, 4]
+
+
+def test_a_scan_keeps_only_its_last_record(collect):
+  tx = gax.gradient_ascent(logging_interval=2, logging_emit="state")
+
+  def run(state):
+    body = lambda state, _: (tx.update(jnp.ones(2), state, jnp.zeros(2))[1], None)  # noqa: E731
+    return jax.lax.scan(body, state, None, length=10)[0]
+
+  reader = gax.ProgressReader()
+  reader(jax.jit(run)(tx.init(jnp.zeros(2))))
+  reader.flush()
+  assert [s[3] for s in collect] == [10]
