@@ -204,6 +204,81 @@ def _empty_record(count: jax.Array, logging_name: str | None) -> jax.Array:
   return words
 
 
+class _Settings(NamedTuple):
+  """What one ``log_progress`` was built with, checked."""
+
+  interval: jax.typing.ArrayLike
+  learning_rate: optax.ScalarOrSchedule | None
+  name: str | None
+  emit: str
+
+
+def _rate_at(settings: _Settings, count) -> jax.Array:
+  if settings.learning_rate is None:  # reported as NaN by the host: no NaN on the device
+    return jnp.zeros((), jnp.float32)
+  return jnp.asarray(schedules.learning_rate_at(settings.learning_rate, count), jnp.float32)
+
+
+def _init(settings: _Settings, params) -> LogProgressState:
+  count = placement.zero_step_count(params)
+
+  def like_count(fill, dtype):
+    # One buffer per field: a donated state must not hold one buffer twice.
+    return jnp.full_like(count, fill, dtype)
+
+  return LogProgressState(
+      count=count, first_value=like_count(0, jnp.float32),
+      last_value=like_count(0, jnp.float32),
+      last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
+      noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
+      descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
+      records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
+      record=_empty_record(count, settings.name) if settings.emit == "state" else None,
+  )
+
+
+def _speak(settings: _Settings, updates, state, step, due, objective, value_bad, value_fires):
+  """The branch taken where some copy is due or warns: sends the record, or keeps it."""
+  record, speaks, fires = _elect(updates, state, step, due, objective, value_bad,
+                                 value_fires, _rate_at(settings, state.count))
+  words = records.pack(record, has_value=bool(objective),
+                       has_rate=settings.learning_rate is not None, name=settings.name)
+  if settings.emit == "state":
+    return jnp.where(speaks, words, state.record), fires
+  jax.debug.callback(records.emit, words)
+  return state.record, fires
+
+
+def _update(settings: _Settings, updates, state, params=None, *, value=None, **extra_args):
+  del params, extra_args
+  state_checks.check_own_state(state, LogProgressState, "log_progress")
+  _check_layout(state)
+  _check_emit(state, settings.emit)
+  step = cast(jax.Array, optax.safe_increment(state.count))
+  interval = jnp.asarray(settings.interval)
+  due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
+  new_state = state._replace(count=step)
+  objective = ()
+  if value is not None:
+    value = _scalar_objective(value)
+    new_state, descending = _descent_rule(new_state, value, due)
+    objective = (value, descending)
+  value_bad, value_fires = _nonfinite_objective(value, state)
+  speak = functools.partial(_speak, settings)
+  args = (step, due, objective, value_bad, value_fires)
+  if isinstance(due, jax.core.Tracer):
+    record, fires = jax.lax.cond(
+        copies.in_any_copy(due | value_fires), speak,
+        lambda updates, state, *_: (state.record, jnp.zeros_like(value_fires)),
+        updates, state, *args)
+  elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
+    record, fires = speak(gradient_norm.on_one_device(updates), state, *args)
+  else:
+    record, fires = state.record, value_fires
+  return updates, new_state._replace(
+      nonfinite_warned=new_state.nonfinite_warned | fires, record=record)
+
+
 def log_progress(
     logging_interval: jax.typing.ArrayLike | None = 10,
     learning_rate: optax.ScalarOrSchedule | None = None,
@@ -255,71 +330,10 @@ def log_progress(
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
-  logging_name = validation.check_logging_name(logging_name)
-  emit = validation.check_logging_emit("emit", emit)
+  settings = _Settings(interval=logging_interval, learning_rate=learning_rate,
+                       name=validation.check_logging_name(logging_name),
+                       emit=validation.check_logging_emit("emit", emit))
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
-  pack = functools.partial(records.pack, has_rate=learning_rate is not None, name=logging_name)
-
-  def rate_at(count):
-    if learning_rate is None:  # reported as NaN by the host: no NaN on the device
-      return jnp.zeros((), jnp.float32)
-    return jnp.asarray(schedules.learning_rate_at(learning_rate, count), jnp.float32)
-
-  def init_fn(params):
-    count = placement.zero_step_count(params)
-
-    def like_count(fill, dtype):
-      # One buffer per field: a donated state must not hold one buffer twice.
-      return jnp.full_like(count, fill, dtype)
-
-    return LogProgressState(
-        count=count, first_value=like_count(0, jnp.float32),
-        last_value=like_count(0, jnp.float32),
-        last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
-        noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
-        descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
-        records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
-        record=_empty_record(count, logging_name) if emit == "state" else None,
-    )
-
-  def speak(updates, state, step, due, objective, value_bad, value_fires):
-    """The branch taken where some copy is due or warns: sends or keeps the record."""
-    rate = rate_at(state.count)
-    record, speaks, fires = _elect(updates, state, step, due, objective, value_bad,
-                                   value_fires, rate)
-    words = pack(record, has_value=bool(objective))
-    if emit == "state":
-      return jnp.where(speaks, words, state.record), fires
-    jax.debug.callback(records.emit, words)
-    return state.record, fires
-
-  def update_fn(updates, state, params=None, *, value=None, **extra_args):
-    del params, extra_args
-    state_checks.check_own_state(state, LogProgressState, "log_progress")
-    _check_layout(state)
-    _check_emit(state, emit)
-    step = cast(jax.Array, optax.safe_increment(state.count))
-    interval = jnp.asarray(logging_interval)
-    due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
-    new_state = state._replace(count=step)
-    objective = ()
-    if value is not None:
-      value = _scalar_objective(value)
-      new_state, descending = _descent_rule(new_state, value, due)
-      objective = (value, descending)
-    value_bad, value_fires = _nonfinite_objective(value, state)
-    args = (step, due, objective, value_bad, value_fires)
-    if isinstance(due, jax.core.Tracer):
-      record, fires = jax.lax.cond(
-          copies.in_any_copy(due | value_fires), speak,
-          lambda updates, state, *_: (state.record, jnp.zeros_like(value_fires)),
-          updates, state, *args)
-    elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
-      record, fires = speak(gradient_norm.on_one_device(updates), state, *args)
-    else:
-      record, fires = state.record, value_fires
-    return updates, new_state._replace(
-        nonfinite_warned=new_state.nonfinite_warned | fires, record=record)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, settings), functools.partial(_update, settings))
