@@ -7,17 +7,12 @@ all of it) is here. The reasons are on the math page of the documentation.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from gradient_ascent_jax._src import validation
-
-logger = logging.getLogger("gradient_ascent_jax")
 
 
 def cast(x: jax.Array, dtype) -> jax.Array:
@@ -147,56 +142,3 @@ def moment_root(beta, q: jax.Array, m: jax.Array, m_stored: jax.Array) -> jax.Ar
       jnp.where(overflowed, sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1)
   )
   return jnp.where(overflowed, exact_root, sqrt(m_new))
-
-
-_COARSE_HALF = (
-    "the stored second moment moves by one unit in the last place where beta "
-    "asks for less, so it forgets faster than beta says and, with noisy "
-    "gradients, averages low (steps up to about 1.4x larger than with float32 "
-    "state)."
-)
-_COARSE_WIDE = (
-    "the stored second moment can stop changing, and after a huge gradient "
-    "stay saturated for good."
-)
-
-
-def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
-  """Warns when the state dtype cannot resolve one step of the average.
-
-  m moves by (1 - beta) * (h**2 - m) per step; with 1 - beta below the dtype's
-  relative spacing, rounding would undo most steps.
-  """
-  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
-    return
-  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
-    finfo = jnp.finfo(dtype)
-    spacing = float(finfo.eps)
-    if 1 - float(beta) < spacing:
-      # Only a wider state can help, so the advice depends on the state dtype.
-      if finfo.bits < 32:
-        fix = "Pass accumulator_dtype=jnp.float32 to keep the moments in float32."
-      else:
-        fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
-        if finfo.bits < 64:
-          fix += (", or keep the moments in float64: enable "
-                  "jax.config.update('jax_enable_x64', True) and pass "
-                  "accumulator_dtype=jnp.float64")
-        fix += "."
-      logger.warning(
-          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
-          "spacing %.3g): %s %s",
-          transform, beta, dtype, spacing,
-          _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE, fix,
-      )
-
-
-def check_eps_is_normal(eps, accumulator) -> None:
-  """Refuses an eps that the division's dtype reads as 0 (a zero gradient: 0 / 0)."""
-  # Below the smallest normal number, eps is 0 or a subnormal that
-  # flush-to-zero hardware reads as 0.
-  for dtype in {compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
-    validation.check_at_least(
-        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
-        "a zero gradient would give 0 / 0 = NaN.",
-    )

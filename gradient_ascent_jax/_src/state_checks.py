@@ -1,16 +1,27 @@
-"""Checks that a state belongs to its optimizer, and what a state restored without a target is."""
+"""The checks of ``init`` and ``update``: the params, the gradients, and the state.
+
+What a state restored without a target is, a state of an earlier layout, and
+the state dtypes that cannot hold what the hyperparameters ask. The
+hyperparameters themselves are checked when the optimizer is built
+(``validation``).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from gradient_ascent_jax._src import numerics
 from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import validation
+
+logger = logging.getLogger("gradient_ascent_jax")
 
 # orbax's checkpointer.restore(path) and flax's msgpack_restore give the arrays back in
 # plain dicts and lists: the state types are lost, and re-initialising loses the run.
@@ -78,7 +89,7 @@ def check_own_state(state: Any, state_type: type, name: str) -> None:
 
 
 def check_gradient_leaves(updates: Any, transform: str) -> None:
-  validation.check_array_leaves(
+  check_array_leaves(
       updates,
       transform,
       "gradient",
@@ -90,7 +101,7 @@ def init_accumulator(params, accumulator_dtype, transform: str):
   """Zeros like ``params`` on their devices, in ``accumulator_dtype`` if set."""
   # Again here: 64-bit types may have been switched off since construction.
   validation.check_accumulator_dtype(accumulator_dtype)
-  validation.check_floating_params(params, transform)
+  check_floating_params(params, transform)
   return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
@@ -99,7 +110,7 @@ def check_matches_state(updates, accumulator, accumulator_dtype, transform):
   check_gradient_leaves(updates, transform)
   # Before the dtype checks: with accumulator_dtype set, a complex update would
   # pass them and lose its imaginary part in the real state.
-  validation.check_real_leaves(
+  check_real_leaves(
       updates, transform, "gradient", "its state holds real numbers"
   )
   if accumulator_dtype is not None:
@@ -237,3 +248,126 @@ def checked_state(
       raise
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
+# jnp.result_type would read the string "float32" as a dtype: check the type.
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float, complex)
+
+
+def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
+  """Raises TypeError naming the first leaf that is neither an array nor a number."""
+  if all(isinstance(leaf, _ARRAY_LIKE) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not isinstance(leaf, _ARRAY_LIKE):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} must be an array, got {leaf!r} of "
+          f"type {type(leaf).__name__}. {fix}"
+      )
+
+
+SPLIT_COMPLEX = (
+    "For complex parameters, wrap the optimizer: "
+    "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
+    "optimizes the real and imaginary parts as two real parameters."
+)
+
+
+def check_real_leaves(tree: Any, transform: str, what: str, why: str) -> None:
+  """Raises TypeError naming the first complex leaf; ``why`` says what needs real numbers."""
+  if not any(np.iscomplexobj(leaf) for leaf in jax.tree.leaves(tree)):
+    return  # the common case, without building paths
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.iscomplexobj(leaf):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(
+          f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
+          f"but {why}. {SPLIT_COMPLEX}"
+      )
+
+
+def check_floating_params(params: Any, transform: str) -> None:
+  """Raises TypeError naming the first leaf that is not a real floating-point array."""
+  check_array_leaves(
+      params,
+      transform,
+      "parameter",
+      "Keep only arrays in the params: replace other objects with None, or "
+      "keep them outside the tree.",
+  )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    where = jax.tree_util.keystr(path) or "<root>"
+    try:
+      dtype = jnp.result_type(leaf)
+    except TypeError:  # a NumPy dtype JAX lacks: object, str, float128, ...
+      dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      shown = leaf.dtype if dtype is None else dtype.name
+      raise TypeError(
+          f"{transform}: parameter {where} has dtype {shown}; only real "
+          "floating-point parameters can be optimized. Mask non-trainable "
+          "leaves out with optax.masked / optax.multi_transform (or replace "
+          f"them with None). {SPLIT_COMPLEX}"
+      )
+    if jnp.finfo(dtype).bits < 16:
+      raise TypeError(
+          f"{transform}: parameter {where} has dtype {dtype.name}; parameters "
+          "of fewer than 16 bits cannot be optimized: JAX does not promote "
+          "them implicitly, and their few mantissa bits would swallow most "
+          "updates. Keep float32 or bfloat16 parameters and cast them to "
+          f"{dtype.name} where they are used."
+      )
+
+
+_COARSE_HALF = (
+    "the stored second moment moves by one unit in the last place where beta "
+    "asks for less, so it forgets faster than beta says and, with noisy "
+    "gradients, averages low (steps up to about 1.4x larger than with float32 "
+    "state)."
+)
+_COARSE_WIDE = (
+    "the stored second moment can stop changing, and after a huge gradient "
+    "stay saturated for good."
+)
+
+
+def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
+  """Warns when the state dtype cannot resolve one step of the average.
+
+  m moves by (1 - beta) * (h**2 - m) per step; with 1 - beta below the dtype's
+  relative spacing, rounding would undo most steps.
+  """
+  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
+    return
+  for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
+    finfo = jnp.finfo(dtype)
+    spacing = float(finfo.eps)
+    if 1 - float(beta) < spacing:
+      # Only a wider state can help, so the advice depends on the state dtype.
+      if finfo.bits < 32:
+        fix = "Pass accumulator_dtype=jnp.float32 to keep the moments in float32."
+      else:
+        fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
+        if finfo.bits < 64:
+          fix += (", or keep the moments in float64: enable "
+                  "jax.config.update('jax_enable_x64', True) and pass "
+                  "accumulator_dtype=jnp.float64")
+        fix += "."
+      logger.warning(
+          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
+          "spacing %.3g): %s %s",
+          transform, beta, dtype, spacing,
+          _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE, fix,
+      )
+
+
+def check_eps_is_normal(eps, accumulator) -> None:
+  """Refuses an eps that the division's dtype reads as 0 (a zero gradient: 0 / 0)."""
+  # Below the smallest normal number, eps is 0 or a subnormal that
+  # flush-to-zero hardware reads as 0.
+  for dtype in {numerics.compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
+    validation.check_at_least(
+        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
+        "a zero gradient would give 0 / 0 = NaN.",
+    )

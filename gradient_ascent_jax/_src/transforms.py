@@ -173,7 +173,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   def update_fn(updates, state, params=None):
     del params
     state_checks.check_gradient_leaves(updates, "clip_by_value")
-    validation.check_real_leaves(
+    state_checks.check_real_leaves(
         updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
     )
     return jax.tree.map(clip_leaf, updates), state
@@ -293,8 +293,8 @@ def scale_by_adaptive_rms(
 
   def init_fn(params):
     second_moment = state_checks.init_accumulator(params, accumulator_dtype, name)
-    numerics.warn_if_too_coarse(beta, second_moment, name)
-    numerics.check_eps_is_normal(eps, second_moment)
+    state_checks.warn_if_too_coarse(beta, second_moment, name)
+    state_checks.check_eps_is_normal(eps, second_moment)
     return ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   def update_fn(updates, state, params=None):
