@@ -270,7 +270,8 @@ def test_state_restored_without_a_target_says_to_restore_into_one_and_that_works
       assert f"the optimizer state is a plain {kind} holding the right arrays" in message
       assert "restored without a target" in message
       assert "Do not replace it with tx.init(params), which starts over" in message
-      assert "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params)))" in message
+      assert "state = gax.carry_over(restored, tx.init(params))" in message
+      assert "Checkpoints guide" in message
 
   # The advice, followed: each restores the step taken, and the run goes on from there.
   expected = next_update(tx, state, params)
@@ -286,6 +287,9 @@ def test_state_restored_without_a_target_says_to_restore_into_one_and_that_works
   assert_trees_equal(next_update(tx, restored, params), expected)
   restored = serialization.from_state_dict(tx.init(params), msgpack_untyped)
   assert_trees_equal(next_update(tx, restored, params), expected)
+  for plain in (untyped["opt_state"], msgpack_untyped):
+    assert_trees_equal(next_update(tx, gax.carry_over(plain, tx.init(params)), params),
+                       expected)
 
 
 # The chain that gradient_ascent is, of public stages, and each stage with a state alone.
@@ -327,11 +331,12 @@ def test_stage_restored_without_a_target_says_to_restore_into_one(stages, fmt, t
     message = str(raised.value)
     assert "restored without a target" in message
     assert "Do not replace it with tx.init(params), which starts over" in message
-    assert "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params)))" in message
-    assert "serialization.from_state_dict(tx.init(params), restored)" in message
+    assert "state = gax.carry_over(restored, tx.init(params))" in message
     assert "earlier version" not in message
-  # The advice, followed, resumes the run.
+  # The advice, followed either way, resumes the run.
   assert_trees_equal(next_update(tx, restored, params), next_update(tx, state, params))
+  carried = gax.carry_over(plain, tx.init(params))
+  assert_trees_equal(next_update(tx, carried, params), next_update(tx, state, params))
 
 
 def test_plain_state_of_other_arrays_is_still_another_optimizers(tmp_path):

@@ -201,39 +201,13 @@ def maximize(
   """Turns any Optax (descent) optimizer into an ascent optimizer.
 
   The incoming gradients are negated before ``tx`` sees them, so ``tx``
-  descends on ``-objective``: its momentum and statistics see the right sign
+  descends on ``-objective``: its momentum and statistics see the right sign,
   and decoupled weight decay still shrinks the weights. The state is exactly
-  ``tx``'s state (so ``state.hyperparams`` of an injected optimizer stays where
-  it was). The extra arguments of ``update`` through which Optax takes the
-  objective are handed on for ``-objective``, so that every Optax optimizer
-  that uses them maximizes too:
-
-  - ``value`` (the objective's value) and ``grad`` (its gradient) are negated:
-    ``optax.lbfgs()`` and the line searches, ``optax.polyak_sgd``,
-    ``optax.contrib.momo``, ``optax.contrib.reduce_on_plateau``;
-  - ``value_fn`` (line searches) and ``obj_fn``
-    (``optax.contrib.sophia``, ``optax.contrib.hutchinson_estimator_diag_hessian``)
-    are wrapped to return the negated value (of a ``(value, aux)`` pair, only
-    the value is negated), so curvature estimates have the loss's sign;
-  - ``grad_fn`` (``optax.contrib.sam(opaque_mode=True)``) is wrapped to return
-    the negated gradient.
-
-  Other extra arguments pass unchanged. Hyperparameters about the objective
-  are about ``-objective``: ``polyak_sgd``'s ``f_min`` is a lower bound on it
-  (minus the objective's maximum). ``init`` logs one WARNING (once per
-  process) when ``tx`` holds ``optax.contrib.reduce_on_plateau``: under
-  ``maximize`` build it with ``rtol=0.0`` and an ``atol``, or its relative test
-  never cuts while the objective is positive. An ``optax.MultiSteps`` object
-  is accepted as it is. The objective value and gradient that a line search
-  caches in its state are kept with the sign of YOUR objective, so
-  ``optax.value_and_grad_from_state(objective)`` works.
-
-  A ``tx`` that already ascends is refused with a ``ValueError``: the result
-  of :func:`gradient_ascent` or of ``maximize`` itself, here, and any
-  transform whose state holds :class:`FlipSignState` (a chain or
-  ``optax.inject_hyperparams`` of :func:`gradient_ascent`, a chain with
-  :func:`flip_sign`) at ``init``. Wrappers only show their inner transform
-  at ``init``.
+  ``tx``'s. The extra arguments of ``update`` through which Optax optimizers
+  take the objective (``value``, ``grad``, ``value_fn``, ``obj_fn``,
+  ``grad_fn``) are handed on for ``-objective``; a ``tx`` that already ascends
+  is refused. What each optimizer needs, and why: the guide "Ascent with any
+  Optax optimizer".
 
   Args:
     tx: an ``optax.GradientTransformation`` such as ``optax.adam(1e-3)``, or

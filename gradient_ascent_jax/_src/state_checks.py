@@ -29,17 +29,14 @@ _WITHOUT_TARGET = (
     "a checkpoint restored without a target, as orbax's checkpointer.restore(path) "
     "and flax's serialization.msgpack_restore give it"
 )
+# The recipes for restoring into a target live in the documentation's Checkpoints
+# guide, where they are run and tested; a message names that page only.
 _RESTORE_INTO_TARGET = (
-    "Do not replace it with tx.init(params), which starts over: restore the "
-    "checkpoint into the structure of tx.init(params). With orbax: "
-    "checkpointer.restore(path, jax.eval_shape(lambda: tx.init(params))) "
-    "(ocp.StandardCheckpointer), or manager.restore(step, "
-    "args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))) "
-    "(ocp.CheckpointManager). With flax: serialization.from_bytes(tx.init(params), "
-    "blob), or serialization.from_state_dict(tx.init(params), restored). If you "
-    "saved a dict such as {'params': ..., 'opt_state': ...}, restore into that dict "
-    "with tx.init(params) as its 'opt_state'. Or carry the restored state over: "
-    "state = gax.carry_over(restored, tx.init(params))."
+    "Do not replace it with tx.init(params), which starts over: carry it over, "
+    "state = gax.carry_over(restored, tx.init(params)), which takes the plain dicts "
+    "and lists as they are and keeps the moments and counts; or restore the "
+    "checkpoint into the structure of tx.init(params), as the Checkpoints guide of "
+    "the documentation shows for orbax and flax."
 )
 # An earlier version's state is carried over, never replaced: tx.init would lose the run.
 _CARRY_OVER = (
