@@ -1,18 +1,20 @@
 """The composable stages of gradient ascent, each a pure Optax transform.
 
-Every stage is odd in its input (``f(-g) = -f(g)``), so the order of the sign
-flip does not change the result; it comes first because that is what
-``maximize`` needs.
+The stages that only see the gradient (clipping, the RMS scaling, momentum,
+the learning rate) are odd in it (``f(-g) = -f(g)``), so the sign flip could
+come before or after them; it comes first because that is what ``maximize``
+needs. Weight decay is not odd (it adds a term of the params), so it comes
+after the flip: ``-weight_decay * params`` joins the gradient that ascends.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import typing
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import NamedTuple
-from typing import cast
 
 import chex
 import jax
@@ -435,7 +437,7 @@ def scale_by_warmup_decay(
   def update_fn(updates, state, params=None):
     del params
     state_checks.check_own_state(state, ScaleByWarmupDecayState, "scale_by_warmup_decay")
-    step_size = -cast(jax.Array, schedule(state.count))
+    step_size = -typing.cast(jax.Array, schedule(state.count))
 
     def scale(u):
       # A Python-float rate is weakly typed: times float16 updates it would be
@@ -443,7 +445,7 @@ def scale_by_warmup_decay(
       return numerics.cast(step_size * numerics.cast(u, numerics.compute_dtype(u.dtype)), u.dtype)
 
     updates = jax.tree.map(scale, updates)
-    count = cast(jax.Array, optax.safe_increment(state.count))
+    count = typing.cast(jax.Array, optax.safe_increment(state.count))
     return updates, ScaleByWarmupDecayState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
