@@ -924,7 +924,7 @@ def stage_types(tx, params=None):
   return [type(stage).__name__ for stage in tx.init(jnp.zeros(2) if params is None else params)]
 
 
-@pytest.mark.parametrize("off", [0.0, 0, -0.0, np.float64(0.0)])
+@pytest.mark.parametrize("off", [None, 0.0, 0, -0.0, np.float64(0.0)])
 def test_weight_decay_zero_adds_no_stage(off):
   # The default's state layout is unchanged, so checkpoints of it still restore.
   expected = ["FlipSignState", "ScaleByAdaptiveRmsState", "MomentumState",
@@ -949,9 +949,10 @@ def test_weight_decay_without_params_says_to_pass_them():
   with pytest.raises(ValueError, match=r"call tx.update\(grads, state, params\)") as info:
     tx.update(jnp.ones(2), state)
   assert "weight_decay" in str(info.value)
-  # With weight_decay=0 (the default), params stay optional.
-  tx = gax.gradient_ascent()
-  tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+  # Without weight decay (None, the default, or 0), params stay optional.
+  for off in ({}, {"weight_decay": None}, {"weight_decay": 0.0}):
+    tx = gax.gradient_ascent(**off)
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike | None = None,
     logging_name: str | None = None,
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -74,11 +74,13 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
-    weight_decay: >= 0; 0 (default) for none. Ascends on ``objective -
-      weight_decay/2 * |params|^2`` (the term enters before the RMS scaling,
-      as in torch's ``RMSprop(maximize=True, weight_decay=...)``); ``update``
-      then needs the params, as it does when the value is a JAX array
-      (``optax.inject_hyperparams`` injects the default unless static).
+    weight_decay: None (default) or 0 for none, or a rate >= 0. Ascends on
+      ``objective - weight_decay/2 * |params|^2`` (the term enters before the
+      RMS scaling, as in torch's ``RMSprop(maximize=True, weight_decay=...)``);
+      ``update`` then needs the params. None and a concrete 0 add no stage, so
+      ``optax.inject_hyperparams(gradient_ascent)(...)`` without it has the
+      state layout of ``gradient_ascent(...)`` and needs no params; a JAX
+      value (injected, traced) keeps the stage, since it may be > 0.
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.

@@ -218,20 +218,24 @@ def check_logging_name(value: Any) -> str | None:
   return value
 
 
-def check_weight_decay(value: Any) -> float | jax.Array:
+def check_weight_decay(value: Any) -> float | jax.Array | None:
+  if value is None:
+    return None
   return check_interval(
       "weight_decay",
       value,
       0.0,
       math.inf,
       high_open=True,
-      fix="Use 0 for no decay, or a small rate such as 1e-4: the optimizer then "
-      "ascends on objective - weight_decay/2 * |params|^2.",
+      fix="Use None (the default) for no decay, or a small rate such as 1e-4: the "
+      "optimizer then ascends on objective - weight_decay/2 * |params|^2.",
   )
 
 
 def weight_decay_enabled(weight_decay: Any) -> bool:
-  """Whether the decay stage is needed; False only for a concrete 0."""
+  """Whether the decay stage is needed: for a JAX value (it may be > 0) or a number > 0."""
+  if weight_decay is None:
+    return False
   return _is_jax_value(weight_decay) or weight_decay > 0
 
 
