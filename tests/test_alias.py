@@ -973,6 +973,14 @@ def test_weight_decay_mask_spares_the_masked_out_leaves(mask):
   assert float(jnp.min(params["w"])) > 0.0
 
 
+@pytest.mark.parametrize("mask", [False, True, np.bool_(False), jnp.asarray(False)],
+                         ids=["False", "True", "numpy", "jax"])
+def test_weight_decay_mask_of_a_single_bool_is_refused(mask):
+  # What a callable mask becomes under optax.inject_hyperparams without static_args.
+  with pytest.raises(ValueError, match="`weight_decay_mask` must be None, a pytree of bools"):
+    gax.gradient_ascent(weight_decay=0.1, weight_decay_mask=mask)
+
+
 def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():
   # A float32 rate times bfloat16 params is float32; the stages after the decay must
   # still see (and return) the gradients' bfloat16.

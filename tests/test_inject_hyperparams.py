@@ -372,3 +372,40 @@ def test_injected_without_weight_decay_updates_without_params(knobs):
   updates, _ = jax.jit(opt.update)(grads, opt.init(params))
   updates_inject, _ = jax.jit(opt_inject.update)(grads, opt_inject.init(params))
   np.testing.assert_allclose(updates_inject, updates, rtol=1e-4)
+
+
+# A callable weight_decay_mask: Optax calls any callable not in static_args with the
+# step count, as a schedule. --------------------------------------------------------
+
+
+def _matrices(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _as_jax_bools(params):
+  return jax.tree.map(lambda x: jnp.asarray(x.ndim > 1), params)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mask", [_matrices, _as_jax_bools])
+def test_callable_mask_not_static_is_refused_naming_the_fix(mask, jit):
+  # It arrived as mask(count) = False: no leaf decayed, and nothing was said.
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(
+      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=mask
+  )
+  init = jax.jit(tx.init) if jit else tx.init
+  with pytest.raises(ValueError, match=r'static_args=\("weight_decay_mask",\)') as info:
+    init(_params())
+  assert "got a single bool" in str(info.value)
+
+
+def test_callable_mask_in_static_args_decays_the_chosen_leaves():
+  params = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 2.0)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay_mask",))(
+      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=_matrices
+  )
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  # Zero gradient: h = -0.1 * 2 on w, so the first step is -lr / sqrt(1 - beta).
+  np.testing.assert_allclose(updates["w"], -1e-3 / np.sqrt(1e-3), rtol=1e-4)
+  np.testing.assert_array_equal(updates["b"], 0.0)

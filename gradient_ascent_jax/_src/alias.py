@@ -86,7 +86,11 @@ def gradient_ascent(
       with ``disc:``, so that two optimizers' records can be told apart.
     weight_decay_mask: which leaves decay (to spare biases and norms): a
       pytree of bools (True: decayed) or a callable ``params -> pytree of
-      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.
+      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all. Under
+      ``optax.inject_hyperparams`` name a callable in
+      ``static_args=("weight_decay_mask",)``: Optax calls any other callable
+      with the step count, as a schedule (a single bool that results is
+      refused with a ``ValueError``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the chain's state (a
@@ -122,6 +126,7 @@ def gradient_ascent(
   logging_interval = validation.check_logging_interval(logging_interval)
   logging_name = validation.check_logging_name(logging_name)
   weight_decay = validation.check_weight_decay(weight_decay)
+  weight_decay_mask = validation.check_weight_decay_mask(weight_decay_mask)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay

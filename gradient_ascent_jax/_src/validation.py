@@ -232,6 +232,33 @@ def check_weight_decay(value: Any) -> float | jax.Array | None:
   )
 
 
+def check_weight_decay_mask(value: Any) -> Any:
+  """Refuses a single bool: what a callable mask becomes when Optax calls it with the count.
+
+  ``optax.inject_hyperparams`` takes every callable it is not told about for a
+  schedule and hands its value at the step count, so ``lambda p: jax.tree.map(
+  lambda x: x.ndim > 1, p)`` arrives as ``False``: no leaf would decay, silently.
+  """
+  is_bool = isinstance(value, (bool, np.bool_)) or (
+      isinstance(value, (jax.Array, np.ndarray))
+      and np.shape(value) == ()
+      and jnp.issubdtype(value.dtype, jnp.bool_)
+  )
+  if is_bool:
+    shown = _describe_array(value) if _is_jax_value(value) else repr(value)
+    raise ValueError(
+        "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
+        "prefix of it) or a callable params -> such a pytree, got a single bool "
+        f"({shown}). Under optax.inject_hyperparams that is what a callable mask "
+        "turns into: Optax takes every callable it is not told about for a schedule "
+        "and calls it with the step count, so the mask never sees the params. Name "
+        "it static: optax.inject_hyperparams(gax.gradient_ascent, "
+        "static_args=(\"weight_decay_mask\",))(...). Otherwise use None to decay "
+        "every leaf, or leave weight_decay out to decay none."
+    )
+  return value
+
+
 def weight_decay_enabled(weight_decay: Any) -> bool:
   """Whether the decay stage is needed: for a JAX value (it may be > 0) or a number > 0."""
   if weight_decay is None:
