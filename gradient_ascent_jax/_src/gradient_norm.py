@@ -84,9 +84,11 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   block travel. No scale computed from the data feeds back into a block: XLA
   copies such a computation into every block, and compiles 1000 leaves in minutes.
   """
-  # Magnitudes of complex leaves: their squares are what the norm adds.
+  # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
+  # has no .ndim or sharding to read. Magnitudes of complex leaves: their squares
+  # are what the norm adds.
   leaves = [jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
-            for leaf in jax.tree.leaves(tree) if jnp.size(leaf)]
+            for leaf in map(jnp.asarray, jax.tree.leaves(tree)) if jnp.size(leaf)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
   dtype = jnp.result_type(jnp.float32, *leaves)
