@@ -73,7 +73,7 @@ def _scale_exponents(dtype: np.dtype) -> tuple[int, ...]:
 
 
 def global_norm(tree: optax.Updates) -> jax.Array:
-  """The L2 norm of all leaves, right wherever the result dtype can hold it.
+  """The L2 norm of all leaves, right for normal numbers wherever the result dtype holds it.
 
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
   dtype. Each block of leaves (see ``_blocks``) is reduced once, to the sums of
@@ -83,6 +83,8 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   scaling by a power of two is exact. Across devices only those few sums of each
   block travel. No scale computed from the data feeds back into a block: XLA
   copies such a computation into every block, and compiles 1000 leaves in minutes.
+  Subnormal float32, bfloat16 and float64 elements count as 0: XLA:CPU reads
+  subnormal inputs as 0 (as ``jnp.linalg.norm`` and the optimizer's step do).
   """
   # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
   # has no .ndim or sharding to read. Magnitudes of complex leaves: their squares
