@@ -75,6 +75,21 @@ def test_float64_subnormals_have_norm_zero_and_the_smallest_normal_is_right(x64)
                              rtol=1e-12)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    ("make_tree", "norm"),
+    [(lambda: {"w": jnp.full((4,), 1e-100)}, 2e-100), (lambda: {"t": 1e-100, "u": 1e-100}, 2**0.5 * 1e-100)],
+    ids=["jnp_full", "python_floats"],
+)
+def test_weakly_typed_float64_leaves_stay_float64(x64, make_tree, norm, jit):
+  # jnp.full with a Python float, or a Python float, is weakly typed: promoted with
+  # float32 it gave float32, where 1e-100 is 0.
+  norm_of = jax.jit(gradient_norm.global_norm) if jit else gradient_norm.global_norm
+  got = norm_of(make_tree())
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(float(got), norm, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_smallest_normal_gradient_is_right_where_jnp_linalg_norm_underflows(dtype):
   tiny = float(jnp.finfo(dtype).tiny)  # 2**-126 in both

@@ -93,7 +93,9 @@ def global_norm(tree: optax.Updates) -> jax.Array:
             for leaf in map(jnp.asarray, jax.tree.leaves(tree)) if jnp.size(leaf)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  dtype = jnp.result_type(jnp.float32, *leaves)
+  # From the dtypes, not the leaves: a weakly typed float64 leaf (jnp.full(4, 1e-100)
+  # with x64 on, a Python float) would give float32, where 1e-100 is 0.
+  dtype = jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
   exponents = _scale_exponents(jnp.dtype(dtype))
   lift = np.ldexp(np.ones(len(exponents), dtype), exponents)
   # Hidden from XLA's simplifier, which would otherwise rewrite (c * g)**2 as
