@@ -409,3 +409,17 @@ def test_callable_mask_in_static_args_decays_the_chosen_leaves():
   # Zero gradient: h = -0.1 * 2 on w, so the first step is -lr / sqrt(1 - beta).
   np.testing.assert_allclose(updates["w"], -1e-3 / np.sqrt(1e-3), rtol=1e-4)
   np.testing.assert_array_equal(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum])
+def test_dtype_not_static_is_refused_naming_the_fix(factory):
+  # jnp.float32 is callable: Optax called it with the count, and jnp.zeros(dtype=
+  # an array) failed with "Passing an array as a dtype argument is no longer supported".
+  tx = optax.inject_hyperparams(factory)(accumulator_dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r'static_args=\("accumulator_dtype",\)'):
+    tx.init(jnp.zeros(2))
+  for static_args, dtype in ((("accumulator_dtype",), jnp.float32), ((), "float32")):
+    tx = optax.inject_hyperparams(factory, static_args, hyperparam_dtype=jnp.float32)(
+        accumulator_dtype=dtype)
+    state = tx.init(jnp.zeros(2, jnp.bfloat16))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)} >= {jnp.dtype(jnp.float32)}

@@ -280,6 +280,17 @@ def check_bool(name: str, value: Any) -> Any:
 def check_accumulator_dtype(value: Any) -> None:
   if value is None:
     return
+  if _is_jax_value(value):
+    # jnp.float32 is callable: optax.inject_hyperparams takes it for a schedule
+    # and hands on jnp.float32(count), an array.
+    raise ValueError(
+        "`accumulator_dtype` must be None or a floating-point dtype such as "
+        f"jnp.float32, got {_describe_array(value)}. Under optax.inject_hyperparams "
+        "that is what a dtype turns into: Optax takes every callable it is not told "
+        "about (jnp.float32 is one) for a schedule and calls it with the step count. "
+        "Name it static: optax.inject_hyperparams(gax.gradient_ascent, "
+        "static_args=(\"accumulator_dtype\",))(...), or pass the string \"float32\"."
+    )
   try:
     dtype = jnp.dtype(value)
   except (TypeError, ValueError):
