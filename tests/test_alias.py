@@ -924,7 +924,7 @@ def stage_types(tx, params=None):
   return [type(stage).__name__ for stage in tx.init(jnp.zeros(2) if params is None else params)]
 
 
-@pytest.mark.parametrize("off", [0.0, 0, -0.0, np.float64(0.0)])
+@pytest.mark.parametrize("off", [None, 0.0, 0, -0.0, np.float64(0.0)])
 def test_weight_decay_zero_adds_no_stage(off):
   # The default's state layout is unchanged, so checkpoints of it still restore.
   expected = ["FlipSignState", "ScaleByAdaptiveRmsState", "MomentumState",
@@ -949,9 +949,10 @@ def test_weight_decay_without_params_says_to_pass_them():
   with pytest.raises(ValueError, match=r"call tx.update\(grads, state, params\)") as info:
     tx.update(jnp.ones(2), state)
   assert "weight_decay" in str(info.value)
-  # With weight_decay=0 (the default), params stay optional.
-  tx = gax.gradient_ascent()
-  tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+  # Without weight decay (None, the default, or 0), params stay optional.
+  for off in ({}, {"weight_decay": None}, {"weight_decay": 0.0}):
+    tx = gax.gradient_ascent(**off)
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
 
 
 @pytest.mark.parametrize(
@@ -970,6 +971,14 @@ def test_weight_decay_mask_spares_the_masked_out_leaves(mask):
   np.testing.assert_array_equal(params["b"], 2.0)  # not decayed: h = 0 every step
   assert float(jnp.max(params["w"])) < 1.96  # decayed toward 0 (first step alone: -0.0316)
   assert float(jnp.min(params["w"])) > 0.0
+
+
+@pytest.mark.parametrize("mask", [False, True, np.bool_(False), jnp.asarray(False)],
+                         ids=["False", "True", "numpy", "jax"])
+def test_weight_decay_mask_of_a_single_bool_is_refused(mask):
+  # What a callable mask becomes under optax.inject_hyperparams without static_args.
+  with pytest.raises(ValueError, match="`weight_decay_mask` must be None, a pytree of bools"):
+    gax.gradient_ascent(weight_decay=0.1, weight_decay_mask=mask)
 
 
 def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():
@@ -993,3 +1002,35 @@ def test_state_without_weight_decay_is_refused_with_it():
   state = gax.gradient_ascent(weight_decay=0.1).init(params)
   with pytest.raises(ValueError, match="does not belong to this optimizer"):
     gax.gradient_ascent().update(jnp.ones(2), state, params)
+
+
+def _flat_objective_path(weight_decay, steps=1000, **hyperparams):
+  """A weight of 1.0 under zero gradients: only the decay moves it."""
+  tx = gax.gradient_ascent(learning_rate=1e-3, weight_decay=weight_decay, **hyperparams)
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jnp.zeros(1), state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), params[0]
+
+  params = jnp.ones(1)
+  return np.asarray(jax.lax.scan(step, (params, tx.init(params)), length=steps)[1])
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_weight_decay_on_a_flat_objective_shrinks_at_a_speed_set_by_the_rate(momentum):
+  # The RMS scaling divides the decay term by its own size, so weight_decay cancels
+  # (docs/guide/hyperparameters.md). Measured over 1000 steps, the largest gap to
+  # weight_decay=1: 1.5e-3 (1e-4), 1.5e-5 (1e-2), 1.6e-7 (100); 0.13 for 1e-6,
+  # where weight_decay * |p| nears eps.
+  reference = _flat_objective_path(1.0, momentum=momentum)
+  for weight_decay, atol in ((1e-4, 5e-3), (1e-2, 1e-4), (100.0, 1e-5)):
+    np.testing.assert_allclose(_flat_objective_path(weight_decay, momentum=momentum), reference,
+                               atol=atol, err_msg=f"weight_decay={weight_decay}")
+  # First step: -lr * h / sqrt((1 - beta) h**2) = -1e-3 / sqrt(1e-3), for any h = -wd * 1.
+  np.testing.assert_allclose(reference[0], 1.0 - 1e-3 / np.sqrt(1e-3), rtol=1e-6)
+  if momentum:  # measured: -0.0037 after 100 steps, 8.6e-6 after 200
+    assert abs(reference[99]) < 0.01 and abs(reference[199]) < 1e-4
+  else:  # measured: 0.4835 after 100 steps, 0.0061 after 1000
+    np.testing.assert_allclose(reference[[99, 999]], [0.4835, 0.0061], rtol=0.01)

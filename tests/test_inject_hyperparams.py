@@ -6,6 +6,7 @@ run with the injected values, not only with what Optax stores.
 
 import logging
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,9 +72,8 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
   )
   params = _params()
   state = tx.init(params)
-  # weight_decay too, with its default 0.0 (a JAX value: its stage is in the chain).
-  assert set(state.hyperparams) == set(NUMERIC) | {"weight_decay"}
-  assert float(state.hyperparams["weight_decay"]) == 0.0
+  # Not weight_decay: its default, None, is not a number, so Optax does not inject it.
+  assert set(state.hyperparams) == set(NUMERIC)
   # The stored values are the ones the steps use: the NumPy reference with them.
   state.hyperparams["logging_interval"] = jnp.full_like(state.hyperparams["logging_interval"], 2)
   with caplog.at_level(logging.INFO, logger="gradient_ascent_jax"):
@@ -301,18 +301,125 @@ def test_injected_weight_decay_is_used_and_changes_without_retracing():
   assert not np.allclose(params_new["w"], params_old["w"])
 
 
-def test_injected_default_weight_decay_needs_params_or_a_static_arg():
-  # Optax injects every numeric default, weight_decay=0.0 among them; a JAX value may
-  # be > 0, so its stage is in the chain and update needs the params (as for
-  # optax.inject_hyperparams(optax.adamw)). As a static argument, 0 adds no stage.
+def test_injected_default_has_no_decay_stage_and_needs_no_params():
+  # The default weight_decay is None, which Optax does not inject: no decay stage,
+  # so update needs no params (the default 0.0 was injected and added one).
   params, grads = jnp.ones(2), jnp.ones(2)
   tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.01)
+  assert "weight_decay" not in tx.init(params).hyperparams
+  updates, _ = tx.update(grads, tx.init(params))
+  plain, _ = gax.gradient_ascent(0.01).update(grads, gax.gradient_ascent(0.01).init(params))
+  np.testing.assert_allclose(updates, plain, rtol=2e-5)  # float32 injected beta: see above
+
+
+def test_injected_weight_decay_needs_params_or_a_static_arg():
+  # An injected rate is a JAX value that may be > 0, even where it is built with 0:
+  # the stage is in the chain and update needs the params (as for
+  # optax.inject_hyperparams(optax.adamw)). As a static argument, 0 adds no stage.
+  params, grads = jnp.ones(2), jnp.ones(2)
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.01, weight_decay=0.0)
   with pytest.raises(ValueError, match=r"static_args=\('weight_decay',\)"):
     tx.update(grads, tx.init(params))
   tx.update(grads, tx.init(params), params)
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay",))(
-      learning_rate=0.01
+      learning_rate=0.01, weight_decay=0.0
   )
   updates, _ = tx.update(grads, tx.init(params))
   plain, _ = gax.gradient_ascent(0.01).update(grads, gax.gradient_ascent(0.01).init(params))
   np.testing.assert_allclose(updates, plain, rtol=2e-5)  # float32 injected beta: see above
+
+
+# Optax's own contract for inject_hyperparams (optax/_src/alias_test.py,
+# test_optimizers_can_be_wrapped_in_inject_hyperparams): the injected optimizer's
+# inner state is the plain one's, and its updates and new state match.
+KNOB_SETS = {
+    "defaults": {},
+    "clip_nesterov": {"clip_value": 0.5, "nesterov": True},
+    "warmup_decay": {"learning_rate": 0.05, "warmup_steps": 3, "lr_decay": 0.9},
+    "logging": {"logging_interval": 2},
+    "weight_decay": {"weight_decay": 0.1},
+    "weight_decay_mask": {"weight_decay": 0.1, "weight_decay_mask": [True, False]},
+    # A dtype object, not jnp.float32: Optax takes any callable for a schedule.
+    "accumulator_dtype": {"accumulator_dtype": jnp.dtype("float32"), "momentum": 0.5},
+}
+
+
+@pytest.mark.parametrize("knobs", list(KNOB_SETS.values()), ids=list(KNOB_SETS))
+def test_inner_state_and_updates_are_those_of_the_plain_optimizer(knobs):
+  opt = gax.gradient_ascent(**knobs)
+  opt_inject = optax.inject_hyperparams(gax.gradient_ascent)(**knobs)
+  params = [jnp.negative(jnp.ones((2, 3))), jnp.ones((2, 5, 2))]
+  grads = [jnp.ones((2, 3)), jnp.negative(jnp.ones((2, 5, 2)))]
+
+  state = jax.jit(opt.init)(params)
+  state_inject = jax.jit(opt_inject.init)(params)
+  assert jax.tree.structure(state_inject.inner_state) == jax.tree.structure(state)
+  for _ in range(3):
+    updates, state = jax.jit(opt.update)(grads, state, params)
+    updates_inject, state_inject = jax.jit(opt_inject.update)(grads, state_inject, params)
+    assert jax.tree.structure(state_inject.inner_state) == jax.tree.structure(state)
+    # The injected beta is float32: 1 - beta differs from 1e-3 by 1.3e-5.
+    chex.assert_trees_all_close(updates_inject, updates, rtol=1e-4)
+    chex.assert_trees_all_close(state_inject.inner_state, state, rtol=1e-4)
+
+
+@pytest.mark.parametrize("knobs", [KNOB_SETS["defaults"], KNOB_SETS["clip_nesterov"]],
+                         ids=["defaults", "clip_nesterov"])
+def test_injected_without_weight_decay_updates_without_params(knobs):
+  opt = gax.gradient_ascent(**knobs)
+  opt_inject = optax.inject_hyperparams(gax.gradient_ascent)(**knobs)
+  params, grads = jnp.zeros(3), jnp.array([0.5, -1.0, 2.0])
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params))
+  updates_inject, _ = jax.jit(opt_inject.update)(grads, opt_inject.init(params))
+  np.testing.assert_allclose(updates_inject, updates, rtol=1e-4)
+
+
+# A callable weight_decay_mask: Optax calls any callable not in static_args with the
+# step count, as a schedule. --------------------------------------------------------
+
+
+def _matrices(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _as_jax_bools(params):
+  return jax.tree.map(lambda x: jnp.asarray(x.ndim > 1), params)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mask", [_matrices, _as_jax_bools])
+def test_callable_mask_not_static_is_refused_naming_the_fix(mask, jit):
+  # It arrived as mask(count) = False: no leaf decayed, and nothing was said.
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(
+      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=mask
+  )
+  init = jax.jit(tx.init) if jit else tx.init
+  with pytest.raises(ValueError, match=r'static_args=\("weight_decay_mask",\)') as info:
+    init(_params())
+  assert "got a single bool" in str(info.value)
+
+
+def test_callable_mask_in_static_args_decays_the_chosen_leaves():
+  params = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 2.0)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay_mask",))(
+      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=_matrices
+  )
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  # Zero gradient: h = -0.1 * 2 on w, so the first step is -lr / sqrt(1 - beta).
+  np.testing.assert_allclose(updates["w"], -1e-3 / np.sqrt(1e-3), rtol=1e-4)
+  np.testing.assert_array_equal(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum])
+def test_dtype_not_static_is_refused_naming_the_fix(factory):
+  # jnp.float32 is callable: Optax called it with the count, and jnp.zeros(dtype=
+  # an array) failed with "Passing an array as a dtype argument is no longer supported".
+  tx = optax.inject_hyperparams(factory)(accumulator_dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r'static_args=\("accumulator_dtype",\)'):
+    tx.init(jnp.zeros(2))
+  for static_args, dtype in ((("accumulator_dtype",), jnp.float32), ((), "float32")):
+    tx = optax.inject_hyperparams(factory, static_args, hyperparam_dtype=jnp.float32)(
+        accumulator_dtype=dtype)
+    state = tx.init(jnp.zeros(2, jnp.bfloat16))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)} >= {jnp.dtype(jnp.float32)}

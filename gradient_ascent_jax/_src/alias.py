@@ -29,7 +29,7 @@ def gradient_ascent(
     logging_interval: jax.typing.ArrayLike | None = None,
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike | None = None,
     logging_name: str | None = None,
     weight_decay_mask: Any = None,
     logging_emit: str = "callback",
@@ -76,17 +76,23 @@ def gradient_ascent(
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
-    weight_decay: >= 0; 0 (default) for none. Ascends on ``objective -
-      weight_decay/2 * |params|^2`` (the term enters before the RMS scaling,
-      as in torch's ``RMSprop(maximize=True, weight_decay=...)``); ``update``
-      then needs the params, as it does when the value is a JAX array
-      (``optax.inject_hyperparams`` injects the default unless static).
+    weight_decay: None (default) or 0 for none, or a rate >= 0. Ascends on
+      ``objective - weight_decay/2 * |params|^2`` (the term enters before the
+      RMS scaling, as in torch's ``RMSprop(maximize=True, weight_decay=...)``);
+      ``update`` then needs the params. None and a concrete 0 add no stage, so
+      ``optax.inject_hyperparams(gradient_ascent)(...)`` without it has the
+      state layout of ``gradient_ascent(...)`` and needs no params; a JAX
+      value (injected, traced) keeps the stage, since it may be > 0.
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
     weight_decay_mask: which leaves decay (to spare biases and norms): a
       pytree of bools (True: decayed) or a callable ``params -> pytree of
-      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all.
+      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all. Under
+      ``optax.inject_hyperparams`` name a callable in
+      ``static_args=("weight_decay_mask",)``: Optax calls any other callable
+      with the step count, as a schedule (a single bool that results is
+      refused with a ``ValueError``).
     logging_emit: how the records leave the compiled step: ``"callback"``
       (default), by ``jax.debug.callback``, which suits a loop inside
       ``lax.scan``; ``"state"``, kept in the state for a
@@ -127,6 +133,7 @@ def gradient_ascent(
   logging_name = validation.check_logging_name(logging_name)
   logging_emit = validation.check_logging_emit("logging_emit", logging_emit)
   weight_decay = validation.check_weight_decay(weight_decay)
+  weight_decay_mask = validation.check_weight_decay_mask(weight_decay_mask)
 
   schedule = schedules.warmup_decay_schedule(
       learning_rate, warmup_steps, lr_decay

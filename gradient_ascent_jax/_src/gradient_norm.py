@@ -73,7 +73,7 @@ def _scale_exponents(dtype: np.dtype) -> tuple[int, ...]:
 
 
 def global_norm(tree: optax.Updates) -> jax.Array:
-  """The L2 norm of all leaves, right wherever the result dtype can hold it.
+  """The L2 norm of all leaves, right for normal numbers wherever the result dtype holds it.
 
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
   dtype. Each block of leaves (see ``_blocks``) is reduced once, to the sums of
@@ -83,13 +83,19 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   scaling by a power of two is exact. Across devices only those few sums of each
   block travel. No scale computed from the data feeds back into a block: XLA
   copies such a computation into every block, and compiles 1000 leaves in minutes.
+  Subnormal float32, bfloat16 and float64 elements count as 0: XLA:CPU reads
+  subnormal inputs as 0 (as ``jnp.linalg.norm`` and the optimizer's step do).
   """
-  # Magnitudes of complex leaves: their squares are what the norm adds.
+  # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
+  # has no .ndim or sharding to read. Magnitudes of complex leaves: their squares
+  # are what the norm adds.
   leaves = [jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
-            for leaf in jax.tree.leaves(tree) if jnp.size(leaf)]
+            for leaf in map(jnp.asarray, jax.tree.leaves(tree)) if jnp.size(leaf)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  dtype = jnp.result_type(jnp.float32, *leaves)
+  # From the dtypes, not the leaves: a weakly typed float64 leaf (jnp.full(4, 1e-100)
+  # with x64 on, a Python float) would give float32, where 1e-100 is 0.
+  dtype = jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
   exponents = _scale_exponents(jnp.dtype(dtype))
   lift = np.ldexp(np.ones(len(exponents), dtype), exponents)
   # Hidden from XLA's simplifier, which would otherwise rewrite (c * g)**2 as

@@ -219,13 +219,14 @@ def add_decayed_weights(
       if isinstance(weight_decay, jax.Array):
         unknown = (
             " Here weight_decay is a JAX value, which may be 0 but cannot be known to "
-            "be when the optimizer is built: optax.inject_hyperparams injects it (with "
-            "its default 0.0) unless you name it in static_args=('weight_decay',)."
+            "be when the optimizer is built (optax.inject_hyperparams injects every "
+            "number it is given): leave weight_decay out (None, the default) or name "
+            "it in static_args=('weight_decay',) to have no decay stage."
         )
       raise ValueError(
           "gradient_ascent: weight_decay > 0 pulls the params toward 0, so update "
           "needs them: call tx.update(grads, state, params) with the params the "
-          "gradients are of (or build the optimizer with weight_decay=0)." + unknown
+          "gradients are of (or build the optimizer with weight_decay=None)." + unknown
       )
     if mask is None:
       return decay(updates, params), state

@@ -218,20 +218,51 @@ def check_logging_name(value: Any) -> str | None:
   return value
 
 
-def check_weight_decay(value: Any) -> float | jax.Array:
+def check_weight_decay(value: Any) -> float | jax.Array | None:
+  if value is None:
+    return None
   return check_interval(
       "weight_decay",
       value,
       0.0,
       math.inf,
       high_open=True,
-      fix="Use 0 for no decay, or a small rate such as 1e-4: the optimizer then "
-      "ascends on objective - weight_decay/2 * |params|^2.",
+      fix="Use None (the default) for no decay, or a small rate such as 1e-4: the "
+      "optimizer then ascends on objective - weight_decay/2 * |params|^2.",
   )
 
 
+def check_weight_decay_mask(value: Any) -> Any:
+  """Refuses a single bool: what a callable mask becomes when Optax calls it with the count.
+
+  ``optax.inject_hyperparams`` takes every callable it is not told about for a
+  schedule and hands its value at the step count, so ``lambda p: jax.tree.map(
+  lambda x: x.ndim > 1, p)`` arrives as ``False``: no leaf would decay, silently.
+  """
+  is_bool = isinstance(value, (bool, np.bool_)) or (
+      isinstance(value, (jax.Array, np.ndarray))
+      and np.shape(value) == ()
+      and jnp.issubdtype(value.dtype, jnp.bool_)
+  )
+  if is_bool:
+    shown = _describe_array(value) if _is_jax_value(value) else repr(value)
+    raise ValueError(
+        "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
+        "prefix of it) or a callable params -> such a pytree, got a single bool "
+        f"({shown}). Under optax.inject_hyperparams that is what a callable mask "
+        "turns into: Optax takes every callable it is not told about for a schedule "
+        "and calls it with the step count, so the mask never sees the params. Name "
+        "it static: optax.inject_hyperparams(gax.gradient_ascent, "
+        "static_args=(\"weight_decay_mask\",))(...). Otherwise use None to decay "
+        "every leaf, or leave weight_decay out to decay none."
+    )
+  return value
+
+
 def weight_decay_enabled(weight_decay: Any) -> bool:
-  """Whether the decay stage is needed; False only for a concrete 0."""
+  """Whether the decay stage is needed: for a JAX value (it may be > 0) or a number > 0."""
+  if weight_decay is None:
+    return False
   return _is_jax_value(weight_decay) or weight_decay > 0
 
 
@@ -249,6 +280,17 @@ def check_bool(name: str, value: Any) -> Any:
 def check_accumulator_dtype(value: Any) -> None:
   if value is None:
     return
+  if _is_jax_value(value):
+    # jnp.float32 is callable: optax.inject_hyperparams takes it for a schedule
+    # and hands on jnp.float32(count), an array.
+    raise ValueError(
+        "`accumulator_dtype` must be None or a floating-point dtype such as "
+        f"jnp.float32, got {_describe_array(value)}. Under optax.inject_hyperparams "
+        "that is what a dtype turns into: Optax takes every callable it is not told "
+        "about (jnp.float32 is one) for a schedule and calls it with the step count. "
+        "Name it static: optax.inject_hyperparams(gax.gradient_ascent, "
+        "static_args=(\"accumulator_dtype\",))(...), or pass the string \"float32\"."
+    )
   try:
     dtype = jnp.dtype(value)
   except (TypeError, ValueError):
