@@ -134,29 +134,37 @@ def gradient_ascent(
   logging_emit = validation.check_logging_emit("logging_emit", logging_emit)
   weight_decay = validation.check_weight_decay(weight_decay)
   weight_decay_mask = validation.check_weight_decay_mask(weight_decay_mask)
+  validation.check_accumulator_dtype(accumulator_dtype)
 
-  schedule = schedules.warmup_decay_schedule(
-      learning_rate, warmup_steps, lr_decay
-  )
+  # Checked once, above; the stages are built from the checked values, and the
+  # schedule once, for both the rate the records report and the step.
+  schedule = schedules.unchecked_warmup_decay_schedule(learning_rate, warmup_steps, lr_decay)
   stages = []
   if validation.logging_enabled(logging_interval):
-    stages.append(progress.log_progress(
-        logging_interval, schedule, logging_name=logging_name, emit=logging_emit))
-  stages.append(transforms.flip_sign())
+    stages.append(progress.unchecked_log_progress(logging_interval, schedule, logging_name,
+                                                  logging_emit))
+  stages.append(transforms.unchecked_flip_sign(check_updates=False))
   if clip_value is not None:
-    stages.append(transforms.clip_by_value(clip_value))
+    stages.append(transforms.unchecked_clip_by_value(clip_value, check_updates=False))
   if validation.weight_decay_enabled(weight_decay):
     stages.append(transforms.add_decayed_weights(weight_decay, weight_decay_mask))
+  rms = len(stages)
   stages += [
-      transforms.scale_by_adaptive_rms(
-          beta, eps, accumulator_dtype=accumulator_dtype
-      ),
-      transforms.momentum(
-          momentum, nesterov, accumulator_dtype=accumulator_dtype
-      ),
-      transforms.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
+      transforms.unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=False),
+      transforms.unchecked_momentum(momentum, nesterov, accumulator_dtype, check_updates=False),
+      transforms.scale_by_schedule(schedule),
   ]
-  return _Ascending(*state_checks.checked_state("gradient_ascent", optax.chain(*stages)))
+
+  def check_updates(updates, state):
+    # The stages' checks of the gradients, once, in the order the stages run.
+    state_checks.check_gradient_leaves(updates, "flip_sign")
+    if clip_value is not None:
+      transforms.check_clippable(updates)
+    state_checks.check_matches_state(updates, state[rms].second_moment, accumulator_dtype,
+                                     "scale_by_adaptive_rms", leaves_checked=True)
+
+  return _Ascending(*state_checks.checked_state("gradient_ascent", optax.chain(*stages),
+                                                check_updates))
 
 
 class _Ascending(optax.GradientTransformationExtraArgs):

@@ -330,10 +330,17 @@ def log_progress(
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
-  settings = _Settings(interval=logging_interval, learning_rate=learning_rate,
-                       name=validation.check_logging_name(logging_name),
-                       emit=validation.check_logging_emit("emit", emit))
+  return unchecked_log_progress(logging_interval, learning_rate,
+                                validation.check_logging_name(logging_name),
+                                validation.check_logging_emit("emit", emit))
+
+
+def unchecked_log_progress(logging_interval, learning_rate, logging_name, emit
+                           ) -> optax.GradientTransformationExtraArgs:
+  """:func:`log_progress` of arguments checked already."""
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
+  settings = _Settings(interval=logging_interval, learning_rate=learning_rate,
+                       name=logging_name, emit=emit)
   return optax.GradientTransformationExtraArgs(
       functools.partial(_init, settings), functools.partial(_update, settings))

@@ -60,6 +60,11 @@ def warmup_decay_schedule(
       "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
   lr_decay = validation.check_lr_decay(lr_decay)
+  return unchecked_warmup_decay_schedule(learning_rate, warmup_steps, lr_decay)
+
+
+def unchecked_warmup_decay_schedule(learning_rate, warmup_steps, lr_decay) -> optax.Schedule:
+  """:func:`warmup_decay_schedule` of hyperparameters checked already."""
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(count).astype(jnp.result_type(float))

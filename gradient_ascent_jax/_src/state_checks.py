@@ -8,6 +8,7 @@ hyperparameters themselves are checked when the optimizer is built
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 from typing import Any
 
@@ -102,9 +103,14 @@ def init_accumulator(params, accumulator_dtype, transform: str):
   return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
-def check_matches_state(updates, accumulator, accumulator_dtype, transform):
-  """Trace-time check: updates must have the tree, shapes (and dtypes) of state."""
-  check_gradient_leaves(updates, transform)
+def check_matches_state(updates, accumulator, accumulator_dtype, transform,
+                        leaves_checked: bool = False):
+  """Trace-time check: updates must have the tree, shapes (and dtypes) of state.
+
+  ``leaves_checked``: that every leaf is an array was checked already.
+  """
+  if not leaves_checked:
+    check_gradient_leaves(updates, transform)
   # Before the dtype checks: with accumulator_dtype set, a complex update would
   # pass them and lose its imaginary part in the real state.
   check_real_leaves(
@@ -201,7 +207,8 @@ def _carries_over(chain, state: Any, updates: Any) -> bool:
 
 
 def checked_state(
-    name: str, chain: optax.GradientTransformationExtraArgs
+    name: str, chain: optax.GradientTransformationExtraArgs,
+    check_updates: Callable[[Any, Any], None] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``chain``, whose update first checks, at trace time, the state it is given.
 
@@ -209,6 +216,8 @@ def checked_state(
   from another configuration or optimizer either fails deep inside a stage
   with a message about something else, or, when the entries happen to line
   up, is silently accepted. The state itself is unchanged (the chain's).
+  ``check_updates(updates, state)``, if given, then checks the gradients once
+  for every stage, which then skip their own checks.
   """
   # Filled on the first update, since init may be costly. A plain list, not
   # functools.cache: a cached local function cannot be cloudpickled.
@@ -239,6 +248,8 @@ def checked_state(
           "made it: call state = tx.init(params) with this tx."
       )
     try:
+      if check_updates is not None:
+        check_updates(updates, state)
       return chain.update(updates, state, params, **extra_args)
     except (ValueError, TypeError) as error:
       error.add_note(f"(raised in a stage of {name}(...).update)")

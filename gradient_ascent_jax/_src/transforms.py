@@ -128,6 +128,12 @@ def flip_sign() -> optax.GradientTransformation:
     Array([-1.,  2.], dtype=float32)
   """
 
+  return unchecked_flip_sign(check_updates=True)
+
+
+def unchecked_flip_sign(check_updates: bool) -> optax.GradientTransformation:
+  """:func:`flip_sign`; ``check_updates=False`` where the chain checked the gradients."""
+
   def init_fn(params):
     del params
     return FlipSignState()
@@ -135,7 +141,8 @@ def flip_sign() -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     state_checks.check_own_state(state, FlipSignState, "flip_sign")
-    state_checks.check_gradient_leaves(updates, "flip_sign")
+    if check_updates:
+      state_checks.check_gradient_leaves(updates, "flip_sign")
     return negate(updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -162,6 +169,19 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
   clip_value = validation.check_optional_positive(
       "clip_value", clip_value, "Use None for no clipping."
   )
+  return unchecked_clip_by_value(clip_value, check_updates=True)
+
+
+def check_clippable(updates: Any) -> None:
+  """The gradients :func:`clip_by_value` can clip: arrays of real numbers."""
+  state_checks.check_gradient_leaves(updates, "clip_by_value")
+  state_checks.check_real_leaves(
+      updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
+  )
+
+
+def unchecked_clip_by_value(clip_value, check_updates: bool) -> optax.GradientTransformation:
+  """:func:`clip_by_value` of a checked ``clip_value``."""
 
   def clip_leaf(u):
     if jnp.issubdtype(u.dtype, jnp.floating):
@@ -174,10 +194,8 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
 
   def update_fn(updates, state, params=None):
     del params
-    state_checks.check_gradient_leaves(updates, "clip_by_value")
-    state_checks.check_real_leaves(
-        updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
-    )
+    if check_updates:
+      check_clippable(updates)
     return jax.tree.map(clip_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -292,6 +310,12 @@ def scale_by_adaptive_rms(
       "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
   validation.check_accumulator_dtype(accumulator_dtype)
+  return unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=True)
+
+
+def unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates: bool
+                           ) -> optax.GradientTransformation:
+  """:func:`scale_by_adaptive_rms` of checked hyperparameters."""
   name = "scale_by_adaptive_rms"
 
   def init_fn(params):
@@ -303,7 +327,8 @@ def scale_by_adaptive_rms(
   def update_fn(updates, state, params=None):
     del params
     state_checks.check_own_state(state, ScaleByAdaptiveRmsState, name)
-    state_checks.check_matches_state(updates, state.second_moment, accumulator_dtype, name)
+    if check_updates:
+      state_checks.check_matches_state(updates, state.second_moment, accumulator_dtype, name)
     # q = sqrt(1 - beta) * h, so that m_t = beta * m + q**2: h**2 overflows
     # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
     weight = numerics.scalar_sqrt(1 - beta)
@@ -367,6 +392,12 @@ def momentum(
   decay = validation.check_decay_rate("decay", decay)
   nesterov = validation.check_bool("nesterov", nesterov)
   validation.check_accumulator_dtype(accumulator_dtype)
+  return unchecked_momentum(decay, nesterov, accumulator_dtype, check_updates=True)
+
+
+def unchecked_momentum(decay, nesterov, accumulator_dtype, check_updates: bool
+              ) -> optax.GradientTransformation:
+  """:func:`momentum` of checked hyperparameters."""
   name = "momentum"
   if nesterov is True and isinstance(decay, float) and decay == 0:
     # Nesterov with momentum 0 takes plain (momentum-free) steps: say so, once.
@@ -392,7 +423,8 @@ def momentum(
   def update_fn(updates, state, params=None):
     del params
     state_checks.check_own_state(state, MomentumState, name)
-    state_checks.check_matches_state(updates, state.velocity, accumulator_dtype, name)
+    if check_updates:
+      state_checks.check_matches_state(updates, state.velocity, accumulator_dtype, name)
     velocity = jax.tree.map(new_velocity, updates, state.velocity)
     return jax.tree.map(direction, updates, velocity), MomentumState(velocity)
 
@@ -428,9 +460,11 @@ def scale_by_warmup_decay(
     >>> round(float(u1[0]), 6), round(float(u2[0]), 6), int(state.count)
     (-0.05, -0.1, 2)
   """
-  schedule = schedules.warmup_decay_schedule(
-      learning_rate, warmup_steps, lr_decay
-  )
+  return scale_by_schedule(schedules.warmup_decay_schedule(learning_rate, warmup_steps, lr_decay))
+
+
+def scale_by_schedule(schedule: optax.Schedule) -> optax.GradientTransformation:
+  """:func:`scale_by_warmup_decay` of a schedule built and checked already."""
 
   def init_fn(params):
     return ScaleByWarmupDecayState(count=placement.zero_step_count(params))
