@@ -75,7 +75,8 @@ FULL = Config("clip+warmup+decay+nesterov", nesterov=True, clip_value=1.0,
 CONFIGS = {"default": DEFAULT, "full": FULL}
 
 
-def gradient_ascent(config: Config, logging_interval=None) -> optax.GradientTransformation:
+def gradient_ascent(config: Config, logging_interval=None,
+                    logging_emit: str = "callback") -> optax.GradientTransformation:
   """The library's optimizer for ``config`` (progress logging off by default)."""
   return gax.gradient_ascent(
       learning_rate=config.learning_rate,
@@ -87,6 +88,7 @@ def gradient_ascent(config: Config, logging_interval=None) -> optax.GradientTran
       lr_decay=config.lr_decay,
       warmup_steps=config.warmup_steps,
       logging_interval=logging_interval,
+      logging_emit=logging_emit,
   )
 
 
@@ -143,7 +145,7 @@ class JaxRunner:
 
   def snapshot(self) -> list[np.ndarray]:
     """A float64 copy of the params (the buffers are donated by the next step)."""
-    return [np.array(p, np.float64) for p in self.params]
+    return [np.array(p, np.float64) for p in jax.tree.leaves(self.params)]
 
 
 def optax_runner(tx: optax.GradientTransformation, num_params: int, num_leaves: int,

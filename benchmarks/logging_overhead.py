@@ -2,16 +2,30 @@
 
 The peers are ``gax.gradient_ascent`` steps (jitted, donated, same gradient
 buffer), timed round-robin: logging every 10 steps, with and without the
-objective passed as ``value=`` (a scalar argument of the step), logging off
-(``logging_interval=None``) with and without ``value=``, and the default
-``gax.gradient_ascent()``, which must cost the same as logging off (it
-compiles no host callback); every sample is a whole number of logging
-intervals, so it contains its share of logging steps. The records go to an
-in-memory handler at level INFO, so formatting and handling are included.
-Three more peers run ``COPIES`` optimizers at once, ``jax.vmap`` of the step
-over params and state (the same parameters in all, split among the copies):
-logging with and without ``value=``, compared with the vmapped step with
-logging off.
+objective passed as ``value=`` (a scalar argument of the step), by host
+callback (the default ``logging_emit="callback"``) and kept in the state
+(``logging_emit="state"``, with a ``gax.ProgressReader`` called on every step
+inside the timed loop and flushed at the end of each sample, so the reader's
+cost is part of the path); logging off (``logging_interval=None``) with and
+without ``value=``; and the default ``gax.gradient_ascent()``, which must
+cost the same as logging off (it compiles no host callback). Every sample is
+a whole number of logging intervals, so it contains its share of logging
+steps. The records go to an in-memory handler at level INFO, so formatting
+and handling are included; each row counts the records its peer logged in
+its timed samples. Three more peers run ``COPIES`` optimizers at once,
+``jax.vmap`` of the step over params and state (the same parameters in all,
+split among the copies): logging by callback with and without ``value=``,
+compared with the vmapped step with logging off.
+
+The model rows (``--models``, Flax) time a whole training step, the gradient
+of the negative cross-entropy of a small classifier on one fixed random batch
+and the update with ``value=`` (``benchmarks/_models.py``: an MLP of 669,706
+params, a CNN of 824,458), with logging off, every 10 by callback and every
+10 kept in the state: in a Python loop (one jitted step per call; the reader
+on every step), and in one ``lax.scan`` of ``--scan-steps`` steps per call.
+In a scan the reader can only be called on the state the call returns, so it
+logs the last record of each call and no other: the state path is for Python
+loops, and the scan rows show what the callback path costs where it suits.
 
 Run ``python -m benchmarks.logging_overhead --help`` for the options.
 """
@@ -20,29 +34,80 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import contextlib
+import importlib.util
 import io
 import logging
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks import _common
 import gradient_ascent_jax as gax
 
 LOGGING, OFF, DEFAULT = "logging every 10", "logging off", "default gradient_ascent()"
 LOGGING_VALUE, OFF_VALUE = "logging every 10, value=", "logging off, value="
+LOGGING_STATE, LOGGING_VALUE_STATE = "logging every 10 (state)", "logging every 10, value= (state)"
 VMAP_LOGGING, VMAP_LOGGING_VALUE = "vmap 8, logging every 10", "vmap 8, logging every 10, value="
 VMAP_OFF = "vmap 8, logging off"
 INTERVAL = 10
 COPIES = 8
 VMAPPED = (VMAP_LOGGING, VMAP_LOGGING_VALUE, VMAP_OFF)
+MODELS = ("mlp", "cnn")
+# The model peers: logging off, every 10 steps by callback, every 10 kept in the state.
+MODEL_OFF, MODEL_CALLBACK, MODEL_STATE = "off", "every 10, callback", "every 10, state"
+PYTHON_LOOP = "python loop"
+SCAN_STEPS = 100
+ONE = jnp.asarray(1.0, jnp.float32)
 
 
-class _VmappedRunner(_common.JaxRunner):
+class _Runner(_common.JaxRunner):
+  """Calls ``step(params, state, *args)``, and a ProgressReader on every state it returns.
+
+  ``steps_per_call`` is how many optimizer steps one call takes (a scan takes many).
+  """
+
+  def __init__(self, step, params, state, args, read=False, steps_per_call=1):
+    super().__init__(step, params, state, None)
+    self.args, self.steps_per_call = args, steps_per_call
+    self.reader = gax.ProgressReader() if read else None
+
+  def __call__(self, num_calls: int) -> None:
+    for _ in range(num_calls):
+      self.params, self.state = self.step(self.params, self.state, *self.args)
+      if self.reader is not None:
+        self.reader(self.state)
+    jax.block_until_ready((self.params, self.state))
+    if self.reader is not None:
+      # The callback path has logged every record by now: so must the reader,
+      # inside the sample.
+      self.reader.flush()
+
+
+def _step(tx, with_value: bool):
+  """``(params, state, grads[, value]) -> (params, state)``, jitted, params and state donated."""
+  if not with_value:
+    return _common.jitted_step(tx)
+
+  def step(params, state, grads, value):
+    updates, state = tx.update(grads, state, params, value=value)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _peer(tx, num_params, num_leaves, grads, with_value=False, read=False) -> _Runner:
+  params = _common.make_params(num_params, num_leaves)
+  args = (grads, ONE) if with_value else (grads,)
+  return _Runner(_step(tx, with_value), params, tx.init(params), args, read)
+
+
+class _VmappedRunner(_Runner):
   """``COPIES`` optimizers at once: the step vmapped over params and state."""
 
   def __init__(self, tx, num_params, num_leaves, grads, with_value):
@@ -54,35 +119,11 @@ class _VmappedRunner(_common.JaxRunner):
     params = [jnp.stack([p] * COPIES) for p in _common.make_params(num_params, num_leaves)]
     batched = jax.vmap(step, in_axes=(0, 0, None, None))
     super().__init__(jax.jit(batched, donate_argnums=(0, 1)), params,
-                     jax.vmap(tx.init)(params), grads)
-    self.value = jnp.asarray(1.0, jnp.float32)
-
-  def __call__(self, num_steps: int) -> None:
-    for _ in range(num_steps):
-      self.params, self.state = self.step(self.params, self.state, self.grads, self.value)
-    jax.block_until_ready((self.params, self.state))
+                     jax.vmap(tx.init)(params), (grads, ONE))
 
   def snapshot(self) -> list[np.ndarray]:
     """The first copy's params, checked like the other peers'."""
     return [np.array(p[0], np.float64) for p in self.params]
-
-
-class _ValueRunner(_common.JaxRunner):
-  """A step that also passes the objective, ``update(..., value=...)``."""
-
-  def __init__(self, tx, num_params, num_leaves, grads):
-    def step(params, state, grads, value):
-      updates, state = tx.update(grads, state, params, value=value)
-      return jax.tree.map(jnp.add, params, updates), state
-
-    params = _common.make_params(num_params, num_leaves)
-    super().__init__(jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads)
-    self.value = jnp.asarray(1.0, jnp.float32)
-
-  def __call__(self, num_steps: int) -> None:
-    for _ in range(num_steps):
-      self.params, self.state = self.step(self.params, self.state, self.grads, self.value)
-    jax.block_until_ready((self.params, self.state))
 
 
 @contextlib.contextmanager
@@ -102,22 +143,47 @@ def captured_records():
     logger.level, logger.propagate = saved
 
 
-def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
+def _lines(stream: io.StringIO) -> int:
+  return stream.getvalue().count("\n")
+
+
+def _interleaved(runners: dict[Any, _Runner], calls: dict[Any, int], repeats: int,
+                 stream: io.StringIO) -> tuple[dict[Any, float], dict[Any, int]]:
+  """Median seconds per step of each runner, sampled round-robin (``calls[name]``
+  calls a sample), and the records each one logged in its samples."""
+  samples = {name: [] for name in runners}
+  logged = dict.fromkeys(runners, 0)
+  for repeat in range(repeats):
+    order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
+    for name in order:
+      runner = runners[name]
+      time.sleep(0.01)
+      before = _lines(stream)
+      start = time.perf_counter()
+      runner(calls[name])
+      samples[name].append((time.perf_counter() - start) / (calls[name] * runner.steps_per_call))
+      logged[name] += _lines(stream) - before
+  return {name: statistics.median(times) for name, times in samples.items()}, logged
+
+
+def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
+  logging_on = _common.gradient_ascent(_common.DEFAULT, INTERVAL)
+  logging_state = _common.gradient_ascent(_common.DEFAULT, INTERVAL, logging_emit="state")
+  logging_off = _common.gradient_ascent(_common.DEFAULT, None)
   runners = {
-      LOGGING: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, INTERVAL),
-                                    num_params, num_leaves, grads),
-      LOGGING_VALUE: _ValueRunner(_common.gradient_ascent(_common.DEFAULT, INTERVAL),
-                                  num_params, num_leaves, grads),
-      OFF: _common.optax_runner(_common.gradient_ascent(_common.DEFAULT, None),
-                                num_params, num_leaves, grads),
-      OFF_VALUE: _ValueRunner(_common.gradient_ascent(_common.DEFAULT, None),
-                              num_params, num_leaves, grads),
+      LOGGING: _peer(logging_on, num_params, num_leaves, grads),
+      LOGGING_VALUE: _peer(logging_on, num_params, num_leaves, grads, with_value=True),
+      LOGGING_STATE: _peer(logging_state, num_params, num_leaves, grads, read=True),
+      LOGGING_VALUE_STATE: _peer(logging_state, num_params, num_leaves, grads,
+                                 with_value=True, read=True),
+      OFF: _peer(logging_off, num_params, num_leaves, grads),
+      OFF_VALUE: _peer(logging_off, num_params, num_leaves, grads, with_value=True),
       # _common.DEFAULT's settings are gradient_ascent()'s defaults; this peer
       # leaves logging_interval unset too.
-      DEFAULT: _common.optax_runner(gax.gradient_ascent(), num_params, num_leaves, grads),
+      DEFAULT: _peer(gax.gradient_ascent(), num_params, num_leaves, grads),
   }
   # Each copy holds its share of the parameters: every peer moves as many.
   copy_grads = [g[: size // COPIES] for g in grads]
@@ -134,50 +200,150 @@ def measure(num_params, num_leaves, repeats, samples_steps) -> list[dict]:
   vmapped = {name: runners[name] for name in VMAPPED}
   _common.check_runners(vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0),
                         steps=INTERVAL)
-  samples = {name: [] for name in runners}
-  for repeat in range(repeats):
-    order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
-    for name in order:
-      time.sleep(0.01)
-      start = time.perf_counter()
-      runners[name](samples_steps)
-      samples[name].append((time.perf_counter() - start) / samples_steps)
-  medians = {name: statistics.median(times) for name, times in samples.items()}
+  medians, logged = _interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
   return [{"params": size * num_leaves, "leaves": num_leaves, "peer": name, "seconds": seconds,
-           "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0}
+           "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0,
+           "records": logged[name]}
           for name, seconds in medians.items()]
 
 
+def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
+  """Off, callback and state peers of one model, each in a Python loop and (unless
+  ``scan_steps`` is 0) in a scan of ``scan_steps`` steps per call."""
+
+  def train_step(tx):
+    def step(params, state, batch):
+      value, grads = jax.value_and_grad(problem.objective)(params, batch)
+      updates, state = tx.update(grads, state, params, value=value)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  def scanned(step):
+    def steps(params, state, batch):
+      def body(carry, _):
+        return step(*carry, batch), None
+
+      return jax.lax.scan(body, (params, state), length=scan_steps)[0]
+
+    return steps
+
+  loops = [(PYTHON_LOOP, lambda step: step, 1)]
+  if scan_steps:
+    loops.append((f"lax.scan of {scan_steps}", scanned, scan_steps))
+  runners = {}
+  for peer, interval, emit in ((MODEL_OFF, None, "callback"), (MODEL_CALLBACK, INTERVAL, "callback"),
+                               (MODEL_STATE, INTERVAL, "state")):
+    tx = _common.gradient_ascent(_common.DEFAULT, interval, logging_emit=emit)
+    step = train_step(tx)
+    for loop, wrap, steps in loops:
+      params = jax.tree.map(jnp.copy, problem.params)  # each peer donates its own
+      runners[loop, peer] = _Runner(jax.jit(wrap(step), donate_argnums=(0, 1)), params, tx.init(params),
+                                    (problem.batch,), read=emit == "state", steps_per_call=steps)
+  return runners
+
+
+def measure_model(problem, repeats: int, samples_steps: int, scan_steps: int,
+                  stream: io.StringIO) -> list[dict]:
+  """Each peer's time per step on one model; a loop peer's sample is ``samples_steps``
+  steps, a scan peer's is one call."""
+  runners = _model_runners(problem, scan_steps)
+  calls = {(loop, peer): samples_steps if loop == PYTHON_LOOP else 1 for loop, peer in runners}
+  # Compile, and check that logging changes no step: every peer of a loop, from
+  # the same params on the same batch, must land on the same params.
+  moved = {}
+  for key, runner in runners.items():
+    runner(calls[key])
+    moved[key] = runner.snapshot()
+  for (loop, peer), params in moved.items():
+    for got, want in zip(params, moved[loop, MODEL_OFF], strict=True):
+      if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise _common.PeerMismatchError(
+            f"{problem.name}, {loop}: {peer!r} moved the params elsewhere than logging off "
+            f"(largest difference {np.abs(got - want).max():.3g}).")
+  medians, logged = _interleaved(runners, calls, repeats, stream)
+  return [{"model": problem.name, "params": problem.num_params, "leaves": problem.num_leaves,
+           "loop": loop, "peer": peer, "seconds": seconds,
+           "overhead": seconds / medians[loop, MODEL_OFF] - 1.0, "records": logged[loop, peer]}
+          for (loop, peer), seconds in medians.items()]
+
+
 def table(rows: list[dict]) -> str:
-  headers = ["params", "leaves", "peer", "time/step", "vs off (vmap: vs vmap off)"]
+  headers = ["params", "leaves", "peer", "time/step", "vs off (vmap: vs vmap off)",
+             "records logged"]
   body = [[f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
-           f"{row['overhead']:+.1%}"] for row in rows]
+           f"{row['overhead']:+.1%}", row["records"]] for row in rows]
   return _common.markdown_table(headers, body)
+
+
+def model_table(rows: list[dict]) -> str:
+  headers = ["model", "params", "leaves", "loop", "peer", "time/step", "vs off (same loop)",
+             "records logged"]
+  body = [[row["model"], f"{row['params']:,}", row["leaves"], row["loop"], row["peer"],
+           _common.fmt_time(row["seconds"]), f"{row['overhead']:+.1%}", row["records"]]
+          for row in rows]
+  return _common.markdown_table(headers, body)
+
+
+def _has_flax() -> bool:
+  return importlib.util.find_spec("flax") is not None
+
+
+def _models(text: str | None) -> list[str]:
+  """The models asked for; by default the MLP, or none when Flax is missing."""
+  if text is None:
+    if not _has_flax():
+      print("(Flax is not installed: no model rows; pip install flax, or pass --models '')\n")
+      return []
+    # Not the CNN: XLA:CPU runs its step in a scan far slower than in a loop
+    # (0.9 s against 50 ms on 2 cores), so its scan rows take most of an hour.
+    text = "mlp"
+  models = [name.strip() for name in text.split(",") if name.strip()]
+  unknown = set(models) - set(MODELS)
+  if unknown:
+    raise SystemExit(f"--models: unknown {sorted(unknown)}; expected some of {list(MODELS)}.")
+  return models
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--cases", default="1e7:1,1e7:1000",
-                      help="PARAMS:LEAVES cases, comma-separated")
+                      help="PARAMS:LEAVES cases, comma-separated ('' for none)")
+  parser.add_argument("--models", default=None,
+                      help="model steps to time: mlp, cnn, comma-separated ('' for none; "
+                           "default: mlp when Flax is installed)")
+  parser.add_argument("--scan-steps", type=int, default=SCAN_STEPS,
+                      help="steps in one lax.scan call of the model rows (0: no scan rows; "
+                           "XLA:CPU runs the CNN's step far slower in a scan)")
   parser.add_argument("--intervals-per-sample", type=int, default=1,
                       help="logging intervals (of 10 steps) in one timed sample")
   args = parser.parse_args(argv)
   if args.smoke:
-    args.cases, args.intervals_per_sample = "1e4:1", 1
+    args.cases, args.intervals_per_sample, args.scan_steps = "1e4:1", 1, 2 * INTERVAL
   repeats = args.repeats or (3 if args.smoke else 21)
   _common.print_header("Logging overhead", argv if argv is not None else sys.argv[1:])
-  rows = []
+  models = _models(args.models)
+  samples_steps = INTERVAL * args.intervals_per_sample
+  rows, model_rows = [], []
   with captured_records() as stream:
-    for item in args.cases.split(","):
+    for item in filter(None, args.cases.split(",")):
       params, leaves = item.split(":")
-      rows += measure(int(float(params)), int(leaves), repeats,
-                      INTERVAL * args.intervals_per_sample)
-  records = stream.getvalue().count("\n")
-  print(f"({repeats} interleaved samples of {INTERVAL * args.intervals_per_sample} steps, "
-        f"median; {records} log records captured)\n")
-  print(table(rows) + "\n")
-  _common.write_json(args.json, rows)
-  return rows
+      rows += measure(int(float(params)), int(leaves), repeats, samples_steps, stream)
+    if models:
+      from benchmarks import _models as model_zoo  # needs Flax
+
+      for name in models:
+        model_rows += measure_model(model_zoo.problem(name, smoke=args.smoke), repeats,
+                                    samples_steps, args.scan_steps, stream)
+  scan = f" (a scan: one call of {args.scan_steps})" if model_rows and args.scan_steps else ""
+  print(f"({repeats} interleaved samples of {samples_steps} steps{scan}, median; "
+        f"{_lines(stream)} log records captured)\n")
+  if rows:
+    print(table(rows) + "\n")
+  if model_rows:
+    print(model_table(model_rows) + "\n")
+  _common.write_json(args.json, rows + model_rows)
+  return rows + model_rows
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ math, or a gax that does not ascend, stops the run; the last tests here show
 that this check catches a wrong peer.
 """
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -118,26 +120,76 @@ def test_compile_time_smoke(capsys):
   assert f"| default | 10 | {off} | {on} | {ratio:.2f}x |" in out
 
 
-def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
+@pytest.fixture(scope="module")
+def logging_overhead_run():
   logger = logging.getLogger("gradient_ascent_jax")
   before = logger.level, logger.propagate, list(logger.handlers)
-  rows = logging_overhead.main(["--smoke"])
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rows = logging_overhead.main(["--smoke"])
   assert (logger.level, logger.propagate, list(logger.handlers)) == before  # restored
+  return rows, out.getvalue()
+
+
+def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
+  rows, out = logging_overhead_run
+  rows = [row for row in rows if "model" not in row]
   assert [row["peer"] for row in rows] == [
-      logging_overhead.LOGGING, logging_overhead.LOGGING_VALUE, logging_overhead.OFF,
-      logging_overhead.OFF_VALUE, logging_overhead.DEFAULT, logging_overhead.VMAP_LOGGING,
+      logging_overhead.LOGGING, logging_overhead.LOGGING_VALUE, logging_overhead.LOGGING_STATE,
+      logging_overhead.LOGGING_VALUE_STATE, logging_overhead.OFF, logging_overhead.OFF_VALUE,
+      logging_overhead.DEFAULT, logging_overhead.VMAP_LOGGING,
       logging_overhead.VMAP_LOGGING_VALUE, logging_overhead.VMAP_OFF]
   assert all(_positive(row["seconds"]) for row in rows)
   overhead = {row["peer"]: row["overhead"] for row in rows}
   assert overhead[logging_overhead.OFF] == overhead[logging_overhead.VMAP_OFF] == 0.0
-  out = capsys.readouterr().out
   assert "| default gradient_ascent() |" in out
   assert "| logging every 10, value= |" in out
+  assert "| logging every 10, value= (state) |" in out
   assert "| vmap 8, logging every 10, value= |" in out
-  # 10 compile/warm-up steps + 3 samples of 10 steps = 40 steps -> 4 records for
-  # each of the four logging peers (one per step for the 8 vmapped copies); the
-  # peers with logging off log none.
-  assert "16 log records captured" in out
+  # 3 timed samples of 10 steps: one record per sample for each logging peer,
+  # sent by callback or read from the state (vmapped peers included); none with
+  # logging off.
+  logged = {row["peer"]: row["records"] for row in rows}
+  assert logged == {peer: 3 if "every 10" in peer else 0 for peer in logged}
+
+
+def test_logging_overhead_smoke_model_rows(logging_overhead_run):
+  if not _optional.available("flax"):
+    _optional.missing("flax is not importable: logging_overhead has no model rows")
+  rows, out = logging_overhead_run
+  rows = [row for row in rows if "model" in row]
+  scan = "lax.scan of 20"  # --smoke's scan: two logging intervals per call
+  peers = (logging_overhead.MODEL_OFF, logging_overhead.MODEL_CALLBACK,
+           logging_overhead.MODEL_STATE)
+  assert [(row["model"], row["loop"], row["peer"]) for row in rows] == [
+      ("mlp", loop, peer) for peer in peers for loop in (logging_overhead.PYTHON_LOOP, scan)]
+  assert all(_positive(row["seconds"]) for row in rows)
+  for row in rows:
+    if row["peer"] == logging_overhead.MODEL_OFF:
+      assert row["overhead"] == 0.0
+  logged = {(row["loop"], row["peer"]): row["records"] for row in rows}
+  # A Python loop logs one record per 10 steps on both paths. A scan call of 20
+  # steps sends two by callback, but its state holds only the last one: the
+  # reader, called once per call, logs one.
+  assert logged == {
+      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_OFF): 0,
+      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_CALLBACK): 3,
+      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_STATE): 3,
+      (scan, logging_overhead.MODEL_OFF): 0,
+      (scan, logging_overhead.MODEL_CALLBACK): 6,
+      (scan, logging_overhead.MODEL_STATE): 3,
+  }
+  assert "| mlp | 13,002 | 6 | python loop | every 10, state |" in out
+
+
+@pytest.mark.parametrize(("name", "params", "leaves"), [("mlp", 669_706, 6), ("cnn", 824_458, 8)])
+def test_logging_overhead_models_have_the_stated_size(name, params, leaves):
+  models = _optional.import_module("benchmarks._models", "pip install flax")
+  model = {"mlp": models.MLP(), "cnn": models.CNN()}[name]
+  shape = {"mlp": (64, 784), "cnn": (32, 28, 28, 1)}[name]
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
+  assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == params
+  assert len(jax.tree.leaves(shapes)) == leaves
 
 
 def test_memory_smoke_state_bytes_and_peak():
