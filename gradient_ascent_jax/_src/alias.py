@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from gradient_ascent_jax._src import chain_checks
 from gradient_ascent_jax._src import objective_args
 from gradient_ascent_jax._src import once
 from gradient_ascent_jax._src import progress
@@ -163,7 +164,7 @@ def gradient_ascent(
     state_checks.check_matches_state(updates, state[rms].second_moment, accumulator_dtype,
                                      "scale_by_adaptive_rms", leaves_checked=True)
 
-  return _Ascending(*state_checks.checked_state("gradient_ascent", optax.chain(*stages),
+  return _Ascending(*chain_checks.checked_state("gradient_ascent", optax.chain(*stages),
                                                 check_updates))
 
 
