@@ -948,7 +948,9 @@ def test_weight_decay_without_params_says_to_pass_them():
   state = tx.init(jnp.ones(2))
   with pytest.raises(ValueError, match=r"call tx.update\(grads, state, params\)") as info:
     tx.update(jnp.ones(2), state)
-  assert "weight_decay" in str(info.value)
+  # The stage names itself, as every stage does; the note names the optimizer.
+  assert str(info.value).startswith("add_decayed_weights: weight_decay > 0")
+  assert "raised in a stage of gradient_ascent(...).update" in info.value.__notes__[0]
   # Without weight decay (None, the default, or 0), params stay optional.
   for off in ({}, {"weight_decay": None}, {"weight_decay": 0.0}):
     tx = gax.gradient_ascent(**off)

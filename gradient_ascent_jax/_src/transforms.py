@@ -242,7 +242,7 @@ def add_decayed_weights(
             "it in static_args=('weight_decay',) to have no decay stage."
         )
       raise ValueError(
-          "gradient_ascent: weight_decay > 0 pulls the params toward 0, so update "
+          "add_decayed_weights: weight_decay > 0 pulls the params toward 0, so update "
           "needs them: call tx.update(grads, state, params) with the params the "
           "gradients are of (or build the optimizer with weight_decay=None)." + unknown
       )
