@@ -4,6 +4,7 @@ The callback path is the oracle: every scenario runs on both paths and the
 records (logger, level, message, step, norm, objective) must be the same.
 """
 
+import functools
 import logging
 import threading
 
@@ -141,14 +142,15 @@ def test_callback_sends_one_packed_array(monkeypatch):
 
 def test_packed_record_round_trips_every_field(x64):
   for dtype in (jnp.float32, jnp.float64):
-    record = records.Record(step=jnp.asarray(2**31 - 1, jnp.int32), learning_rate=jnp.float32(0.1),
+    record = records.Record(step=jnp.asarray(2**31 - 1, jnp.int32), interval=jnp.asarray(7),
+                            learning_rate=jnp.float32(0.1),
                             grad_norm=jnp.asarray(1e300 if dtype == jnp.float64 else 3e38, dtype),
-                            value=jnp.asarray(-1.25, dtype), show=True, nonfinite=False,
-                            value_nonfinite=True, descending=True)
+                            value=jnp.asarray(-1.25, dtype), show=True, descending=True,
+                            warn_step=jnp.asarray(5), nonfinite=False, value_nonfinite=True)
     words = records.pack(record, has_value=True, has_rate=False, name="gen.é")
     back, has_value, has_rate, name = records.unpack(np.asarray(words))
-    assert (back.step, back.show, back.nonfinite, back.value_nonfinite, back.descending) == (
-        2**31 - 1, True, False, True, True)
+    assert (back.step, back.interval, back.show, back.descending) == (2**31 - 1, 7, True, True)
+    assert (back.warn_step, back.nonfinite, back.value_nonfinite) == (5, False, True)
     assert back.learning_rate == np.float32(0.1)
     assert back.grad_norm == (1e300 if dtype == jnp.float64 else float(np.float32(3e38)))
     assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
@@ -263,18 +265,45 @@ def test_two_named_optimizers_in_one_dict(collect):
   assert all(s[2].startswith(s[0].rsplit(".", 1)[1] + ": step ") for s in collect)
 
 
-def test_states_of_two_optimizers_handed_in_turn_log_once_each(collect):
+def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   txs = [gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state") for _ in range(2)]
   states = [tx.init(jnp.zeros(2)) for tx in txs]
-  reader = gax.ProgressReader()
+  readers = [gax.ProgressReader() for _ in txs]
   for _ in range(4):
     for k, tx in enumerate(txs):
       states[k] = jax.jit(tx.update)(jnp.full(2, k + 1.0), states[k])[1]
-      reader(states[k])
+      readers[k](states[k])
+  for reader in readers:
+    reader.flush()
+  assert sorted((s[3], round(s[4], 4)) for s in collect) == [
+      (2, round(np.sqrt(2), 4)), (2, round(2 * np.sqrt(2), 4)),
+      (4, round(np.sqrt(2), 4)), (4, round(2 * np.sqrt(2), 4))]
+
+
+def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatch):
+  # Reading a running step's record costs a copy that the next (donating) step
+  # waits for: the reader reads one call in `interval`, which sees every record,
+  # since a record stays in the state that many steps.
+  from gradient_ascent_jax._src import reader as reader_module
+
+  reads = []
+  copy = reader_module._copy
+  monkeypatch.setattr(reader_module, "_copy", lambda words: reads.append(1) or copy(words))
+  tx = gax.gradient_ascent(0.1, logging_interval=10, logging_emit="state")
+  big = jnp.ones((300, 300)) / 300
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, big):
+    heavy = jax.lax.fori_loop(0, 20, lambda _, m: jnp.tanh(m @ m), big)  # keeps it running
+    return tx.update(jnp.ones(2) * (1 + heavy[0, 0]), state, jnp.zeros(2))[1]
+
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  for _ in range(100):
+    state = step(state, big)
+    reader(state)
   reader.flush()
-  assert [(s[3], s[4]) for s in collect] == [
-      (2, pytest.approx(np.sqrt(2))), (2, pytest.approx(2 * np.sqrt(2))),
-      (4, pytest.approx(np.sqrt(2))), (4, pytest.approx(2 * np.sqrt(2)))]
+  assert [s[3] for s in collect] == list(range(10, 101, 10))
+  assert len(reads) <= 100 // 10 + 5, len(reads)
 
 
 def test_repeated_runs_each_log(collect):

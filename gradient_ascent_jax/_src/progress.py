@@ -7,6 +7,7 @@ reader of records kept in the state is ``reader``.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 from typing import cast
 
@@ -155,8 +156,8 @@ def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax
   return bad, bad & ~state.nonfinite_warned
 
 
-def _elect(updates, state, step, due, objective, value_bad, value_fires, rate):
-  """The record of a step where some copy is due or warns; whether each copy speaks; what fired.
+def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval):
+  """The record of a step where some copy is due or warns, and what fired.
 
   The gradient norm is computed here, on those steps only, and its non-finite
   rule applied where it is the whole gradient's: under ``pmap`` / ``shard_map``
@@ -176,11 +177,12 @@ def _elect(updates, state, step, due, objective, value_bad, value_fires, rate):
       step, speak, fires)
   on_first = copies.on_first_device()
   record = records.Record(
-      step=step, learning_rate=rate, grad_norm=grad_norm, value=jax.lax.stop_gradient(value),
-      show=show & on_first, nonfinite=warns & on_first,
-      value_nonfinite=copies.any_of_its_step(step, speak, fires & value_bad),
-      descending=copies.any_of_its_step(step, due, descending) if objective else descending)
-  return record, speak, fires
+      step=step, interval=interval, learning_rate=rate, grad_norm=grad_norm,
+      value=jax.lax.stop_gradient(value), show=show & on_first,
+      descending=copies.any_of_its_step(step, due, descending) if objective else descending,
+      warn_step=step, nonfinite=warns & on_first,
+      value_nonfinite=copies.any_of_its_step(step, speak, fires & value_bad))
+  return record, fires
 
 
 def _scalar_objective(value) -> jax.Array:
@@ -196,12 +198,23 @@ def _scalar_objective(value) -> jax.Array:
   return jax.lax.stop_gradient(value)
 
 
-def _empty_record(count: jax.Array, logging_name: str | None) -> jax.Array:
-  """A record with nothing to log, on the devices of the step counter."""
-  words = jnp.zeros(records.size(logging_name), jnp.uint32)
+def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
+  """A record with nothing to log but the interval, on the devices of the step counter."""
+  first = records.pack(
+      records.Record(step=0, interval=settings.interval, learning_rate=0.0, grad_norm=0.0,
+                     value=0.0, show=False, descending=False, warn_step=0, nonfinite=False,
+                     value_nonfinite=False),
+      has_value=False, has_rate=False, name=settings.name)
+  words = jnp.zeros_like(first).at[records.INTERVAL_WORD].set(first[records.INTERVAL_WORD])
+  # The run's number tells the reader a new run from the same steps of an earlier one.
+  words = words.at[records.RUN_WORD].set(next(_runs) % 2**32)
   if placement.concrete_devices(count) is not None:
     words = jax.device_put(words, count.sharding)
   return words
+
+
+# Numbers for the runs of the state path, one per init made outside jit.
+_runs = itertools.count(1)
 
 
 class _Settings(NamedTuple):
@@ -233,18 +246,23 @@ def _init(settings: _Settings, params) -> LogProgressState:
       noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
       descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
       records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
-      record=_empty_record(count, settings.name) if settings.emit == "state" else None,
+      record=_empty_record(count, settings) if settings.emit == "state" else None,
   )
 
 
 def _speak(settings: _Settings, updates, state, step, due, objective, value_bad, value_fires):
   """The branch taken where some copy is due or warns: sends the record, or keeps it."""
-  record, speaks, fires = _elect(updates, state, step, due, objective, value_bad,
-                                 value_fires, _rate_at(settings, state.count))
+  record, fires = _elect(updates, state, step, due, objective, value_bad, value_fires,
+                         _rate_at(settings, state.count), settings.interval)
   words = records.pack(record, has_value=bool(objective),
                        has_rate=settings.learning_rate is not None, name=settings.name)
   if settings.emit == "state":
-    return jnp.where(speaks, words, state.record), fires
+    # A due step writes its record; the non-finite warning, given once per state, is
+    # written apart and kept, so that the record changes only every interval steps.
+    index = jnp.arange(words.shape[-1])
+    warning = (index == records.WARNING_WORDS[0]) | (index == records.WARNING_WORDS[1])
+    replace = jnp.where(warning, fires, due) & (index != records.RUN_WORD)
+    return jnp.where(replace, words, state.record), fires
   jax.debug.callback(records.emit, words)
   return state.record, fires
 
@@ -275,6 +293,8 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
     record, fires = speak(gradient_norm.on_one_device(updates), state, *args)
   else:
     record, fires = state.record, value_fires
+  if record is not None:  # the state path: the reader learns from it when records come
+    record = record.at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
   return updates, new_state._replace(
       nonfinite_warned=new_state.nonfinite_warned | fires, record=record)
 

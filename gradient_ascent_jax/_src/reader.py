@@ -29,8 +29,7 @@ _NOTHING_TO_READ = (
 # reader waits for the oldest: the device still has the newer steps to run.
 _MAX_PENDING = 64
 # Distinct records remembered per place, so that each is logged once though a state
-# keeps its latest record until the next one, and one reader may be handed the
-# states of several optimizers in turn.
+# keeps its latest record until the next one.
 _REMEMBERED = 8
 
 
@@ -83,22 +82,47 @@ def _host_rows(words: jax.Array) -> np.ndarray:
   return words.reshape(-1, words.shape[-1])
 
 
-class _Place:
-  """What was seen at one place of a state (one optimizer, one copy)."""
+class _Copy:
+  """What was logged of one copy's records (one vmap copy or pmap device)."""
 
   def __init__(self):
-    self.step = -1
-    self.recent: collections.deque[bytes] = collections.deque(maxlen=_REMEMBERED)
+    self.count = -1
+    self.due: collections.deque[bytes] = collections.deque(maxlen=_REMEMBERED)
+    self.warnings: collections.deque[bytes] = collections.deque(maxlen=_REMEMBERED)
 
-  def is_new(self, row: np.ndarray) -> bool:
-    step, seen = int(row[0]), row.tobytes()
-    if step < self.step:  # a new run (the state was initialised again)
-      self.recent.clear()
-    self.step = step
-    if seen in self.recent:
-      return False
-    self.recent.append(seen)
-    return True
+  def news(self, row: np.ndarray) -> tuple[bool, bool]:
+    """Whether the warning and the due record in ``row`` are new (then remembered)."""
+    count = records.count(row)
+    if count < self.count:  # a new run (the state was initialised again)
+      self.due.clear()
+      self.warnings.clear()
+    self.count = count
+    seen = []
+    for part, remembered in ((records.warning_part(row), self.warnings),
+                             (records.due_part(row), self.due)):
+      seen.append(part not in remembered)
+      if seen[-1]:
+        remembered.append(part)
+    return seen[0], seen[1]
+
+
+def _calls_to_next_record(row: np.ndarray) -> int:
+  """Steps from the state that held ``row`` to the next due step; 1 where unknown."""
+  interval = records.interval(row)
+  if not interval:
+    return 1
+  return interval - records.count(row) % interval
+
+
+class _Place:
+  """One place of a state that keeps records: when it was read, and what it held."""
+
+  def __init__(self):
+    self.next_read = 0  # the call that reads next: that of the next due step
+    self.interval = 0  # learned from the records (0: not yet)
+    self.last_read = 0  # the call of the latest read
+    self.latest: Any = None  # the latest record handed in, read by flush()
+    self.copies: dict[int, _Copy] = {}
 
 
 class ProgressReader:
@@ -132,31 +156,47 @@ class ProgressReader:
   def __init__(self) -> None:
     self._paths: dict[type, list[tuple]] = {}
     self._places: dict[tuple, _Place] = {}
-    self._pending: collections.deque[tuple[tuple, Any]] = collections.deque()
+    self._pending: collections.deque[tuple[tuple, Any, int]] = collections.deque()
+    self._calls = 0
     self._warned_nothing = False
 
   def __call__(self, state: Any) -> None:
     """Reads the records of the step that produced ``state``; never waits for the device."""
+    self._calls += 1
     for path, words in self._records(state):
       if isinstance(words, jax.core.Tracer):
         raise TypeError(
             "ProgressReader: the state holds traced arrays: the reader runs on the host, "
             "in the Python loop. Call reader(state) outside jit, on the state the step "
             "returned.")
+      place = self._places.setdefault(path, _Place())
+      place.latest = words
+      # Read the states of due steps only (one step per call): reading a running
+      # step's record is a copy, and a copy makes the next step, which donates the
+      # state, wait for it. A record stays in the state until the next due step, so
+      # one read off by a few steps still sees it, and each read sets the next.
+      if self._calls < place.next_read:
+        continue
+      # Until this read is logged, expect the next record an interval on.
+      place.last_read, place.next_read = self._calls, self._calls + (place.interval or 1)
       ready = not isinstance(words, jax.Array) or words.is_ready()
       if not self._pending and ready:
-        self._log(path, words)
+        self._log(path, words, self._calls)
       else:
-        self._pending.append((path, words if ready else _copy(words)))
+        self._pending.append((path, words if ready else _copy(words), self._calls))
     while self._pending and (len(self._pending) > _MAX_PENDING
                              or not isinstance(self._pending[0][1], jax.Array)
                              or self._pending[0][1].is_ready()):
       self._log(*self._pending.popleft())
 
   def flush(self) -> None:
-    """Logs every record read so far, waiting for the steps still running."""
+    """Logs every record not logged yet, waiting for the steps still running."""
     while self._pending:
       self._log(*self._pending.popleft())
+    for path, place in self._places.items():
+      latest, place.latest = place.latest, None
+      if latest is not None and not (isinstance(latest, jax.Array) and latest.is_deleted()):
+        self._log(path, latest)
 
   def _records(self, state: Any) -> list[tuple[tuple, Any]]:
     paths = self._paths.get(type(state))
@@ -177,8 +217,13 @@ class ProgressReader:
       logger.warning(_NOTHING_TO_READ)
     return found
 
-  def _log(self, path: tuple, words: Any) -> None:
-    for copy, row in enumerate(_host_rows(words)):
-      place = self._places.setdefault((path, copy), _Place())
-      if place.is_new(row) and records.has_news(row):
-        records.emit(row)
+  def _log(self, path: tuple, words: Any, call: int | None = None) -> None:
+    place = self._places.setdefault(path, _Place())
+    rows = _host_rows(words)
+    if call is not None and call == place.last_read:
+      place.interval = min(records.interval(row) for row in rows)
+      place.next_read = call + min(_calls_to_next_record(row) for row in rows)
+    for copy, row in enumerate(rows):
+      warning, due = place.copies.setdefault(copy, _Copy()).news(row)
+      if warning or due:
+        records.emit(row, warning=warning, due=due)

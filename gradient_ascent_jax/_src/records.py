@@ -26,20 +26,30 @@ class Record(NamedTuple):
   """What one step reports; arrays in the compiled step, Python values on the host."""
 
   step: Any
+  interval: Any  # the logging interval in force: records of one state come this many steps apart
   learning_rate: Any
   grad_norm: Any
   value: Any  # the objective; 0 where none was passed
   show: Any  # the INFO record is this copy's to log
+  descending: Any  # the descent WARNING comes with the INFO record
+  warn_step: Any  # the step at which the non-finite WARNING fired (with ``nonfinite``)
   nonfinite: Any  # the non-finite WARNING is this copy's to log
   value_nonfinite: Any  # ...and it is the objective (else the gradient norm) that is not finite
-  descending: Any  # the descent WARNING comes with the INFO record
 
 
-# Word layout: step, flags, length of the name in bytes, the three floats (one
-# word each, or two with float64), then the name's UTF-8 bytes.
-_SHOW, _NONFINITE, _VALUE_NONFINITE, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE = (
-    1 << bit for bit in range(7))
-_HEAD = 3
+# Word layout: the record of a due step (step, flags, interval); the non-finite
+# warning (its step and flags: on the state path it stays in the state for good once
+# given, while the due part changes every ``interval`` steps); on the state path the
+# state's step count (every step) and the number of the run (set by init); the
+# length of the name in bytes; the three floats (one word each, or two with
+# float64); the name's UTF-8 bytes.
+_SHOW, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE = (1 << bit for bit in range(5))
+_NONFINITE, _VALUE_NONFINITE = 1, 2
+INTERVAL_WORD = 2
+WARNING_WORDS = (3, 4)
+COUNT_WORD = 5
+RUN_WORD = 6
+_HEAD = 8
 
 
 def _name_words(name: str | None) -> tuple[int, np.ndarray]:
@@ -54,41 +64,66 @@ def size(name: str | None) -> int:
   return _HEAD + 3 * (2 if wide else 1) + len(_name_words(name)[1])
 
 
+def _bits(*flags_and_bits) -> jax.Array:
+  return sum(jnp.where(flag, bit, 0).astype(jnp.uint32) for flag, bit in flags_and_bits)
+
+
 def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -> jax.Array:
   """``record`` as one uint32 array (traceable)."""
   float_type = jnp.result_type(float)  # float64 where x64 is on, so no digit is lost
   floats = jnp.stack([jnp.asarray(x).astype(float_type)
                       for x in (record.learning_rate, record.grad_norm, record.value)])
   float_words = jax.lax.bitcast_convert_type(floats, jnp.uint32).reshape(-1)
-  flags = sum(jnp.where(flag, bit, 0).astype(jnp.uint32) for flag, bit in (
-      (record.show, _SHOW), (record.nonfinite, _NONFINITE),
-      (record.value_nonfinite, _VALUE_NONFINITE), (record.descending, _DESCENDING)))
   constant = ((_HAS_VALUE if has_value else 0) | (_HAS_RATE if has_rate else 0)
               | (_WIDE if jnp.dtype(float_type) == jnp.float64 else 0))
   length, name_words = _name_words(name)
-  head = jnp.stack([jnp.asarray(record.step).astype(jnp.uint32),
-                    flags | jnp.uint32(constant), jnp.asarray(length, jnp.uint32)])
+  head = jnp.stack([
+      jnp.asarray(record.step).astype(jnp.uint32),
+      _bits((record.show, _SHOW), (record.descending, _DESCENDING)) | jnp.uint32(constant),
+      jnp.maximum(jnp.asarray(record.interval), 0).astype(jnp.uint32),
+      jnp.asarray(record.warn_step).astype(jnp.uint32),
+      _bits((record.nonfinite, _NONFINITE), (record.value_nonfinite, _VALUE_NONFINITE)),
+      jnp.asarray(record.step).astype(jnp.uint32),
+      jnp.zeros((), jnp.uint32),
+      jnp.asarray(length, jnp.uint32),
+  ])
   return jnp.concatenate([head, float_words, jnp.asarray(name_words, jnp.uint32)])
 
 
 def unpack(words: np.ndarray) -> tuple[Record, bool, bool, str | None]:
   """A packed record read back: the record, whether it has an objective and a rate, the name."""
   words = np.asarray(words, np.uint32)
-  flags, length = int(words[1]), int(words[2])
+  flags, warning, length = int(words[1]), int(words[4]), int(words[7])
   float_type = np.dtype("<f8" if flags & _WIDE else "<f4")
   end = _HEAD + 3 * float_type.itemsize // 4
   rate, grad_norm, value = (float(x) for x in words[_HEAD:end].astype("<u4").view(float_type))
   name = words[end:].astype("<u4").tobytes()[:length].decode() if length else None
-  record = Record(step=int(words[0]), learning_rate=rate, grad_norm=grad_norm, value=value,
-                  show=bool(flags & _SHOW), nonfinite=bool(flags & _NONFINITE),
-                  value_nonfinite=bool(flags & _VALUE_NONFINITE),
-                  descending=bool(flags & _DESCENDING))
+  record = Record(step=int(words[0]), interval=int(words[2]), learning_rate=rate,
+                  grad_norm=grad_norm, value=value, show=bool(flags & _SHOW),
+                  descending=bool(flags & _DESCENDING), warn_step=int(words[3]),
+                  nonfinite=bool(warning & _NONFINITE),
+                  value_nonfinite=bool(warning & _VALUE_NONFINITE))
   return record, bool(flags & _HAS_VALUE), bool(flags & _HAS_RATE), name
 
 
-def has_news(words: np.ndarray) -> bool:
-  """Whether a packed record has anything to log."""
-  return bool(int(words[1]) & (_SHOW | _NONFINITE))
+def interval(words: np.ndarray) -> int:
+  """The logging interval a packed record was written under (0: off, or none written yet)."""
+  return int(words[INTERVAL_WORD])
+
+
+def count(words: np.ndarray) -> int:
+  """The step count of the state that held a packed record (state path)."""
+  return int(words[COUNT_WORD])
+
+
+def warning_part(words: np.ndarray) -> bytes:
+  """The words of the non-finite warning, and the run: they change once per run, at any step."""
+  return words[WARNING_WORDS[0]:WARNING_WORDS[1] + 1].tobytes() + words[RUN_WORD:RUN_WORD + 1].tobytes()
+
+
+def due_part(words: np.ndarray) -> bytes:
+  """The words of the due step's record, the run and the name included, not the count."""
+  return words[:WARNING_WORDS[0]].tobytes() + words[RUN_WORD:].tobytes()
 
 
 _INVISIBLE_WARNING = (
@@ -150,17 +185,20 @@ def _dropped(named_logger: logging.Logger, prefix: str) -> bool:
   return True
 
 
-def emit(words: np.ndarray) -> None:
-  """Logs what one packed record holds: the non-finite warning, the record, the descent warning."""
+def emit(words: np.ndarray, *, warning: bool = True, due: bool = True) -> None:
+  """Logs what a packed record holds: the non-finite warning, the record, the descent warning.
+
+  ``warning`` / ``due``: whether to log that part (the reader logs each part once).
+  """
   record, has_value, has_rate, name = unpack(words)
   named_logger, prefix = named(name)
-  step = record.step
-  if record.nonfinite:
+  if warning and record.nonfinite:
     what = "the objective passed as value=" if record.value_nonfinite else "the gradient norm"
-    named_logger.warning(prefix + _NONFINITE_WARNING.format(step=step, what=what),
-                         extra={"step": step})
-  if not record.show:
+    named_logger.warning(prefix + _NONFINITE_WARNING.format(step=record.warn_step, what=what),
+                         extra={"step": record.warn_step})
+  if not (due and record.show):
     return
+  step = record.step
   if not _dropped(named_logger, prefix):
     rate = record.learning_rate if has_rate else float("nan")
     fields = {"step": step, "learning_rate": rate, "grad_norm": record.grad_norm}
