@@ -44,6 +44,7 @@ def step_time_run(tmp_path_factory):
   return rows, path
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_has_every_case_and_peer(step_time_run, capsys):
   rows, _ = step_time_run
   cases = {(row["config"], row["params"], row["leaves"], row["peer"]) for row in rows}
@@ -53,6 +54,7 @@ def test_step_time_has_every_case_and_peer(step_time_run, capsys):
   assert cases == expected and len(rows) == len(expected)
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_numbers_are_positive_and_ratios_consistent(step_time_run):
   rows, _ = step_time_run
   for row in rows:
@@ -73,6 +75,7 @@ def test_step_time_numbers_are_positive_and_ratios_consistent(step_time_run):
     assert gax["vs_optax"] == pytest.approx(gax["seconds"] / chain["seconds"])
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_torch_rows_only_where_comparable(step_time_run):
   rows, _ = step_time_run
   for row in rows:
@@ -82,6 +85,7 @@ def test_step_time_torch_rows_only_where_comparable(step_time_run):
     assert _positive(row["seconds"]) if comparable else row["seconds"] is None, row
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_torch_peers_are_timed(step_time_run):
   """Without torch the PyTorch rows are n/a: skipped locally, an error in CI."""
   if not HAS_TORCH:
@@ -91,6 +95,7 @@ def test_torch_peers_are_timed(step_time_run):
   assert TORCH_PEERS <= timed
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
   _, path = step_time_run
   output = tmp_path / "step_time.png"
@@ -102,6 +107,7 @@ def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
   assert json.loads(path.read_text())["environment"]["machine"]
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_compile_time_smoke(capsys):
   rows = compile_time.main(["--smoke"])
   assert [(row["leaves"], row["peer"]) for row in rows] == [
@@ -118,6 +124,7 @@ def test_compile_time_smoke(capsys):
   assert f"| default | 10 | {off} | {on} | {ratio:.2f}x |" in out
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
   logger = logging.getLogger("gradient_ascent_jax")
   before = logger.level, logger.propagate, list(logger.handlers)
@@ -140,6 +147,7 @@ def test_logging_overhead_smoke_logs_every_tenth_step(capsys):
   assert "16 log records captured" in out
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_memory_smoke_state_bytes_and_peak():
   rows = memory.main(["--smoke"])
   table = {(row["config"], row["peer"]): row for row in rows}
@@ -158,6 +166,7 @@ def test_memory_smoke_state_bytes_and_peak():
   assert extra <= 16
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_gpu_smoke_runs_tests_step_time_and_copy_probe(tmp_path, capsys):
   output = tmp_path / "gpu.md"
   result = gpu.main(["--smoke", "--tests", "test_schedules", "--output", str(output)])

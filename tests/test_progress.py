@@ -625,6 +625,7 @@ def _noisy_runs(gradient_sign, interval, steps=300):
   return states
 
 
+@pytest.mark.slow  # 64 noisy runs of 300 steps per interval (10-23 s each)
 @pytest.mark.parametrize("interval", [1, 2, 5, 10])
 def test_noisy_ascent_never_warns_and_noisy_descent_does(log, interval):
   states = _noisy_runs(+1.0, interval)
@@ -778,6 +779,7 @@ class _CollectingHandler(logging.Handler):
     self.records.append(record)
 
 
+@pytest.mark.slow  # the reinforce_returns fixture trains 8 seeds (23 s)
 def test_reinforce_returns_never_warn(reinforce_returns):
   records, state, curves = reinforce_returns
   infos = [r for r in records if r.levelno == logging.INFO]
@@ -789,6 +791,7 @@ def test_reinforce_returns_never_warn(reinforce_returns):
   assert not np.any(np.asarray(state.descent_warned)[learned])
 
 
+@pytest.mark.slow  # the reinforce_returns fixture trains 8 seeds (23 s)
 @pytest.mark.parametrize("interval", [2, 5, 10])
 def test_reinforce_returns_at_longer_intervals_never_warn(log, reinforce_returns, interval):
   _, _, curves = reinforce_returns
