@@ -42,13 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Device-agnostic test modules, run with JAX on the GPU.
 GPU_TESTS = (
-    "test_transforms", "test_alias", "test_schedules", "test_validation", "test_bad_inputs",
-    "test_inject_hyperparams", "test_param_groups", "test_torch_parity", "test_flax",
-    "test_long_run", "test_properties", "test_checkpoint",
+    "test_transforms", "test_numerics", "test_state_checks", "test_alias", "test_schedules",
+    "test_validation", "test_bad_inputs", "test_inject_hyperparams", "test_param_groups",
+    "test_torch_parity", "test_flax", "test_long_run", "test_properties", "test_checkpoint",
 )
 # Modules that need 8 devices or several processes: CPU devices, as in CI.
 MULTI_DEVICE_TESTS = ("test_sharding", "test_execution_modes", "test_progress",
-                      "test_multiprocess")
+                      "test_gradient_norm", "test_multiprocess")
 # Optional packages some modules import; a module is skipped when one is absent.
 NEEDS = {
     "test_properties": ("hypothesis",),

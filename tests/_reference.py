@@ -6,7 +6,20 @@ tests that compare against it can fail.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+LR, MOMENTUM, BETA = 0.01, 0.9, 0.999  # gradient_ascent's defaults
+EPS = 1e-8
+
+
+def first_step(h):
+  """The first update: m_1 = (1-beta) h^2, s_1 = h / (sqrt(m_1) + eps), v_1 = s_1."""
+  return LR * h / (math.sqrt(1 - BETA) * abs(h) + EPS)
+
+
+FIRST_STEP = first_step(1.0)
 
 
 class ReferenceGradientAscent:

@@ -5,6 +5,15 @@ installs this checkout; CI also installs the built wheel and runs the suite
 from a copy of the checkout without the package). The checkout is appended
 to ``sys.path``, after site-packages, for the ``tests`` and ``benchmarks``
 helpers, so it never stands in for the installed copy.
+
+Where a test goes: one test file per module of ``gradient_ascent_jax/_src``
+(``tests/test_X.py`` for ``X.py``: ``test_numerics.py``, ``test_state_checks.py``,
+``test_gradient_norm.py``, ...), plus integration tests named after what they
+integrate with (``test_flax.py``, ``test_sharding.py``, ``test_torch_parity.py``,
+``test_checkpoint.py``, ``test_notebooks.py``, ...; ``test_bad_inputs.py`` for
+bad inputs that no one module answers). Helpers shared by several files live in
+``tests/_*.py``. Tests that take long are marked ``@pytest.mark.slow``:
+``pytest -m "not slow"`` is the quick check; plain ``pytest`` (CI) runs them all.
 """
 
 import os

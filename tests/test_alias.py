@@ -801,6 +801,7 @@ def test_maximize_hands_hutchinson_the_losss_curvature():
   np.testing.assert_array_equal(estimate, [2.0, 2.0, 2.0])
 
 
+@pytest.mark.slow  # 12 s
 def test_maximize_sophia():
   def make():
     return optax.contrib.sophia(0.05, gamma=1.0, clip_threshold=10.0, update_interval=1)

@@ -46,6 +46,7 @@ def step_time_run(tmp_path_factory):
   return rows, path
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_has_every_case_and_peer(step_time_run, capsys):
   rows, _ = step_time_run
   cases = {(row["config"], row["params"], row["leaves"], row["peer"]) for row in rows}
@@ -55,6 +56,7 @@ def test_step_time_has_every_case_and_peer(step_time_run, capsys):
   assert cases == expected and len(rows) == len(expected)
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_numbers_are_positive_and_ratios_consistent(step_time_run):
   rows, _ = step_time_run
   for row in rows:
@@ -75,6 +77,7 @@ def test_step_time_numbers_are_positive_and_ratios_consistent(step_time_run):
     assert gax["vs_optax"] == pytest.approx(gax["seconds"] / chain["seconds"])
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_step_time_torch_rows_only_where_comparable(step_time_run):
   rows, _ = step_time_run
   for row in rows:
@@ -84,6 +87,7 @@ def test_step_time_torch_rows_only_where_comparable(step_time_run):
     assert _positive(row["seconds"]) if comparable else row["seconds"] is None, row
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_torch_peers_are_timed(step_time_run):
   """Without torch the PyTorch rows are n/a: skipped locally, an error in CI."""
   if not HAS_TORCH:
@@ -93,6 +97,7 @@ def test_torch_peers_are_timed(step_time_run):
   assert TORCH_PEERS <= timed
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
   _, path = step_time_run
   output = tmp_path / "step_time.png"
@@ -104,6 +109,7 @@ def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
   assert json.loads(path.read_text())["environment"]["machine"]
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_compile_time_smoke(capsys):
   rows = compile_time.main(["--smoke"])
   assert [(row["leaves"], row["peer"]) for row in rows] == [
@@ -131,6 +137,7 @@ def logging_overhead_run():
   return rows, out.getvalue()
 
 
+@pytest.mark.slow  # runs a benchmark (up to 60 s, shared with the next test)
 def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
   rows, out = logging_overhead_run
   rows = [row for row in rows if "model" not in row]
@@ -153,6 +160,7 @@ def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
   assert logged == {peer: 3 if "every 10" in peer else 0 for peer in logged}
 
 
+@pytest.mark.slow  # runs a benchmark (up to 60 s, shared with the test above)
 def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   if not _optional.available("flax"):
     _optional.missing("flax is not importable: logging_overhead has no model rows")
@@ -192,6 +200,7 @@ def test_logging_overhead_models_have_the_stated_size(name, params, leaves):
   assert len(jax.tree.leaves(shapes)) == leaves
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_memory_smoke_state_bytes_and_peak():
   rows = memory.main(["--smoke"])
   table = {(row["config"], row["peer"]): row for row in rows}
@@ -210,6 +219,7 @@ def test_memory_smoke_state_bytes_and_peak():
   assert extra <= 16
 
 
+@pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_gpu_smoke_runs_tests_step_time_and_copy_probe(tmp_path, capsys):
   output = tmp_path / "gpu.md"
   result = gpu.main(["--smoke", "--tests", "test_schedules", "--output", str(output)])

@@ -223,6 +223,7 @@ with open(sys.argv[2], "wb") as f:
 """
 
 
+@pytest.mark.slow  # a new Python process (8 s)
 def test_resume_in_a_new_python_process(tmp_path):
   """The real thing once: a separate interpreter restores the orbax checkpoint."""
   tx = OPTIMIZERS["gradient_ascent"]()

@@ -23,6 +23,7 @@ def _run_demo(*args):
   return result
 
 
+@pytest.mark.slow  # runs the demo in a subprocess (8-13 s)
 def test_demo_command_runs_all_three_examples_and_objectives_rise():
   result = _run_demo()
   assert result.returncode == 0, result.stderr
@@ -47,6 +48,7 @@ def test_demo_command_runs_all_three_examples_and_objectives_rise():
   assert "DID NOT RISE" not in out
 
 
+@pytest.mark.slow  # runs the demo in a subprocess (8-13 s)
 def test_demo_flags():
   result = _run_demo("--example", "clipping", "--steps", "7", "--logging-interval", "3",
                      "--learning-rate", "0.001")
@@ -58,6 +60,7 @@ def test_demo_flags():
   assert "(7 steps)" in result.stdout
 
 
+@pytest.mark.slow  # runs the demo in a subprocess (8-13 s)
 def test_demo_logging_off():
   result = _run_demo("--example", "basic", "--steps", "5", "--logging-interval", "0")
   assert result.returncode == 0, result.stderr

@@ -286,6 +286,7 @@ def crawl(browser, site_url):
   return pages
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_every_internal_link_and_anchor_resolves(crawl, site_url):
   broken = []
   for page, facts in crawl.items():
@@ -303,6 +304,7 @@ def test_every_internal_link_and_anchor_resolves(crawl, site_url):
   assert not broken, "\n".join(broken)
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_every_image_loads_and_is_a_png_or_svg(crawl, site_url):
   problems, seen = [], 0
   for page, facts in crawl.items():
@@ -318,6 +320,7 @@ def test_every_image_loads_and_is_a_png_or_svg(crawl, site_url):
   assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_url):
   ids = set(crawl[site_url + "api.html"]["ids"])
   missing = [name for name in gax.__all__ if f"gradient_ascent_jax.{name}" not in ids]
@@ -328,6 +331,7 @@ def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_
   assert not without, f"API entries without an example: {without}"
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_api_page_shows_type_aliases_not_their_expansions(browser, site_url):
   browser.load(site_url + "api.html")
   text = browser.evaluate("document.body.innerText")
@@ -338,12 +342,14 @@ def test_api_page_shows_type_aliases_not_their_expansions(browser, site_url):
     assert expanded not in text
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_notebooks_are_rendered(crawl, site_url):
   rendered = {Path(urlparse(url).path).stem for url in crawl if "/notebooks/" in url}
   expected = {path.stem for path in (ROOT / "notebooks").glob("*.ipynb")}
   assert expected and expected <= rendered, f"not on the site: {sorted(expected - rendered)}"
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_search_finds_maximize(browser, site_url):
   browser.load(site_url + "search.html?q=maximize")
   hits, deadline = [], time.monotonic() + PAGE_TIMEOUT_S
@@ -416,6 +422,7 @@ def test_no_markdown_table_is_longer_than_a_screenful():
   assert not long, "\n".join(long)
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
   problems, rows_seen = [], 0
   for page, text in markdown_sources().items():
@@ -445,6 +452,7 @@ def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
   assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 @pytest.mark.parametrize("width", WIDTHS)
 def test_no_page_element_overflows_the_content_column(crawl, browser, width):
   browser.call(
@@ -461,6 +469,7 @@ def test_no_page_element_overflows_the_content_column(crawl, browser, width):
   assert not problems, "\n".join(problems[:40]) + f"\n({len(problems)} in all)"
 
 
+@pytest.mark.slow  # builds and visits the site in Chromium
 def test_literals_in_tables_wrap_only_between_words_or_after_separators(crawl, browser):
   browser.call(
       "Emulation.setDeviceMetricsOverride", session=True,

@@ -1,14 +1,29 @@
 """The logged gradient norm (gradient_ascent_jax/_src/gradient_norm.py)."""
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gradient_ascent_jax as gax
 from gradient_ascent_jax._src import gradient_norm
+
+LOGGER = "gradient_ascent_jax"
+
+
+def _records(caplog):
+  return [r for r in caplog.records if r.name == LOGGER]
+
+
+@pytest.fixture
+def log(caplog):
+  caplog.set_level(logging.INFO, logger=LOGGER)
+  return caplog
+
 
 # Python-float leaves: op by op, a leaf of its own was read as an array (.ndim). --
 
@@ -102,3 +117,132 @@ def test_smallest_normal_gradient_is_right_where_jnp_linalg_norm_underflows(dtyp
 def test_float16_subnormals_are_right_being_normal_in_float32():
   grads = {"w": jnp.full((4,), 2.0**-24, jnp.float16)}  # the smallest float16 subnormal
   np.testing.assert_allclose(float(jax.jit(gradient_norm.global_norm)(grads)), 2.0**-23, rtol=1e-6)
+
+
+# The logged norm --------------------------------------------------------------
+
+
+def _logged_norm(log, grads):
+  tx = gax.log_progress(logging_interval=1)
+  jax.jit(tx.update)(grads, tx.init(grads))
+  jax.effects_barrier()
+  (record,) = [r for r in _records(log) if r.levelno == logging.INFO]
+  return record.grad_norm
+
+
+@pytest.mark.parametrize(
+    "dtype, value",
+    [
+        (jnp.float16, 300.0),  # squares overflow float16
+        (jnp.float16, 1e-4),  # squares underflow float16
+        (jnp.bfloat16, 1e20),  # squares overflow float32, the dtype of its sums
+        (jnp.float32, 2e19),  # squares overflow float32, the norm does not
+        (jnp.float32, 1e-30),  # squares underflow float32
+    ],
+)
+def test_norm_is_right_wherever_it_is_representable(log, dtype, value):
+  element = float(np.asarray(value, dtype))  # the gradient as stored
+  norm = _logged_norm(log, {"w": jnp.full((4,), value, dtype)})
+  np.testing.assert_allclose(norm, 2 * element, rtol=1e-6)
+
+
+def test_float64_norm_stays_float64(log, x64):
+  norm = _logged_norm(log, {"w": jnp.full((4,), 1e200, jnp.float64)})
+  np.testing.assert_allclose(norm, 2e200, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_norm_is_right_at_every_power_of_two(x64, dtype):
+  # The norm comes from one of a few sums lifted by fixed powers of two: whichever
+  # the magnitude, one of them neither over- nor underflows. Normal numbers only
+  # (XLA:CPU reads subnormal inputs as 0), 1000 equal elements, with one larger.
+  info = jnp.finfo(dtype)
+  norm = jax.jit(gradient_norm.global_norm)
+  for exponent in range(info.minexp, info.maxexp - 5):  # up to a norm of 2**127.99
+    element = math.ldexp(1.0, exponent)
+    tree = {"many": jnp.full((1000,), element, dtype), "one": jnp.array([4 * element], dtype)}
+    want = element * math.sqrt(1000 + 16)
+    np.testing.assert_allclose(float(norm(tree)), want, rtol=1e-6, err_msg=f"2**{exponent}")
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [([0.0, 0.0], 0.0), ([1.0, np.inf], np.inf), ([1.0, np.nan], np.nan),
+     ([np.inf, np.nan], np.nan), ([-np.inf, 1.0], np.inf)],
+)
+def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
+  norm = _logged_norm(log, {"w": jnp.array(values, jnp.float16)})
+  np.testing.assert_equal(norm, expected)
+
+
+@pytest.mark.parametrize(
+    "grads",
+    [{}, {"w": None}, {"w": optax.MaskedNode()}, {"w": jnp.zeros((0, 3))}],
+    ids=["empty", "None", "MaskedNode", "zero-size"],
+)
+def test_norm_of_a_gradient_without_elements_is_zero(log, grads):
+  assert _logged_norm(log, grads) == 0.0
+
+
+def _reductions_in_program(num_leaves):
+  tx = gax.log_progress(logging_interval=1)
+  grads = [jnp.ones(2) for _ in range(num_leaves)]
+  return jax.jit(tx.update).lower(grads, tx.init(grads)).as_text().count("stablehlo.reduce")
+
+
+def test_norm_reduces_stacks_of_leaves_not_each_leaf():
+  # One reduction per leaf makes XLA:CPU's compile time explode with the number
+  # of leaves; so does one stack of thousands (5000 leaves: 28 s against 7 s in
+  # stacks of 100), so the count grows by one stack per 100 leaves of a shape.
+  # (Not on a mesh with Auto axes: see tests/test_sharding.py.)
+  few = _reductions_in_program(2)
+  assert _reductions_in_program(100) == few
+  assert few < _reductions_in_program(1000) <= 10 * few  # per leaf: about 2000
+
+
+def test_norm_of_many_leaves_in_several_stacks(log):
+  # 250 leaves of one shape make three stacks; a leaf of another shape a fourth.
+  grads = [jnp.full(2, 1.0) for _ in range(249)] + [jnp.full(2, 10.0), jnp.array([3.0])]
+  norm = _logged_norm(log, grads)
+  np.testing.assert_allclose(norm, np.sqrt(249 * 2 + 200 + 9), rtol=1e-6)
+
+
+@pytest.mark.parametrize("big, small", [(2e19, 1.0), (1e-30, 3e-31), (1e38, 1e-30)])
+def test_norm_of_blocks_of_far_apart_magnitudes(log, big, small):
+  # The squares of neither leaf, nor their sum, over- or underflow float32.
+  grads = {"big": jnp.full(4, big, jnp.float32), "small": jnp.full(3, small, jnp.float32)}
+  big, small = (float(np.float32(x)) for x in (big, small))
+  np.testing.assert_allclose(_logged_norm(log, grads), math.sqrt(4 * big**2 + 3 * small**2),
+                             rtol=1e-6)
+
+
+def test_leaves_on_different_devices_log(log):
+  first, second = jax.devices()[:2]
+  params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}
+  grads = {"a": jax.device_put(jnp.array([3.0, 0.0]), first),
+           "b": jax.device_put(jnp.array([4.0]), second)}
+  tx = gax.gradient_ascent(logging_interval=2)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+  jax.effects_barrier()
+  (record,) = _records(log)
+  assert record.step == 2
+  np.testing.assert_allclose(record.grad_norm, 5.0, rtol=1e-6)
+  assert updates["a"].devices() == {first} and updates["b"].devices() == {second}
+
+
+def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
+  # Leaves of one shape are reduced together; raveling them into one vector
+  # would make every logging step of an FSDP program all-gather the gradients.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+  spec = jax.sharding.PartitionSpec
+  specs = {"a": spec("x", "y"), "b": spec("x", "y"), "c": spec("y"), "d": spec("y")}
+  tree = {"a": jnp.full((8, 16), 1.0), "b": jnp.full((8, 16), 2.0),
+          "c": jnp.full(16, 3.0), "d": jnp.full(16, 4.0)}
+  tree = jax.device_put(tree, {k: jax.sharding.NamedSharding(mesh, s) for k, s in specs.items()})
+  text = jax.jit(gradient_norm.global_norm).lower(tree).compile().as_text().lower()
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert collective not in text
+  expected = math.sqrt(128 * (1 + 4) + 16 * (9 + 16))
+  np.testing.assert_allclose(float(gradient_norm.global_norm(tree)), expected, rtol=1e-6)

@@ -42,6 +42,9 @@ import pytest
 
 from tests import _multiprocess_programs as programs
 
+# Slow: every test starts several Python processes (up to 30 s each).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = 150
 RTOL = 1e-5  # of each leaf's largest |value|; the reason is in the docstring

@@ -219,6 +219,7 @@ def first_updates(learning_rate, momentum, beta, eps, steps):
   return updates
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_quickstart(monkeypatch, kernel_dir):
   text, images = execute("01_quickstart", monkeypatch, kernel_dir)
   results = re.findall(r"^([\w-]+): objective ([-+][\d.]+) -> ([-+][\d.]+)", text, re.M)
@@ -250,6 +251,7 @@ def test_quickstart(monkeypatch, kernel_dir):
   assert images >= 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_flax_classifier(monkeypatch, kernel_dir):
   text, images = execute("02_flax_classifier", monkeypatch, kernel_dir)
   for name in ("gradient_ascent", r"maximize\(adam\)"):
@@ -268,6 +270,7 @@ def test_flax_classifier(monkeypatch, kernel_dir):
   assert images >= 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_policy_gradient(monkeypatch, kernel_dir):
   text, images = execute("03_policy_gradient", monkeypatch, kernel_dir)
   random_return = number(r"random policy, mean return over 100 episodes: ([\d.]+)", text)
@@ -280,6 +283,7 @@ def test_policy_gradient(monkeypatch, kernel_dir):
   assert images >= 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_sweep(monkeypatch, kernel_dir):
   text, images = execute("04_sweep", monkeypatch, kernel_dir)
   assert number(r"learning rates swept: (\d+)", text) == 32
@@ -302,6 +306,7 @@ def test_sweep(monkeypatch, kernel_dir):
   assert images >= 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_adversarial_examples(monkeypatch, kernel_dir):
   text, images = execute("05_adversarial_examples", monkeypatch, kernel_dir)
   clean = number(r"^clean test accuracy: ([\d.]+)", text)
@@ -328,6 +333,7 @@ def test_adversarial_examples(monkeypatch, kernel_dir):
   assert images >= 2  # the accuracy plot and the grid of originals and adversarial versions
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_minimax_games(monkeypatch, kernel_dir):
   text, images = execute("06_minimax_games", monkeypatch, kernel_dir)
   eta, steps, start = 0.2, 600, math.sqrt(2)
@@ -347,6 +353,7 @@ def test_minimax_games(monkeypatch, kernel_dir):
   assert images >= 2
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_constrained_optimization(monkeypatch, kernel_dir):
   text, images = execute("07_constrained_optimization", monkeypatch, kernel_dir)
   # Maximum entropy on 0..9 with mean 3: the Gibbs distribution exp(-nu v) / Z.
@@ -386,6 +393,7 @@ def test_constrained_optimization(monkeypatch, kernel_dir):
   assert images >= 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (7-16 s)
 def test_feature_visualization(monkeypatch, kernel_dir):
   text, images = execute("08_feature_visualization", monkeypatch, kernel_dir)
   assert number(r"^test accuracy: ([\d.]+)", text) >= 0.9

@@ -642,6 +642,7 @@ def spec_learning_rate(base, lr_decay, warmup_steps, k):
   return rate
 
 
+@pytest.mark.slow  # 12 s
 @hypothesis.given(
     learning_rate=log_uniform(1e-4, 10.0),
     as_schedule=st.booleans(),

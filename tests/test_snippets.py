@@ -116,6 +116,7 @@ def test_claims_are_checked_with_tolerance_only_on_numbers():
   assert not line_matches("step 100", "step 101")
 
 
+@pytest.mark.slow  # each block runs in a fresh Python process (up to 27 s)
 @pytest.mark.parametrize(("path", "line", "code", "claimed"), snippets())
 def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
   env = dict(os.environ)

@@ -1,4 +1,7 @@
-"""Each transform of gradient_ascent_jax/_src/transforms.py alone, against hand-worked values."""
+"""Each transform of gradient_ascent_jax/_src/transforms.py alone, against hand-worked values,
+and its own warnings and trace-time checks."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -318,115 +321,73 @@ def test_masked_transform_leaves_other_leaves_untouched():
   np.testing.assert_array_equal(updates["bias"], [7.0, 7.0])  # untouched
 
 
-# --- differentiating through the optimizer (meta-gradients) ------------------------------
+# Nesterov without momentum ----------------------------------------------------------
 
 
-def meta_gradient(make_tx, param_dtype=jnp.float32, steps=5, hyperparameter=0.1):
-  """d/dh of the objective after ``steps`` updates of ``make_tx(h)``, float32 objective."""
-  start = jax.random.normal(jax.random.key(0), (16,))
-  target = 3.0 * jax.random.normal(jax.random.key(1), (16,))
+@pytest.fixture
+def nesterov_warning_not_yet_shown(monkeypatch):
+  import threading
 
-  def objective(x):
-    return -jnp.sum((x.astype(jnp.float32) - target) ** 2)
+  from gradient_ascent_jax._src import transforms
 
-  def final_objective(value):
-    tx = make_tx(value)
-    x = start.astype(param_dtype)
-
-    def step(carry, _):
-      x, state = carry
-      updates, state = tx.update(jax.grad(objective)(x).astype(param_dtype), state, x)
-      return (optax.apply_updates(x, updates), state), None
-
-    (x, _), _ = jax.lax.scan(step, (x, tx.init(x)), length=steps)
-    return objective(x)
-
-  return float(jax.jit(jax.grad(final_objective))(jnp.float32(hyperparameter)))
+  monkeypatch.setattr(transforms, "_nesterov_without_momentum_warned", threading.Event())
 
 
-def test_meta_gradient_in_float32_matches_the_optax_chain():
-  got = meta_gradient(gax.gradient_ascent)
-  want = meta_gradient(
-      lambda lr: optax.chain(
-          optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False), optax.trace(0.9), optax.scale(lr)
-      )
-  )
-  np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: equal; 2.2e-6 over 6 other seeds
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-# Largest relative distance from the float32 meta-gradient over 20 problems
-# (seeds) of this shape, times about 1.2: bfloat16 params 0.21, float16 params
-# 0.008, bfloat16 state 0.046, float16 state 0.028. Half-precision params move
-# in steps of their own spacing, hence the spread.
 @pytest.mark.parametrize(
-    "param_dtype, accumulator_dtype, rtol",
-    [
-        (jnp.bfloat16, None, 0.25),
-        (jnp.float16, None, 0.01),
-        (jnp.float32, jnp.bfloat16, 0.055),
-        (jnp.float32, jnp.float16, 0.035),
-    ],
-    ids=["bfloat16-params", "float16-params", "bfloat16-state", "float16-state"],
+    "make",
+    [lambda: gax.gradient_ascent(momentum=0, nesterov=True),
+     lambda: gax.momentum(decay=np.float32(0.0), nesterov=True)],
+    ids=["gradient_ascent", "momentum"],
 )
-def test_meta_gradient_through_a_low_precision_state(param_dtype, accumulator_dtype, rtol):
-  # The one-unit nudge that keeps a rounded moment moving (jnp.nextafter) had
-  # no derivative: jax.grad raised NotImplementedError from the second update.
-  float32 = meta_gradient(gax.gradient_ascent)
-  low = meta_gradient(
-      lambda lr: gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype), param_dtype
-  )
-  assert np.isfinite(low)
-  np.testing.assert_allclose(low, float32, rtol=rtol)
+def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_shown, caplog):
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    make()
+    make()
+  [message] = _warnings(caplog)
+  assert "nesterov=True has no effect with momentum 0" in message
+  assert "nesterov=False" in message and "0.9" in message
 
 
-def clip_then_optax_rms(clip_value):
-  return optax.chain(
-      optax.clip(clip_value),
-      optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
-      optax.trace(0.9),
-      optax.scale(0.1),
-  )
-
-
-def test_meta_gradient_with_respect_to_clip_value_matches_optax_clip():
-  # The bound was rounded with jnp.nextafter even when the dtypes agree, and
-  # jax.grad raised NotImplementedError: Differentiation rule for 'nextafter'.
-  got = meta_gradient(lambda c: gax.gradient_ascent(0.1, clip_value=c), hyperparameter=2.0)
-  want = meta_gradient(clip_then_optax_rms, hyperparameter=2.0)
-  np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: equal (43.96); 2.4e-6 at c=4
-
-
-# Largest relative distance from float32 at clip_value 0.5, 2 and 4: bfloat16
-# params 0.19, float16 0.006 (the bound is rounded down into their dtype).
-@pytest.mark.parametrize("param_dtype, rtol", [(jnp.bfloat16, 0.25), (jnp.float16, 0.01)])
-def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(
-    param_dtype, rtol
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(momentum=0.9, nesterov=True), dict(momentum=0.0, nesterov=False),
+     dict(momentum=jnp.asarray(0.0), nesterov=True)],  # injected: may be a schedule
+    ids=["with-momentum", "no-nesterov", "jax-array"],
+)
+def test_no_nesterov_warning_when_it_has_an_effect_or_is_unknown(
+    kwargs, nesterov_warning_not_yet_shown, caplog
 ):
-  def make_tx(clip_value):
-    return gax.gradient_ascent(0.1, clip_value=clip_value, accumulator_dtype=jnp.float32)
-
-  low = meta_gradient(make_tx, param_dtype, hyperparameter=2.0)
-  np.testing.assert_allclose(low, meta_gradient(clip_then_optax_rms, hyperparameter=2.0), rtol=rtol)
+  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+    gax.gradient_ascent(**kwargs)
+  assert _warnings(caplog) == []
 
 
-@pytest.mark.parametrize("accumulator_dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_meta_gradient_with_an_element_at_its_optimum_is_that_of_the_others(accumulator_dtype):
-  # An element that starts at its optimum has gradient 0 at every step; sqrt'(0)
-  # = inf times the 0 flowing back made the whole meta-gradient NaN from the
-  # second update on.
-  def final_objective(lr, target):
-    def objective(x):
-      return -jnp.sum((x - target) ** 2)
+# clip_value below the smallest number of the gradient dtype -----------------------
 
-    tx = gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype)
-    x = jnp.zeros_like(target)
-    state = tx.init(x)
-    for _ in range(3):
-      updates, state = tx.update(jax.grad(objective)(x), state, x)
-      x = optax.apply_updates(x, updates)
-    return objective(x)
 
-  with_it = jax.grad(final_objective)(jnp.float32(0.1), jnp.array([3.0, -1.0, 0.5, 0.0]))
-  without = jax.grad(final_objective)(jnp.float32(0.1), jnp.array([3.0, -1.0, 0.5]))
-  assert np.isfinite(without)
-  np.testing.assert_allclose(with_it, without, rtol=1e-6)
+@pytest.mark.parametrize(
+    ("dtype", "clip_value", "smallest"),
+    [(jnp.float16, 1e-8, "5.96e-08"), (jnp.float32, 1e-46, "1.4e-45"),
+     (jnp.bfloat16, 1e-46, "9.18e-41")],
+)
+@pytest.mark.parametrize(
+    "make",
+    [lambda c: gax.gradient_ascent(clip_value=c, logging_interval=None), gax.clip_by_value],
+    ids=["gradient_ascent", "clip"],
+)
+def test_clip_value_that_rounds_to_zero_is_rejected_when_traced(make, dtype, clip_value, smallest):
+  tx = make(clip_value)
+  params = jnp.zeros(2, dtype)
+  with pytest.raises(ValueError, match=f"`clip_value` must be >= {smallest} for") as error:
+    jax.jit(tx.update)(jnp.ones(2, dtype), tx.init(params), params)
+  assert jnp.dtype(dtype).name in str(error.value)
+
+
+def test_clip_by_value_still_clips_integer_updates():
+  tx = gax.clip_by_value(2.0)
+  updates, _ = tx.update(jnp.array([3, -5, 1]), tx.init(None))
+  np.testing.assert_array_equal(updates, [2, -2, 1])

@@ -266,12 +266,27 @@ SCALAR_ARGS = [
 SCALAR_ARG_IDS = [f"{f.__name__}-{name}" for f, name, _ in SCALAR_ARGS]
 
 
-@pytest.mark.parametrize(("factory", "name", "value"), SCALAR_ARGS, ids=SCALAR_ARG_IDS)
-@pytest.mark.parametrize(
-    ("make", "shape"),
-    [(jnp.full, (1,)), (jnp.full, (3,)), (np.full, (1,)), (np.full, (2, 2))],
-    ids=["jax-1", "jax-3", "numpy-1", "numpy-2x2"],
-)
+def _non_scalar_cases():
+  """Each argument once, with one bad array; the arrays take turns within each kind.
+
+  The kinds (real, integer, bool: validation's check_interval, check_count and
+  check_bool) each check a JAX array and a NumPy one on their own branch, so
+  turns alternate JAX and NumPy per kind; every shape below comes up as well.
+  """
+  arrays = [(jnp.full, (1,)), (np.full, (1,)), (jnp.full, (3,)), (np.full, (2, 2))]
+  turns = {}
+  cases = []
+  for factory, name, value in SCALAR_ARGS:
+    turn = turns[type(value)] = turns.get(type(value), -1) + 1
+    make, shape = arrays[turn % len(arrays)]
+    library = "jax" if make is jnp.full else "numpy"
+    shown = "x".join(map(str, shape))
+    cases.append(pytest.param(factory, name, value, make, shape,
+                              id=f"{factory.__name__}-{name}-{library}-{shown}"))
+  return cases
+
+
+@pytest.mark.parametrize(("factory", "name", "value", "make", "shape"), _non_scalar_cases())
 def test_non_scalar_hyperparameter_is_rejected_naming_it_and_its_shape(
     factory, name, value, make, shape
 ):
@@ -362,19 +377,19 @@ def test_schedule_returning_an_int_works(rate):
   np.testing.assert_allclose(updates, 1 / 0.5, rtol=1e-6)  # lr / sqrt(1 - beta)
 
 
-# Non-finite values, for every float argument of every factory. ----------------
+# Non-finite values: every float argument of every factory, each with one of them. --
 
 FLOAT_ARGS = [(f, name, v) for f, name, v in SCALAR_ARGS if isinstance(v, float)]
+NON_FINITE = [math.nan, math.inf, -math.inf, np.float32(np.inf)]
 
 
 @pytest.mark.parametrize(
-    ("factory", "name", "value"),
-    FLOAT_ARGS,
-    ids=[f"{f.__name__}-{name}" for f, name, _ in FLOAT_ARGS],
+    ("factory", "name", "bad"),
+    [(f, name, NON_FINITE[i % len(NON_FINITE)]) for i, (f, name, _) in enumerate(FLOAT_ARGS)],
+    ids=[f"{f.__name__}-{name}-{NON_FINITE[i % len(NON_FINITE)]!r}"
+         for i, (f, name, _) in enumerate(FLOAT_ARGS)],
 )
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, np.float32(np.inf)])
-def test_non_finite_float_argument_is_rejected(factory, name, value, bad):
-  del value
+def test_non_finite_float_argument_is_rejected(factory, name, bad):
   with pytest.raises(ValueError, match=f"`{name}` must be in ") as info:
     factory(**{name: bad})
   assert repr(bad) in str(info.value)
