@@ -135,10 +135,12 @@ class ProgressReader:
   and ``flush()`` after the loop. It finds every such state in whatever holds
   it (a chain's state, a dict of several optimizers, ``nnx.Optimizer``, a Linen
   ``TrainState``), and logs each record once, on the same logger and with the
-  same message and warnings as ``logging_emit="callback"``. It never waits for
-  the device on a step it is handed: records of steps still running are copied
-  aside (the next step may donate the state) and logged on a later call, or by
-  ``flush()``. Never called, it logs nothing, and the step costs the same.
+  same message and warnings as ``logging_emit="callback"``. It reads one state
+  per logging interval, that of the due step, and never waits for the device:
+  the record of a step still running is copied aside (the next step may donate
+  the state) and logged on a later call, or by ``flush()``. Never called, it
+  logs nothing, and the step costs the same. Give each optimizer its own
+  reader, or hand one reader the container of all.
 
   Examples:
     >>> import jax, jax.numpy as jnp
