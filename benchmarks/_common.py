@@ -70,25 +70,27 @@ class Config:
 
 
 DEFAULT = Config("default")
-FULL = Config("clip+warmup+decay+nesterov", nesterov=True, clip_value=1.0,
-              lr_decay=0.9999, warmup_steps=100)
+FULL = Config(
+  "clip+warmup+decay+nesterov", nesterov=True, clip_value=1.0, lr_decay=0.9999, warmup_steps=100
+)
 CONFIGS = {"default": DEFAULT, "full": FULL}
 
 
-def gradient_ascent(config: Config, logging_interval=None,
-                    logging_emit: str = "callback") -> optax.GradientTransformation:
+def gradient_ascent(
+  config: Config, logging_interval=None, logging_emit: str = "callback"
+) -> optax.GradientTransformation:
   """The library's optimizer for ``config`` (progress logging off by default)."""
   return gax.gradient_ascent(
-      learning_rate=config.learning_rate,
-      momentum=config.momentum,
-      beta=config.beta,
-      eps=config.eps,
-      nesterov=config.nesterov,
-      clip_value=config.clip_value,
-      lr_decay=config.lr_decay,
-      warmup_steps=config.warmup_steps,
-      logging_interval=logging_interval,
-      logging_emit=logging_emit,
+    learning_rate=config.learning_rate,
+    momentum=config.momentum,
+    beta=config.beta,
+    eps=config.eps,
+    nesterov=config.nesterov,
+    clip_value=config.clip_value,
+    lr_decay=config.lr_decay,
+    warmup_steps=config.warmup_steps,
+    logging_interval=logging_interval,
+    logging_emit=logging_emit,
   )
 
 
@@ -98,10 +100,10 @@ def optax_chain(config: Config) -> optax.GradientTransformation:
   if config.clip_value is not None:
     stages.append(optax.clip(config.clip_value))
   stages += [
-      optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=False),
-      optax.trace(decay=config.momentum, nesterov=config.nesterov),
-      # scale_by_learning_rate multiplies by -lr_t: the chain ascends.
-      optax.scale_by_learning_rate(config.schedule),
+    optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=False),
+    optax.trace(decay=config.momentum, nesterov=config.nesterov),
+    # scale_by_learning_rate multiplies by -lr_t: the chain ascends.
+    optax.scale_by_learning_rate(config.schedule),
   ]
   return optax.chain(*stages)
 
@@ -148,8 +150,9 @@ class JaxRunner:
     return [np.array(p, np.float64) for p in jax.tree.leaves(self.params)]
 
 
-def optax_runner(tx: optax.GradientTransformation, num_params: int, num_leaves: int,
-                 grads) -> JaxRunner:
+def optax_runner(
+  tx: optax.GradientTransformation, num_params: int, num_leaves: int, grads
+) -> JaxRunner:
   params = make_params(num_params, num_leaves)
   return JaxRunner(jitted_step(tx), params, tx.init(params), grads)
 
@@ -174,8 +177,9 @@ def reference_moves(config: Config, grads, steps: int = CHECK_STEPS) -> list[np.
   return moves_of(before, runner.snapshot())
 
 
-def check_moves(peer: str, moves, expected, grads, rtol: float | None,
-                steps: int = CHECK_STEPS) -> None:
+def check_moves(
+  peer: str, moves, expected, grads, rtol: float | None, steps: int = CHECK_STEPS
+) -> None:
   """Raises :class:`PeerMismatchError` unless ``moves`` ascend, and (with ``rtol``)
   equal ``expected`` to ``rtol`` plus float32 rounding of the params.
 
@@ -195,13 +199,18 @@ def check_moves(peer: str, moves, expected, grads, rtol: float | None,
     bad = np.abs(move - want) > rtol * np.abs(want) + rounding
     if bad.any():
       raise PeerMismatchError(
-          f"{peer}: leaf {i}, {bad.sum()} of {bad.size} params differ from "
-          f"gradient_ascent after {steps} steps: got {move[bad][:3]}, expected {want[bad][:3]}"
+        f"{peer}: leaf {i}, {bad.sum()} of {bad.size} params differ from "
+        f"gradient_ascent after {steps} steps: got {move[bad][:3]}, expected {want[bad][:3]}"
       )
 
 
-def check_runners(runners: dict[str, Any], config: Config, grads,
-                  rtols: dict[str, float | None], steps: int = CHECK_STEPS) -> None:
+def check_runners(
+  runners: dict[str, Any],
+  config: Config,
+  grads,
+  rtols: dict[str, float | None],
+  steps: int = CHECK_STEPS,
+) -> None:
   """Runs every runner ``steps`` steps and checks it against ``gradient_ascent``.
 
   Called before timing, so a peer that computes something else is never timed.
@@ -217,15 +226,20 @@ def check_runners(runners: dict[str, Any], config: Config, grads,
     check_moves(name, moves_of(before, runner.snapshot()), expected, grads, rtols[name], steps)
 
 
-def check_transforms(txs: dict[str, optax.GradientTransformation], config: Config,
-                     num_leaves: int, rtols: dict[str, float | None],
-                     leaf_size: int = 100) -> None:
+def check_transforms(
+  txs: dict[str, optax.GradientTransformation],
+  config: Config,
+  num_leaves: int,
+  rtols: dict[str, float | None],
+  leaf_size: int = 100,
+) -> None:
   """:func:`check_runners` for optimizers that are built but not run (compile
   time, memory): each one steps params of ones with a fixed normal gradient."""
   keys = jax.random.split(jax.random.key(1), num_leaves)
   grads = [jax.random.normal(key, (leaf_size,), jnp.float32) for key in keys]
-  runners = {name: optax_runner(tx, leaf_size * num_leaves, num_leaves, grads)
-             for name, tx in txs.items()}
+  runners = {
+    name: optax_runner(tx, leaf_size * num_leaves, num_leaves, grads) for name, tx in txs.items()
+  }
   check_runners(runners, config, grads, rtols)
 
 
@@ -238,11 +252,11 @@ def steps_per_sample(runner: Callable[[int], None], min_sample_s: float) -> int:
 
 
 def interleaved_medians(
-    runners: dict[str, Callable[[int], None]],
-    repeats: int,
-    warmup: int = 2,
-    min_sample_s: float = 0.005,
-    pause_s: float = 0.01,
+  runners: dict[str, Callable[[int], None]],
+  repeats: int,
+  warmup: int = 2,
+  min_sample_s: float = 0.005,
+  pause_s: float = 0.01,
 ) -> dict[str, float]:
   """Median seconds per step of each runner, sampled round-robin.
 
@@ -300,10 +314,10 @@ def environment() -> dict[str, str]:
     versions["torch"] = "absent"
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": cpu_model(),
-      "device": f"{device.platform} ({device.device_kind})",
-      "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": cpu_model(),
+    "device": f"{device.platform} ({device.device_kind})",
+    "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
   }
 
 
@@ -341,10 +355,12 @@ def parse_counts(text: str) -> list[int]:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed samples per peer (median reported)")
-  parser.add_argument("--smoke", action="store_true",
-                      help="smallest size and few repeats: checks that it runs")
+  parser.add_argument(
+    "--repeats", type=int, default=None, help="timed samples per peer (median reported)"
+  )
+  parser.add_argument(
+    "--smoke", action="store_true", help="smallest size and few repeats: checks that it runs"
+  )
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   return parser
 

@@ -36,11 +36,12 @@ from benchmarks import _common
 GAX_LOG, GAX_OFF, OPTAX = "gax (logging every 10)", "gax (logging off)", "optax chain"
 OPTAX_NORM = "optax chain + clip_by_global_norm"
 PEERS = {
-    GAX_LOG: lambda config: _common.gradient_ascent(config, logging_interval=10),
-    GAX_OFF: lambda config: _common.gradient_ascent(config, logging_interval=None),
-    OPTAX: _common.optax_chain,
-    OPTAX_NORM: lambda config: optax.chain(optax.clip_by_global_norm(1e6),
-                                           _common.optax_chain(config)),
+  GAX_LOG: lambda config: _common.gradient_ascent(config, logging_interval=10),
+  GAX_OFF: lambda config: _common.gradient_ascent(config, logging_interval=None),
+  OPTAX: _common.optax_chain,
+  OPTAX_NORM: lambda config: optax.chain(
+    optax.clip_by_global_norm(1e6), _common.optax_chain(config)
+  ),
 }
 
 
@@ -64,27 +65,32 @@ def mesh_and_params(kind: str, num_leaves: int, leaf_size: int):
   """A 2x4 mesh of ``kind`` axes and leaves split alternately by rows and columns."""
   if jax.device_count() < 8 or leaf_size % 32:
     raise SystemExit(
-        f"--mesh needs 8 devices (found {jax.device_count()}; on a CPU set "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=8) and a --leaf-size that is "
-        f"a multiple of 32 (got {leaf_size})."
+      f"--mesh needs 8 devices (found {jax.device_count()}; on a CPU set "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=8) and a --leaf-size that is "
+      f"a multiple of 32 (got {leaf_size})."
     )
   axis_type = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type[kind],) * 2)
   specs = (jax.sharding.PartitionSpec(None, "model"), jax.sharding.PartitionSpec("model", None))
   params = [
-      jax.device_put(leaf.reshape(8, -1), jax.sharding.NamedSharding(mesh, specs[i % 2]))
-      for i, leaf in enumerate(_common.make_params(num_leaves * leaf_size, num_leaves))
+    jax.device_put(leaf.reshape(8, -1), jax.sharding.NamedSharding(mesh, specs[i % 2]))
+    for i, leaf in enumerate(_common.make_params(num_leaves * leaf_size, num_leaves))
   ]
   return mesh, params
 
 
-def measure(config, num_leaves, leaf_size, repeats, peers=tuple(PEERS),
-            mesh_kind: str | None = None) -> list[dict]:
+def measure(
+  config, num_leaves, leaf_size, repeats, peers=tuple(PEERS), mesh_kind: str | None = None
+) -> list[dict]:
   # Every peer must compute the steps of gax.gradient_ascent before it is timed.
   # The math of one leaf does not depend on how many there are, and checking
   # at full size would compile every peer a second time.
-  _common.check_transforms({peer: PEERS[peer](config) for peer in peers},
-                           config, min(num_leaves, 10), dict.fromkeys(peers, 1e-5))
+  _common.check_transforms(
+    {peer: PEERS[peer](config) for peer in peers},
+    config,
+    min(num_leaves, 10),
+    dict.fromkeys(peers, 1e-5),
+  )
   if mesh_kind is None:
     mesh, params = None, _common.make_params(num_leaves * leaf_size, num_leaves)
   else:
@@ -102,17 +108,33 @@ def measure(config, num_leaves, leaf_size, repeats, peers=tuple(PEERS),
     total = statistics.median(p[0] + p[1] for p in pairs)
     medians[peer] = (lower, compile_, total)
   return [
-      {"config": config.name, "leaves": num_leaves, "peer": peer, "lower_s": lower,
-       "compile_s": compile_, "total_s": total, "vs_optax": total / medians[OPTAX][2]}
-      for peer, (lower, compile_, total) in medians.items()
+    {
+      "config": config.name,
+      "leaves": num_leaves,
+      "peer": peer,
+      "lower_s": lower,
+      "compile_s": compile_,
+      "total_s": total,
+      "vs_optax": total / medians[OPTAX][2],
+    }
+    for peer, (lower, compile_, total) in medians.items()
   ]
 
 
 def table(rows: list[dict]) -> str:
   headers = ["config", "leaves", "peer", "trace+lower", "compile", "total", "vs optax chain"]
-  body = [[row["config"], row["leaves"], row["peer"], _common.fmt_time(row["lower_s"]),
-           _common.fmt_time(row["compile_s"]), _common.fmt_time(row["total_s"]),
-           _common.fmt_ratio(row["vs_optax"])] for row in rows]
+  body = [
+    [
+      row["config"],
+      row["leaves"],
+      row["peer"],
+      _common.fmt_time(row["lower_s"]),
+      _common.fmt_time(row["compile_s"]),
+      _common.fmt_time(row["total_s"]),
+      _common.fmt_ratio(row["vs_optax"]),
+    ]
+    for row in rows
+  ]
   return _common.markdown_table(headers, body)
 
 
@@ -127,8 +149,16 @@ def logging_table(rows: list[dict]) -> str:
       continue
     norm = totals.get((config, leaves, OPTAX_NORM))
     norm = "not run" if norm is None else _common.fmt_time(norm)
-    body.append([config, leaves, _common.fmt_time(off), _common.fmt_time(on),
-                 _common.fmt_ratio(on / off), norm])
+    body.append(
+      [
+        config,
+        leaves,
+        _common.fmt_time(off),
+        _common.fmt_time(on),
+        _common.fmt_ratio(on / off),
+        norm,
+      ]
+    )
   return _common.markdown_table(headers, body)
 
 
@@ -136,14 +166,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--leaves", default="10,100,1000", help="leaf counts, comma-separated")
   parser.add_argument("--leaf-size", type=int, default=1000, help="parameters per leaf")
-  parser.add_argument("--peers", default=",".join(PEERS),
-                      help=f"comma-separated subset of {list(PEERS)}; the optax chain, the "
-                      "reference of the ratios, is always timed")
-  parser.add_argument("--mesh", choices=["auto", "explicit"], default=None,
-                      help="compile for leaves sharded on a 2x4 mesh of these axes (needs 8 "
-                      "devices; see the module docstring)")
-  parser.add_argument("--configs", default="default",
-                      help=f"comma-separated subset of {sorted(_common.CONFIGS)}")
+  parser.add_argument(
+    "--peers",
+    default=",".join(PEERS),
+    help=f"comma-separated subset of {list(PEERS)}; the optax chain, the "
+    "reference of the ratios, is always timed",
+  )
+  parser.add_argument(
+    "--mesh",
+    choices=["auto", "explicit"],
+    default=None,
+    help="compile for leaves sharded on a 2x4 mesh of these axes (needs 8 "
+    "devices; see the module docstring)",
+  )
+  parser.add_argument(
+    "--configs", default="default", help=f"comma-separated subset of {sorted(_common.CONFIGS)}"
+  )
   args = parser.parse_args(argv)
   if args.smoke:
     args.leaves, args.leaf_size = "10", 10
@@ -152,9 +190,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   rows = []
   for name in args.configs.split(","):
     for num_leaves in _common.parse_counts(args.leaves):
-      rows += measure(_common.CONFIGS[name], num_leaves, args.leaf_size, repeats,
-                      tuple(peer for peer in PEERS if peer in args.peers.split(",") or peer == OPTAX),
-                      args.mesh)
+      rows += measure(
+        _common.CONFIGS[name],
+        num_leaves,
+        args.leaf_size,
+        repeats,
+        tuple(peer for peer in PEERS if peer in args.peers.split(",") or peer == OPTAX),
+        args.mesh,
+      )
   print(f"({repeats} interleaved repeats, median)\n")
   print(table(rows) + "\n")
   print(logging_table(rows) + "\n")

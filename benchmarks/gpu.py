@@ -42,24 +42,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Device-agnostic test modules, run with JAX on the GPU.
 GPU_TESTS = (
-    "test_transforms", "test_numerics", "test_state_checks", "test_alias", "test_schedules",
-    "test_validation", "test_bad_inputs", "test_inject_hyperparams", "test_param_groups",
-    "test_torch_parity", "test_flax", "test_long_run", "test_properties", "test_checkpoint",
+  "test_transforms",
+  "test_numerics",
+  "test_state_checks",
+  "test_alias",
+  "test_schedules",
+  "test_validation",
+  "test_bad_inputs",
+  "test_inject_hyperparams",
+  "test_param_groups",
+  "test_torch_parity",
+  "test_flax",
+  "test_long_run",
+  "test_properties",
+  "test_checkpoint",
 )
 # Modules that need 8 devices or several processes: CPU devices, as in CI.
-MULTI_DEVICE_TESTS = ("test_sharding", "test_execution_modes", "test_progress",
-                      "test_gradient_norm", "test_multiprocess")
+MULTI_DEVICE_TESTS = (
+  "test_sharding",
+  "test_execution_modes",
+  "test_progress",
+  "test_gradient_norm",
+  "test_multiprocess",
+)
 # Optional packages some modules import; a module is skipped when one is absent.
 NEEDS = {
-    "test_properties": ("hypothesis",),
-    "test_checkpoint": ("orbax.checkpoint", "flax"),
-    "test_multiprocess": ("orbax.checkpoint", "flax"),
-    "test_flax": ("flax",),
-    "test_torch_parity": ("torch",),
+  "test_properties": ("hypothesis",),
+  "test_checkpoint": ("orbax.checkpoint", "flax"),
+  "test_multiprocess": ("orbax.checkpoint", "flax"),
+  "test_flax": ("flax",),
+  "test_torch_parity": ("torch",),
 }
 SIZES, SPLIT = "1e6,1e7,5e7", "1e7:1000"
-PEERS = (step_time.GAX, step_time.OPTAX, step_time.FLOOR, step_time.TORCH_FOREACH,
-         step_time.TORCH_LOOP)
+PEERS = (
+  step_time.GAX,
+  step_time.OPTAX,
+  step_time.FLOOR,
+  step_time.TORCH_FOREACH,
+  step_time.TORCH_LOOP,
+)
 TESTS_TIMEOUT_S = 300
 
 
@@ -85,8 +106,9 @@ def _summary(output: str) -> str:
   return lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]
 
 
-def run_tests(groups: dict[str, tuple[list[str], dict[str, str]]],
-              timeout_s: float = TESTS_TIMEOUT_S) -> list[dict]:
+def run_tests(
+  groups: dict[str, tuple[list[str], dict[str, str]]], timeout_s: float = TESTS_TIMEOUT_S
+) -> list[dict]:
   """Runs each group of test modules in its own pytest process, all at once."""
   procs = {}
   try:
@@ -94,11 +116,18 @@ def run_tests(groups: dict[str, tuple[list[str], dict[str, str]]],
       if not modules:
         continue
       paths = [f"tests/{module}.py" for module in modules]
-      procs[name] = (subprocess.Popen(
+      procs[name] = (
+        subprocess.Popen(
           [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *paths],
-          cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True,
-      ), modules, time.perf_counter())
+          cwd=ROOT,
+          env={**os.environ, **env},
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+        ),
+        modules,
+        time.perf_counter(),
+      )
     rows = []
     for name, (proc, modules, start) in procs.items():
       try:
@@ -108,8 +137,15 @@ def run_tests(groups: dict[str, tuple[list[str], dict[str, str]]],
         proc.kill()
         output, _ = proc.communicate(timeout=30)
         status = f"FAILED (timeout {timeout_s:.0f} s)"
-      rows.append({"group": name, "modules": modules, "status": status,
-                   "summary": _summary(output), "seconds": time.perf_counter() - start})
+      rows.append(
+        {
+          "group": name,
+          "modules": modules,
+          "status": status,
+          "summary": _summary(output),
+          "seconds": time.perf_counter() - start,
+        }
+      )
       if proc.returncode != 0:
         print(output[-6000:], file=sys.stderr)
     return rows
@@ -175,37 +211,63 @@ def device_check(allow_cpu: bool) -> tuple[str, str | None]:
     if not allow_cpu:
       found = ", ".join(str(d) for d in jax.devices())
       raise SystemExit(
-          f"benchmarks.gpu: no GPU. JAX sees {found}; torch CUDA available: "
-          f"{torch_cuda}. Run it on a machine with a CUDA GPU, JAX built for "
-          "CUDA (jax[cuda12]) and a CUDA build of torch; or pass --allow-cpu "
-          "(or --smoke) to run on the CPU anyway, with numbers that say "
-          "nothing about GPUs."
+        f"benchmarks.gpu: no GPU. JAX sees {found}; torch CUDA available: "
+        f"{torch_cuda}. Run it on a machine with a CUDA GPU, JAX built for "
+        "CUDA (jax[cuda12]) and a CUDA build of torch; or pass --allow-cpu "
+        "(or --smoke) to run on the CPU anyway, with numbers that say "
+        "nothing about GPUs."
       )
   return platform, torch_device
 
 
-def table(case_rows: list[dict], copy: dict[str, float], tests: list[dict],
-          skipped: list[str], copy_at: int) -> str:
+def table(
+  case_rows: list[dict], copy: dict[str, float], tests: list[dict], skipped: list[str], copy_at: int
+) -> str:
   """One table: each test group, then each step-time case against the targets."""
   copy_gbps = max(copy.values())
-  headers = ["what", "gax", "optax chain", "hand-fused", "torch RMSprop (best)",
-             "gax / optax (<= 1.05)", "gax GB/s", "of copy BW (>= 80% at 5e7)",
-             "faster than torch", "result"]
+  headers = [
+    "what",
+    "gax",
+    "optax chain",
+    "hand-fused",
+    "torch RMSprop (best)",
+    "gax / optax (<= 1.05)",
+    "gax GB/s",
+    "of copy BW (>= 80% at 5e7)",
+    "faster than torch",
+    "result",
+  ]
   body = []
   for row in tests:
-    body.append([f"tests: {row['group']}", row["summary"], "", "", "", "", "", "", "",
-                 row["status"]])
+    body.append(
+      [f"tests: {row['group']}", row["summary"], "", "", "", "", "", "", "", row["status"]]
+    )
   if skipped:
     body.append(["tests skipped (package absent)", ", ".join(skipped)] + [""] * 7 + ["-"])
-  body.append(["copy probe", ", ".join(f"{k} {v:.3g} GB/s" for k, v in copy.items()),
-               "", "", "", "", f"{copy_gbps:.1f}", "100%", "", "-"])
+  body.append(
+    [
+      "copy probe",
+      ", ".join(f"{k} {v:.3g} GB/s" for k, v in copy.items()),
+      "",
+      "",
+      "",
+      "",
+      f"{copy_gbps:.1f}",
+      "100%",
+      "",
+      "-",
+    ]
+  )
   cases = {}
   for row in case_rows:
     cases.setdefault((row["params"], row["leaves"]), {})[row["peer"]] = row
   for (params, leaves), peers in cases.items():
     gax, optax_chain = peers[step_time.GAX], peers[step_time.OPTAX]
-    torch_times = [peers[p]["seconds"] for p in (step_time.TORCH_FOREACH, step_time.TORCH_LOOP)
-                   if p in peers and peers[p]["seconds"] is not None]
+    torch_times = [
+      peers[p]["seconds"]
+      for p in (step_time.TORCH_FOREACH, step_time.TORCH_LOOP)
+      if p in peers and peers[p]["seconds"] is not None
+    ]
     torch_best = min(torch_times) if torch_times else None
     of_copy = gax["gbps"] / copy_gbps
     checks = [gax["vs_optax"] <= 1.05]
@@ -213,24 +275,34 @@ def table(case_rows: list[dict], copy: dict[str, float], tests: list[dict],
       checks.append(of_copy >= 0.8)
     if torch_best is not None:
       checks.append(gax["seconds"] < torch_best)
-    body.append([
-        f"step {params:.0e} params, {leaves} leaves", _common.fmt_time(gax["seconds"]),
+    body.append(
+      [
+        f"step {params:.0e} params, {leaves} leaves",
+        _common.fmt_time(gax["seconds"]),
         _common.fmt_time(optax_chain["seconds"]),
-        _common.fmt_time(peers[step_time.FLOOR]["seconds"]), _common.fmt_time(torch_best),
-        _common.fmt_ratio(gax["vs_optax"]), f"{gax['gbps']:.1f}", f"{of_copy:.0%}",
+        _common.fmt_time(peers[step_time.FLOOR]["seconds"]),
+        _common.fmt_time(torch_best),
+        _common.fmt_ratio(gax["vs_optax"]),
+        f"{gax['gbps']:.1f}",
+        f"{of_copy:.0%}",
         "n/a" if torch_best is None else ("yes" if gax["seconds"] < torch_best else "NO"),
         "met" if all(checks) else "MISSED",
-    ])
+      ]
+    )
   return _common.markdown_table(headers, body)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = _common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--allow-cpu", action="store_true",
-                      help="run without a GPU instead of stopping with an error")
-  parser.add_argument("--tests", default=None,
-                      help="comma-separated test modules to run instead of the suite "
-                           "(e.g. test_schedules); 'none' for none")
+  parser.add_argument(
+    "--allow-cpu", action="store_true", help="run without a GPU instead of stopping with an error"
+  )
+  parser.add_argument(
+    "--tests",
+    default=None,
+    help="comma-separated test modules to run instead of the suite "
+    "(e.g. test_schedules); 'none' for none",
+  )
   parser.add_argument("--output", default=None, help="also write the table to this file")
   args = parser.parse_args(argv)
   platform, torch_device = device_check(args.allow_cpu or args.smoke)
@@ -252,9 +324,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if platform == "gpu":
     gpu_env["JAX_PLATFORMS"] = "cuda"
   groups = {
-      f"{'GPU' if platform == 'gpu' else platform.upper()} (device-agnostic)":
-          (gpu_modules, gpu_env),
-      "8 CPU devices (multi-device)": (multi_modules, {"JAX_PLATFORMS": "cpu"}),
+    f"{'GPU' if platform == 'gpu' else platform.upper()} (device-agnostic)": (gpu_modules, gpu_env),
+    "8 CPU devices (multi-device)": (multi_modules, {"JAX_PLATFORMS": "cpu"}),
   }
   _common.print_header("GPU check", argv if argv is not None else sys.argv[1:])
   tests = run_tests(groups)
@@ -264,8 +335,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   case_rows = []
   for num_params, num_leaves in cases:
     case_rows += step_time.measure_case(
-        config, num_params, num_leaves, repeats, min_sample_ms / 1e3,
-        PEERS + (step_time.PROBE,), torch_device=torch_device or "cpu",
+      config,
+      num_params,
+      num_leaves,
+      repeats,
+      min_sample_ms / 1e3,
+      PEERS + (step_time.PROBE,),
+      torch_device=torch_device or "cpu",
     )
   copy = copy_probe(_common.BYTES_PER_PARAM * copy_at // 2, repeats, torch_device)
   text = table(case_rows, copy, tests, skipped + skipped_multi, copy_at)
@@ -273,8 +349,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.output:
     Path(args.output).write_text(text + "\n")
   _common.write_json(args.json, case_rows)
-  return {"tests": tests, "skipped": skipped + skipped_multi, "steps": case_rows,
-          "copy": copy, "table": text}
+  return {
+    "tests": tests,
+    "skipped": skipped + skipped_multi,
+    "steps": case_rows,
+    "copy": copy,
+    "table": text,
+  }
 
 
 if __name__ == "__main__":

@@ -118,8 +118,9 @@ class _VmappedRunner(_Runner):
 
     params = [jnp.stack([p] * COPIES) for p in _common.make_params(num_params, num_leaves)]
     batched = jax.vmap(step, in_axes=(0, 0, None, None))
-    super().__init__(jax.jit(batched, donate_argnums=(0, 1)), params,
-                     jax.vmap(tx.init)(params), (grads, ONE))
+    super().__init__(
+      jax.jit(batched, donate_argnums=(0, 1)), params, jax.vmap(tx.init)(params), (grads, ONE)
+    )
 
   def snapshot(self) -> list[np.ndarray]:
     """The first copy's params, checked like the other peers'."""
@@ -147,8 +148,9 @@ def _lines(stream: io.StringIO) -> int:
   return stream.getvalue().count("\n")
 
 
-def _interleaved(runners: dict[Any, _Runner], calls: dict[Any, int], repeats: int,
-                 stream: io.StringIO) -> tuple[dict[Any, float], dict[Any, int]]:
+def _interleaved(
+  runners: dict[Any, _Runner], calls: dict[Any, int], repeats: int, stream: io.StringIO
+) -> tuple[dict[Any, float], dict[Any, int]]:
   """Median seconds per step of each runner, sampled round-robin (``calls[name]``
   calls a sample), and the records each one logged in its samples."""
   samples = {name: [] for name in runners}
@@ -174,37 +176,54 @@ def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict
   logging_state = _common.gradient_ascent(_common.DEFAULT, INTERVAL, logging_emit="state")
   logging_off = _common.gradient_ascent(_common.DEFAULT, None)
   runners = {
-      LOGGING: _peer(logging_on, num_params, num_leaves, grads),
-      LOGGING_VALUE: _peer(logging_on, num_params, num_leaves, grads, with_value=True),
-      LOGGING_STATE: _peer(logging_state, num_params, num_leaves, grads, read=True),
-      LOGGING_VALUE_STATE: _peer(logging_state, num_params, num_leaves, grads,
-                                 with_value=True, read=True),
-      OFF: _peer(logging_off, num_params, num_leaves, grads),
-      OFF_VALUE: _peer(logging_off, num_params, num_leaves, grads, with_value=True),
-      # _common.DEFAULT's settings are gradient_ascent()'s defaults; this peer
-      # leaves logging_interval unset too.
-      DEFAULT: _peer(gax.gradient_ascent(), num_params, num_leaves, grads),
+    LOGGING: _peer(logging_on, num_params, num_leaves, grads),
+    LOGGING_VALUE: _peer(logging_on, num_params, num_leaves, grads, with_value=True),
+    LOGGING_STATE: _peer(logging_state, num_params, num_leaves, grads, read=True),
+    LOGGING_VALUE_STATE: _peer(
+      logging_state, num_params, num_leaves, grads, with_value=True, read=True
+    ),
+    OFF: _peer(logging_off, num_params, num_leaves, grads),
+    OFF_VALUE: _peer(logging_off, num_params, num_leaves, grads, with_value=True),
+    # _common.DEFAULT's settings are gradient_ascent()'s defaults; this peer
+    # leaves logging_interval unset too.
+    DEFAULT: _peer(gax.gradient_ascent(), num_params, num_leaves, grads),
   }
   # Each copy holds its share of the parameters: every peer moves as many.
   copy_grads = [g[: size // COPIES] for g in grads]
-  for name, interval, with_value in ((VMAP_LOGGING, INTERVAL, False),
-                                     (VMAP_LOGGING_VALUE, INTERVAL, True),
-                                     (VMAP_OFF, None, False)):
-    runners[name] = _VmappedRunner(_common.gradient_ascent(_common.DEFAULT, interval),
-                                   num_params // COPIES, num_leaves, copy_grads, with_value)
+  for name, interval, with_value in (
+    (VMAP_LOGGING, INTERVAL, False),
+    (VMAP_LOGGING_VALUE, INTERVAL, True),
+    (VMAP_OFF, None, False),
+  ):
+    runners[name] = _VmappedRunner(
+      _common.gradient_ascent(_common.DEFAULT, interval),
+      num_params // COPIES,
+      num_leaves,
+      copy_grads,
+      with_value,
+    )
   checked = {name: runner for name, runner in runners.items() if name not in VMAPPED}
   # Compile, check both against gax.gradient_ascent without logging (logging
   # must not change a step), and leave the counter on a multiple of 10.
-  _common.check_runners(checked, _common.DEFAULT, grads, dict.fromkeys(checked, 0.0),
-                        steps=INTERVAL)
+  _common.check_runners(
+    checked, _common.DEFAULT, grads, dict.fromkeys(checked, 0.0), steps=INTERVAL
+  )
   vmapped = {name: runners[name] for name in VMAPPED}
-  _common.check_runners(vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0),
-                        steps=INTERVAL)
+  _common.check_runners(
+    vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0), steps=INTERVAL
+  )
   medians, logged = _interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
-  return [{"params": size * num_leaves, "leaves": num_leaves, "peer": name, "seconds": seconds,
-           "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0,
-           "records": logged[name]}
-          for name, seconds in medians.items()]
+  return [
+    {
+      "params": size * num_leaves,
+      "leaves": num_leaves,
+      "peer": name,
+      "seconds": seconds,
+      "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0,
+      "records": logged[name],
+    }
+    for name, seconds in medians.items()
+  ]
 
 
 def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
@@ -232,19 +251,29 @@ def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
   if scan_steps:
     loops.append((f"lax.scan of {scan_steps}", scanned, scan_steps))
   runners = {}
-  for peer, interval, emit in ((MODEL_OFF, None, "callback"), (MODEL_CALLBACK, INTERVAL, "callback"),
-                               (MODEL_STATE, INTERVAL, "state")):
+  for peer, interval, emit in (
+    (MODEL_OFF, None, "callback"),
+    (MODEL_CALLBACK, INTERVAL, "callback"),
+    (MODEL_STATE, INTERVAL, "state"),
+  ):
     tx = _common.gradient_ascent(_common.DEFAULT, interval, logging_emit=emit)
     step = train_step(tx)
     for loop, wrap, steps in loops:
       params = jax.tree.map(jnp.copy, problem.params)  # each peer donates its own
-      runners[loop, peer] = _Runner(jax.jit(wrap(step), donate_argnums=(0, 1)), params, tx.init(params),
-                                    (problem.batch,), read=emit == "state", steps_per_call=steps)
+      runners[loop, peer] = _Runner(
+        jax.jit(wrap(step), donate_argnums=(0, 1)),
+        params,
+        tx.init(params),
+        (problem.batch,),
+        read=emit == "state",
+        steps_per_call=steps,
+      )
   return runners
 
 
-def measure_model(problem, repeats: int, samples_steps: int, scan_steps: int,
-                  stream: io.StringIO) -> list[dict]:
+def measure_model(
+  problem, repeats: int, samples_steps: int, scan_steps: int, stream: io.StringIO
+) -> list[dict]:
   """Each peer's time per step on one model; a loop peer's sample is ``samples_steps``
   steps, a scan peer's is one call."""
   runners = _model_runners(problem, scan_steps)
@@ -259,29 +288,72 @@ def measure_model(problem, repeats: int, samples_steps: int, scan_steps: int,
     for got, want in zip(params, moved[loop, MODEL_OFF], strict=True):
       if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
         raise _common.PeerMismatchError(
-            f"{problem.name}, {loop}: {peer!r} moved the params elsewhere than logging off "
-            f"(largest difference {np.abs(got - want).max():.3g}).")
+          f"{problem.name}, {loop}: {peer!r} moved the params elsewhere than logging off "
+          f"(largest difference {np.abs(got - want).max():.3g})."
+        )
   medians, logged = _interleaved(runners, calls, repeats, stream)
-  return [{"model": problem.name, "params": problem.num_params, "leaves": problem.num_leaves,
-           "loop": loop, "peer": peer, "seconds": seconds,
-           "overhead": seconds / medians[loop, MODEL_OFF] - 1.0, "records": logged[loop, peer]}
-          for (loop, peer), seconds in medians.items()]
+  return [
+    {
+      "model": problem.name,
+      "params": problem.num_params,
+      "leaves": problem.num_leaves,
+      "loop": loop,
+      "peer": peer,
+      "seconds": seconds,
+      "overhead": seconds / medians[loop, MODEL_OFF] - 1.0,
+      "records": logged[loop, peer],
+    }
+    for (loop, peer), seconds in medians.items()
+  ]
 
 
 def table(rows: list[dict]) -> str:
-  headers = ["params", "leaves", "peer", "time/step", "vs off (vmap: vs vmap off)",
-             "records logged"]
-  body = [[f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
-           f"{row['overhead']:+.1%}", row["records"]] for row in rows]
+  headers = [
+    "params",
+    "leaves",
+    "peer",
+    "time/step",
+    "vs off (vmap: vs vmap off)",
+    "records logged",
+  ]
+  body = [
+    [
+      f"{row['params']:.0e}",
+      row["leaves"],
+      row["peer"],
+      _common.fmt_time(row["seconds"]),
+      f"{row['overhead']:+.1%}",
+      row["records"],
+    ]
+    for row in rows
+  ]
   return _common.markdown_table(headers, body)
 
 
 def model_table(rows: list[dict]) -> str:
-  headers = ["model", "params", "leaves", "loop", "peer", "time/step", "vs off (same loop)",
-             "records logged"]
-  body = [[row["model"], f"{row['params']:,}", row["leaves"], row["loop"], row["peer"],
-           _common.fmt_time(row["seconds"]), f"{row['overhead']:+.1%}", row["records"]]
-          for row in rows]
+  headers = [
+    "model",
+    "params",
+    "leaves",
+    "loop",
+    "peer",
+    "time/step",
+    "vs off (same loop)",
+    "records logged",
+  ]
+  body = [
+    [
+      row["model"],
+      f"{row['params']:,}",
+      row["leaves"],
+      row["loop"],
+      row["peer"],
+      _common.fmt_time(row["seconds"]),
+      f"{row['overhead']:+.1%}",
+      row["records"],
+    ]
+    for row in rows
+  ]
   return _common.markdown_table(headers, body)
 
 
@@ -307,16 +379,28 @@ def _models(text: str | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="1e7:1,1e7:1000",
-                      help="PARAMS:LEAVES cases, comma-separated ('' for none)")
-  parser.add_argument("--models", default=None,
-                      help="model steps to time: mlp, cnn, comma-separated ('' for none; "
-                           "default: mlp when Flax is installed)")
-  parser.add_argument("--scan-steps", type=int, default=SCAN_STEPS,
-                      help="steps in one lax.scan call of the model rows (0: no scan rows; "
-                           "XLA:CPU runs the CNN's step far slower in a scan)")
-  parser.add_argument("--intervals-per-sample", type=int, default=1,
-                      help="logging intervals (of 10 steps) in one timed sample")
+  parser.add_argument(
+    "--cases", default="1e7:1,1e7:1000", help="PARAMS:LEAVES cases, comma-separated ('' for none)"
+  )
+  parser.add_argument(
+    "--models",
+    default=None,
+    help="model steps to time: mlp, cnn, comma-separated ('' for none; "
+    "default: mlp when Flax is installed)",
+  )
+  parser.add_argument(
+    "--scan-steps",
+    type=int,
+    default=SCAN_STEPS,
+    help="steps in one lax.scan call of the model rows (0: no scan rows; "
+    "XLA:CPU runs the CNN's step far slower in a scan)",
+  )
+  parser.add_argument(
+    "--intervals-per-sample",
+    type=int,
+    default=1,
+    help="logging intervals (of 10 steps) in one timed sample",
+  )
   args = parser.parse_args(argv)
   if args.smoke:
     args.cases, args.intervals_per_sample, args.scan_steps = "1e4:1", 1, 2 * INTERVAL
@@ -333,11 +417,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       from benchmarks import _models as model_zoo  # needs Flax
 
       for name in models:
-        model_rows += measure_model(model_zoo.problem(name, smoke=args.smoke), repeats,
-                                    samples_steps, args.scan_steps, stream)
+        model_rows += measure_model(
+          model_zoo.problem(name, smoke=args.smoke), repeats, samples_steps, args.scan_steps, stream
+        )
   scan = f" (a scan: one call of {args.scan_steps})" if model_rows and args.scan_steps else ""
-  print(f"({repeats} interleaved samples of {samples_steps} steps{scan}, median; "
-        f"{_lines(stream)} log records captured)\n")
+  print(
+    f"({repeats} interleaved samples of {samples_steps} steps{scan}, median; "
+    f"{_lines(stream)} log records captured)\n"
+  )
   if rows:
     print(table(rows) + "\n")
   if model_rows:

@@ -18,23 +18,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLES = {"gax": ("C0", "o", 2.5), "optax chain": ("C1", "s", 1.5),
-          "hand-fused": ("C2", "^", 1.5), "maximize(adam)": ("C4", "v", 1.0),
-          "torch foreach": ("C3", "D", 1.0), "torch for-loop": ("C5", "x", 1.0),
-          "probe": ("0.4", ".", 1.0)}
+STYLES = {
+  "gax": ("C0", "o", 2.5),
+  "optax chain": ("C1", "s", 1.5),
+  "hand-fused": ("C2", "^", 1.5),
+  "maximize(adam)": ("C4", "v", 1.0),
+  "torch foreach": ("C3", "D", 1.0),
+  "torch for-loop": ("C5", "x", 1.0),
+  "probe": ("0.4", ".", 1.0),
+}
 
 
 def plot(rows: list[dict], title: str, output: str) -> list[str]:
   """Writes the PNG; returns the peers drawn."""
   configs = list(dict.fromkeys(row["config"] for row in rows))
-  fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4.2), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(
+    1, len(configs), figsize=(5.5 * len(configs), 4.2), squeeze=False, sharey=True
+  )
   drawn = []
   for ax, config in zip(axes[0], configs, strict=True):
     for peer, (color, marker, width) in STYLES.items():
-      points = sorted((row["params"], row["seconds"]) for row in rows
-                      if row["config"] == config and row["peer"] == peer and row["leaves"] == 1
-                      and row["seconds"] is not None)
+      points = sorted(
+        (row["params"], row["seconds"])
+        for row in rows
+        if row["config"] == config
+        and row["peer"] == peer
+        and row["leaves"] == 1
+        and row["seconds"] is not None
+      )
       if points:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, color=color, marker=marker, linewidth=width, label=peer)

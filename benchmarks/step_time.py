@@ -56,7 +56,9 @@ def hand_fused_step(config: _common.Config):
   def step(params, state, grads):
     second_moments, velocities, count = state
     rate = config.rate(count)
-    new = [leaf(*args, rate) for args in zip(params, grads, second_moments, velocities, strict=True)]
+    new = [
+      leaf(*args, rate) for args in zip(params, grads, second_moments, velocities, strict=True)
+    ]
     params, second_moments, velocities = (list(column) for column in zip(*new, strict=True))
     return params, (second_moments, velocities, count + 1)
 
@@ -72,20 +74,20 @@ def probe_step(params, state, grads):
 
 def jax_runners(config, num_params, num_leaves, grads) -> dict[str, Any]:
   runners = {
-      GAX: _common.optax_runner(_common.gradient_ascent(config), num_params, num_leaves, grads),
-      OPTAX: _common.optax_runner(_common.optax_chain(config), num_params, num_leaves, grads),
+    GAX: _common.optax_runner(_common.gradient_ascent(config), num_params, num_leaves, grads),
+    OPTAX: _common.optax_runner(_common.optax_chain(config), num_params, num_leaves, grads),
   }
   zeros = lambda: _common.make_params(num_params, num_leaves, 0.0)  # noqa: E731
   state = (zeros(), zeros(), jnp.zeros([], jnp.int32))
   runners[FLOOR] = _common.JaxRunner(
-      hand_fused_step(config), _common.make_params(num_params, num_leaves), state, grads
+    hand_fused_step(config), _common.make_params(num_params, num_leaves), state, grads
   )
   runners[ADAM] = _common.optax_runner(_common.maximize_adam(config), num_params, num_leaves, grads)
   runners[PROBE] = _common.JaxRunner(
-      jax.jit(probe_step, donate_argnums=(0, 1)),
-      _common.make_params(num_params, num_leaves),
-      (zeros(), zeros()),
-      grads,
+    jax.jit(probe_step, donate_argnums=(0, 1)),
+    _common.make_params(num_params, num_leaves),
+    (zeros(), zeros()),
+    grads,
   )
   return runners
 
@@ -104,8 +106,13 @@ class TorchRunner:
       param.grad = torch.from_numpy(np.array(grad)).to(device)
       self.params.append(param)
     self.optimizer = torch.optim.RMSprop(
-        self.params, lr=config.learning_rate, alpha=config.beta, eps=config.eps,
-        momentum=config.momentum, maximize=True, foreach=foreach,
+      self.params,
+      lr=config.learning_rate,
+      alpha=config.beta,
+      eps=config.eps,
+      momentum=config.momentum,
+      maximize=True,
+      foreach=foreach,
     )
     self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.torch_factor)
     self.synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
@@ -128,20 +135,29 @@ def torch_runners(config, grads, device: str = "cpu") -> dict[str, Any]:
     return {}
   if config.nesterov or config.clip_value is not None:
     return {}
-  return {name: TorchRunner(torch, config, grads, foreach, device)
-          for name, foreach in ((TORCH_FOREACH, True), (TORCH_LOOP, False))}
+  return {
+    name: TorchRunner(torch, config, grads, foreach, device)
+    for name, foreach in ((TORCH_FOREACH, True), (TORCH_LOOP, False))
+  }
 
 
 # Tolerance of each peer against gax.gradient_ascent in the check before timing:
 # the same float32 math in another order (PyTorch: other kernels, its learning
 # rate from a float64 LambdaLR). maximize(adam) is another optimizer: it must
 # only ascend. The probe is no optimizer and is not checked.
-CHECK_RTOLS = {GAX: 1e-5, OPTAX: 1e-5, FLOOR: 1e-5, ADAM: None,
-               TORCH_FOREACH: 1e-4, TORCH_LOOP: 1e-4}
+CHECK_RTOLS = {
+  GAX: 1e-5,
+  OPTAX: 1e-5,
+  FLOOR: 1e-5,
+  ADAM: None,
+  TORCH_FOREACH: 1e-4,
+  TORCH_LOOP: 1e-4,
+}
 
 
-def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
-                 peers=PEERS, torch_device: str = "cpu") -> list[dict]:
+def measure_case(
+  config, num_params, num_leaves, repeats, min_sample_s, peers=PEERS, torch_device: str = "cpu"
+) -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
@@ -156,9 +172,17 @@ def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
   rows = []
   for peer in (peer for peer in PEERS if peer in peers):
     seconds = medians.get(peer)
-    row = {"config": config.name, "params": total, "leaves": num_leaves, "peer": peer,
-           "seconds": seconds, "vs_optax": None, "vs_floor": None, "gbps": None,
-           "of_probe": None}
+    row = {
+      "config": config.name,
+      "params": total,
+      "leaves": num_leaves,
+      "peer": peer,
+      "seconds": seconds,
+      "vs_optax": None,
+      "vs_floor": None,
+      "gbps": None,
+      "of_probe": None,
+    }
     if seconds is not None:
       row["gbps"] = _common.BYTES_PER_PARAM * total / seconds / 1e9
       for key, reference in (("vs_optax", OPTAX), ("vs_floor", FLOOR)):
@@ -171,38 +195,71 @@ def measure_case(config, num_params, num_leaves, repeats, min_sample_s,
 
 
 def table(rows: list[dict]) -> str:
-  headers = ["params", "leaves", "peer", "time/step", "vs optax chain", "vs hand-fused",
-             "GB/s (28 B/param)", "of probe BW"]
+  headers = [
+    "params",
+    "leaves",
+    "peer",
+    "time/step",
+    "vs optax chain",
+    "vs hand-fused",
+    "GB/s (28 B/param)",
+    "of probe BW",
+  ]
   body = []
   for row in rows:
     known = row["seconds"] is not None
-    body.append([
-        f"{row['params']:.0e}", row["leaves"], row["peer"], _common.fmt_time(row["seconds"]),
-        _common.fmt_ratio(row["vs_optax"]), _common.fmt_ratio(row["vs_floor"]),
+    body.append(
+      [
+        f"{row['params']:.0e}",
+        row["leaves"],
+        row["peer"],
+        _common.fmt_time(row["seconds"]),
+        _common.fmt_ratio(row["vs_optax"]),
+        _common.fmt_ratio(row["vs_floor"]),
         f"{row['gbps']:.1f}" if known else "n/a",
         f"{row['of_probe']:.0%}" if row["of_probe"] is not None else "n/a",
-    ])
+      ]
+    )
   return _common.markdown_table(headers, body)
 
 
 def targets(rows: list[dict]) -> str:
   """One line per case: the issue's step-time targets for ``gax``, met or not."""
-  headers = ["config", "params", "leaves", "gax / optax chain (<= 1.05)",
-             "gax / hand-fused (<= 1.10)", "of probe BW (>= 80%)", "faster than torch"]
+  headers = [
+    "config",
+    "params",
+    "leaves",
+    "gax / optax chain (<= 1.05)",
+    "gax / hand-fused (<= 1.10)",
+    "of probe BW (>= 80%)",
+    "faster than torch",
+  ]
   body = []
   for row in rows:
     if row["peer"] != GAX or None in (row["vs_optax"], row["vs_floor"], row["of_probe"]):
       continue
-    case = [r for r in rows if (r["config"], r["params"], r["leaves"]) ==
-            (row["config"], row["params"], row["leaves"])]
-    torch_times = [r["seconds"] for r in case
-                   if r["peer"] in (TORCH_FOREACH, TORCH_LOOP) and r["seconds"] is not None]
-    faster = "n/a" if not torch_times else (
-        "yes" if row["seconds"] < min(torch_times) else "NO")
-    body.append([
-        row["config"], f"{row['params']:.0e}", row["leaves"], _common.fmt_ratio(row["vs_optax"]),
-        _common.fmt_ratio(row["vs_floor"]), f"{row['of_probe']:.0%}", faster,
-    ])
+    case = [
+      r
+      for r in rows
+      if (r["config"], r["params"], r["leaves"]) == (row["config"], row["params"], row["leaves"])
+    ]
+    torch_times = [
+      r["seconds"]
+      for r in case
+      if r["peer"] in (TORCH_FOREACH, TORCH_LOOP) and r["seconds"] is not None
+    ]
+    faster = "n/a" if not torch_times else ("yes" if row["seconds"] < min(torch_times) else "NO")
+    body.append(
+      [
+        row["config"],
+        f"{row['params']:.0e}",
+        row["leaves"],
+        _common.fmt_ratio(row["vs_optax"]),
+        _common.fmt_ratio(row["vs_floor"]),
+        f"{row['of_probe']:.0%}",
+        faster,
+      ]
+    )
   return _common.markdown_table(headers, body)
 
 
@@ -218,16 +275,26 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = _common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="1e4,1e5,1e6,1e7,5e7",
-                      help="parameter counts in one leaf, comma-separated")
-  parser.add_argument("--split", default="1e7:1000",
-                      help="PARAMS:LEAVES cases of many leaves, comma-separated")
-  parser.add_argument("--configs", default="default,full",
-                      help=f"comma-separated subset of {sorted(_common.CONFIGS)}")
-  parser.add_argument("--peers", default=",".join(PEERS),
-                      help="comma-separated subset of the peers (ratios need their reference)")
-  parser.add_argument("--min-sample-ms", type=float, default=20.0,
-                      help="each timed sample runs enough steps to last this long")
+  parser.add_argument(
+    "--sizes", default="1e4,1e5,1e6,1e7,5e7", help="parameter counts in one leaf, comma-separated"
+  )
+  parser.add_argument(
+    "--split", default="1e7:1000", help="PARAMS:LEAVES cases of many leaves, comma-separated"
+  )
+  parser.add_argument(
+    "--configs", default="default,full", help=f"comma-separated subset of {sorted(_common.CONFIGS)}"
+  )
+  parser.add_argument(
+    "--peers",
+    default=",".join(PEERS),
+    help="comma-separated subset of the peers (ratios need their reference)",
+  )
+  parser.add_argument(
+    "--min-sample-ms",
+    type=float,
+    default=20.0,
+    help="each timed sample runs enough steps to last this long",
+  )
   args = parser.parse_args(argv)
   if args.smoke:
     args.sizes, args.split, args.min_sample_ms = "1e4", "1e4:10", 1.0
@@ -240,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   for config in configs:
     config_rows = []
     for num_params, num_leaves in cases:
-      config_rows += measure_case(config, num_params, num_leaves, repeats,
-                                  args.min_sample_ms / 1e3, args.peers.split(","))
+      config_rows += measure_case(
+        config, num_params, num_leaves, repeats, args.min_sample_ms / 1e3, args.peers.split(",")
+      )
     print(f"### {config.name} ({repeats} interleaved samples, median)\n")
     print(table(config_rows) + "\n", flush=True)
     rows += config_rows

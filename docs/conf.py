@@ -38,11 +38,11 @@ copyright = "2026, The gradient_ascent_jax authors"  # noqa: A001
 release = version = gradient_ascent_jax.__version__
 
 extensions = [
-    "myst_nb",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
+  "myst_nb",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
 ]
 # pypi.md is the package index's description (pyproject's readme), not a page.
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "pypi.md"]
@@ -59,16 +59,16 @@ autodoc_typehints = "description"
 # Show the annotations as written (the module uses postponed annotations), not
 # expanded: `optax.ScalarOrSchedule` instead of a union of a dozen NumPy types.
 autodoc_type_aliases = {
-    name: name
-    for name in (
-        "optax.ScalarOrSchedule",
-        "optax.Schedule",
-        "optax.Updates",
-        "optax.Params",
-        "jax.typing.ArrayLike",
-        "jax.typing.DTypeLike",
-        "chex.Array",
-    )
+  name: name
+  for name in (
+    "optax.ScalarOrSchedule",
+    "optax.Schedule",
+    "optax.Updates",
+    "optax.Params",
+    "jax.typing.ArrayLike",
+    "jax.typing.DTypeLike",
+    "chex.Array",
+  )
 }
 # Inside a union (`jax.typing.DTypeLike | None`) Sphinx prints an alias by its
 # repr, "TypeAliasForwardRef('jax.typing.DTypeLike')": print its name.
@@ -86,12 +86,12 @@ highlight_language = "none"
 html_theme = "sphinx_book_theme"
 html_title = "gradient_ascent_jax"
 html_theme_options = {
-    "show_toc_level": 2,
-    "home_page_in_toc": True,
-    "use_download_button": False,
-    "use_fullscreen_button": False,
-    "navigation_with_keys": False,
-    "navbar_persistent": [],  # one search field (the sidebar's), not two
+  "show_toc_level": 2,
+  "home_page_in_toc": True,
+  "use_download_button": False,
+  "use_fullscreen_button": False,
+  "navigation_with_keys": False,
+  "navbar_persistent": [],  # one search field (the sidebar's), not two
 }
 html_static_path = ["_static"]
 html_css_files = ["tables.css"]  # tables and code that fit the column: see the file
@@ -123,4 +123,6 @@ class _BreakableLiteralsInTables(SphinxPostTransform):
 
 def setup(app):
   app.add_post_transform(_BreakableLiteralsInTables)
+
+
 html_show_sourcelink = False

@@ -30,8 +30,8 @@ def _dense(key, fan_in: int, fan_out: int) -> dict:
   bound = 1.0 / math.sqrt(fan_in)
   w_key, b_key = jax.random.split(key)
   return {
-      "w": jax.random.uniform(w_key, (fan_in, fan_out), minval=-bound, maxval=bound),
-      "b": jax.random.uniform(b_key, (fan_out,), minval=-bound, maxval=bound),
+    "w": jax.random.uniform(w_key, (fan_in, fan_out), minval=-bound, maxval=bound),
+    "b": jax.random.uniform(b_key, (fan_out,), minval=-bound, maxval=bound),
   }
 
 
@@ -65,16 +65,16 @@ class Example(NamedTuple):
 
 
 EXAMPLES = {
-    "basic": Example("basic", "1->1 linear layer, default settings", init_linear, {}),
-    "clipping": Example(
-        "clipping", "1->10->ReLU->1 MLP, clip_value=1.0", init_mlp, {"clip_value": 1.0}
-    ),
-    "warmup-decay": Example(
-        "warmup-decay",
-        "1->10->ReLU->1 MLP, clip_value=1.0, lr_decay=0.95, warmup_steps=50",
-        init_mlp,
-        {"clip_value": 1.0, "lr_decay": 0.95, "warmup_steps": 50},
-    ),
+  "basic": Example("basic", "1->1 linear layer, default settings", init_linear, {}),
+  "clipping": Example(
+    "clipping", "1->10->ReLU->1 MLP, clip_value=1.0", init_mlp, {"clip_value": 1.0}
+  ),
+  "warmup-decay": Example(
+    "warmup-decay",
+    "1->10->ReLU->1 MLP, clip_value=1.0, lr_decay=0.95, warmup_steps=50",
+    init_mlp,
+    {"clip_value": 1.0, "lr_decay": 0.95, "warmup_steps": 50},
+  ),
 }
 
 
@@ -86,16 +86,16 @@ class Result(NamedTuple):
 
 
 def run_example(
-    example: Example,
-    steps: int = 100,
-    logging_interval: int | None = 10,
-    learning_rate: float = 0.01,
-    seed: int = 0,
+  example: Example,
+  steps: int = 100,
+  logging_interval: int | None = 10,
+  learning_rate: float = 0.01,
+  seed: int = 0,
 ) -> Result:
   """Maximizes the objective with gradient_ascent; returns before/after values."""
   params = example.init(jax.random.key(seed))
   tx = alias.gradient_ascent(
-      learning_rate=learning_rate, logging_interval=logging_interval, **example.options
+    learning_rate=learning_rate, logging_interval=logging_interval, **example.options
   )
   state = tx.init(params)
 
@@ -119,16 +119,12 @@ def run_example(
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m gradient_ascent_jax",
-      description="Run the original GradientAscent usage examples in JAX.",
+    prog="python -m gradient_ascent_jax",
+    description="Run the original GradientAscent usage examples in JAX.",
   )
-  parser.add_argument(
-      "--example", choices=[*EXAMPLES, "all"], default="all", help="which example"
-  )
+  parser.add_argument("--example", choices=[*EXAMPLES, "all"], default="all", help="which example")
   parser.add_argument("--steps", type=int, default=100, help="steps per example")
-  parser.add_argument(
-      "--logging-interval", type=int, default=10, help="log every N steps; 0 = off"
-  )
+  parser.add_argument("--logging-interval", type=int, default=10, help="log every N steps; 0 = off")
   parser.add_argument("--learning-rate", type=float, default=0.01)
   args = parser.parse_args(argv)
   if args.steps < 1:
@@ -140,16 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed = False
   for example in chosen:
     print(f"Example '{example.name}': {example.title}", flush=True)
-    result = run_example(
-        example, args.steps, args.logging_interval or None, args.learning_rate
-    )
+    result = run_example(example, args.steps, args.logging_interval or None, args.learning_rate)
     print(f"  objective -model(1.0) before: {result.before:+.6f}")
     print(f"  objective -model(1.0) after:  {result.after:+.6f} ({args.steps} steps)")
     # The original printed the model's output as "Optimized Value"; the
     # objective is its negative, so the value falls while the objective rises.
-    print(
-        f"  Optimized Value (model(1.0) = -objective): {result.optimized_value:+.6f}"
-    )
+    print(f"  Optimized Value (model(1.0) = -objective): {result.optimized_value:+.6f}")
     rose = result.after > result.before
     failed |= not rose
     print(f"  objective {'rose' if rose else 'DID NOT RISE'}\n", flush=True)

@@ -16,14 +16,14 @@ def init_weights(seed: int = 0) -> dict:
   """Float64 weights laid out as x @ w + b (w has shape (fan_in, fan_out))."""
   rng = np.random.default_rng(seed)
   return {
-      "hidden": {
-          "w": rng.normal(0.0, 0.6, (N_IN, N_HIDDEN)),
-          "b": rng.normal(0.0, 0.1, (N_HIDDEN,)),
-      },
-      "out": {
-          "w": rng.normal(0.0, 0.6, (N_HIDDEN, N_OUT)),
-          "b": rng.normal(0.0, 0.1, (N_OUT,)),
-      },
+    "hidden": {
+      "w": rng.normal(0.0, 0.6, (N_IN, N_HIDDEN)),
+      "b": rng.normal(0.0, 0.1, (N_HIDDEN,)),
+    },
+    "out": {
+      "w": rng.normal(0.0, 0.6, (N_HIDDEN, N_OUT)),
+      "b": rng.normal(0.0, 0.1, (N_OUT,)),
+    },
   }
 
 

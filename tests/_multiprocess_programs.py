@@ -84,11 +84,11 @@ def global_mesh() -> Mesh:
 def place(tree, shardings):
   """Global arrays from host values that every process holds in full."""
   return jax.tree.map(
-      lambda value, sharding: jax.make_array_from_callback(
-          value.shape, sharding, lambda index: value[index]
-      ),
-      tree,
-      shardings,
+    lambda value, sharding: jax.make_array_from_callback(
+      value.shape, sharding, lambda index: value[index]
+    ),
+    tree,
+    shardings,
   )
 
 
@@ -106,7 +106,7 @@ def make_tx(layout: str, logging_interval=None) -> optax.GradientTransformation:
   if layout == "adamw":
     return gax.maximize(optax.adamw(ADAMW_RATE, weight_decay=ADAMW_DECAY))
   return gax.gradient_ascent(
-      learning_rate=LEARNING_RATE, beta=BETA, logging_interval=logging_interval
+    learning_rate=LEARNING_RATE, beta=BETA, logging_interval=logging_interval
   )
 
 
@@ -119,9 +119,7 @@ def param_shardings(layout: str, mesh: Mesh):
 def zero1_state_shardings(tx, params, mesh: Mesh):
   """ZeRO-1: every buffer split over ``data`` on its first axis; scalars replicated."""
   abstract = jax.eval_shape(tx.init, params)
-  return jax.tree.map(
-      lambda leaf: NamedSharding(mesh, P("data") if leaf.ndim else P()), abstract
-  )
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, P("data") if leaf.ndim else P()), abstract)
 
 
 def train_step(tx, with_value=False):
@@ -151,10 +149,10 @@ def collectives(hlo_text: str) -> dict[str, int]:
 def bytes_on_first_device(tree) -> int:
   device = jax.devices()[0]
   return sum(
-      shard.data.nbytes
-      for leaf in jax.tree.leaves(tree)
-      for shard in leaf.addressable_shards
-      if shard.device == device
+    shard.data.nbytes
+    for leaf in jax.tree.leaves(tree)
+    for shard in leaf.addressable_shards
+    if shard.device == device
   )
 
 
@@ -177,34 +175,36 @@ def run(layout: str, mesh: Mesh, steps: int = STEPS, logging_interval=None, insp
   step = jax.jit(train_step(tx, with_value=logging_interval is not None), **jit_kwargs)
   first = place(batch(0), (data_sharding, data_sharding))
   # What the model alone needs: its gradient, placed as the parameters are.
-  model_only = jax.jit(
-      jax.grad(log_likelihood), out_shardings=param_shardings(layout, mesh)
-  ).lower(params, *first).compile()
+  model_only = (
+    jax.jit(jax.grad(log_likelihood), out_shardings=param_shardings(layout, mesh))
+    .lower(params, *first)
+    .compile()
+  )
   grads = model_only(params, *first)
   result = {"first_grads": gather(grads)}
   if inspect:
     result["collectives"] = {
-        "step": collectives(step.lower(params, state, *first).compile().as_text()),
-        "update_only": collectives(
-            jax.jit(tx.update).lower(grads, state, params).compile().as_text()
-        ),
-        "model_only": collectives(model_only.as_text()),
+      "step": collectives(step.lower(params, state, *first).compile().as_text()),
+      "update_only": collectives(
+        jax.jit(tx.update).lower(grads, state, params).compile().as_text()
+      ),
+      "model_only": collectives(model_only.as_text()),
     }
   for k in range(steps):
     # Waiting for each step: many gloo steps in flight at once have hung.
     params, state = jax.block_until_ready(
-        step(params, state, *place(batch(k), (data_sharding, data_sharding)))
+      step(params, state, *place(batch(k), (data_sharding, data_sharding)))
     )
     if k == 0:
       result["first_step_params"] = gather(params)
   return {
-      **result,
-      "params": gather(params),
-      "state": gather(state),
-      "param_bytes_per_device": bytes_on_first_device(params),
-      "state_bytes_per_device": bytes_on_first_device(state),
-      "param_shardings": jax.tree.map(lambda a: str(a.sharding.spec), params),
-      "state_shardings": jax.tree.map(lambda a: str(a.sharding.spec), state),
+    **result,
+    "params": gather(params),
+    "state": gather(state),
+    "param_bytes_per_device": bytes_on_first_device(params),
+    "state_bytes_per_device": bytes_on_first_device(state),
+    "param_shardings": jax.tree.map(lambda a: str(a.sharding.spec), params),
+    "state_shardings": jax.tree.map(lambda a: str(a.sharding.spec), state),
   }
 
 
@@ -220,15 +220,19 @@ def checkpoint_targets(step: int) -> dict:
 
 def separable_objective(params, targets):
   return sum(
-      -0.5 * jnp.sum((p - t) ** 2)
-      for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True)
+    -0.5 * jnp.sum((p - t) ** 2)
+    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True)
   )
 
 
 def checkpoint_tx() -> optax.GradientTransformation:
   return gax.gradient_ascent(
-      learning_rate=0.05, clip_value=0.8, nesterov=True, warmup_steps=2, lr_decay=0.99,
-      logging_interval=None,
+    learning_rate=0.05,
+    clip_value=0.8,
+    nesterov=True,
+    warmup_steps=2,
+    lr_decay=0.99,
+    logging_interval=None,
   )
 
 
@@ -239,7 +243,7 @@ def fsdp_shardings(mesh: Mesh):
 def resharded_layout(mesh: Mesh):
   """Another layout on a 2x4 mesh: matrices over both axes, vectors over ``y``."""
   return jax.tree.map(
-      lambda p: NamedSharding(mesh, P("x", "y") if p.ndim == 2 else P("y")), init_params()
+    lambda p: NamedSharding(mesh, P("x", "y") if p.ndim == 2 else P("y")), init_params()
   )
 
 
@@ -255,7 +259,7 @@ def continue_checkpoint_run(params, state, start: int, stop: int):
   shardings = jax.tree.map(lambda p: p.sharding, params)
   for k in range(start, stop):
     params, state = jax.block_until_ready(
-        step(params, state, place(checkpoint_targets(k), shardings))
+      step(params, state, place(checkpoint_targets(k), shardings))
     )
   return params, state
 
@@ -281,8 +285,8 @@ def checkpoint_run(mesh: Mesh, out_dir: Path) -> dict:
 
 def flat(tree, prefix: str) -> dict[str, np.ndarray]:
   return {
-      prefix + jax.tree_util.keystr(path): np.asarray(leaf)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
@@ -305,8 +309,10 @@ def main(argv) -> None:
   layouts = [layout for layout in LAYOUTS if layout in scenarios]
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
-      initialization_timeout=60,
+    f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
   )
   assert jax.process_count() == num_processes and jax.device_count() == 8, jax.devices()
   mesh = global_mesh()

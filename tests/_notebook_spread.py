@@ -26,18 +26,18 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 # The seed expressions of each notebook: (as saved, with {s} for the varied seed).
 # Seed 0 reproduces the saved notebook.
 SEEDS = {
-    "02_flax_classifier": [("nnx.Rngs(0)", "nnx.Rngs({s})")],
-    "03_policy_gradient": [],
-    "05_adversarial_examples": [
-        ("nnx.Rngs(0)", "nnx.Rngs({s})"),
-        ("jax.random.key(10 + i)", "jax.random.key(10 + i + 100 * {s})"),
-        ("jax.random.key(20 + i)", "jax.random.key(20 + i + 100 * {s})"),
-    ],
-    "06_minimax_games": [
-        ("train_gan(jax.random.key(0))", "train_gan(jax.random.key({s}))"),
-        ("jax.random.key(1), (2000, 2)", "jax.random.key(1 + 1000 * {s}), (2000, 2)"),
-    ],
-    "08_feature_visualization": [],
+  "02_flax_classifier": [("nnx.Rngs(0)", "nnx.Rngs({s})")],
+  "03_policy_gradient": [],
+  "05_adversarial_examples": [
+    ("nnx.Rngs(0)", "nnx.Rngs({s})"),
+    ("jax.random.key(10 + i)", "jax.random.key(10 + i + 100 * {s})"),
+    ("jax.random.key(20 + i)", "jax.random.key(20 + i + 100 * {s})"),
+  ],
+  "06_minimax_games": [
+    ("train_gan(jax.random.key(0))", "train_gan(jax.random.key({s}))"),
+    ("jax.random.key(1), (2000, 2)", "jax.random.key(1 + 1000 * {s}), (2000, 2)"),
+  ],
+  "08_feature_visualization": [],
 }
 
 
@@ -57,13 +57,17 @@ def run(name: str, seed: int, isa: str | None, cores: str | None) -> list[str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if isa:
     env["XLA_FLAGS"] = f"--xla_cpu_max_isa={isa}"
-  env.update(MPLBACKEND="Agg", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+  env.update(
+    MPLBACKEND="Agg",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+  )
   command = [sys.executable, "-c", script(name, seed)]
   if cores:
     command = ["taskset", "-c", cores, *command]
-  out = subprocess.run(command, env=env, cwd=ROOT / "notebooks", capture_output=True,
-                       text=True, check=False)
+  out = subprocess.run(
+    command, env=env, cwd=ROOT / "notebooks", capture_output=True, text=True, check=False
+  )
   if out.returncode:
     raise SystemExit(f"{name} seed={seed} isa={isa} cores={cores} failed:\n{out.stderr[-3000:]}")
   return out.stdout.splitlines()
@@ -83,10 +87,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("name")
   parser.add_argument("--seeds", type=int, nargs="*", default=[0])
-  parser.add_argument("--isa", nargs="*", default=["AVX2", "SSE4_2"],
-                      help="XLA CPU ISA caps, besides the CPU's own (no cap)")
-  parser.add_argument("--cores", nargs="*", default=["0"],
-                      help="taskset core lists, besides all cores")
+  parser.add_argument(
+    "--isa",
+    nargs="*",
+    default=["AVX2", "SSE4_2"],
+    help="XLA CPU ISA caps, besides the CPU's own (no cap)",
+  )
+  parser.add_argument(
+    "--cores", nargs="*", default=["0"], help="taskset core lists, besides all cores"
+  )
   args = parser.parse_args()
   machine = {}
   for isa in [None, *args.isa]:
@@ -98,8 +107,9 @@ def main() -> None:
   if len(args.seeds) > 1:
     seeded = {}
     for seed in args.seeds:
-      seeded[seed] = machine["isa=native cores=all"] if seed == 0 else run(args.name, seed, None,
-                                                                            None)
+      seeded[seed] = (
+        machine["isa=native cores=all"] if seed == 0 else run(args.name, seed, None, None)
+      )
       print(f"seed={seed}", *seeded[seed], sep="\n  ", flush=True)
     print(f"over seeds {args.seeds}:", *spread(seeded), sep="\n")
 

@@ -26,15 +26,15 @@ class ReferenceGradientAscent:
   """Gradient ascent on a list of float64 arrays, one step at a time."""
 
   def __init__(
-      self,
-      learning_rate=0.01,
-      momentum=0.9,
-      beta=0.999,
-      eps=1e-8,
-      nesterov=False,
-      clip_value=None,
-      lr_decay=None,
-      warmup_steps=0,
+    self,
+    learning_rate=0.01,
+    momentum=0.9,
+    beta=0.999,
+    eps=1e-8,
+    nesterov=False,
+    clip_value=None,
+    lr_decay=None,
+    warmup_steps=0,
   ):
     self.learning_rate = learning_rate
     self.momentum = momentum

@@ -27,7 +27,8 @@ def _kept(node: ast.stmt) -> bool:
   if isinstance(node, ast.Assign):
     # Constants (GRAVITY, ... = 9.8, ...), not the notebook's optimizer or results.
     return all(isinstance(target, (ast.Name, ast.Tuple)) for target in node.targets) and (
-        not isinstance(node.value, ast.Call))
+      not isinstance(node.value, ast.Call)
+    )
   return False
 
 
@@ -55,7 +56,5 @@ def train(tx, seed):
   _NOTEBOOK["tx"] = tx
   params = init_policy(jax.random.fold_in(jax.random.key(0), seed))
   keys = jax.random.split(jax.random.fold_in(jax.random.key(1), seed), ITERATIONS)
-  (_, opt_state), curve = jax.lax.scan(
-      _NOTEBOOK["iteration"], (params, tx.init(params)), keys)
+  (_, opt_state), curve = jax.lax.scan(_NOTEBOOK["iteration"], (params, tx.init(params)), keys)
   return curve, opt_state
-

@@ -25,16 +25,16 @@ from tests._reference import ReferenceGradientAscent
 
 
 def explicit_chain(
-    learning_rate=0.01,
-    momentum=0.9,
-    beta=0.999,
-    eps=1e-8,
-    nesterov=False,
-    clip_value=None,
-    lr_decay=None,
-    warmup_steps=0,
-    logging_interval=None,
-    accumulator_dtype=None,
+  learning_rate=0.01,
+  momentum=0.9,
+  beta=0.999,
+  eps=1e-8,
+  nesterov=False,
+  clip_value=None,
+  lr_decay=None,
+  warmup_steps=0,
+  logging_interval=None,
+  accumulator_dtype=None,
 ):
   """The chain as README.md writes it under "gradient_ascent(...) is exactly"."""
   stages = []
@@ -45,9 +45,9 @@ def explicit_chain(
   if clip_value is not None:
     stages.append(gax.clip_by_value(clip_value))
   stages += [
-      gax.scale_by_adaptive_rms(beta, eps, accumulator_dtype=accumulator_dtype),
-      gax.momentum(momentum, nesterov, accumulator_dtype=accumulator_dtype),
-      gax.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
+    gax.scale_by_adaptive_rms(beta, eps, accumulator_dtype=accumulator_dtype),
+    gax.momentum(momentum, nesterov, accumulator_dtype=accumulator_dtype),
+    gax.scale_by_warmup_decay(learning_rate, warmup_steps, lr_decay),
   ]
   return optax.chain(*stages)
 
@@ -84,34 +84,32 @@ def assert_trees_equal(actual, expected):
 def float32_problem():
   x, y = _mlp.make_data()
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-  return _mlp.as_jax(_mlp.init_weights(), jnp.float32), functools.partial(
-      _mlp.objective, x=x, y=y
-  )
+  return _mlp.as_jax(_mlp.init_weights(), jnp.float32), functools.partial(_mlp.objective, x=x, y=y)
 
 
 # --- (a) gradient_ascent(...) is the documented chain, bit for bit -------------------------
 
 CHAIN_CONFIGS = {
-    "defaults": {},
-    "nesterov_clip_warmup_decay_logging_off": dict(
-        learning_rate=0.03,
-        nesterov=True,
-        clip_value=0.5,
-        warmup_steps=5,
-        lr_decay=0.97,
-        logging_interval=None,
-    ),
-    "schedule_logging_every_3": dict(
-        learning_rate=optax.cosine_decay_schedule(0.05, 20),
-        momentum=0.5,
-        beta=0.9,
-        eps=1e-6,
-        warmup_steps=4,
-        logging_interval=3,
-    ),
-    "float32_accumulators_logging_off": dict(
-        momentum=0.0, clip_value=1.0, logging_interval=0, accumulator_dtype=jnp.float32
-    ),
+  "defaults": {},
+  "nesterov_clip_warmup_decay_logging_off": dict(
+    learning_rate=0.03,
+    nesterov=True,
+    clip_value=0.5,
+    warmup_steps=5,
+    lr_decay=0.97,
+    logging_interval=None,
+  ),
+  "schedule_logging_every_3": dict(
+    learning_rate=optax.cosine_decay_schedule(0.05, 20),
+    momentum=0.5,
+    beta=0.9,
+    eps=1e-6,
+    warmup_steps=4,
+    logging_interval=3,
+  ),
+  "float32_accumulators_logging_off": dict(
+    momentum=0.0, clip_value=1.0, logging_interval=0, accumulator_dtype=jnp.float32
+  ),
 }
 
 
@@ -120,7 +118,7 @@ def test_gradient_ascent_is_the_documented_chain_bit_for_bit(name):
   config = CHAIN_CONFIGS[name]
   params, objective = float32_problem()
   got, want = two_trajectories(
-      (gax.gradient_ascent(**config), objective), (explicit_chain(**config), objective), params
+    (gax.gradient_ascent(**config), objective), (explicit_chain(**config), objective), params
   )
   # params, updates and every state leaf after every one of the 20 steps
   assert_trees_equal(got, want)
@@ -138,27 +136,27 @@ UPDATES_RTOL = 1e-9
 PARAMS_RTOL = 1e-8
 
 REFERENCE_CONFIGS = {
-    "defaults": {},
-    "nesterov_clip": dict(learning_rate=0.02, nesterov=True, clip_value=0.5),
-    "warmup_decay": dict(learning_rate=0.05, warmup_steps=50, lr_decay=0.995),
-    "cosine_schedule_nesterov": dict(
-        learning_rate=optax.cosine_decay_schedule(0.05, REFERENCE_STEPS), momentum=0.8, nesterov=True
-    ),
-    "momentum0_clip": dict(learning_rate=0.01, momentum=0.0, beta=0.99, clip_value=1.0),
-    "beta0_warmup": dict(learning_rate=0.002, beta=0.0, momentum=0.5, warmup_steps=20),
-    # Optax's linear/exponential schedules compute in float32 from an int32 count even under
-    # x64 (int32 / int is float32 in JAX); a piecewise-constant one stays exact.
-    "everything": dict(
-        learning_rate=optax.piecewise_constant_schedule(0.02, {100: 0.5}),
-        momentum=0.7,
-        beta=0.99,
-        eps=1e-6,
-        nesterov=True,
-        clip_value=0.5,
-        warmup_steps=30,
-        lr_decay=0.995,
-        logging_interval=None,
-    ),
+  "defaults": {},
+  "nesterov_clip": dict(learning_rate=0.02, nesterov=True, clip_value=0.5),
+  "warmup_decay": dict(learning_rate=0.05, warmup_steps=50, lr_decay=0.995),
+  "cosine_schedule_nesterov": dict(
+    learning_rate=optax.cosine_decay_schedule(0.05, REFERENCE_STEPS), momentum=0.8, nesterov=True
+  ),
+  "momentum0_clip": dict(learning_rate=0.01, momentum=0.0, beta=0.99, clip_value=1.0),
+  "beta0_warmup": dict(learning_rate=0.002, beta=0.0, momentum=0.5, warmup_steps=20),
+  # Optax's linear/exponential schedules compute in float32 from an int32 count even under
+  # x64 (int32 / int is float32 in JAX); a piecewise-constant one stays exact.
+  "everything": dict(
+    learning_rate=optax.piecewise_constant_schedule(0.02, {100: 0.5}),
+    momentum=0.7,
+    beta=0.99,
+    eps=1e-6,
+    nesterov=True,
+    clip_value=0.5,
+    warmup_steps=30,
+    lr_decay=0.995,
+    logging_interval=None,
+  ),
 }
 
 _grad = jax.jit(jax.grad(_mlp.objective))
@@ -214,8 +212,8 @@ def test_agrees_with_numpy_reference(name, x64):
   if config.get("clip_value") is not None:  # the clip really was active
     assert largest_gradient > config["clip_value"]
   print(
-      f"\n[numpy reference] {name}: {REFERENCE_STEPS} steps, max relative difference "
-      f"updates (same gradients) {worst_updates:.3e}, free-running params {worst_params:.3e}"
+    f"\n[numpy reference] {name}: {REFERENCE_STEPS} steps, max relative difference "
+    f"updates (same gradients) {worst_updates:.3e}, free-running params {worst_params:.3e}"
   )
 
 
@@ -235,10 +233,10 @@ def test_reference_configurations_cover_the_spec():
 
 
 @pytest.mark.parametrize(
-    "dtype, rtol", [(jnp.float32, 1e-5), (jnp.float64, 1e-12)], ids=["float32", "float64"]
+  "dtype, rtol", [(jnp.float32, 1e-5), (jnp.float64, 1e-12)], ids=["float32", "float64"]
 )
 @pytest.mark.parametrize(
-    "momentum, beta", [(0.9, 0.999), (0.0, 0.9), (0.5, 0.0)], ids=["m0.9", "m0", "beta0"]
+  "momentum, beta", [(0.9, 0.999), (0.0, 0.9), (0.5, 0.0)], ids=["m0.9", "m0", "beta0"]
 )
 def test_equals_sign_reversed_optax_rmsprop(dtype, rtol, momentum, beta):
   with jax.enable_x64(dtype == jnp.float64):
@@ -247,7 +245,7 @@ def test_equals_sign_reversed_optax_rmsprop(dtype, rtol, momentum, beta):
     options = dict(learning_rate=0.02, momentum=momentum, beta=beta, eps=1e-7)
     tx = gax.gradient_ascent(**options, logging_interval=None)
     rmsprop = optax.rmsprop(
-        0.02, decay=beta, eps=1e-7, eps_in_sqrt=False, momentum=momentum or None
+      0.02, decay=beta, eps=1e-7, eps_in_sqrt=False, momentum=momentum or None
     )
 
     @jax.jit
@@ -298,8 +296,12 @@ def fit_gaussian_mixture(learning_rate, steps=2000):
 
   def log_likelihood(p):
     std = jnp.exp(p["log_std"])
-    log_densities = (jax.nn.log_softmax(p["logits"]) - 0.5 * ((data[:, None] - p["mu"]) / std) ** 2
-                     - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi))
+    log_densities = (
+      jax.nn.log_softmax(p["logits"])
+      - 0.5 * ((data[:, None] - p["mu"]) / std) ** 2
+      - jnp.log(std)
+      - 0.5 * jnp.log(2 * jnp.pi)
+    )
     return jnp.mean(jax.nn.logsumexp(log_densities, axis=1))
 
   tx = gax.gradient_ascent(learning_rate)
@@ -325,11 +327,11 @@ def test_a_learning_rate_of_adams_habit_breaks_a_gaussian_mixture_fit():
 # --- (c) maximize ---------------------------------------------------------------------------
 
 DESCENT_OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.05),
-    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
-    "adam": lambda: optax.adam(0.01),
-    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
+  "sgd": lambda: optax.sgd(0.05),
+  "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+  "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+  "adam": lambda: optax.adam(0.01),
+  "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
 }
 
 
@@ -361,7 +363,7 @@ def test_maximize_is_descent_on_the_negated_objective_exactly(name):
   with jax.disable_jit():
     ascent = eager_run(gax.maximize(DESCENT_OPTIMIZERS[name]()), peaked_gradient, params)
     descent = eager_run(
-        DESCENT_OPTIMIZERS[name](), lambda p: jax.tree.map(jnp.negative, peaked_gradient(p)), params
+      DESCENT_OPTIMIZERS[name](), lambda p: jax.tree.map(jnp.negative, peaked_gradient(p)), params
     )
   assert_trees_equal(ascent, descent)  # params, updates and state after every step
   # and it climbs towards the peak
@@ -372,9 +374,9 @@ def test_maximize_is_descent_on_the_negated_objective_exactly(name):
 def test_maximize_is_descent_on_the_negated_objective_under_jit():
   params, objective = float32_problem()
   ascent, descent = two_trajectories(
-      (gax.maximize(DESCENT_OPTIMIZERS["adamw"]()), objective),
-      (DESCENT_OPTIMIZERS["adamw"](), lambda p: -objective(p)),
-      params,
+    (gax.maximize(DESCENT_OPTIMIZERS["adamw"]()), objective),
+    (DESCENT_OPTIMIZERS["adamw"](), lambda p: -objective(p)),
+    params,
   )
   assert jax.tree.structure(ascent) == jax.tree.structure(descent)
   for got, want in zip(jax.tree.leaves(ascent), jax.tree.leaves(descent), strict=True):
@@ -389,9 +391,9 @@ def test_weight_decay_still_shrinks_weights_under_maximize():
   w = {"w": jnp.array([1.0, -2.0]), "m": jnp.array([[4.0, 0.5], [-0.25, 8.0]])}
   state = tx.init(w)
   expected = [
-      {"w": [0.95, -1.9], "m": [[3.8, 0.475], [-0.2375, 7.6]]},
-      {"w": [0.9025, -1.805], "m": [[3.61, 0.45125], [-0.225625, 7.22]]},
-      {"w": [0.857375, -1.71475], "m": [[3.4295, 0.4286875], [-0.21434375, 6.859]]},
+    {"w": [0.95, -1.9], "m": [[3.8, 0.475], [-0.2375, 7.6]]},
+    {"w": [0.9025, -1.805], "m": [[3.61, 0.45125], [-0.225625, 7.22]]},
+    {"w": [0.857375, -1.71475], "m": [[3.4295, 0.4286875], [-0.21434375, 6.859]]},
   ]
   for want in expected:
     updates, state = tx.update(jax.tree.map(jnp.zeros_like, w), state, w)
@@ -420,9 +422,9 @@ def test_maximize_keeps_injected_hyperparams():
 
 
 @pytest.mark.parametrize(
-    "not_a_transform, hint",
-    [(optax.adam, "factory"), (1e-3, "GradientTransformation"), (None, "GradientTransformation")],
-    ids=["factory", "float", "None"],
+  "not_a_transform, hint",
+  [(optax.adam, "factory"), (1e-3, "GradientTransformation"), (None, "GradientTransformation")],
+  ids=["factory", "float", "None"],
 )
 def test_maximize_rejects_a_non_transform(not_a_transform, hint):
   with pytest.raises(TypeError, match=hint):
@@ -448,28 +450,32 @@ def objective_after(tx, steps=100):
 
 
 @pytest.mark.parametrize(
-    "ascending",
-    [lambda: gax.gradient_ascent(0.1), lambda: gax.maximize(optax.sgd(0.1))],
-    ids=["gradient_ascent", "maximize"],
+  "ascending",
+  [lambda: gax.gradient_ascent(0.1), lambda: gax.maximize(optax.sgd(0.1))],
+  ids=["gradient_ascent", "maximize"],
 )
 def test_maximize_refuses_a_transform_that_already_ascends(ascending):
-  with pytest.raises(ValueError, match=r"^maximize: tx already ascends \(it is "
-                     r"gax\.gradient_ascent\(\.\.\.\) or gax\.maximize\(\.\.\.\)\)\. "
-                     "maximize\\(tx\\) would negate the gradients a second time and descend"):
+  with pytest.raises(
+    ValueError,
+    match=r"^maximize: tx already ascends \(it is "
+    r"gax\.gradient_ascent\(\.\.\.\) or gax\.maximize\(\.\.\.\)\)\. "
+    "maximize\\(tx\\) would negate the gradients a second time and descend",
+  ):
     gax.maximize(ascending())
   assert objective_after(ascending()) > -1.0  # as it is, it ascends: -27 -> near 0
 
 
 @pytest.mark.parametrize(
-    ("wrapped", "where"),
-    [
-        (lambda: optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1),
-         "state.inner_state[0]"),
-        (lambda: optax.chain(gax.gradient_ascent(0.1), optax.add_decayed_weights(0.01)),
-         "state[0][0]"),
-        (lambda: optax.chain(gax.flip_sign(), optax.sgd(0.1)), "state[0]"),
-    ],
-    ids=["inject_hyperparams", "chain", "flip_sign"],
+  ("wrapped", "where"),
+  [
+    (
+      lambda: optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1),
+      "state.inner_state[0]",
+    ),
+    (lambda: optax.chain(gax.gradient_ascent(0.1), optax.add_decayed_weights(0.01)), "state[0][0]"),
+    (lambda: optax.chain(gax.flip_sign(), optax.sgd(0.1)), "state[0]"),
+  ],
+  ids=["inject_hyperparams", "chain", "flip_sign"],
 )
 def test_maximize_refuses_at_init_what_ascends_inside_a_wrapper(wrapped, where):
   tx = gax.maximize(wrapped())  # the wrapper hides its inner transform until init
@@ -480,10 +486,12 @@ def test_maximize_refuses_at_init_what_ascends_inside_a_wrapper(wrapped, where):
 
 
 @pytest.mark.parametrize(
-    "descent",
-    [lambda: optax.chain(optax.sgd(0.1), optax.add_decayed_weights(1e-4)),
-     lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)],
-    ids=["chain", "inject_hyperparams"],
+  "descent",
+  [
+    lambda: optax.chain(optax.sgd(0.1), optax.add_decayed_weights(1e-4)),
+    lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+  ],
+  ids=["chain", "inject_hyperparams"],
 )
 def test_maximize_of_a_descent_chain_or_injection_still_ascends(descent):
   assert objective_after(descent()) < -27.0  # on its own it descends
@@ -523,18 +531,18 @@ def run_with_cached_value_and_grad(tx, objective, steps):
 
 
 LINESEARCH_OPTIMIZERS = {
-    "lbfgs": optax.lbfgs,
-    "sgd_backtracking": lambda: optax.chain(
-        optax.sgd(1.0),
-        optax.scale_by_backtracking_linesearch(max_backtracking_steps=15, store_grad=True),
-    ),
+  "lbfgs": optax.lbfgs,
+  "sgd_backtracking": lambda: optax.chain(
+    optax.sgd(1.0),
+    optax.scale_by_backtracking_linesearch(max_backtracking_steps=15, store_grad=True),
+  ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LINESEARCH_OPTIMIZERS))
 def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   ascent, state = run_with_cached_value_and_grad(
-      gax.maximize(LINESEARCH_OPTIMIZERS[name]()), concave, steps=12
+    gax.maximize(LINESEARCH_OPTIMIZERS[name]()), concave, steps=12
   )
   values = [float(concave(x)) for x in ascent]
   # Every step after the first too: the cached value/grad must have the objective's sign.
@@ -543,7 +551,7 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   assert values[-1] > -0.05  # close to the maximum 0 (L-BFGS reaches it in ~8 steps)
   if name == "sgd_backtracking":  # (L-BFGS compiles slowly; one run of it is enough)
     descent, _ = run_with_cached_value_and_grad(
-        LINESEARCH_OPTIMIZERS[name](), lambda x: -concave(x), steps=12
+      LINESEARCH_OPTIMIZERS[name](), lambda x: -concave(x), steps=12
     )
     for x_up, x_down in zip(ascent, descent, strict=True):
       np.testing.assert_array_equal(x_up, x_down)
@@ -563,7 +571,7 @@ def test_maximize_line_search_hands_value_fn_its_own_extra_arguments(name):
     def step(x, state):
       value, grad = jax.value_and_grad(objective)(x, 2.0)
       updates, state = tx.update(
-          grad, state, x, value=value, grad=grad, value_fn=objective, weight=2.0
+        grad, state, x, value=value, grad=grad, value_fn=objective, weight=2.0
       )
       return optax.apply_updates(x, updates), state
 
@@ -590,8 +598,9 @@ def bowl(x):
   return -jnp.sum(CURVATURE * (x - CENTER) ** 2)
 
 
-def run(tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evaluate=None,
-        corrupt=None):
+def run(
+  tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evaluate=None, corrupt=None
+):
   """Steps tx op by op on jax.grad(objective); returns (params, updates, state, judged).
 
   extra(objective, params) gives the update's extra arguments, grad_at(params) the
@@ -604,7 +613,9 @@ def run(tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evalua
     for k in range(steps):
       grads = jax.grad(objective)(grad_at(params) if grad_at else params)
       grads = corrupt(k, grads) if corrupt else grads
-      updates, state = tx.update(grads, state, params, **(extra(objective, params) if extra else {}))
+      updates, state = tx.update(
+        grads, state, params, **(extra(objective, params) if extra else {})
+      )
       params = optax.apply_updates(params, updates)
       history.append((params, updates, state, evaluate(state, params) if evaluate else params))
   return history
@@ -612,7 +623,9 @@ def run(tx, objective, steps=15, *, extra=None, start=None, grad_at=None, evalua
 
 def ascent_and_descent(make, steps=15, **kwargs):
   """run() of maximize(make()) on bowl and of make() on -bowl."""
-  return run(gax.maximize(make()), bowl, steps, **kwargs), run(make(), negated_bowl, steps, **kwargs)
+  return run(gax.maximize(make()), bowl, steps, **kwargs), run(
+    make(), negated_bowl, steps, **kwargs
+  )
 
 
 def negated_bowl(x):
@@ -659,15 +672,19 @@ def plateau_warning_not_yet_shown(monkeypatch):
 
 def maximize_with_plateau(**plateau):
   return gax.maximize(
-      optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=3, factor=0.5, **plateau))
+    optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=3, factor=0.5, **plateau))
   )
 
 
-@pytest.mark.parametrize(("start", "top"), [(-30.0, -20.0), (-2.0, 8.0), (2.0, 12.0)],
-                         ids=["negative", "zero-crossing", "positive"])
+@pytest.mark.parametrize(
+  ("start", "top"),
+  [(-30.0, -20.0), (-2.0, 8.0), (2.0, 12.0)],
+  ids=["negative", "zero-crossing", "positive"],
+)
 def test_maximize_reduce_on_plateau_with_rtol_0_cuts_for_either_sign(start, top):
-  scales, state = plateau_scales(maximize_with_plateau(rtol=0.0, atol=1e-3),
-                                 rise_then_flat(start, top))
+  scales, state = plateau_scales(
+    maximize_with_plateau(rtol=0.0, atol=1e-3), rise_then_flat(start, top)
+  )
   assert scales[10] == 1.0  # every rise of >= 1 is progress
   # 30 flat steps at patience 3: a halving every third step, ten in all.
   assert scales[-1] == 2.0**-10
@@ -695,8 +712,11 @@ def test_gradient_ascent_with_reduce_on_plateau_is_its_chain_under_maximize():
       path.append(x)
     return path, float(optax.tree.get(state, "scale", 1.0))  # (gradient_ascent has none)
 
-  recipe = gax.maximize(optax.chain(
-      gax.scale_by_adaptive_rms(), gax.momentum(), gax.scale_by_warmup_decay(0.05), plateau()))
+  recipe = gax.maximize(
+    optax.chain(
+      gax.scale_by_adaptive_rms(), gax.momentum(), gax.scale_by_warmup_decay(0.05), plateau()
+    )
+  )
   with jax.disable_jit():
     plain, _ = run(gax.gradient_ascent(0.05))
     with_plateau, scale = run(recipe)
@@ -709,7 +729,7 @@ def test_gradient_ascent_with_reduce_on_plateau_is_its_chain_under_maximize():
 
 
 def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
-    plateau_warning_not_yet_shown, caplog
+  plateau_warning_not_yet_shown, caplog
 ):
   with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
     gax.maximize(optax.sgd(0.1)).init(jnp.zeros(3))
@@ -725,8 +745,8 @@ def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
 
 def test_maximize_schedule_free_adamw_and_its_eval_params():
   runs = ascent_and_descent(
-      lambda: optax.contrib.schedule_free_adamw(0.5, warmup_steps=2),
-      evaluate=optax.contrib.schedule_free_eval_params,
+    lambda: optax.contrib.schedule_free_adamw(0.5, warmup_steps=2),
+    evaluate=optax.contrib.schedule_free_eval_params,
   )
   assert_ascends_as_descent_on_negation(runs)
 
@@ -747,16 +767,17 @@ def test_maximize_sam(opaque):
 
 def test_maximize_lookahead():
   runs = ascent_and_descent(
-      lambda: optax.lookahead(optax.sgd(0.2), sync_period=3, slow_step_size=0.5),
-      start=optax.LookaheadParams.init_synced(jnp.zeros(3)),
-      grad_at=lambda params: params.fast,
-      evaluate=lambda state, params: params.slow,
+    lambda: optax.lookahead(optax.sgd(0.2), sync_period=3, slow_step_size=0.5),
+    start=optax.LookaheadParams.init_synced(jnp.zeros(3)),
+    grad_at=lambda params: params.fast,
+    evaluate=lambda state, params: params.slow,
   )
   assert_ascends_as_descent_on_negation(runs)
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["maximize-of-multisteps",
-                                                       "multisteps-of-maximize"])
+@pytest.mark.parametrize(
+  "inside", [False, True], ids=["maximize-of-multisteps", "multisteps-of-maximize"]
+)
 def test_maximize_multisteps(inside):
   def multisteps(tx):
     return optax.MultiSteps(tx, every_k_schedule=3)
@@ -811,9 +832,9 @@ def test_maximize_sophia():
 
 
 VALUE_OPTIMIZERS = {
-    "polyak_sgd": lambda: optax.polyak_sgd(max_learning_rate=0.5),
-    "momo": lambda: optax.contrib.momo(0.5),
-    "momo_adam": lambda: optax.contrib.momo_adam(0.5),
+  "polyak_sgd": lambda: optax.polyak_sgd(max_learning_rate=0.5),
+  "momo": lambda: optax.contrib.momo(0.5),
+  "momo_adam": lambda: optax.contrib.momo_adam(0.5),
 }
 
 
@@ -864,11 +885,20 @@ def test_maximize_negates_every_objective_argument_and_nothing_else():
     return value
 
   tx = gax.maximize(
-      probe(value=itself, grad=itself, value_fn=call, obj_fn=call, grad_fn=call, other=itself)
+    probe(value=itself, grad=itself, value_fn=call, obj_fn=call, grad_fn=call, other=itself)
   )
   x = jnp.array([1.0, 2.0])
-  seen, _ = tx.update(x, tx.init(x), x, value=5.0, grad={"g": x}, value_fn=jnp.sum,
-                      obj_fn=value_and_aux, grad_fn=gradient, other=jnp.array(7.0))
+  seen, _ = tx.update(
+    x,
+    tx.init(x),
+    x,
+    value=5.0,
+    grad={"g": x},
+    value_fn=jnp.sum,
+    obj_fn=value_and_aux,
+    grad_fn=gradient,
+    other=jnp.array(7.0),
+  )
   assert float(seen["value"]) == -5.0
   np.testing.assert_array_equal(seen["grad"]["g"], [-1.0, -2.0])
   assert float(seen["value_fn"]) == -3.0
@@ -912,8 +942,9 @@ def test_weight_decay_pulls_the_maximum_toward_zero():
   tx = gax.gradient_ascent(0.001, weight_decay=wd)
   x = jnp.ones(1)
   state = tx.init(x)
-  step = jax.jit(lambda x, state: tx.update(jax.grad(lambda x: -jnp.sum((x - 1.0) ** 2))(x),
-                                            state, x))
+  step = jax.jit(
+    lambda x, state: tx.update(jax.grad(lambda x: -jnp.sum((x - 1.0) ** 2))(x), state, x)
+  )
   for _ in range(2000):
     updates, state = step(x, state)
     x = optax.apply_updates(x, updates)
@@ -928,8 +959,12 @@ def stage_types(tx, params=None):
 @pytest.mark.parametrize("off", [None, 0.0, 0, -0.0, np.float64(0.0)])
 def test_weight_decay_zero_adds_no_stage(off):
   # The default's state layout is unchanged, so checkpoints of it still restore.
-  expected = ["FlipSignState", "ScaleByAdaptiveRmsState", "MomentumState",
-              "ScaleByWarmupDecayState"]
+  expected = [
+    "FlipSignState",
+    "ScaleByAdaptiveRmsState",
+    "MomentumState",
+    "ScaleByWarmupDecayState",
+  ]
   assert stage_types(gax.gradient_ascent()) == expected
   tx = gax.gradient_ascent(weight_decay=off, weight_decay_mask={"w": False})
   assert stage_types(tx) == expected
@@ -937,8 +972,12 @@ def test_weight_decay_zero_adds_no_stage(off):
 
 def test_weight_decay_adds_one_stateless_stage_after_the_clip():
   assert stage_types(gax.gradient_ascent(clip_value=1.0, weight_decay=0.1)) == [
-      "FlipSignState", "EmptyState", "EmptyState", "ScaleByAdaptiveRmsState", "MomentumState",
-      "ScaleByWarmupDecayState",
+    "FlipSignState",
+    "EmptyState",
+    "EmptyState",
+    "ScaleByAdaptiveRmsState",
+    "MomentumState",
+    "ScaleByWarmupDecayState",
   ]
   # A JAX value cannot be known to be 0 when the optimizer is built: the stage is there.
   assert len(stage_types(gax.gradient_ascent(weight_decay=jnp.asarray(0.0)))) == 5
@@ -959,9 +998,9 @@ def test_weight_decay_without_params_says_to_pass_them():
 
 
 @pytest.mark.parametrize(
-    "mask",
-    [{"w": True, "b": False}, lambda params: jax.tree.map(lambda p: p.ndim > 1, params)],
-    ids=["pytree", "callable"],
+  "mask",
+  [{"w": True, "b": False}, lambda params: jax.tree.map(lambda p: p.ndim > 1, params)],
+  ids=["pytree", "callable"],
 )
 def test_weight_decay_mask_spares_the_masked_out_leaves(mask):
   # A flat objective (zero gradient): only the decay moves the params.
@@ -976,8 +1015,9 @@ def test_weight_decay_mask_spares_the_masked_out_leaves(mask):
   assert float(jnp.min(params["w"])) > 0.0
 
 
-@pytest.mark.parametrize("mask", [False, True, np.bool_(False), jnp.asarray(False)],
-                         ids=["False", "True", "numpy", "jax"])
+@pytest.mark.parametrize(
+  "mask", [False, True, np.bool_(False), jnp.asarray(False)], ids=["False", "True", "numpy", "jax"]
+)
 def test_weight_decay_mask_of_a_single_bool_is_refused(mask):
   # What a callable mask becomes under optax.inject_hyperparams without static_args.
   with pytest.raises(ValueError, match="`weight_decay_mask` must be None, a pytree of bools"):
@@ -988,7 +1028,7 @@ def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():
   # A float32 rate times bfloat16 params is float32; the stages after the decay must
   # still see (and return) the gradients' bfloat16.
   tx = optax.inject_hyperparams(gax.gradient_ascent, hyperparam_dtype=jnp.float32)(
-      learning_rate=0.01, weight_decay=0.1
+    learning_rate=0.01, weight_decay=0.1
   )
   params = jnp.ones(3, jnp.bfloat16)
   state = tx.init(params)
@@ -1029,8 +1069,12 @@ def test_weight_decay_on_a_flat_objective_shrinks_at_a_speed_set_by_the_rate(mom
   # where weight_decay * |p| nears eps.
   reference = _flat_objective_path(1.0, momentum=momentum)
   for weight_decay, atol in ((1e-4, 5e-3), (1e-2, 1e-4), (100.0, 1e-5)):
-    np.testing.assert_allclose(_flat_objective_path(weight_decay, momentum=momentum), reference,
-                               atol=atol, err_msg=f"weight_decay={weight_decay}")
+    np.testing.assert_allclose(
+      _flat_objective_path(weight_decay, momentum=momentum),
+      reference,
+      atol=atol,
+      err_msg=f"weight_decay={weight_decay}",
+    )
   # First step: -lr * h / sqrt((1 - beta) h**2) = -1e-3 / sqrt(1e-3), for any h = -wd * 1.
   np.testing.assert_allclose(reference[0], 1.0 - 1e-3 / np.sqrt(1e-3), rtol=1e-6)
   if momentum:  # measured: -0.0037 after 100 steps, 8.6e-6 after 200

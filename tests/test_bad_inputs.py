@@ -85,7 +85,9 @@ def test_apply_if_finite_protects_params_and_state(bad):
   updates, state = step(jnp.array([bad, 1.0]), state, params)
   params = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(params, before_params)
-  for after, before in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(before_inner), strict=True):
+  for after, before in zip(
+    jax.tree.leaves(state.inner_state), jax.tree.leaves(before_inner), strict=True
+  ):
     np.testing.assert_array_equal(after, before)
   assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
 
@@ -114,16 +116,17 @@ def test_all_zero_gradients_give_zero_updates(dtype):
 def with_count(state, count):
   count = jnp.asarray(count, jnp.int32)
   return tuple(
-      s._replace(count=count) if isinstance(s, (gax.ScaleByWarmupDecayState,
-                                                gax.LogProgressState)) else s
-      for s in state
+    s._replace(count=count)
+    if isinstance(s, (gax.ScaleByWarmupDecayState, gax.LogProgressState))
+    else s
+    for s in state
   )
 
 
 @pytest.mark.parametrize(
-    ("lr_decay", "expected_rate"),
-    # warmup factor min(1, 2**31 / 100) = 1; 0.5**(2**31 - 1) underflows to 0.
-    [(None, LR), (1.0, LR), (0.5, 0.0)],
+  ("lr_decay", "expected_rate"),
+  # warmup factor min(1, 2**31 / 100) = 1; 0.5**(2**31 - 1) underflows to 0.
+  [(None, LR), (1.0, LR), (0.5, 0.0)],
 )
 def test_step_counter_saturates_at_int32_max(lr_decay, expected_rate):
   tx = gax.gradient_ascent(lr_decay=lr_decay, warmup_steps=100, logging_interval=1000)
@@ -140,8 +143,7 @@ def test_step_counter_saturates_at_int32_max(lr_decay, expected_rate):
   # Third step, |h| = 1: m_t = 1 - beta**t, s_t = 1 / sqrt(m_t), v_3 = .81 s_1 + .9 s_2 + s_3.
   s = [1 / (math.sqrt(1 - BETA**t) + EPS) for t in (1, 2, 3)]
   v = MOMENTUM**2 * s[0] + MOMENTUM * s[1] + s[2]
-  np.testing.assert_allclose(np.asarray(updates), expected_rate * v * np.array([1, -1]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates), expected_rate * v * np.array([1, -1]), rtol=1e-5)
 
 
 # Complex numbers: what works ------------------------------------------------
@@ -172,7 +174,9 @@ def test_maximize_of_a_complex_capable_optimizer_descends_on_the_negated_gradien
   reference, reference_state = optax.adam(0.1), optax.adam(0.1).init(params)
   for _ in range(3):
     updates, state = tx.update(grads, state, params)
-    expected, reference_state = reference.update(jax.tree.map(jnp.negative, grads), reference_state, params)
+    expected, reference_state = reference.update(
+      jax.tree.map(jnp.negative, grads), reference_state, params
+    )
     np.testing.assert_allclose(updates["z"], expected["z"], rtol=1e-6)
 
 

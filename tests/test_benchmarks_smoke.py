@@ -50,9 +50,12 @@ def step_time_run(tmp_path_factory):
 def test_step_time_has_every_case_and_peer(step_time_run, capsys):
   rows, _ = step_time_run
   cases = {(row["config"], row["params"], row["leaves"], row["peer"]) for row in rows}
-  expected = {(config, 10_000, leaves, peer)
-              for config in ("default", "clip+warmup+decay+nesterov")
-              for leaves in (1, 10) for peer in JAX_PEERS | TORCH_PEERS}
+  expected = {
+    (config, 10_000, leaves, peer)
+    for config in ("default", "clip+warmup+decay+nesterov")
+    for leaves in (1, 10)
+    for peer in JAX_PEERS | TORCH_PEERS
+  }
   assert cases == expected and len(rows) == len(expected)
 
 
@@ -113,8 +116,11 @@ def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
 def test_compile_time_smoke(capsys):
   rows = compile_time.main(["--smoke"])
   assert [(row["leaves"], row["peer"]) for row in rows] == [
-      (10, compile_time.GAX_LOG), (10, compile_time.GAX_OFF), (10, compile_time.OPTAX),
-      (10, compile_time.OPTAX_NORM)]
+    (10, compile_time.GAX_LOG),
+    (10, compile_time.GAX_OFF),
+    (10, compile_time.OPTAX),
+    (10, compile_time.OPTAX_NORM),
+  ]
   for row in rows:
     assert _positive(row["lower_s"]) and _positive(row["compile_s"]), row
   assert rows[2]["vs_optax"] == 1.0
@@ -142,10 +148,17 @@ def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
   rows, out = logging_overhead_run
   rows = [row for row in rows if "model" not in row]
   assert [row["peer"] for row in rows] == [
-      logging_overhead.LOGGING, logging_overhead.LOGGING_VALUE, logging_overhead.LOGGING_STATE,
-      logging_overhead.LOGGING_VALUE_STATE, logging_overhead.OFF, logging_overhead.OFF_VALUE,
-      logging_overhead.DEFAULT, logging_overhead.VMAP_LOGGING,
-      logging_overhead.VMAP_LOGGING_VALUE, logging_overhead.VMAP_OFF]
+    logging_overhead.LOGGING,
+    logging_overhead.LOGGING_VALUE,
+    logging_overhead.LOGGING_STATE,
+    logging_overhead.LOGGING_VALUE_STATE,
+    logging_overhead.OFF,
+    logging_overhead.OFF_VALUE,
+    logging_overhead.DEFAULT,
+    logging_overhead.VMAP_LOGGING,
+    logging_overhead.VMAP_LOGGING_VALUE,
+    logging_overhead.VMAP_OFF,
+  ]
   assert all(_positive(row["seconds"]) for row in rows)
   overhead = {row["peer"]: row["overhead"] for row in rows}
   assert overhead[logging_overhead.OFF] == overhead[logging_overhead.VMAP_OFF] == 0.0
@@ -167,10 +180,14 @@ def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   rows, out = logging_overhead_run
   rows = [row for row in rows if "model" in row]
   scan = "lax.scan of 20"  # --smoke's scan: two logging intervals per call
-  peers = (logging_overhead.MODEL_OFF, logging_overhead.MODEL_CALLBACK,
-           logging_overhead.MODEL_STATE)
+  peers = (
+    logging_overhead.MODEL_OFF,
+    logging_overhead.MODEL_CALLBACK,
+    logging_overhead.MODEL_STATE,
+  )
   assert [(row["model"], row["loop"], row["peer"]) for row in rows] == [
-      ("mlp", loop, peer) for peer in peers for loop in (logging_overhead.PYTHON_LOOP, scan)]
+    ("mlp", loop, peer) for peer in peers for loop in (logging_overhead.PYTHON_LOOP, scan)
+  ]
   assert all(_positive(row["seconds"]) for row in rows)
   for row in rows:
     if row["peer"] == logging_overhead.MODEL_OFF:
@@ -180,12 +197,12 @@ def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   # steps sends two by callback, but its state holds only the last one: the
   # reader, called once per call, logs one.
   assert logged == {
-      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_OFF): 0,
-      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_CALLBACK): 3,
-      (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_STATE): 3,
-      (scan, logging_overhead.MODEL_OFF): 0,
-      (scan, logging_overhead.MODEL_CALLBACK): 6,
-      (scan, logging_overhead.MODEL_STATE): 3,
+    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_OFF): 0,
+    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_CALLBACK): 3,
+    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_STATE): 3,
+    (scan, logging_overhead.MODEL_OFF): 0,
+    (scan, logging_overhead.MODEL_CALLBACK): 6,
+    (scan, logging_overhead.MODEL_STATE): 3,
   }
   assert "| mlp | 13,002 | 6 | python loop | every 10, state |" in out
 
@@ -249,14 +266,14 @@ def _wrong_peers(config):
   """Plausible mistakes in a peer: descending, a 1% wrong rate, eps in the sqrt."""
   right = _common.optax_chain(config)
   return {
-      "descends": optax.chain(right, optax.scale(-1.0)),
-      "rate 1% off": optax.chain(right, optax.scale(1.01)),
-      "eps inside sqrt": optax.chain(
-          optax.scale(-1.0),
-          optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=True),
-          optax.trace(decay=config.momentum, nesterov=config.nesterov),
-          optax.scale_by_learning_rate(config.schedule),
-      ),
+    "descends": optax.chain(right, optax.scale(-1.0)),
+    "rate 1% off": optax.chain(right, optax.scale(1.01)),
+    "eps inside sqrt": optax.chain(
+      optax.scale(-1.0),
+      optax.scale_by_rms(decay=config.beta, eps=config.eps, eps_in_sqrt=True),
+      optax.trace(decay=config.momentum, nesterov=config.nesterov),
+      optax.scale_by_learning_rate(config.schedule),
+    ),
   }
 
 

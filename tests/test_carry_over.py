@@ -24,8 +24,16 @@ import gradient_ascent_jax as gax
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASES = ("v0_1_0", "v0_2_0")
 CONFIGS = ("logging", "plain")
-LOGGED_FIELDS = ("count", "first_value", "last_value", "last_change", "records_below",
-                 "noise_variance", "noise_samples", "descent_warned")
+LOGGED_FIELDS = (
+  "count",
+  "first_value",
+  "last_value",
+  "last_change",
+  "records_below",
+  "noise_variance",
+  "noise_samples",
+  "descent_warned",
+)
 
 
 def settings(release, config):
@@ -91,12 +99,15 @@ def test_orbax_restores_a_logging_off_run_into_the_target_and_carry_over_keeps_i
   # Without logging no state type changed: orbax restores into today's target,
   # and carrying a state of today's layout over changes nothing.
   tx = gax.gradient_ascent(**settings(release, "plain"))
-  params = {key: jnp.asarray(value) for key, value in load(release, "plain", "msgpack")["params"].items()}
+  params = {
+    key: jnp.asarray(value) for key, value in load(release, "plain", "msgpack")["params"].items()
+  }
   target = {"params": params, "opt_state": tx.init(params)}
   restored = load(release, "plain", "orbax", jax.eval_shape(lambda: target))
   state = gax.carry_over(restored["opt_state"], tx.init(params))
-  chex_equal = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
-                            state, restored["opt_state"])
+  chex_equal = jax.tree.map(
+    lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), state, restored["opt_state"]
+  )
   assert all(jax.tree.leaves(chex_equal))
   assert_continues(release, "plain", tx, state, params)
 
@@ -135,9 +146,12 @@ def test_logging_off_state_into_a_logging_on_target_is_refused():
   restored = load("v0_1_0", "plain", "msgpack")
   params = {key: jnp.asarray(value) for key, value in restored["params"].items()}
   tx = gax.gradient_ascent(**{**settings("v0_1_0", "plain"), "logging_interval": 10})
-  with pytest.raises(ValueError, match=r"carry_over: at the top the target holds a tuple of 6 "
-                                       r"entries \(LogProgressState, FlipSignState, .*\), but the "
-                                       r"state given holds a list of 5 entries"):
+  with pytest.raises(
+    ValueError,
+    match=r"carry_over: at the top the target holds a tuple of 6 "
+    r"entries \(LogProgressState, FlipSignState, .*\), but the "
+    r"state given holds a list of 5 entries",
+  ):
     gax.carry_over(restored["opt_state"], tx.init(params))
 
 
@@ -145,8 +159,11 @@ def test_a_state_for_other_shapes_is_refused_naming_the_path():
   restored = load("v0_2_0", "logging", "orbax")
   tx = gax.gradient_ascent(**settings("v0_2_0", "logging"))
   params = {"b": jnp.zeros(4), "w": jnp.zeros((2, 2))}
-  with pytest.raises(ValueError, match=r"at \[3\]\.second_moment\['b'\] the target holds "
-                                       r"float32\[4\], but the state given holds float32\[3\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"at \[3\]\.second_moment\['b'\] the target holds "
+    r"float32\[4\], but the state given holds float32\[3\]",
+  ):
     gax.carry_over(restored["opt_state"], tx.init(params))
 
 
@@ -161,7 +178,9 @@ def test_another_dtype_is_refused():
 def test_another_optimizers_state_is_refused():
   params = {"b": jnp.zeros(3), "w": jnp.zeros((2, 2))}
   tx = gax.gradient_ascent(**settings("v0_1_0", "logging"))
-  with pytest.raises(ValueError, match=r"the state given holds a tuple of 2 entries \(ScaleByAdamState, EmptyState\)"):
+  with pytest.raises(
+    ValueError, match=r"the state given holds a tuple of 2 entries \(ScaleByAdamState, EmptyState\)"
+  ):
     gax.carry_over(optax.adam(0.1).init(params), tx.init(params))
 
 

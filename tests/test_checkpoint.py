@@ -29,16 +29,19 @@ LOGGING_INTERVAL = 3
 
 # Each builds a fresh optimizer, as the restoring process would.
 OPTIMIZERS = {
-    "gradient_ascent": lambda: gax.gradient_ascent(
-        learning_rate=0.05, clip_value=0.5, lr_decay=0.97, warmup_steps=3,
-        logging_interval=LOGGING_INTERVAL,
-    ),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(gax.gradient_ascent)(
-        learning_rate=0.05, nesterov=True, warmup_steps=3, logging_interval=LOGGING_INTERVAL
-    ),
-    "multi_steps": lambda: optax.MultiSteps(
-        gax.gradient_ascent(learning_rate=0.05, logging_interval=LOGGING_INTERVAL), 2
-    ),
+  "gradient_ascent": lambda: gax.gradient_ascent(
+    learning_rate=0.05,
+    clip_value=0.5,
+    lr_decay=0.97,
+    warmup_steps=3,
+    logging_interval=LOGGING_INTERVAL,
+  ),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(gax.gradient_ascent)(
+    learning_rate=0.05, nesterov=True, warmup_steps=3, logging_interval=LOGGING_INTERVAL
+  ),
+  "multi_steps": lambda: optax.MultiSteps(
+    gax.gradient_ascent(learning_rate=0.05, logging_interval=LOGGING_INTERVAL), 2
+  ),
 }
 
 
@@ -97,8 +100,8 @@ def restore_msgpack(saved, target):
 
 
 FORMATS = {
-    "orbax": (save_orbax, restore_orbax),
-    "msgpack": (save_msgpack, restore_msgpack),
+  "orbax": (save_orbax, restore_orbax),
+  "msgpack": (save_msgpack, restore_msgpack),
 }
 
 
@@ -138,14 +141,13 @@ def test_resumed_run_is_bit_identical(name, fmt, tmp_path, caplog):
     target = {"params": fresh_params, "opt_state": tx.init(fresh_params)}
     restored = restore(saved, target)
     assert jax.tree.structure(restored) == jax.tree.structure(target)
-    resumed = run(
-        tx, restored["params"], restored["opt_state"], SAVE_AFTER, TOTAL_STEPS, change_at
-    )
+    resumed = run(tx, restored["params"], restored["opt_state"], SAVE_AFTER, TOTAL_STEPS, change_at)
     jax.effects_barrier()
     resumed_log = [r.step for r in caplog.records if r.name == "gradient_ascent_jax"]
 
   assert_trees_equal(resumed[0], straight[0])
   assert_trees_equal(resumed[1], straight[1])
+
   # The run really moved, so equality is not trivial, and it ascended: the
   # objective (averaged over the data of every step) went up.
   def average_objective(params):
@@ -158,12 +160,13 @@ def test_resumed_run_is_bit_identical(name, fmt, tmp_path, caplog):
     # The inner optimizer takes one step per 2 micro-steps, but MultiSteps calls
     # it on both (keeping only the second's state): each logging step logs twice.
     expected_log = [
-        step for step in range(LOGGING_INTERVAL, TOTAL_STEPS // 2 + 1, LOGGING_INTERVAL)
-        for _ in range(2)
+      step
+      for step in range(LOGGING_INTERVAL, TOTAL_STEPS // 2 + 1, LOGGING_INTERVAL)
+      for _ in range(2)
     ]
   assert straight_log == expected_log
   assert [s for s in straight_log if s * (2 if name == "multi_steps" else 1) > SAVE_AFTER] == (
-      resumed_log
+    resumed_log
   )
 
 
@@ -190,14 +193,17 @@ def test_checkpoint_holds_the_moments_by_name_in_the_params_dtype():
   assert saved["4"]["count"].dtype == np.int32 and int(saved["4"]["count"]) == 2
   for i, name in enumerate(["b", "w"]):  # jax.tree.leaves order
     tolerance = 1e-2 if name == "b" else 1e-6
-    for field, stage, expected in (("second_moment", "2", reference.m[i]),
-                                   ("velocity", "3", -reference.v[i])):  # descends on -objective
+    for field, stage, expected in (
+      ("second_moment", "2", reference.m[i]),
+      ("velocity", "3", -reference.v[i]),
+    ):  # descends on -objective
       stored = saved[stage][field][name]
       assert stored.dtype == params[name].dtype, (field, name, stored.dtype)
       np.testing.assert_allclose(stored.astype(np.float64), expected, rtol=tolerance, atol=1e-7)
   # And it restores into the state of the same optimizer, not of another one.
   np.testing.assert_array_equal(
-      serialization.from_state_dict(tx.init(params), saved)[3].velocity["w"], state[3].velocity["w"])
+    serialization.from_state_dict(tx.init(params), saved)[3].velocity["w"], state[3].velocity["w"]
+  )
   with pytest.raises(ValueError):
     serialization.from_state_dict(optax.adam(1e-3).init(params), saved)
 
@@ -235,11 +241,13 @@ def test_resume_in_a_new_python_process(tmp_path):
   result = tmp_path / "resumed.msgpack"
   root = Path(__file__).resolve().parent.parent
   subprocess.run(  # from tmp_path: `-c` puts the cwd first on sys.path
-      [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result), str(root)],
-      check=True, cwd=tmp_path, timeout=300,
+    [sys.executable, "-c", RESUME_IN_NEW_PROCESS, str(saved), str(result), str(root)],
+    check=True,
+    cwd=tmp_path,
+    timeout=300,
   )
   resumed = serialization.from_bytes(
-      {"params": params, "opt_state": tx.init(params)}, result.read_bytes()
+    {"params": params, "opt_state": tx.init(params)}, result.read_bytes()
   )
   assert_trees_equal(resumed["params"], straight[0])
   assert_trees_equal(resumed["opt_state"], straight[1])
@@ -278,31 +286,36 @@ def test_state_restored_without_a_target_says_to_restore_into_one_and_that_works
   expected = next_update(tx, state, params)
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(
-        path, jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)}))
+      path, jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+    )
   assert_trees_equal(next_update(tx, restored["opt_state"], params), expected)
   with ocp.CheckpointManager(tmp_path / "managed") as manager:
     manager.save(1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     restored = manager.restore(
-        1, args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params))))
+      1, args=ocp.args.StandardRestore(jax.eval_shape(lambda: tx.init(params)))
+    )
   assert_trees_equal(next_update(tx, restored, params), expected)
   restored = serialization.from_state_dict(tx.init(params), msgpack_untyped)
   assert_trees_equal(next_update(tx, restored, params), expected)
   for plain in (untyped["opt_state"], msgpack_untyped):
-    assert_trees_equal(next_update(tx, gax.carry_over(plain, tx.init(params)), params),
-                       expected)
+    assert_trees_equal(next_update(tx, gax.carry_over(plain, tx.init(params)), params), expected)
 
 
 # The chain that gradient_ascent is, of public stages, and each stage with a state alone.
 STAGES = {
-    "chain": lambda: optax.chain(gax.log_progress(2, 0.05), gax.flip_sign(),
-                                 gax.scale_by_adaptive_rms(), gax.momentum(),
-                                 gax.scale_by_warmup_decay(0.05)),
-    "log_progress": lambda: gax.log_progress(2, 0.05),
-    "flip_sign": gax.flip_sign,
-    "scale_by_adaptive_rms": gax.scale_by_adaptive_rms,
-    "momentum": gax.momentum,
-    "scale_by_warmup_decay": lambda: gax.scale_by_warmup_decay(0.05),
+  "chain": lambda: optax.chain(
+    gax.log_progress(2, 0.05),
+    gax.flip_sign(),
+    gax.scale_by_adaptive_rms(),
+    gax.momentum(),
+    gax.scale_by_warmup_decay(0.05),
+  ),
+  "log_progress": lambda: gax.log_progress(2, 0.05),
+  "flip_sign": gax.flip_sign,
+  "scale_by_adaptive_rms": gax.scale_by_adaptive_rms,
+  "momentum": gax.momentum,
+  "scale_by_warmup_decay": lambda: gax.scale_by_warmup_decay(0.05),
 }
 
 

@@ -13,12 +13,12 @@ from gradient_ascent_jax import _demo
 
 def _run_demo(*args):
   result = subprocess.run(  # from outside the checkout: `-m` puts the cwd first on sys.path
-      [sys.executable, "-m", "gradient_ascent_jax", *args],
-      cwd=tempfile.gettempdir(),
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
+    [sys.executable, "-m", "gradient_ascent_jax", *args],
+    cwd=tempfile.gettempdir(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
   )
   return result
 
@@ -32,7 +32,10 @@ def test_demo_command_runs_all_three_examples_and_objectives_rise():
     assert f"Example '{name}'" in out
   before = [float(x) for x in re.findall(r"before: ([-+0-9.e]+)", out)]
   after = [float(x) for x in re.findall(r"after:\s+([-+0-9.e]+)", out)]
-  optimized = [float(x) for x in re.findall(r"Optimized Value \(model\(1\.0\) = -objective\): ([-+0-9.e]+)", out)]
+  optimized = [
+    float(x)
+    for x in re.findall(r"Optimized Value \(model\(1\.0\) = -objective\): ([-+0-9.e]+)", out)
+  ]
   assert len(before) == len(after) == len(optimized) == 3
   assert all(a > b for a, b in zip(after, before))
   # The objective is -model(1.0), so the optimized value is its negative.
@@ -50,10 +53,13 @@ def test_demo_command_runs_all_three_examples_and_objectives_rise():
 
 @pytest.mark.slow  # runs the demo in a subprocess (8-13 s)
 def test_demo_flags():
-  result = _run_demo("--example", "clipping", "--steps", "7", "--logging-interval", "3",
-                     "--learning-rate", "0.001")
+  result = _run_demo(
+    "--example", "clipping", "--steps", "7", "--logging-interval", "3", "--learning-rate", "0.001"
+  )
   assert result.returncode == 0, result.stderr
-  steps = re.findall(r"\[gradient_ascent_jax\] step (\d+): objective [^,]+, learning rate ([0-9.e-]+)", result.stdout)
+  steps = re.findall(
+    r"\[gradient_ascent_jax\] step (\d+): objective [^,]+, learning rate ([0-9.e-]+)", result.stdout
+  )
   assert [int(s) for s, _ in steps] == [3, 6]
   assert all(float(lr) == pytest.approx(0.001) for _, lr in steps)
   assert "Example 'basic'" not in result.stdout

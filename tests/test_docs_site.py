@@ -54,15 +54,15 @@ DOCS = ROOT / "docs"
 SITE = DOCS / "_build" / "html"
 PAGE_TIMEOUT_S = 30
 CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--remote-debugging-pipe",
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--remote-debugging-pipe",
 ]
 
 # Run in the page after its load event: what the checks need, as JSON.
@@ -137,13 +137,15 @@ MID_WORD_BREAKS = """(() => {
 
 def chromium_path() -> str | None:
   return shutil.which("chromium") or (
-      "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
   )
 
 
 def missing_prerequisite() -> str | None:
   if not (SITE / "index.html").exists():
-    return f"no built site at {SITE}: run sphinx-build -W --keep-going -b html docs docs/_build/html"
+    return (
+      f"no built site at {SITE}: run sphinx-build -W --keep-going -b html docs docs/_build/html"
+    )
   if chromium_path() is None:
     return "no chromium: apt-get install -y chromium"
   return None
@@ -160,7 +162,7 @@ def site_url():
       pass
 
   server = http.server.ThreadingHTTPServer(
-      ("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE))
+    ("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE))
   )
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
@@ -183,16 +185,24 @@ class Browser:
     # (a preexec_fn would, in a process whose JAX threads may hold locks).
     # Both ends are moved to fds >= 10 first, so that neither move overwrites
     # the other.
-    read_end, write_end = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
-                           for fd in (to_browser_r, from_browser_w))
+    read_end, write_end = (
+      fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)
+    )
     os.close(to_browser_r)
     os.close(from_browser_w)
     self.process = subprocess.Popen(
-        ["bash", "-c", f'exec "$0" "$@" 3<&{read_end} 4>&{write_end} {read_end}<&- {write_end}>&-',
-         chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        pass_fds=(read_end, write_end),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+      [
+        "bash",
+        "-c",
+        f'exec "$0" "$@" 3<&{read_end} 4>&{write_end} {read_end}<&- {write_end}>&-',
+        chromium_path(),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "about:blank",
+      ],
+      pass_fds=(read_end, write_end),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
     )
     os.close(read_end)  # the browser holds its own copies now
     os.close(write_end)
@@ -242,8 +252,11 @@ class Browser:
 
   def evaluate(self, expression):
     result = self.call(
-        "Runtime.evaluate", session=True, expression=expression,
-        returnByValue=True, awaitPromise=True,
+      "Runtime.evaluate",
+      session=True,
+      expression=expression,
+      returnByValue=True,
+      awaitPromise=True,
     )
     assert "exceptionDetails" not in result, result["exceptionDetails"]
     return result["result"]["value"]
@@ -335,8 +348,12 @@ def test_api_page_lists_every_public_name_with_its_example(crawl, browser, site_
 def test_api_page_shows_type_aliases_not_their_expansions(browser, site_url):
   browser.load(site_url + "api.html")
   text = browser.evaluate("document.body.innerText")
-  for shown in ("learning_rate (optax.ScalarOrSchedule)", "momentum (jax.typing.ArrayLike)",
-                "accumulator_dtype (jax.typing.DTypeLike | None)", "count (chex.Array)"):
+  for shown in (
+    "learning_rate (optax.ScalarOrSchedule)",
+    "momentum (jax.typing.ArrayLike)",
+    "accumulator_dtype (jax.typing.DTypeLike | None)",
+    "count (chex.Array)",
+  ):
     assert shown in text
   for expanded in ("ndarray", "numpy.", "Callable[", "TypeAliasForwardRef"):
     assert expanded not in text
@@ -359,8 +376,6 @@ def test_search_finds_maximize(browser, site_url):
       return
     time.sleep(0.25)
   pytest.fail(f"searching 'maximize' did not list the API entry; results: {hits}")
-
-
 
 
 def markdown_tables(text: str) -> list[list[int]]:
@@ -405,7 +420,9 @@ def markdown_sources() -> dict[str, str]:
 
 
 def test_markdown_tables_parser_counts_cells_of_joined_rows():
-  text = "| a | b |\n| --- | --- |\n| `x` | y |\n| c | d || e | f |\n\n```\n| not | a | table |\n```\n"
+  text = (
+    "| a | b |\n| --- | --- |\n| `x` | y |\n| c | d || e | f |\n\n```\n| not | a | table |\n```\n"
+  )
   assert markdown_tables(text) == [[2, 2, 5]]
 
 
@@ -414,10 +431,10 @@ MAX_TABLE_ROWS = 30  # a longer table is a wall: split it by topic
 
 def test_no_markdown_table_is_longer_than_a_screenful():
   long = [
-      f"{page}: table {number} has {len(rows) - 1} rows"
-      for page, text in markdown_sources().items()
-      for number, rows in enumerate(markdown_tables(text), 1)
-      if len(rows) - 1 > MAX_TABLE_ROWS
+    f"{page}: table {number} has {len(rows) - 1} rows"
+    for page, text in markdown_sources().items()
+    for number, rows in enumerate(markdown_tables(text), 1)
+    if len(rows) - 1 > MAX_TABLE_ROWS
   ]
   assert not long, "\n".join(long)
 
@@ -440,13 +457,13 @@ def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
       for row, cells in enumerate(source_rows):
         if cells != header:
           problems.append(
-              f"{page}: table {number}, row {row}: {cells} cells where the header has "
-              f"{header}; the renderer drops the extra ones (two rows joined by '||'?)"
+            f"{page}: table {number}, row {row}: {cells} cells where the header has "
+            f"{header}; the renderer drops the extra ones (two rows joined by '||'?)"
           )
       if len(page_rows) != len(source_rows):
         problems.append(
-            f"{page}: table {number} has {len(source_rows)} rows in the source, "
-            f"{len(page_rows)} on the page"
+          f"{page}: table {number} has {len(source_rows)} rows in the source, "
+          f"{len(page_rows)} on the page"
         )
   assert rows_seen >= 100, rows_seen  # the "what happens when" table alone has more
   assert not problems, "\n".join(problems)
@@ -456,8 +473,12 @@ def test_every_row_of_every_markdown_table_is_rendered(browser, site_url):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_no_page_element_overflows_the_content_column(crawl, browser, width):
   browser.call(
-      "Emulation.setDeviceMetricsOverride", session=True,
-      width=width, height=900, deviceScaleFactor=1, mobile=False,
+    "Emulation.setDeviceMetricsOverride",
+    session=True,
+    width=width,
+    height=900,
+    deviceScaleFactor=1,
+    mobile=False,
   )
   problems = []
   try:
@@ -472,8 +493,12 @@ def test_no_page_element_overflows_the_content_column(crawl, browser, width):
 @pytest.mark.slow  # builds and visits the site in Chromium
 def test_literals_in_tables_wrap_only_between_words_or_after_separators(crawl, browser):
   browser.call(
-      "Emulation.setDeviceMetricsOverride", session=True,
-      width=1280, height=900, deviceScaleFactor=1, mobile=False,
+    "Emulation.setDeviceMetricsOverride",
+    session=True,
+    width=1280,
+    height=900,
+    deviceScaleFactor=1,
+    mobile=False,
   )
   problems, pages_with_tables = [], 0
   try:

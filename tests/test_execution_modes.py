@@ -14,14 +14,14 @@ import gradient_ascent_jax as gax
 from tests._reference import ReferenceGradientAscent
 
 CONFIGS = {
-    "defaults": {},
-    "everything": {
-        "nesterov": True,
-        "clip_value": 0.5,
-        "lr_decay": 0.97,
-        "warmup_steps": 3,
-        "logging_interval": 2,
-    },
+  "defaults": {},
+  "everything": {
+    "nesterov": True,
+    "clip_value": 0.5,
+    "lr_decay": 0.97,
+    "warmup_steps": 3,
+    "logging_interval": 2,
+  },
 }
 STEPS = 6
 # Fused (jit) and op-by-op float32 arithmetic round differently: compare with rtol 1e-5.
@@ -31,8 +31,8 @@ def _grad_sequence(key=0):
   """Deterministic gradients for STEPS steps on a {'w': (3, 2), 'b': (2,)} tree."""
   keys = jax.random.split(jax.random.key(key), STEPS)
   return [
-      {"w": jax.random.normal(k, (3, 2)), "b": jax.random.normal(jax.random.fold_in(k, 1), (2,))}
-      for k in keys
+    {"w": jax.random.normal(k, (3, 2)), "b": jax.random.normal(jax.random.fold_in(k, 1), (2,))}
+    for k in keys
   ]
 
 
@@ -59,7 +59,6 @@ def _reference_trajectory(options, grads, learning_rate=0.05):
 
 
 class ExecutionModesTest(chex.TestCase):
-
   @chex.variants(without_jit=True, with_jit=True, with_pmap=True)
   def test_modes_agree(self):
     for name, options in CONFIGS.items():
@@ -86,8 +85,10 @@ def test_pmap_over_8_devices_with_different_data():
   assert n == 8
   tx = gax.gradient_ascent(learning_rate=0.05, **CONFIGS["everything"])
   per_device = [_grad_sequence(key=d) for d in range(n)]
-  grads = [jax.tree.map(lambda *xs: jnp.stack(xs), *(per_device[d][s] for d in range(n)))
-           for s in range(STEPS)]
+  grads = [
+    jax.tree.map(lambda *xs: jnp.stack(xs), *(per_device[d][s] for d in range(n)))
+    for s in range(STEPS)
+  ]
   params = {"w": jnp.ones((n, 3, 2)), "b": jnp.zeros((n, 2))}
   state = jax.pmap(tx.init)(params)
 
@@ -100,7 +101,9 @@ def test_pmap_over_8_devices_with_different_data():
     params, state = step(params, state, g)
   for d in range(n):
     expected = _reference_trajectory(CONFIGS["everything"], per_device[d])
-    chex.assert_trees_all_close(jax.tree.map(lambda x, d=d: x[d], params), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x, d=d: x[d], params), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -115,9 +118,12 @@ def test_vmap_over_learning_rates_matches_separate_runs(name):
   batched = jax.jit(jax.vmap(run))(rates)
   for i, lr in enumerate([0.0, 0.001, 0.01, 0.05, 0.3]):
     expected = run(lr)
-    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(
-        expected, _reference_trajectory(options, grads, learning_rate=lr), rtol=1e-5, atol=1e-6)
+      jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6
+    )
+    chex.assert_trees_all_close(
+      expected, _reference_trajectory(options, grads, learning_rate=lr), rtol=1e-5, atol=1e-6
+    )
   # Rate 0 must not move anything; the others must.
   np.testing.assert_array_equal(batched["w"][0], np.ones((3, 2)))
   assert not np.allclose(batched["w"][1], 1.0)
@@ -131,13 +137,17 @@ def test_vmap_over_momentum_beta_and_nesterov_flag():
 
   def run(m, b, nesterov):
     tx = gax.gradient_ascent(
-        learning_rate=0.05, momentum=m, beta=b, nesterov=nesterov, logging_interval=None
+      learning_rate=0.05, momentum=m, beta=b, nesterov=nesterov, logging_interval=None
     )
     return _run(tx, grads)
 
   batched = jax.vmap(run)(momenta, betas, flags)
   for i in range(2):
     expected = run(float(momenta[i]), float(betas[i]), bool(flags[i]))
-    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x, i=i: x[i], batched), expected, rtol=1e-5, atol=1e-6
+    )
     options = dict(momentum=float(momenta[i]), beta=float(betas[i]), nesterov=bool(flags[i]))
-    chex.assert_trees_all_close(expected, _reference_trajectory(options, grads), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+      expected, _reference_trajectory(options, grads), rtol=1e-5, atol=1e-6
+    )

@@ -35,8 +35,8 @@ def digits():
   x, y = x[order], y[order]
   split = 1400
   return (jnp.asarray(x[:split]), jnp.asarray(y[:split])), (
-      jnp.asarray(x[split:]),
-      jnp.asarray(y[split:]),
+    jnp.asarray(x[split:]),
+    jnp.asarray(y[split:]),
   )
 
 
@@ -51,7 +51,6 @@ def accuracy(logits, labels):
 
 
 class NnxMlp(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(64, 32, rngs=rngs)
     self.out = nnx.Linear(32, 10, rngs=rngs)
@@ -61,7 +60,6 @@ class NnxMlp(nnx.Module):
 
 
 class LinenMlp(linen.Module):
-
   @linen.compact
   def __call__(self, x):
     return linen.Dense(10)(jax.nn.relu(linen.Dense(32)(x)))
@@ -120,9 +118,9 @@ def test_nnx_optimizer_step_is_the_plain_optax_step(digits):
     plain_params = optax.apply_updates(plain_params, updates)
 
   jax.tree.map(
-      np.testing.assert_array_equal,
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-      plain_params,
+    np.testing.assert_array_equal,
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    plain_params,
   )
 
 
@@ -131,9 +129,9 @@ def test_linen_train_state_maximizes_log_likelihood(digits):
   module = LinenMlp()
   params = module.init(jax.random.key(0), x_train[:1])["params"]
   state = train_state.TrainState.create(
-      apply_fn=module.apply,
-      params=params,
-      tx=gax.gradient_ascent(learning_rate=LEARNING_RATE, logging_interval=None),
+    apply_fn=module.apply,
+    params=params,
+    tx=gax.gradient_ascent(learning_rate=LEARNING_RATE, logging_interval=None),
   )
 
   def objective(params, x, y):
@@ -165,7 +163,8 @@ def test_linen_apply_gradients_cannot_pass_value():
   # docs/guide/flax.md writes apply_gradients out because its keywords go to .replace().
   params = {"w": jnp.zeros(2)}
   state = train_state.TrainState.create(
-      apply_fn=None, params=params, tx=gax.gradient_ascent(1e-3, logging_interval=1))
+    apply_fn=None, params=params, tx=gax.gradient_ascent(1e-3, logging_interval=1)
+  )
   with pytest.raises(TypeError, match="value"):
     state.apply_gradients(grads={"w": jnp.ones(2)}, value=jnp.float32(1.0))
 

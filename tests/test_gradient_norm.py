@@ -30,9 +30,9 @@ def log(caplog):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize(
-    ("tree", "norm"),
-    [({"t": 0.5}, 0.5), ({"t": -3.0, "u": 4.0}, 5.0), ({"t": 2.0, "u": np.ones(2)}, np.sqrt(6.0))],
-    ids=["one", "two", "with_an_array"],
+  ("tree", "norm"),
+  [({"t": 0.5}, 0.5), ({"t": -3.0, "u": 4.0}, 5.0), ({"t": 2.0, "u": np.ones(2)}, np.sqrt(6.0))],
+  ids=["one", "two", "with_an_array"],
 )
 def test_norm_of_python_float_leaves(tree, norm, jit):
   norm_of = jax.jit(gradient_norm.global_norm) if jit else gradient_norm.global_norm
@@ -60,13 +60,16 @@ def test_logging_step_on_python_float_leaves(names, jit, caplog):
 # Subnormal gradients: XLA:CPU reads subnormal inputs as 0 (denormals-are-zero), before
 # any arithmetic, so no lift by a power of two can see them (docs/guide/math.md). ----
 
-cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
-                              reason="measured on XLA:CPU, which flushes subnormal inputs")
+cpu_only = pytest.mark.skipif(
+  jax.default_backend() != "cpu", reason="measured on XLA:CPU, which flushes subnormal inputs"
+)
 
 
 @cpu_only
 # 2**-133: the smallest bfloat16 subnormal; 2**-127: the largest power of two below normal.
-@pytest.mark.parametrize("element", [2.0**-133, 1e-39, 2.0**-127], ids=["2**-133", "1e-39", "2**-127"])
+@pytest.mark.parametrize(
+  "element", [2.0**-133, 1e-39, 2.0**-127], ids=["2**-133", "1e-39", "2**-127"]
+)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_subnormal_gradient_has_norm_zero_as_in_jnp_linalg_norm(dtype, element):
   grads = {"w": jnp.full((4,), element, dtype)}
@@ -86,15 +89,19 @@ def test_float64_subnormals_have_norm_zero_and_the_smallest_normal_is_right(x64)
   tiny = float(jnp.finfo(jnp.float64).tiny)  # 2**-1022
   norm = jax.jit(gradient_norm.global_norm)
   assert float(norm({"w": jnp.full((4,), tiny / 2, jnp.float64)})) == 0.0
-  np.testing.assert_allclose(float(norm({"w": jnp.full((4,), tiny, jnp.float64)})), 2 * tiny,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    float(norm({"w": jnp.full((4,), tiny, jnp.float64)})), 2 * tiny, rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize(
-    ("make_tree", "norm"),
-    [(lambda: {"w": jnp.full((4,), 1e-100)}, 2e-100), (lambda: {"t": 1e-100, "u": 1e-100}, 2**0.5 * 1e-100)],
-    ids=["jnp_full", "python_floats"],
+  ("make_tree", "norm"),
+  [
+    (lambda: {"w": jnp.full((4,), 1e-100)}, 2e-100),
+    (lambda: {"t": 1e-100, "u": 1e-100}, 2**0.5 * 1e-100),
+  ],
+  ids=["jnp_full", "python_floats"],
 )
 def test_weakly_typed_float64_leaves_stay_float64(x64, make_tree, norm, jit):
   # jnp.full with a Python float, or a Python float, is weakly typed: promoted with
@@ -131,14 +138,14 @@ def _logged_norm(log, grads):
 
 
 @pytest.mark.parametrize(
-    "dtype, value",
-    [
-        (jnp.float16, 300.0),  # squares overflow float16
-        (jnp.float16, 1e-4),  # squares underflow float16
-        (jnp.bfloat16, 1e20),  # squares overflow float32, the dtype of its sums
-        (jnp.float32, 2e19),  # squares overflow float32, the norm does not
-        (jnp.float32, 1e-30),  # squares underflow float32
-    ],
+  "dtype, value",
+  [
+    (jnp.float16, 300.0),  # squares overflow float16
+    (jnp.float16, 1e-4),  # squares underflow float16
+    (jnp.bfloat16, 1e20),  # squares overflow float32, the dtype of its sums
+    (jnp.float32, 2e19),  # squares overflow float32, the norm does not
+    (jnp.float32, 1e-30),  # squares underflow float32
+  ],
 )
 def test_norm_is_right_wherever_it_is_representable(log, dtype, value):
   element = float(np.asarray(value, dtype))  # the gradient as stored
@@ -166,9 +173,14 @@ def test_norm_is_right_at_every_power_of_two(x64, dtype):
 
 
 @pytest.mark.parametrize(
-    "values, expected",
-    [([0.0, 0.0], 0.0), ([1.0, np.inf], np.inf), ([1.0, np.nan], np.nan),
-     ([np.inf, np.nan], np.nan), ([-np.inf, 1.0], np.inf)],
+  "values, expected",
+  [
+    ([0.0, 0.0], 0.0),
+    ([1.0, np.inf], np.inf),
+    ([1.0, np.nan], np.nan),
+    ([np.inf, np.nan], np.nan),
+    ([-np.inf, 1.0], np.inf),
+  ],
 )
 def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
   norm = _logged_norm(log, {"w": jnp.array(values, jnp.float16)})
@@ -176,9 +188,9 @@ def test_norm_of_zero_inf_and_nan_gradients(log, values, expected):
 
 
 @pytest.mark.parametrize(
-    "grads",
-    [{}, {"w": None}, {"w": optax.MaskedNode()}, {"w": jnp.zeros((0, 3))}],
-    ids=["empty", "None", "MaskedNode", "zero-size"],
+  "grads",
+  [{}, {"w": None}, {"w": optax.MaskedNode()}, {"w": jnp.zeros((0, 3))}],
+  ids=["empty", "None", "MaskedNode", "zero-size"],
 )
 def test_norm_of_a_gradient_without_elements_is_zero(log, grads):
   assert _logged_norm(log, grads) == 0.0
@@ -212,15 +224,18 @@ def test_norm_of_blocks_of_far_apart_magnitudes(log, big, small):
   # The squares of neither leaf, nor their sum, over- or underflow float32.
   grads = {"big": jnp.full(4, big, jnp.float32), "small": jnp.full(3, small, jnp.float32)}
   big, small = (float(np.float32(x)) for x in (big, small))
-  np.testing.assert_allclose(_logged_norm(log, grads), math.sqrt(4 * big**2 + 3 * small**2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    _logged_norm(log, grads), math.sqrt(4 * big**2 + 3 * small**2), rtol=1e-6
+  )
 
 
 def test_leaves_on_different_devices_log(log):
   first, second = jax.devices()[:2]
   params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}
-  grads = {"a": jax.device_put(jnp.array([3.0, 0.0]), first),
-           "b": jax.device_put(jnp.array([4.0]), second)}
+  grads = {
+    "a": jax.device_put(jnp.array([3.0, 0.0]), first),
+    "b": jax.device_put(jnp.array([4.0]), second),
+  }
   tx = gax.gradient_ascent(logging_interval=2)
   state = tx.init(params)
   for _ in range(2):
@@ -238,8 +253,12 @@ def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
   spec = jax.sharding.PartitionSpec
   specs = {"a": spec("x", "y"), "b": spec("x", "y"), "c": spec("y"), "d": spec("y")}
-  tree = {"a": jnp.full((8, 16), 1.0), "b": jnp.full((8, 16), 2.0),
-          "c": jnp.full(16, 3.0), "d": jnp.full(16, 4.0)}
+  tree = {
+    "a": jnp.full((8, 16), 1.0),
+    "b": jnp.full((8, 16), 2.0),
+    "c": jnp.full(16, 3.0),
+    "d": jnp.full(16, 4.0),
+  }
   tree = jax.device_put(tree, {k: jax.sharding.NamedSharding(mesh, s) for k, s in specs.items()})
   text = jax.jit(gradient_norm.global_norm).lower(tree).compile().as_text().lower()
   for collective in ("all-gather", "all-to-all", "collective-permute"):

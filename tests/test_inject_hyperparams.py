@@ -17,14 +17,14 @@ import gradient_ascent_jax as gax
 from tests._reference import ReferenceGradientAscent
 
 NUMERIC = {
-    "learning_rate": 0.05,
-    "momentum": 0.8,
-    "beta": 0.9,
-    "eps": 1e-6,
-    "clip_value": 0.7,
-    "lr_decay": 0.95,
-    "warmup_steps": 4,
-    "logging_interval": 0,
+  "learning_rate": 0.05,
+  "momentum": 0.8,
+  "beta": 0.9,
+  "eps": 1e-6,
+  "clip_value": 0.7,
+  "lr_decay": 0.95,
+  "warmup_steps": 4,
+  "logging_interval": 0,
 }
 GRAD = {"w": jnp.array([[0.3, -2.0], [1.5, 0.01]]), "b": jnp.array([-0.4, 0.9])}
 # The gradient of step k is GRAD * SCALES[k]: a constant gradient would hide
@@ -68,7 +68,7 @@ def _assert_params_close(params, expected):
 
 def test_every_numeric_hyperparameter_is_injected(caplog):
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
-      nesterov=True, **NUMERIC
+    nesterov=True, **NUMERIC
   )
   params = _params()
   state = tx.init(params)
@@ -89,7 +89,7 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
 def test_injected_run_equals_plain_run_and_never_retraces():
   traces = []
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
-      nesterov=True, **NUMERIC
+    nesterov=True, **NUMERIC
   )
 
   @jax.jit
@@ -102,21 +102,19 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   state = tx.init(params)
   for k in range(3):
     params, state = step(params, state, grad_at(k))
-  np.testing.assert_allclose(
-      params["w"], _plain_run(3, nesterov=True, **NUMERIC)["w"], rtol=1e-5
-  )
+  np.testing.assert_allclose(params["w"], _plain_run(3, nesterov=True, **NUMERIC)["w"], rtol=1e-5)
   _assert_params_close(params, _reference_run(3, nesterov=True, **NUMERIC))
 
   # Change every injected value between steps: same compiled step, new numbers.
   changed = {
-      "learning_rate": 0.2,
-      "momentum": 0.5,
-      "beta": 0.5,
-      "eps": 1e-3,
-      "clip_value": 0.1,
-      "lr_decay": 0.5,
-      "warmup_steps": 1,
-      "logging_interval": 0,
+    "learning_rate": 0.2,
+    "momentum": 0.5,
+    "beta": 0.5,
+    "eps": 1e-3,
+    "clip_value": 0.1,
+    "lr_decay": 0.5,
+    "warmup_steps": 1,
+    "logging_interval": 0,
   }
   unchanged = jax.tree.map(jnp.copy, state)
   for name, value in changed.items():
@@ -128,8 +126,15 @@ def test_injected_run_equals_plain_run_and_never_retraces():
   assert not np.allclose(params_new["w"], params_old["w"])
 
 
-NEW_VALUES = {"learning_rate": 0.01, "momentum": 0.3, "beta": 0.5, "eps": 0.1, "lr_decay": 0.5,
-              "clip_value": 0.1, "warmup_steps": 1}
+NEW_VALUES = {
+  "learning_rate": 0.01,
+  "momentum": 0.3,
+  "beta": 0.5,
+  "eps": 0.1,
+  "lr_decay": 0.5,
+  "clip_value": 0.1,
+  "warmup_steps": 1,
+}
 
 
 @pytest.mark.parametrize("name", list(NEW_VALUES))
@@ -149,8 +154,10 @@ def test_injected_value_is_used(name):
   expected = _reference_run(3, **dict(values, **{name: new_value}))
   _assert_params_close(params, expected)
   np.testing.assert_allclose(
-      params["w"], _plain_run(3, logging_interval=None, **dict(values, **{name: new_value}))["w"],
-      rtol=1e-5)
+    params["w"],
+    _plain_run(3, logging_interval=None, **dict(values, **{name: new_value}))["w"],
+    rtol=1e-5,
+  )
   stale = _reference_run(3, **values)
   assert not np.allclose(params["w"], stale["w"], rtol=1e-5)
 
@@ -165,31 +172,32 @@ def test_schedule_as_injected_learning_rate():
     params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1 * (1 - k / 10), rtol=1e-6)
     # The steps use that rate: the reference with lr(k) = 0.1 (1 - k / 10).
-    _assert_params_close(
-        params, _reference_run(k + 1, learning_rate=lambda k: 0.1 * (1 - k / 10)))
+    _assert_params_close(params, _reference_run(k + 1, learning_rate=lambda k: 0.1 * (1 - k / 10)))
 
 
 # float16/bfloat16 params: Optax casts injected hyperparameters to their dtype. --
 
 FLOAT_HYPERPARAMS = {
-    gax.gradient_ascent: {
-        "learning_rate": 0.01, "momentum": 0.9, "beta": 0.999, "eps": 1e-8,
-        "clip_value": 1.0, "lr_decay": 0.9999,
-    },
-    gax.scale_by_adaptive_rms: {"beta": 0.999, "eps": 1e-8},
-    gax.momentum: {"decay": 0.9},
-    gax.clip_by_value: {"clip_value": 1.0},
-    gax.scale_by_warmup_decay: {"learning_rate": 0.01, "lr_decay": 0.9999},
+  gax.gradient_ascent: {
+    "learning_rate": 0.01,
+    "momentum": 0.9,
+    "beta": 0.999,
+    "eps": 1e-8,
+    "clip_value": 1.0,
+    "lr_decay": 0.9999,
+  },
+  gax.scale_by_adaptive_rms: {"beta": 0.999, "eps": 1e-8},
+  gax.momentum: {"decay": 0.9},
+  gax.clip_by_value: {"clip_value": 1.0},
+  gax.scale_by_warmup_decay: {"learning_rate": 0.01, "lr_decay": 0.9999},
 }
-INJECTED_ONE = [
-    (factory, name) for factory, values in FLOAT_HYPERPARAMS.items() for name in values
-]
+INJECTED_ONE = [(factory, name) for factory, values in FLOAT_HYPERPARAMS.items() for name in values]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
-    ("factory", "name"), INJECTED_ONE, ids=[f"{f.__name__}-{n}" for f, n in INJECTED_ONE]
+  ("factory", "name"), INJECTED_ONE, ids=[f"{f.__name__}-{n}" for f, n in INJECTED_ONE]
 )
 def test_hyperparameter_rounded_to_half_precision_is_rejected(factory, name, dtype, jit):
   values = FLOAT_HYPERPARAMS[factory]
@@ -211,13 +219,16 @@ def test_hyperparam_dtype_float32_keeps_the_math_for_half_precision_params(dtype
   assert updates.dtype == dtype
   # First step, h = 1: lr / (sqrt(1 - beta) + eps) = 0.316 (bfloat16 beta = 1.0
   # gave 1.0e6); h = 0 gives 0, not 0 / (0 + 0) (float16 eps = 0).
-  np.testing.assert_allclose(np.asarray(updates, np.float32), [0.01 / (0.001**0.5 + 1e-8), 0.0],
-                             rtol=2**-7)
+  np.testing.assert_allclose(
+    np.asarray(updates, np.float32), [0.01 / (0.001**0.5 + 1e-8), 0.0], rtol=2**-7
+  )
 
 
 def test_injected_schedule_returning_a_vector_is_rejected_naming_it():
   tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=lambda count: jnp.full(1, 0.1))
-  with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar \(shape \(\)\), got .*shape \(1,\)"):
+  with pytest.raises(
+    ValueError, match=r"`learning_rate` must be a scalar \(shape \(\)\), got .*shape \(1,\)"
+  ):
     tx.init(_params())
 
 
@@ -227,7 +238,7 @@ def test_warmup_beyond_int32_is_injected_as_a_static_arg():
   with pytest.raises(OverflowError):
     optax.inject_hyperparams(gax.gradient_ascent)(warmup_steps=2**31).init(jnp.zeros(2))
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("warmup_steps",))(
-      learning_rate=0.1, warmup_steps=2**31
+    learning_rate=0.1, warmup_steps=2**31
   )
   updates, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
   # Step 1 of the ramp: lr / warmup_steps, times g / sqrt((1 - beta) g**2).
@@ -250,10 +261,10 @@ def test_gradient_with_respect_to_an_injected_clip_value():
       tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1, clip_value=0.7)
     else:  # the same chain from Optax's transforms, built with the traced bound
       tx = optax.chain(
-          optax.clip(clip_value),
-          optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
-          optax.trace(0.9),
-          optax.scale(0.1),
+        optax.clip(clip_value),
+        optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
+        optax.trace(0.9),
+        optax.scale(0.1),
       )
     params = _params()
     state = tx.init(params)
@@ -322,7 +333,7 @@ def test_injected_weight_decay_needs_params_or_a_static_arg():
     tx.update(grads, tx.init(params))
   tx.update(grads, tx.init(params), params)
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay",))(
-      learning_rate=0.01, weight_decay=0.0
+    learning_rate=0.01, weight_decay=0.0
   )
   updates, _ = tx.update(grads, tx.init(params))
   plain, _ = gax.gradient_ascent(0.01).update(grads, gax.gradient_ascent(0.01).init(params))
@@ -333,14 +344,14 @@ def test_injected_weight_decay_needs_params_or_a_static_arg():
 # test_optimizers_can_be_wrapped_in_inject_hyperparams): the injected optimizer's
 # inner state is the plain one's, and its updates and new state match.
 KNOB_SETS = {
-    "defaults": {},
-    "clip_nesterov": {"clip_value": 0.5, "nesterov": True},
-    "warmup_decay": {"learning_rate": 0.05, "warmup_steps": 3, "lr_decay": 0.9},
-    "logging": {"logging_interval": 2},
-    "weight_decay": {"weight_decay": 0.1},
-    "weight_decay_mask": {"weight_decay": 0.1, "weight_decay_mask": [True, False]},
-    # A dtype object, not jnp.float32: Optax takes any callable for a schedule.
-    "accumulator_dtype": {"accumulator_dtype": jnp.dtype("float32"), "momentum": 0.5},
+  "defaults": {},
+  "clip_nesterov": {"clip_value": 0.5, "nesterov": True},
+  "warmup_decay": {"learning_rate": 0.05, "warmup_steps": 3, "lr_decay": 0.9},
+  "logging": {"logging_interval": 2},
+  "weight_decay": {"weight_decay": 0.1},
+  "weight_decay_mask": {"weight_decay": 0.1, "weight_decay_mask": [True, False]},
+  # A dtype object, not jnp.float32: Optax takes any callable for a schedule.
+  "accumulator_dtype": {"accumulator_dtype": jnp.dtype("float32"), "momentum": 0.5},
 }
 
 
@@ -363,8 +374,9 @@ def test_inner_state_and_updates_are_those_of_the_plain_optimizer(knobs):
     chex.assert_trees_all_close(state_inject.inner_state, state, rtol=1e-4)
 
 
-@pytest.mark.parametrize("knobs", [KNOB_SETS["defaults"], KNOB_SETS["clip_nesterov"]],
-                         ids=["defaults", "clip_nesterov"])
+@pytest.mark.parametrize(
+  "knobs", [KNOB_SETS["defaults"], KNOB_SETS["clip_nesterov"]], ids=["defaults", "clip_nesterov"]
+)
 def test_injected_without_weight_decay_updates_without_params(knobs):
   opt = gax.gradient_ascent(**knobs)
   opt_inject = optax.inject_hyperparams(gax.gradient_ascent)(**knobs)
@@ -391,7 +403,7 @@ def _as_jax_bools(params):
 def test_callable_mask_not_static_is_refused_naming_the_fix(mask, jit):
   # It arrived as mask(count) = False: no leaf decayed, and nothing was said.
   tx = optax.inject_hyperparams(gax.gradient_ascent)(
-      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=mask
+    learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=mask
   )
   init = jax.jit(tx.init) if jit else tx.init
   with pytest.raises(ValueError, match=r'static_args=\("weight_decay_mask",\)') as info:
@@ -403,7 +415,7 @@ def test_callable_mask_in_static_args_decays_the_chosen_leaves():
   params = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 2.0)}
   zeros = jax.tree.map(jnp.zeros_like, params)
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("weight_decay_mask",))(
-      learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=_matrices
+    learning_rate=1e-3, weight_decay=0.1, weight_decay_mask=_matrices
   )
   updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   # Zero gradient: h = -0.1 * 2 on w, so the first step is -lr / sqrt(1 - beta).
@@ -420,6 +432,7 @@ def test_dtype_not_static_is_refused_naming_the_fix(factory):
     tx.init(jnp.zeros(2))
   for static_args, dtype in ((("accumulator_dtype",), jnp.float32), ((), "float32")):
     tx = optax.inject_hyperparams(factory, static_args, hyperparam_dtype=jnp.float32)(
-        accumulator_dtype=dtype)
+      accumulator_dtype=dtype
+    )
     state = tx.init(jnp.zeros(2, jnp.bfloat16))
     assert {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)} >= {jnp.dtype(jnp.float32)}

@@ -47,14 +47,20 @@ def test_long_run_reaches_maximizer_through_counter_saturation():
     return LR_START * decay ** (count - start).astype(jnp.float32)
 
   tx = gax.gradient_ascent(
-      learning_rate=learning_rate, momentum=0.9, beta=0.999, nesterov=True,
-      clip_value=10.0, logging_interval=None,
+    learning_rate=learning_rate,
+    momentum=0.9,
+    beta=0.999,
+    nesterov=True,
+    clip_value=10.0,
+    logging_interval=None,
   )
   x = jnp.zeros_like(MAXIMIZER)
   state = tx.init(x)
   state = tuple(
-      s._replace(count=jnp.asarray(start, jnp.int32))
-      if isinstance(s, gax.ScaleByWarmupDecayState) else s for s in state
+    s._replace(count=jnp.asarray(start, jnp.int32))
+    if isinstance(s, gax.ScaleByWarmupDecayState)
+    else s
+    for s in state
   )
 
   def step(carry, _):
@@ -90,6 +96,8 @@ def test_long_run_reaches_maximizer_through_counter_saturation():
   assert (distance[half:] <= TOLERANCE).all(), distance[half:].max()
   # It did travel: it started 3 away.
   assert distance[0] > 1.0
-  print(f"{STEPS} steps: compile {compiled - started:.2f} s, run {finished - compiled:.2f} s; "
-        f"final max |x - maximizer| = {final:.3g} (float32 maximizer), "
-        f"{final_exact:.3g} (decimal maximizer)")
+  print(
+    f"{STEPS} steps: compile {compiled - started:.2f} s, run {finished - compiled:.2f} s; "
+    f"final max |x - maximizer| = {final:.3g} (float32 maximizer), "
+    f"{final_exact:.3g} (decimal maximizer)"
+  )

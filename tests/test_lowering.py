@@ -33,16 +33,16 @@ CUSTOM_CALL = re.compile(r"stablehlo\.custom_call\s*@(\"[^\"]+\"|[\w.$]+)")
 
 # Every knob of gradient_ascent away from its default, with a schedule as the rate.
 KNOBS = dict(
-    learning_rate=optax.cosine_decay_schedule(0.05, decay_steps=100),
-    momentum=0.8,
-    beta=0.995,
-    eps=1e-6,
-    nesterov=True,
-    clip_value=0.5,
-    lr_decay=0.99,
-    warmup_steps=3,
-    weight_decay=1e-3,
-    weight_decay_mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+  learning_rate=optax.cosine_decay_schedule(0.05, decay_steps=100),
+  momentum=0.8,
+  beta=0.995,
+  eps=1e-6,
+  nesterov=True,
+  clip_value=0.5,
+  lr_decay=0.99,
+  warmup_steps=3,
+  weight_decay=1e-3,
+  weight_decay_mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
 )
 # The same as injected hyperparameters (a schedule is not a number to inject).
 INJECTED = dict(KNOBS, learning_rate=0.05)
@@ -60,9 +60,9 @@ def make_step(tx):
 def make_params(dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(0), 3)
   return {
-      "w": jax.random.normal(keys[0], (8, 16), dtype),
-      "b": jax.random.normal(keys[1], (16,), dtype),
-      "scale": jnp.asarray(1.5, dtype),
+    "w": jax.random.normal(keys[0], (8, 16), dtype),
+    "b": jax.random.normal(keys[1], (16,), dtype),
+    "scale": jnp.asarray(1.5, dtype),
   }
 
 
@@ -80,22 +80,23 @@ def half_precision(dtype, accumulator_dtype):
 
 
 CONFIGS = {
-    "default": lambda: (gax.gradient_ascent(), make_params()),
-    "every-knob": lambda: (gax.gradient_ascent(**KNOBS), make_params()),
-    "bfloat16": half_precision(jnp.bfloat16, None),
-    "bfloat16-float32-state": half_precision(jnp.bfloat16, jnp.float32),
-    "float16": half_precision(jnp.float16, None),
-    "float16-float32-state": half_precision(jnp.float16, jnp.float32),
-    "maximize-adam": lambda: (gax.maximize(optax.adam(1e-3)), make_params()),
-    "maximize-adamw": lambda: (gax.maximize(optax.adamw(1e-3, weight_decay=1e-2)), make_params()),
-    "maximize-sgd-nesterov": lambda: (
-        gax.maximize(optax.sgd(0.1, momentum=0.9, nesterov=True)), make_params()
-    ),
-    "maximize-lion": lambda: (gax.maximize(optax.lion(1e-4)), make_params()),
-    "inject_hyperparams": lambda: (
-        optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(**INJECTED),
-        make_params(),
-    ),
+  "default": lambda: (gax.gradient_ascent(), make_params()),
+  "every-knob": lambda: (gax.gradient_ascent(**KNOBS), make_params()),
+  "bfloat16": half_precision(jnp.bfloat16, None),
+  "bfloat16-float32-state": half_precision(jnp.bfloat16, jnp.float32),
+  "float16": half_precision(jnp.float16, None),
+  "float16-float32-state": half_precision(jnp.float16, jnp.float32),
+  "maximize-adam": lambda: (gax.maximize(optax.adam(1e-3)), make_params()),
+  "maximize-adamw": lambda: (gax.maximize(optax.adamw(1e-3, weight_decay=1e-2)), make_params()),
+  "maximize-sgd-nesterov": lambda: (
+    gax.maximize(optax.sgd(0.1, momentum=0.9, nesterov=True)),
+    make_params(),
+  ),
+  "maximize-lion": lambda: (gax.maximize(optax.lion(1e-4)), make_params()),
+  "inject_hyperparams": lambda: (
+    optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(**INJECTED),
+    make_params(),
+  ),
 }
 
 
@@ -106,7 +107,7 @@ def custom_calls(exported):
 def export_step(tx, params, platforms):
   state = tx.init(params)
   return export.export(jax.jit(make_step(tx)), platforms=platforms)(
-      params, state, make_grads(params, 0)
+    params, state, make_grads(params, 0)
   )
 
 
@@ -175,7 +176,7 @@ def test_exported_for_several_platforms_runs_on_cpu_bit_identically_to_jit():
   params = make_params()
   state = tx.init(params)
   exported = export.export(jax.jit(make_step(tx)), platforms=("cpu", "cuda", "tpu"))(
-      params, state, make_grads(params, 0)
+    params, state, make_grads(params, 0)
   )
   assert exported.platforms == ("cpu", "cuda", "tpu")
   jitted = jax.jit(make_step(tx))
@@ -226,7 +227,7 @@ def test_injected_logging_interval_keeps_the_callback_unless_static():
   with pytest.raises(ValueError, match="is different from the lowering platform cuda"):
     export_step(injected, make_params(), ("cuda",))
   static = optax.inject_hyperparams(gax.gradient_ascent, static_args=("logging_interval",))(
-      **INJECTED, logging_interval=0
+    **INJECTED, logging_interval=0
   )
   exported = export_step(static, make_params(), ("cuda",))
   assert "stablehlo.custom_call" not in exported.mlir_module(), custom_calls(exported)
@@ -247,7 +248,7 @@ def test_step_exported_without_logging_continues_a_logged_run(caplog):
   assert jax.tree.structure(state[1:]) == jax.tree.structure(quiet.init(params))
 
   exported = export.export(jax.jit(make_step(quiet)), platforms=("cpu", "cuda", "tpu"))(
-      params, state[1:], make_grads(params, 2)
+    params, state[1:], make_grads(params, 2)
   )
   want, got = (params, state), (params, state[1:])
   for k in range(2, 5):

@@ -90,11 +90,14 @@ def workers(num_processes: int, out_dir: Path, scenarios: str | None = None):
       try:
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
-        pytest.fail(f"worker {i} of {num_processes} still running after "
-                    f"{WORKER_TIMEOUT_S} s (hung?)\n{log_tails(out_dir, num_processes)}")
+        pytest.fail(
+          f"worker {i} of {num_processes} still running after "
+          f"{WORKER_TIMEOUT_S} s (hung?)\n{log_tails(out_dir, num_processes)}"
+        )
       if code != 0:
-        pytest.fail(f"worker {i} of {num_processes} exited with {code}\n"
-                    f"{log_tails(out_dir, num_processes)}")
+        pytest.fail(
+          f"worker {i} of {num_processes} exited with {code}\n{log_tails(out_dir, num_processes)}"
+        )
     results = []
     for i in range(num_processes):
       meta = json.loads((out_dir / f"process{i}.json").read_text())
@@ -107,12 +110,21 @@ def workers(num_processes: int, out_dir: Path, scenarios: str | None = None):
     for i in range(num_processes):
       with open(out_dir / f"worker{i}.log", "w") as log:
         argv = [str(i), str(num_processes), str(port), str(out_dir)]
-        procs.append(subprocess.Popen(
+        procs.append(
+          subprocess.Popen(
             # Run as a script: `-m` would put the checkout (the cwd) before the installed package.
-            [sys.executable, str(ROOT / "tests" / "_multiprocess_programs.py"), *argv,
-             *([scenarios] if scenarios else [])],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))
+            [
+              sys.executable,
+              str(ROOT / "tests" / "_multiprocess_programs.py"),
+              *argv,
+              *([scenarios] if scenarios else []),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+          )
+        )
     yield wait
   finally:
     for proc in procs:
@@ -162,8 +174,10 @@ def leaves(arrays: dict, prefix: str) -> dict[str, np.ndarray]:
 def unflatten(arrays: dict, prefix: str):
   """The parameter tree stored under ``prefix``."""
   template = programs.init_params()
-  paths = [prefix + jax.tree_util.keystr(path)
-           for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+  paths = [
+    prefix + jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]
+  ]
   return jax.tree.unflatten(jax.tree.structure(template), [arrays[p] for p in paths])
 
 
@@ -207,7 +221,10 @@ def test_workers_form_one_global_mesh(two_processes):
 
 
 def hand_computed_first_step(layout: str) -> dict:
-  """Parameters after step 1 from the formulas of docs/guide/math.md, on one device, no optimizer code."""
+  """Parameters after step 1 from the formulas of docs/guide/math.md, on one device.
+
+  No optimizer code.
+  """
   params = programs.init_params()
   grads = jax.tree.map(np.asarray, jax.grad(programs.log_likelihood)(params, *programs.batch(0)))
   if layout == "adamw":  # first Adam step: m_hat = g, v_hat = g**2; decoupled decay
@@ -287,14 +304,16 @@ def test_state_bytes_per_device(two_processes):
   n = 16 * 32 + 32 + 32 * 8 + 8  # 808 float32 parameters of the classifier
   counter = 4  # int32 step counter, replicated
   expected = {
-      "replicated": (4 * n, 2 * 4 * n + counter),
-      "fsdp": (4 * n // 8, 2 * 4 * n // 8 + counter),
-      "zero1": (4 * n, 2 * 4 * n // 8 + counter),
+    "replicated": (4 * n, 2 * 4 * n + counter),
+    "fsdp": (4 * n // 8, 2 * 4 * n // 8 + counter),
+    "zero1": (4 * n, 2 * 4 * n // 8 + counter),
   }
   for layout, (param_bytes, state_bytes) in expected.items():
     meta = results[0][layout]
     assert (meta["param_bytes_per_device"], meta["state_bytes_per_device"]) == (
-        param_bytes, state_bytes), layout
+      param_bytes,
+      state_bytes,
+    ), layout
 
 
 def test_checkpoint_from_two_processes_resumes_bit_identically_on_another_mesh(two_processes):
@@ -306,16 +325,18 @@ def test_checkpoint_from_two_processes_resumes_bit_identically_on_another_mesh(t
   params = programs.place(programs.init_params(), programs.resharded_layout(mesh))
   target = {"params": params, "opt_state": programs.checkpoint_tx().init(params)}
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target
   )
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(out_dir / "checkpoint", abstract)
     fresh = checkpointer.restore(out_dir / "checkpoint_init", abstract)
-  for restored_leaf, target_leaf in zip(jax.tree.leaves(restored), jax.tree.leaves(target),
-                                        strict=True):
+  for restored_leaf, target_leaf in zip(
+    jax.tree.leaves(restored), jax.tree.leaves(target), strict=True
+  ):
     assert restored_leaf.sharding == target_leaf.sharding
   assert not restored["params"]["Dense_0"]["kernel"].sharding.is_equivalent_to(
-      programs.fsdp_shardings(programs.global_mesh())["Dense_0"]["kernel"], 2)
+    programs.fsdp_shardings(programs.global_mesh())["Dense_0"]["kernel"], 2
+  )
   saved = programs.flat(programs.gather(restored), "checkpoint/saved")
   assert saved.keys() == leaves(arrays, "checkpoint/saved").keys()
   for key, value in saved.items():
@@ -325,10 +346,11 @@ def test_checkpoint_from_two_processes_resumes_bit_identically_on_another_mesh(t
     assert not np.any(programs.gather(leaf))
 
   params, state = programs.continue_checkpoint_run(
-      restored["params"], restored["opt_state"], programs.SAVE_AFTER, programs.STEPS
+    restored["params"], restored["opt_state"], programs.SAVE_AFTER, programs.STEPS
   )
-  resumed = programs.flat(programs.gather({"params": params, "opt_state": state}),
-                          "checkpoint/uninterrupted")
+  resumed = programs.flat(
+    programs.gather({"params": params, "opt_state": state}), "checkpoint/uninterrupted"
+  )
   assert resumed.keys() == leaves(arrays, "checkpoint/uninterrupted").keys()
   for key, value in resumed.items():
     np.testing.assert_array_equal(value, arrays[key], err_msg=key)
@@ -351,8 +373,10 @@ def test_logging_emits_one_record_per_step_from_process_0(two_processes):
   # Logging changes nothing: this run is the replicated layout's, bit for bit.
   arrays = results[0]["arrays"]
   logged = without_logging_stage(arrays, "logging/")
-  assert logged.keys() == leaves(arrays, "replicated/").keys() - leaves(
-      arrays, "replicated/first").keys()
+  assert (
+    logged.keys()
+    == leaves(arrays, "replicated/").keys() - leaves(arrays, "replicated/first").keys()
+  )
   for name, value in logged.items():
     np.testing.assert_array_equal(value, arrays[name], err_msg=name)
 
@@ -363,7 +387,10 @@ def test_four_processes_of_two_devices(tmp_path, single_process):
   assert [r["devices"] for r in results] == [2] * 4
   # The logging run is the replicated layout with logging on.
   logged = without_logging_stage(results[3]["arrays"], "logging/")
-  expected = {k: v for k, v in single_process["replicated"].items()
-              if k.startswith(("replicated/params", "replicated/state"))}
+  expected = {
+    k: v
+    for k, v in single_process["replicated"].items()
+    if k.startswith(("replicated/params", "replicated/state"))
+  }
   assert_close(logged, expected, RTOL)
   assert [r["log_steps"] for r in results] == [[2, 4, 6], [], [], []]

@@ -35,17 +35,17 @@ def kernel_dir(tmp_path_factory):
   spec.mkdir(parents=True)
   argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
   (spec / "kernel.json").write_text(
-      json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
+    json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
   )
   return root
 
 
 def stdout_of(notebook):
   return "".join(
-      output.text
-      for cell in notebook.cells
-      for output in cell.get("outputs", [])
-      if output.output_type == "stream" and output.name == "stdout"
+    output.text
+    for cell in notebook.cells
+    for output in cell.get("outputs", [])
+    if output.output_type == "stream" and output.name == "stdout"
   )
 
 
@@ -58,29 +58,27 @@ TIMING = re.compile(r"\d\s*(?:s|ms|µs|sec|seconds)\b")
 # tests/_notebook_spread.py on an AMD EPYC with AVX-512, over XLA_FLAGS=--xla_cpu_max_isa=
 # AVX2 / AVX / SSE4_2 / none, one core (taskset -c 0) or two, and over the notebooks' seeds:
 ROUNDING_SENSITIVE = {
-    # 05: 20 sign-of-gradient PGD steps flip single test samples (1/450 = 0.0022). The ISA
-    # caps moved nothing; on one core the eps-0.125 accuracy is 0.1689, not 0.1711 (as on
-    # the AVX2-only EPYC of the report); over seeds 0-5 every accuracy spread up to 0.027.
-    # Tolerance 0.01: 4 samples, 4.5x the machine spread, under half the seed spread.
-    "05_adversarial_examples": [
-        (r"^eps [\d.]+: adversarial accuracy ([\d.]+), random-noise accuracy ([\d.]+)$", 0.01),
-        (r"^at eps [\d.]+: random-noise accuracy minus adversarial accuracy = ([\d.]+)$", 0.01),
-    ],
-    # 06: 1500 GAN steps are chaotic. The mode shares spread 0.032 over the ISA caps (none
-    # moved with the core count) and 0.058 over seeds 0-5; the modes covered (8 of 8) did
-    # not move at all, and test_minimax_games asserts what the game guarantees.
-    "06_minimax_games": [
-        (r"^share of the 2000 samples within 3 std of each centre: \[([\d. ]+)\]$", 0.06),
-    ],
-    # 07: the residuals are float32 rounding errors themselves (eps 1.2e-7). Over the ISA
-    # caps they spread 1.5e-8 (max-entropy) and 9.5e-8 (portfolio: 0.00e+00 to 9.52e-08);
-    # tolerance 1e-6. test_constrained_optimization asserts their bounds.
-    "07_constrained_optimization": [
-        (r"^max-entropy: max \|p - gibbs\| = ([\d.e+-]+), constraint violation = ([\d.e+-]+)$",
-         1e-6),
-        (r"^portfolio: max \|w - reference\| = ([\d.e+-]+), constraint violation = ([\d.e+-]+)$",
-         1e-6),
-    ],
+  # 05: 20 sign-of-gradient PGD steps flip single test samples (1/450 = 0.0022). The ISA
+  # caps moved nothing; on one core the eps-0.125 accuracy is 0.1689, not 0.1711 (as on
+  # the AVX2-only EPYC of the report); over seeds 0-5 every accuracy spread up to 0.027.
+  # Tolerance 0.01: 4 samples, 4.5x the machine spread, under half the seed spread.
+  "05_adversarial_examples": [
+    (r"^eps [\d.]+: adversarial accuracy ([\d.]+), random-noise accuracy ([\d.]+)$", 0.01),
+    (r"^at eps [\d.]+: random-noise accuracy minus adversarial accuracy = ([\d.]+)$", 0.01),
+  ],
+  # 06: 1500 GAN steps are chaotic. The mode shares spread 0.032 over the ISA caps (none
+  # moved with the core count) and 0.058 over seeds 0-5; the modes covered (8 of 8) did
+  # not move at all, and test_minimax_games asserts what the game guarantees.
+  "06_minimax_games": [
+    (r"^share of the 2000 samples within 3 std of each centre: \[([\d. ]+)\]$", 0.06),
+  ],
+  # 07: the residuals are float32 rounding errors themselves (eps 1.2e-7). Over the ISA
+  # caps they spread 1.5e-8 (max-entropy) and 9.5e-8 (portfolio: 0.00e+00 to 9.52e-08);
+  # tolerance 1e-6. test_constrained_optimization asserts their bounds.
+  "07_constrained_optimization": [
+    (r"^max-entropy: max \|p - gibbs\| = ([\d.e+-]+), constraint violation = ([\d.e+-]+)$", 1e-6),
+    (r"^portfolio: max \|w - reference\| = ([\d.e+-]+), constraint violation = ([\d.e+-]+)$", 1e-6),
+  ],
 }
 
 
@@ -116,8 +114,11 @@ def assert_saved_outputs_are_current(name, saved, fresh):
     loose = tolerances(name, old)
     for a, b in zip(NUMBER.finditer(old), NUMBER.finditer(new)):
       tolerance = next((t for start, end, t in loose if start <= a.start() < end), None)
-      expected = (pytest.approx(float(b.group()), rel=1e-4, abs=1e-9) if tolerance is None
-                  else pytest.approx(float(b.group()), abs=tolerance))
+      expected = (
+        pytest.approx(float(b.group()), rel=1e-4, abs=1e-9)
+        if tolerance is None
+        else pytest.approx(float(b.group()), abs=tolerance)
+      )
       assert float(a.group()) == expected, f"{hint}:\n{old}\n{new}"
 
 
@@ -132,8 +133,11 @@ def execute(name, monkeypatch, kernel_dir):
   # (XLA partitions its CPU work by device count, which moves float32 roundings).
   # Other XLA flags reach it: XLA_FLAGS=--xla_cpu_max_isa=AVX2 checks the outputs of a CPU
   # with fewer vector instructions.
-  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-           if not flag.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    flag
+    for flag in os.environ.get("XLA_FLAGS", "").split()
+    if not flag.startswith("--xla_force_host_platform_device_count")
+  ]
   monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   saved = stdout_of(notebook)
@@ -141,10 +145,10 @@ def execute(name, monkeypatch, kernel_dir):
     if cell.cell_type == "code":
       cell.outputs = []  # nothing left over from the saved run can satisfy a check
   NotebookClient(
-      notebook,
-      timeout=CELL_TIMEOUT_S,
-      kernel_name=KERNEL,
-      resources={"metadata": {"path": str(NOTEBOOKS)}},
+    notebook,
+    timeout=CELL_TIMEOUT_S,
+    kernel_name=KERNEL,
+    resources={"metadata": {"path": str(NOTEBOOKS)}},
   ).execute()
   images = 0
   for cell in notebook.cells:
@@ -170,8 +174,10 @@ def test_saved_output_check_catches_a_changed_number():
 
 
 def test_saved_output_check_loosens_only_the_named_numbers():
-  saved = ("eps 0.125: adversarial accuracy 0.1711, random-noise accuracy 0.9622\n"
-           "clean test accuracy: 0.9756\n")
+  saved = (
+    "eps 0.125: adversarial accuracy 0.1711, random-noise accuracy 0.9622\n"
+    "clean test accuracy: 0.9756\n"
+  )
   name = "05_adversarial_examples"
   # The AVX2-only EPYC of the report: one test sample flipped.
   assert_saved_outputs_are_current(name, saved, saved.replace("0.1711", "0.1689"))
@@ -198,14 +204,14 @@ def number(pattern, text):
 
 def test_all_notebooks_are_tested():
   assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == [
-      "01_quickstart",
-      "02_flax_classifier",
-      "03_policy_gradient",
-      "04_sweep",
-      "05_adversarial_examples",
-      "06_minimax_games",
-      "07_constrained_optimization",
-      "08_feature_visualization",
+    "01_quickstart",
+    "02_flax_classifier",
+    "03_policy_gradient",
+    "04_sweep",
+    "05_adversarial_examples",
+    "06_minimax_games",
+    "07_constrained_optimization",
+    "08_feature_visualization",
   ]
 
 
@@ -239,8 +245,9 @@ def test_quickstart(monkeypatch, kernel_dir):
   assert number(r"^first update: .*, b ([-+][\d.]+)", text) == pytest.approx(first, abs=1e-6)
   # The progress log: one record per interval, with the rate in force and the gradient norm.
   records = re.findall(
-      r"\[gradient_ascent_jax\] step (\d+): learning rate ([\d.e+-]+), gradient norm ([\d.e+-]+)",
-      text)
+    r"\[gradient_ascent_jax\] step (\d+): learning rate ([\d.e+-]+), gradient norm ([\d.e+-]+)",
+    text,
+  )
   assert [step for step, _, _ in records] == ["25", "50", "75", "100", "20"]
   for step, rate, _ in records[:4]:  # warmup-decay: lr 0.01, lr_decay 0.95, warmup 50
     n = int(step)
@@ -262,8 +269,10 @@ def test_flax_classifier(monkeypatch, kernel_dir):
     assert accuracy >= 0.9, f"{name}: test accuracy {accuracy} (chance is 0.1)"
   # The first update: lr / sqrt(1 - beta) per weight for gradient_ascent (no bias correction),
   # lr per weight for Adam; both in the direction of the gradient of the log-likelihood.
-  for name, largest in (("gradient_ascent", 3e-3 / math.sqrt(1 - 0.999)),
-                        (r"maximize\(adam\)", 3e-3)):
+  for name, largest in (
+    ("gradient_ascent", 3e-3 / math.sqrt(1 - 0.999)),
+    (r"maximize\(adam\)", 3e-3),
+  ):
     first = number(rf"^{name}: first update: largest \|update\| ([\d.]+)", text)
     assert first == pytest.approx(largest, rel=1e-4), name
     assert number(rf"^{name}: first update: .*same sign as the gradient: ([\d.]+)", text) == 1.0
@@ -320,10 +329,11 @@ def test_adversarial_examples(monkeypatch, kernel_dir):
     assert number(rf"^eps {eps}: .*pixel range \[([-\d.]+),", text) >= 0.0
     assert number(rf"^eps {eps}: .*pixel range \[[-\d.]+, ([-\d.]+)\]", text) <= 1.0
   assert all(a <= n for a, n in zip(attacked, noisy))  # the attack beats noise at every eps
-  assert attacked == sorted(attacked, reverse=True)    # a larger ball gives a stronger attack
+  assert attacked == sorted(attacked, reverse=True)  # a larger ball gives a stronger attack
   assert noisy[-1] - attacked[-1] >= 0.3
   assert number(r"minus adversarial accuracy = ([\d.]+)", text) == pytest.approx(
-      noisy[-1] - attacked[-1], abs=2e-4)
+    noisy[-1] - attacked[-1], abs=2e-4
+  )
   # The optimizer keeps its default eps=1e-8 (the notebook says why): the summed
   # cross-entropy's input gradients stay far above it (5.3e-06 measured), a mean's would not.
   summed = number(r"largest \|gradient\| entry: ([\d.e+-]+) with the summed", text)
@@ -337,16 +347,21 @@ def test_adversarial_examples(monkeypatch, kernel_dir):
 def test_minimax_games(monkeypatch, kernel_dir):
   text, images = execute("06_minimax_games", monkeypatch, kernel_dir)
   eta, steps, start = 0.2, 600, math.sqrt(2)
-  distance = {name: number(rf"^{name}: distance to the equilibrium [\d.]+ -> ([\d.e+-]+)", text)
-              for name in ("simultaneous GDA", "optimistic GDA", "extragradient")}
+  distance = {
+    name: number(rf"^{name}: distance to the equilibrium [\d.]+ -> ([\d.e+-]+)", text)
+    for name in ("simultaneous GDA", "optimistic GDA", "extragradient")
+  }
   # Simultaneous GDA on x·y multiplies the distance by sqrt(1 + eta^2) at every step;
   # extragradient multiplies it by sqrt((1 - eta^2)^2 + eta^2) < 1.
   assert number(r"growth per step: ([\d.]+)", text) == pytest.approx(
-      math.sqrt(1 + eta**2), abs=2e-6)
+    math.sqrt(1 + eta**2), abs=2e-6
+  )
   assert distance["simultaneous GDA"] == pytest.approx(
-      start * (1 + eta**2) ** (steps / 2), rel=1e-3)
+    start * (1 + eta**2) ** (steps / 2), rel=1e-3
+  )
   assert distance["extragradient"] == pytest.approx(
-      start * ((1 - eta**2) ** 2 + eta**2) ** (steps / 2), rel=1e-2)
+    start * ((1 - eta**2) ** 2 + eta**2) ** (steps / 2), rel=1e-2
+  )
   assert distance["optimistic GDA"] < 1e-3
   assert distance["extragradient"] < 1e-3
   assert number(r"^modes covered: (\d+) of 8", text) >= 6
@@ -362,14 +377,16 @@ def test_constrained_optimization(monkeypatch, kernel_dir):
   gibbs = np.exp(-nu * values) / np.exp(-nu * values).sum()
   assert number(r"^entropy: ([\d.]+)", text) == pytest.approx(-gibbs @ np.log(gibbs), abs=2e-6)
   assert number(r"^multiplier of the mean constraint: ([-\d.]+)", text) == pytest.approx(
-      nu, abs=1e-4)
+    nu, abs=1e-4
+  )
   assert number(r"max \|p - gibbs\| = ([\d.e+-]+)", text) < 1e-4
   assert number(r"^max-entropy: .*constraint violation = ([\d.e+-]+)", text) < 1e-5
   # The long-only mean-variance portfolio: a QP; solve its KKT system on every support.
   mu = np.array([0.12, 0.10, 0.07, -0.02])
   volatility = np.array([0.25, 0.20, 0.15, 0.20])
-  correlation = np.array([[1.0, 0.3, 0.5, 0.1], [0.3, 1.0, 0.2, 0.0],
-                          [0.5, 0.2, 1.0, 0.1], [0.1, 0.0, 0.1, 1.0]])
+  correlation = np.array(
+    [[1.0, 0.3, 0.5, 0.1], [0.3, 1.0, 0.2, 0.0], [0.5, 0.2, 1.0, 0.1], [0.1, 0.0, 0.1, 1.0]]
+  )
   cov, gamma = correlation * np.outer(volatility, volatility), 5.0
   solutions = []
   for held in (list(c) for r in range(1, 5) for c in itertools.combinations(range(4), r)):

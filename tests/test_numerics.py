@@ -55,27 +55,31 @@ def run_after_huge_gradient(dtype, huge, n_steps, accumulator_dtype=None):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "huge", "n_steps", "final_moment_max", "recovered_ratio"),
-    [
-        # float32: h**2 = 1e60 overflows; the moment saturates at 3.4e38 and
-        # decays by beta per step: 0.999**100000 * 3.4e38 = 1e-5, so m -> 1.
-        (jnp.float32, 1e30, 100_000, 1.01, 0.99),
-        # float16: h**2 fits float32 (where it is computed), m = 3.6e6 is
-        # stored saturated at 65504; float16 rounding (spacing 2**-10) stops
-        # the 0.001-per-step average short of 1, hence the looser bounds.
-        (jnp.float16, 6e4, 30_000, 2.0, 0.5),
-    ],
-    ids=["float32-1e30", "float16-6e4"],
+  ("dtype", "huge", "n_steps", "final_moment_max", "recovered_ratio"),
+  [
+    # float32: h**2 = 1e60 overflows; the moment saturates at 3.4e38 and
+    # decays by beta per step: 0.999**100000 * 3.4e38 = 1e-5, so m -> 1.
+    (jnp.float32, 1e30, 100_000, 1.01, 0.99),
+    # float16: h**2 fits float32 (where it is computed), m = 3.6e6 is
+    # stored saturated at 65504; float16 rounding (spacing 2**-10) stops
+    # the 0.001-per-step average short of 1, hence the looser bounds.
+    (jnp.float16, 6e4, 30_000, 2.0, 0.5),
+  ],
+  ids=["float32-1e30", "float16-6e4"],
 )
-def test_huge_gradient_saturates_then_recovers(dtype, huge, n_steps, final_moment_max,
-                                               recovered_ratio):
+def test_huge_gradient_saturates_then_recovers(
+  dtype, huge, n_steps, final_moment_max, recovered_ratio
+):
   (first, moment, params_after), (m0, updates, params, finite) = run_after_huge_gradient(
-      dtype, huge, n_steps)
+    dtype, huge, n_steps
+  )
   u = float(jnp.finfo(dtype).eps)
   # The huge step is the ordinary first RMSprop step, not a jump.
   np.testing.assert_allclose(
-      np.asarray(first, np.float64), [first_step(float(jnp.asarray(huge, dtype))), FIRST_STEP],
-      rtol=2 * u)
+    np.asarray(first, np.float64),
+    [first_step(float(jnp.asarray(huge, dtype))), FIRST_STEP],
+    rtol=2 * u,
+  )
   assert float(moment[0]) == float(jnp.finfo(dtype).max)  # saturated, finite
   assert finite.all() and np.isfinite(updates).all() and np.isfinite(params).all()
   assert (np.diff(m0) <= 0).all() and m0[0] < float(jnp.finfo(dtype).max)  # decays
@@ -111,15 +115,19 @@ def recovery_steps(dtype, huge, limit, accumulator_dtype=None):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "accumulator_dtype", "huge"),
-    [
-        (jnp.bfloat16, None, 1e38),
-        (jnp.float32, jnp.bfloat16, 1e38),
-        (jnp.float16, None, 6e4),
-        (jnp.float32, jnp.float16, 6e4),
-    ],
-    ids=["bfloat16", "float32-params-bfloat16-state", "float16-6e4",
-         "float32-params-float16-state-6e4"],
+  ("dtype", "accumulator_dtype", "huge"),
+  [
+    (jnp.bfloat16, None, 1e38),
+    (jnp.float32, jnp.bfloat16, 1e38),
+    (jnp.float16, None, 6e4),
+    (jnp.float32, jnp.float16, 6e4),
+  ],
+  ids=[
+    "bfloat16",
+    "float32-params-bfloat16-state",
+    "float16-6e4",
+    "float32-params-float16-state-6e4",
+  ],
 )
 def test_low_precision_state_recovers_from_a_huge_gradient(dtype, accumulator_dtype, huge):
   """beta * m rounds back to m in bfloat16; the saturated moment must still decay."""
@@ -135,6 +143,7 @@ def test_low_precision_state_recovers_from_a_huge_gradient(dtype, accumulator_dt
   # and, for a constant gradient, the untouched element's average settles where
   # float32's does (rounded to nearest it stopped 4x short in bfloat16, at 0.25).
   np.testing.assert_allclose(moment[1], f32_moment[1], rtol=2**-7)
+
 
 # bf16 params with float32 state ------------------------------------------------------
 
@@ -159,8 +168,9 @@ def test_bfloat16_params_with_float32_state():
   for _ in range(3):
     _, bf16_state = bf16_tx.update(grads, bf16_state, params)
   assert bf16_state[1].second_moment["w"].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(bf16_state[1].second_moment["w"], np.float64), m,
-                             rtol=2**-7)
+  np.testing.assert_allclose(
+    np.asarray(bf16_state[1].second_moment["w"], np.float64), m, rtol=2**-7
+  )
 
 
 # Tiny float16 gradients ---------------------------------------------------------------
@@ -173,8 +183,9 @@ def test_tiny_float16_gradient_gives_ordinary_step():
   grads = jnp.array([1e-3, -1e-4, 2e-2], jnp.float16)
   updates, state = tx.update(grads, tx.init(params))
   h = np.asarray(grads, np.float64)
-  np.testing.assert_allclose(np.asarray(updates, np.float64), [first_step(x) for x in h],
-                             rtol=2**-9)
+  np.testing.assert_allclose(
+    np.asarray(updates, np.float64), [first_step(x) for x in h], rtol=2**-9
+  )
   # The stored float16 moments of the two small ones underflow to 0; v stays finite.
   np.testing.assert_array_equal(np.asarray(state[1].second_moment[:2], np.float64), 0.0)
   assert np.isfinite(np.asarray(state[2].velocity, np.float64)).all()
@@ -192,8 +203,7 @@ def test_square_overflows_but_moment_fits(dtype):
   updates, state = tx.update(grads, tx.init(params))
   h = np.asarray(grads, np.float64)
   u = float(jnp.finfo(dtype).eps)
-  np.testing.assert_allclose(np.asarray(state[1].second_moment, np.float64), 0.5 * h**2,
-                             rtol=2 * u)
+  np.testing.assert_allclose(np.asarray(state[1].second_moment, np.float64), 0.5 * h**2, rtol=2 * u)
   # s = h / sqrt(0.5 h**2) = sqrt(2), the ordinary first step for beta = 0.5.
   np.testing.assert_allclose(np.asarray(updates, np.float64), LR * math.sqrt(2), rtol=2 * u)
 
@@ -219,7 +229,6 @@ def test_clip_value_at_the_smallest_float16_still_clips():
   tx = gax.clip_by_value(2.0**-24)  # the smallest float16 subnormal
   updates, _ = tx.update(jnp.array([1.0, -1.0], jnp.float16), tx.init(None))
   np.testing.assert_array_equal(np.asarray(updates, np.float64), [2.0**-24, -(2.0**-24)])
-
 
 
 # Differentiating through the optimizer (meta-gradients) --------------------------------
@@ -251,9 +260,9 @@ def meta_gradient(make_tx, param_dtype=jnp.float32, steps=5, hyperparameter=0.1)
 def test_meta_gradient_in_float32_matches_the_optax_chain():
   got = meta_gradient(gax.gradient_ascent)
   want = meta_gradient(
-      lambda lr: optax.chain(
-          optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False), optax.trace(0.9), optax.scale(lr)
-      )
+    lambda lr: optax.chain(
+      optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False), optax.trace(0.9), optax.scale(lr)
+    )
   )
   np.testing.assert_allclose(got, want, rtol=1e-4)  # measured: equal; 2.2e-6 over 6 other seeds
 
@@ -263,21 +272,21 @@ def test_meta_gradient_in_float32_matches_the_optax_chain():
 # 0.008, bfloat16 state 0.046, float16 state 0.028. Half-precision params move
 # in steps of their own spacing, hence the spread.
 @pytest.mark.parametrize(
-    "param_dtype, accumulator_dtype, rtol",
-    [
-        (jnp.bfloat16, None, 0.25),
-        (jnp.float16, None, 0.01),
-        (jnp.float32, jnp.bfloat16, 0.055),
-        (jnp.float32, jnp.float16, 0.035),
-    ],
-    ids=["bfloat16-params", "float16-params", "bfloat16-state", "float16-state"],
+  "param_dtype, accumulator_dtype, rtol",
+  [
+    (jnp.bfloat16, None, 0.25),
+    (jnp.float16, None, 0.01),
+    (jnp.float32, jnp.bfloat16, 0.055),
+    (jnp.float32, jnp.float16, 0.035),
+  ],
+  ids=["bfloat16-params", "float16-params", "bfloat16-state", "float16-state"],
 )
 def test_meta_gradient_through_a_low_precision_state(param_dtype, accumulator_dtype, rtol):
   # The one-unit nudge that keeps a rounded moment moving (jnp.nextafter) had
   # no derivative: jax.grad raised NotImplementedError from the second update.
   float32 = meta_gradient(gax.gradient_ascent)
   low = meta_gradient(
-      lambda lr: gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype), param_dtype
+    lambda lr: gax.gradient_ascent(lr, accumulator_dtype=accumulator_dtype), param_dtype
   )
   assert np.isfinite(low)
   np.testing.assert_allclose(low, float32, rtol=rtol)
@@ -285,10 +294,10 @@ def test_meta_gradient_through_a_low_precision_state(param_dtype, accumulator_dt
 
 def clip_then_optax_rms(clip_value):
   return optax.chain(
-      optax.clip(clip_value),
-      optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
-      optax.trace(0.9),
-      optax.scale(0.1),
+    optax.clip(clip_value),
+    optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False),
+    optax.trace(0.9),
+    optax.scale(0.1),
   )
 
 
@@ -303,9 +312,7 @@ def test_meta_gradient_with_respect_to_clip_value_matches_optax_clip():
 # Largest relative distance from float32 at clip_value 0.5, 2 and 4: bfloat16
 # params 0.19, float16 0.006 (the bound is rounded down into their dtype).
 @pytest.mark.parametrize("param_dtype, rtol", [(jnp.bfloat16, 0.25), (jnp.float16, 0.01)])
-def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(
-    param_dtype, rtol
-):
+def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(param_dtype, rtol):
   def make_tx(clip_value):
     return gax.gradient_ascent(0.1, clip_value=clip_value, accumulator_dtype=jnp.float32)
 

@@ -25,7 +25,9 @@ def link_targets(markdown: str) -> list[str]:
 
 def relative_links(markdown: str) -> list[str]:
   """The link targets an index page cannot follow: those without a scheme."""
-  return [target for target in link_targets(markdown) if not re.match(r"[a-z][a-z0-9+.-]*:", target)]
+  return [
+    target for target in link_targets(markdown) if not re.match(r"[a-z][a-z0-9+.-]*:", target)
+  ]
 
 
 def test_version_metadata_and_changelog_agree():
@@ -40,11 +42,18 @@ def test_changelog_keeps_an_unreleased_section_above_the_releases():
 
 
 def test_relative_links_are_found():
-  page = ("[docs](docs/index.md) [site](https://example.org/x) ![plot](benchmarks/a.png)\n"
-          '[ref]: guide/faq.md\n<img src="logo.png"> <a href="mailto:a@b.c">')
+  page = (
+    "[docs](docs/index.md) [site](https://example.org/x) ![plot](benchmarks/a.png)\n"
+    '[ref]: guide/faq.md\n<img src="logo.png"> <a href="mailto:a@b.c">'
+  )
   assert link_targets(page) == [
-      "docs/index.md", "https://example.org/x", "benchmarks/a.png", "guide/faq.md", "logo.png",
-      "mailto:a@b.c"]
+    "docs/index.md",
+    "https://example.org/x",
+    "benchmarks/a.png",
+    "guide/faq.md",
+    "logo.png",
+    "mailto:a@b.c",
+  ]
   assert relative_links(page) == ["docs/index.md", "benchmarks/a.png", "guide/faq.md", "logo.png"]
 
 

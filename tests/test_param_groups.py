@@ -20,13 +20,13 @@ from tests._reference import ReferenceGradientAscent
 # Two groups with nothing in common: rate, clipping, Nesterov, warmup, beta.
 BODY = dict(learning_rate=1e-3, momentum=0.9, logging_interval=None)
 HEAD = dict(
-    learning_rate=5e-2,
-    momentum=0.5,
-    beta=0.9,
-    nesterov=True,
-    clip_value=0.3,
-    warmup_steps=3,
-    logging_interval=None,
+  learning_rate=5e-2,
+  momentum=0.5,
+  beta=0.9,
+  nesterov=True,
+  clip_value=0.3,
+  warmup_steps=3,
+  logging_interval=None,
 )
 STEPS = 6
 
@@ -34,11 +34,11 @@ STEPS = 6
 def make_params(dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(0), 3)
   return {
-      "body": {
-          "w": jax.random.normal(keys[0], (4, 3), dtype),
-          "b": jnp.zeros((3,), dtype),
-      },
-      "head": {"w": jax.random.normal(keys[1], (3, 2), dtype)},
+    "body": {
+      "w": jax.random.normal(keys[0], (4, 3), dtype),
+      "b": jnp.zeros((3,), dtype),
+    },
+    "head": {"w": jax.random.normal(keys[1], (3, 2), dtype)},
   }
 
 
@@ -49,8 +49,8 @@ def gradient_stream(params, steps, seed=1):
     leaves, treedef = jax.tree.flatten(params)
     leaf_keys = jax.random.split(key, len(leaves))
     yield jax.tree.unflatten(
-        treedef,
-        [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(leaf_keys, leaves, strict=True)],
+      treedef,
+      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(leaf_keys, leaves, strict=True)],
     )
 
 
@@ -60,9 +60,11 @@ LABELS = {"body": {"w": "body", "b": "body"}, "head": {"w": "head"}}
 def test_multi_transform_matches_each_group_run_alone():
   params = make_params()
   tx = optax.multi_transform(
-      {"body": gax.gradient_ascent(**BODY), "head": gax.gradient_ascent(**HEAD)}, LABELS
+    {"body": gax.gradient_ascent(**BODY), "head": gax.gradient_ascent(**HEAD)}, LABELS
   )
-  solo = {name: gax.gradient_ascent(**settings) for name, settings in [("body", BODY), ("head", HEAD)]}
+  solo = {
+    name: gax.gradient_ascent(**settings) for name, settings in [("body", BODY), ("head", HEAD)]
+  }
   state = tx.init(params)
   solo_states = {name: solo[name].init(params[name]) for name in solo}
   # The same gradients under the OTHER group's settings, to show the groups differ.
@@ -76,11 +78,11 @@ def test_multi_transform_matches_each_group_run_alone():
     updates, state = update(grads, state, params)
     for name in solo:
       expected, solo_states[name] = jax.jit(solo[name].update)(
-          grads[name], solo_states[name], params[name]
+        grads[name], solo_states[name], params[name]
       )
       jax.tree.map(np.testing.assert_array_equal, updates[name], expected)
       other, swapped_states[name] = swapped[name].update(
-          grads[name], swapped_states[name], params[name]
+        grads[name], swapped_states[name], params[name]
       )
       assert not np.allclose(updates[name]["w"], other["w"])
     params = optax.apply_updates(params, updates)
@@ -91,14 +93,12 @@ def test_multi_transform_groups_follow_the_numpy_reference(x64):
   """Each group, in float64, is the float64 reference of docs/guide/math.md with its settings."""
   params = make_params(jnp.float64)
   tx = optax.multi_transform(
-      {"body": gax.gradient_ascent(**BODY), "head": gax.gradient_ascent(**HEAD)}, LABELS
+    {"body": gax.gradient_ascent(**BODY), "head": gax.gradient_ascent(**HEAD)}, LABELS
   )
   state = tx.init(params)
 
   def reference(settings):
-    return ReferenceGradientAscent(
-        **{k: v for k, v in settings.items() if k != "logging_interval"}
-    )
+    return ReferenceGradientAscent(**{k: v for k, v in settings.items() if k != "logging_interval"})
 
   body_ref, head_ref = reference(BODY), reference(HEAD)
   for grads in gradient_stream(params, STEPS):
@@ -114,7 +114,7 @@ def test_frozen_group_does_not_move():
   params = make_params()
   labels = {"body": {"w": "frozen", "b": "frozen"}, "head": {"w": "train"}}
   tx = optax.multi_transform(
-      {"train": gax.gradient_ascent(**HEAD), "frozen": optax.set_to_zero()}, labels
+    {"train": gax.gradient_ascent(**HEAD), "frozen": optax.set_to_zero()}, labels
   )
   state = tx.init(params)
   start = params
@@ -139,15 +139,15 @@ def test_masked_passes_masked_out_leaves_through_and_freezing_needs_set_to_zero(
   inverse = jax.tree.map(lambda m: not m, mask)
   masked = optax.masked(gax.gradient_ascent(**BODY), mask)
   frozen = optax.chain(
-      optax.masked(gax.gradient_ascent(**BODY), mask), optax.masked(optax.set_to_zero(), inverse)
+    optax.masked(gax.gradient_ascent(**BODY), mask), optax.masked(optax.set_to_zero(), inverse)
   )
   # The trained leaves alone, as their own tree.
   solo = gax.gradient_ascent(**BODY)
   trained = lambda tree: {"w": tree["body"]["w"], "h": tree["head"]["w"]}  # noqa: E731
   masked_state, frozen_state, solo_state = (
-      masked.init(params),
-      frozen.init(params),
-      solo.init(trained(params)),
+    masked.init(params),
+    frozen.init(params),
+    solo.init(trained(params)),
   )
   start = params
   for grads in gradient_stream(params, STEPS):
@@ -172,9 +172,11 @@ def test_integer_leaves_need_a_mask():
 
   labels = {"w": "train", "step": "frozen"}
   tx = optax.multi_transform(
-      {"train": gax.gradient_ascent(learning_rate=0.1, logging_interval=None),
-       "frozen": optax.set_to_zero()},
-      labels,
+    {
+      "train": gax.gradient_ascent(learning_rate=0.1, logging_interval=None),
+      "frozen": optax.set_to_zero(),
+    },
+    labels,
   )
   state = tx.init(params)
   grads = {"w": jnp.ones(3), "step": jnp.array(5, jnp.int32)}
@@ -203,11 +205,11 @@ def test_none_leaves_pass_through():
 def test_logging_in_one_group_logs_that_groups_gradient_norm(caplog):
   params = make_params()
   tx = optax.multi_transform(
-      {
-          "body": gax.gradient_ascent(**BODY),
-          "head": gax.gradient_ascent(**{**HEAD, "logging_interval": 2}),
-      },
-      LABELS,
+    {
+      "body": gax.gradient_ascent(**BODY),
+      "head": gax.gradient_ascent(**{**HEAD, "logging_interval": 2}),
+    },
+    LABELS,
   )
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -220,7 +222,7 @@ def test_logging_in_one_group_logs_that_groups_gradient_norm(caplog):
   records = [r for r in caplog.records if r.name == "gradient_ascent_jax"]
   assert [r.step for r in records] == [2, 4]
   np.testing.assert_allclose(
-      [r.grad_norm for r in records], [expected_norms[1], expected_norms[3]], rtol=1e-5
+    [r.grad_norm for r in records], [expected_norms[1], expected_norms[3]], rtol=1e-5
   )
   # Step 2 is the second step: warmup of 3 steps gives 2/3 of the rate.
   np.testing.assert_allclose(records[0].learning_rate, HEAD["learning_rate"] * 2 / 3, rtol=1e-6)

@@ -15,22 +15,21 @@ cloudpickle = pytest.importorskip("cloudpickle")
 # What each public factory (every lower-case name in __all__ but carry_over, which builds
 # nothing) builds, with its options on.
 FACTORIES = {
-    "clip_by_value": [lambda: gax.clip_by_value(0.5)],
-    "flip_sign": [gax.flip_sign],
-    "gradient_ascent": [
-        lambda: gax.gradient_ascent(0.05, nesterov=True, clip_value=1.0, lr_decay=0.9,
-                                    warmup_steps=2),
-        lambda: gax.gradient_ascent(0.05, logging_interval=2),
-    ],
-    "log_progress": [lambda: gax.log_progress(2, 0.1)],
-    "maximize": [
-        lambda: gax.maximize(optax.adam(0.1)),
-        lambda: gax.maximize(optax.inject_hyperparams(optax.adam)(learning_rate=0.1)),
-    ],
-    "momentum": [lambda: gax.momentum(0.9, nesterov=True)],
-    "scale_by_adaptive_rms": [gax.scale_by_adaptive_rms],
-    "scale_by_warmup_decay": [lambda: gax.scale_by_warmup_decay(0.1, 2, 0.9)],
-    "warmup_decay_schedule": [lambda: gax.warmup_decay_schedule(0.1, 2, 0.9)],
+  "clip_by_value": [lambda: gax.clip_by_value(0.5)],
+  "flip_sign": [gax.flip_sign],
+  "gradient_ascent": [
+    lambda: gax.gradient_ascent(0.05, nesterov=True, clip_value=1.0, lr_decay=0.9, warmup_steps=2),
+    lambda: gax.gradient_ascent(0.05, logging_interval=2),
+  ],
+  "log_progress": [lambda: gax.log_progress(2, 0.1)],
+  "maximize": [
+    lambda: gax.maximize(optax.adam(0.1)),
+    lambda: gax.maximize(optax.inject_hyperparams(optax.adam)(learning_rate=0.1)),
+  ],
+  "momentum": [lambda: gax.momentum(0.9, nesterov=True)],
+  "scale_by_adaptive_rms": [gax.scale_by_adaptive_rms],
+  "scale_by_warmup_decay": [lambda: gax.scale_by_warmup_decay(0.1, 2, 0.9)],
+  "warmup_decay_schedule": [lambda: gax.warmup_decay_schedule(0.1, 2, 0.9)],
 }
 CASES = [(name, i) for name, makers in FACTORIES.items() for i in range(len(makers))]
 

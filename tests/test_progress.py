@@ -380,7 +380,8 @@ def test_optimizer_with_logging_survives_cloudpickle(log):
 
 def test_injected_schedule_is_reported_at_the_step_it_rules(log):
   tx = optax.inject_hyperparams(gax.gradient_ascent)(
-      learning_rate=lambda count: 0.1 * (count + 1), logging_interval=2)
+    learning_rate=lambda count: 0.1 * (count + 1), logging_interval=2
+  )
   _run(tx, 4)
   records = _records(log)
   assert [r.step for r in records] == [2, 4]
@@ -394,8 +395,9 @@ def test_one_record_per_step_under_shard_map_and_sharded_jit(log):
   tx = gax.log_progress(logging_interval=1, learning_rate=0.1)
   grads = jax.device_put(jnp.ones((mesh.size, 2)), jax.NamedSharding(mesh, spec("devices")))
   state = tx.init(grads)
-  per_device = jax.shard_map(lambda g, s: tx.update(g, s)[1], mesh=mesh,
-                             in_specs=(spec("devices"), spec()), out_specs=spec())
+  per_device = jax.shard_map(
+    lambda g, s: tx.update(g, s)[1], mesh=mesh, in_specs=(spec("devices"), spec()), out_specs=spec()
+  )
   state = jax.jit(per_device)(grads, state)
   state = jax.jit(lambda g, s: tx.update(g, s)[1])(grads, state)
   jax.effects_barrier()
@@ -528,11 +530,15 @@ def test_healthy_run_with_logging_passes_debug_nans(log, jit):
   assert math.isnan(_records(log)[-1].learning_rate)  # no rate given: NaN on the host only
 
 
-@pytest.mark.parametrize(("make", "counters"), [
+@pytest.mark.parametrize(
+  ("make", "counters"),
+  [
     (lambda: gax.gradient_ascent(), 1),
     (lambda: gax.gradient_ascent(logging_interval=2), 2),
     (lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=2), 3),
-], ids=["logging off", "logging on", "injected"])
+  ],
+  ids=["logging off", "logging on", "injected"],
+)
 def test_faq_step_count_lookup_works_in_every_configuration(log, make, counters):
   # docs/guide/faq.md: the stage's state by name, then its field. A bare "count"
   # is in LogProgressState too (and in inject_hyperparams' state).
@@ -545,16 +551,22 @@ def test_faq_step_count_lookup_works_in_every_configuration(log, make, counters)
 
 def test_value_that_is_not_a_scalar_is_refused():
   tx = gax.gradient_ascent(logging_interval=1)
-  with pytest.raises(ValueError, match=r"value must be the objective, a real scalar; got "
-                     r"float32 of shape \(3,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"value must be the objective, a real scalar; got "
+    r"float32 of shape \(3,\)",
+  ):
     tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), value=jnp.ones(3))
 
 
 def test_logging_off_with_value_holds_no_callback():
   params = jnp.zeros(2)
   for tx in (gax.gradient_ascent(), gax.gradient_ascent(logging_interval=0)):
-    lowered = jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, params, value=v)).lower(
-        jnp.ones(2), tx.init(params), 1.0).as_text()
+    lowered = (
+      jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, params, value=v))
+      .lower(jnp.ones(2), tx.init(params), 1.0)
+      .as_text()
+    )
     assert "callback" not in lowered
   # log_progress alone, off, takes value= too (a plain identity() refused it).
   tx = gax.log_progress(logging_interval=None)
@@ -688,9 +700,12 @@ def test_state_of_the_nan_sentinel_layout_is_refused_not_misread():
   state = tx.init(params)
   nan = jnp.asarray(jnp.nan, jnp.float32)
   old = _NanSentinelLogProgressState(jnp.asarray(4, jnp.int32), nan, nan, nan, *state[0][4:8])
-  with pytest.raises(ValueError, match=r"fields \('count', 'first_value', 'last_value', "
-                     r"'last_change', 'records_below', 'noise_variance', 'noise_samples', "
-                     r"'descent_warned'\), but log_progress now keeps .*'first_seen', 'records'"):
+  with pytest.raises(
+    ValueError,
+    match=r"fields \('count', 'first_value', 'last_value', "
+    r"'last_change', 'records_below', 'noise_variance', 'noise_samples', "
+    r"'descent_warned'\), but log_progress now keeps .*'first_seen', 'records'",
+  ):
     tx.update(jnp.ones(2), (old, *state[1:]), params)
 
 
@@ -699,8 +714,11 @@ def test_state_of_the_old_layout_is_refused_not_misread():
   params = jnp.zeros(2)
   state = tx.init(params)
   old = (_OldLogProgressState(count=jnp.asarray(4, jnp.int32)), *state[1:])
-  with pytest.raises(ValueError, match=r"log_progress: the state is a LogProgressState with the "
-                     r"fields \('count',\), but log_progress now keeps \('count', 'first_value'"):
+  with pytest.raises(
+    ValueError,
+    match=r"log_progress: the state is a LogProgressState with the "
+    r"fields \('count',\), but log_progress now keeps \('count', 'first_value'",
+  ):
     tx.update(jnp.ones(2), old, params)
   # The fix the message names works.
   fresh = (state[0]._replace(count=old[0].count), *state[1:])
@@ -715,9 +733,11 @@ def test_records_are_replayed_under_checkpoint_with_grad(log):
   def run(x):
     state = tx.init(x)
     for _ in range(6):
+
       def step(x, state):
         updates, state = tx.update(-2 * x + 1, state, x)
         return optax.apply_updates(x, updates), state
+
       x, state = jax.checkpoint(step)(x, state)
     return x.sum()
 
@@ -762,7 +782,8 @@ def reinforce_returns():
   try:
     tx = gax.gradient_ascent(learning_rate=3e-3, logging_interval=1)
     curves, states = jax.jit(jax.vmap(lambda seed: _reinforce.train(tx, seed)))(
-        jnp.arange(REINFORCE_SEEDS))
+      jnp.arange(REINFORCE_SEEDS)
+    )
     jax.effects_barrier()
   finally:
     logger.removeHandler(handler)
@@ -800,6 +821,7 @@ def test_reinforce_returns_at_longer_intervals_never_warn(log, reinforce_returns
   def replay(curve):
     def body(state, value):
       return tx.update(jnp.zeros(1), state, value=value)[1], None
+
     return jax.lax.scan(body, tx.init(jnp.zeros(1)), curve)[0]
 
   learned = curves[:, -10:].mean(axis=1) > 150
@@ -833,19 +855,24 @@ def test_each_warning_names_the_logger_once(monkeypatch, fresh_warning):
   logger.setLevel(logging.WARNING)
   try:
     # The records are dropped (WARNING only), and the descent warning comes.
-    _ascend(gax.gradient_ascent(learning_rate=0.1, logging_interval=5),
-            lambda x: -_quadratic(x), 40)
+    _ascend(
+      gax.gradient_ascent(learning_rate=0.1, logging_interval=5), lambda x: -_quadratic(x), 40
+    )
     gax.momentum(0.0, nesterov=True).init(jnp.zeros(2))
-    gax.maximize(optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau())).init(
-        jnp.zeros(2))
+    gax.maximize(optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau())).init(jnp.zeros(2))
   finally:
     logger.removeHandler(handler)
     logger.setLevel(level)
   lines = stream.getvalue().splitlines()
-  starts = ["progress records are due", "the objective passed as value= has fallen",
-            "nesterov=True has no effect", "maximize(tx): tx holds"]
+  starts = [
+    "progress records are due",
+    "the objective passed as value= has fallen",
+    "nesterov=True has no effect",
+    "maximize(tx): tx holds",
+  ]
   assert [line.split(": ", 1)[1].startswith(start) for line, start in zip(lines, starts)] == [
-      True] * 4
+    True
+  ] * 4
   assert len(lines) == 4 and all(line.count(LOGGER + ":") == 1 for line in lines)
 
 
@@ -865,8 +892,11 @@ def test_the_documented_format_names_each_optimizer_once(monkeypatch, fresh_warn
   level = logger.level
   logger.setLevel(logging.INFO)
   try:
-    _play(gax.gradient_ascent(0.1, logging_interval=2, logging_name="gen"),
-          gax.gradient_ascent(0.1, logging_interval=2, logging_name="disc"), 2)
+    _play(
+      gax.gradient_ascent(0.1, logging_interval=2, logging_name="gen"),
+      gax.gradient_ascent(0.1, logging_interval=2, logging_name="disc"),
+      2,
+    )
   finally:
     logger.removeHandler(handler)
     logger.setLevel(level)
@@ -908,13 +938,20 @@ def test_two_named_optimizers_in_one_jitted_step_log_apart(caplog):
   logger.addHandler(handler)
   caplog.set_level(logging.INFO, logger=LOGGER)
   try:
-    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
-          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+    _play(
+      gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+      gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"),
+      4,
+    )
   finally:
     logger.removeHandler(handler)
   records = [r for r in caplog.records if r.name.startswith(LOGGER)]
   assert sorted((r.name, r.step) for r in records) == [
-      (f"{LOGGER}.disc", 2), (f"{LOGGER}.disc", 4), (f"{LOGGER}.gen", 2), (f"{LOGGER}.gen", 4)]
+    (f"{LOGGER}.disc", 2),
+    (f"{LOGGER}.disc", 4),
+    (f"{LOGGER}.gen", 2),
+    (f"{LOGGER}.gen", 4),
+  ]
   for r in records:
     name = r.name.rsplit(".", 1)[1]
     assert r.getMessage().startswith(f"{name}: step {r.step}: objective ")
@@ -929,8 +966,11 @@ def test_a_named_optimizer_is_filtered_by_its_logger(caplog, fresh_warning):
   child = logging.getLogger(f"{LOGGER}.gen")
   child.setLevel(logging.WARNING)  # the generator's records off, the discriminator's on
   try:
-    _play(gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
-          gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"), 4)
+    _play(
+      gax.gradient_ascent(0.01, logging_interval=2, logging_name="gen"),
+      gax.gradient_ascent(0.01, logging_interval=2, logging_name="disc"),
+      4,
+    )
   finally:
     child.setLevel(logging.NOTSET)
   infos = [r for r in caplog.records if r.levelno == logging.INFO]
@@ -939,24 +979,34 @@ def test_a_named_optimizer_is_filtered_by_its_logger(caplog, fresh_warning):
   (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert warning.name == f"{LOGGER}.gen"
   assert warning.getMessage().startswith(
-      f"gen: progress records are due (logging_interval is set) but the logger '{LOGGER}.gen' "
-      "is not enabled for INFO")
+    f"gen: progress records are due (logging_interval is set) but the logger '{LOGGER}.gen' "
+    "is not enabled for INFO"
+  )
 
 
 def test_multi_transform_groups_log_under_their_names(log):
   grouped = optax.multi_transform(
-      {"body": gax.gradient_ascent(logging_interval=1, logging_name="body"),
-       "head": gax.gradient_ascent(logging_interval=1, logging_name="head")},
-      {"a": "body", "b": "head"})
+    {
+      "body": gax.gradient_ascent(logging_interval=1, logging_name="body"),
+      "head": gax.gradient_ascent(logging_interval=1, logging_name="head"),
+    },
+    {"a": "body", "b": "head"},
+  )
   _run(grouped, 2)
-  records = sorted((r for r in log.records if r.name.startswith(LOGGER + ".")),
-                   key=lambda r: (r.name, r.step))
+  records = sorted(
+    (r for r in log.records if r.name.startswith(LOGGER + ".")), key=lambda r: (r.name, r.step)
+  )
   assert [(r.name, r.step) for r in records] == [
-      (f"{LOGGER}.body", 1), (f"{LOGGER}.body", 2), (f"{LOGGER}.head", 1), (f"{LOGGER}.head", 2)]
+    (f"{LOGGER}.body", 1),
+    (f"{LOGGER}.body", 2),
+    (f"{LOGGER}.head", 1),
+    (f"{LOGGER}.head", 2),
+  ]
   # Each group's own norm, |(3, 0)| and |4|, under its own name.
   assert [r.getMessage() for r in records[::2]] == [
-      "body: step 1: learning rate 0.01, gradient norm 3",
-      "head: step 1: learning rate 0.01, gradient norm 4"]
+    "body: step 1: learning rate 0.01, gradient norm 3",
+    "head: step 1: learning rate 0.01, gradient norm 4",
+  ]
 
 
 def test_descent_warning_of_a_named_optimizer_names_it(log):
@@ -1005,8 +1055,9 @@ def test_diverging_run_warns_once_naming_the_step(log):
 
 def test_diverging_run_without_value_warns_at_the_next_logged_step(log):
   # Only the gradient norm tells: it is computed on logged steps.
-  _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12,
-           with_value=False)
+  _diverge(
+    gax.gradient_ascent(learning_rate=30.0, logging_interval=5), jnp.ones(2), 12, with_value=False
+  )
   (warning,) = _warnings(log)
   assert warning.step == 5
   assert warning.getMessage().startswith("step 5: the gradient norm is not finite")
@@ -1021,8 +1072,12 @@ def test_healthy_run_never_warns_that_it_diverged(log):
 def test_diverging_copies_under_vmap_warn_once(log):
   # Copies from 1 diverge at step 2; copies from 0 (the maximum) stay there.
   x = jnp.tile(jnp.array([[1.0, 1.0], [0.0, 0.0]]), (4, 1))
-  state = _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12,
-                   mapped=lambda f: jax.jit(jax.vmap(f)))
+  state = _diverge(
+    gax.gradient_ascent(learning_rate=30.0, logging_interval=5),
+    x,
+    12,
+    mapped=lambda f: jax.jit(jax.vmap(f)),
+  )
   assert [r.step for r in _warnings(log)] == [2]
   np.testing.assert_array_equal(state[0].nonfinite_warned, [True, False] * 4)
 

@@ -38,16 +38,16 @@ import pytest
 import gradient_ascent_jax as gax
 
 hypothesis.settings.register_profile(
-    "ci",
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+  "ci",
+  max_examples=25,
+  deadline=None,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.register_profile(
-    "thorough",
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+  "thorough",
+  max_examples=200,
+  deadline=None,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -61,11 +61,11 @@ class Pair(NamedTuple):
 
 # Tree templates: (number of leaves, builder). Nested dict/list/tuple/NamedTuple.
 TEMPLATES = (
-    (1, lambda x: x[0]),
-    (2, lambda x: {"w": x[0], "b": x[1]}),
-    (3, lambda x: [x[0], (x[1], x[2])]),
-    (3, lambda x: {"layer": Pair(x[0], [x[1]]), "bias": (x[2],)}),
-    (4, lambda x: (x[0], {"a": x[1], "b": Pair(x[2], [x[3]])})),
+  (1, lambda x: x[0]),
+  (2, lambda x: {"w": x[0], "b": x[1]}),
+  (3, lambda x: [x[0], (x[1], x[2])]),
+  (3, lambda x: {"layer": Pair(x[0], [x[1]]), "bias": (x[2],)}),
+  (4, lambda x: (x[0], {"a": x[1], "b": Pair(x[2], [x[3]])})),
 )
 ALL_TEMPLATES = tuple(range(len(TEMPLATES)))
 # Shapes with elements come first: Hypothesis shrinks towards the first.
@@ -76,10 +76,10 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Gradient magnitudes drawn per dtype (log-uniform): its whole finite range,
 # for float64 a range wide enough for every regime, none of which saturates.
 MAGNITUDES = {
-    "float16": (6e-8, 6.5e4),
-    "bfloat16": (1e-30, 3e38),
-    "float32": (1e-30, 3e38),
-    "float64": (1e-30, 1e30),
+  "float16": (6e-8, 6.5e4),
+  "bfloat16": (1e-30, 3e38),
+  "float32": (1e-30, 3e38),
+  "float64": (1e-30, 1e30),
 }
 
 
@@ -131,16 +131,16 @@ def hyperparams(draw, max_momentum=0.999, max_beta=0.99999, learning_rate=None):
   if learning_rate is None:
     learning_rate = draw(log_uniform(1e-4, 1.0))
   return dict(
-      learning_rate=learning_rate,
-      momentum=draw(decay_rates(max_momentum)),
-      beta=draw(decay_rates(max_beta)),
-      # eps >= 1e-10: where h**2 underflows float32, eps then dominates sqrt(m).
-      eps=draw(st.just(1e-8) | log_uniform(1e-10, 1e-1)),
-      nesterov=draw(st.booleans()),
-      clip_value=draw(st.none() | log_uniform(1e-3, 1e3)),
-      lr_decay=draw(st.none() | st.just(1.0) | st.floats(0.5, 1.0) | log_uniform(1e-3, 1.0)),
-      # Warmup ramps that end within the 1-4 steps of a run, and ones that do not.
-      warmup_steps=draw(st.integers(0, 4) | st.integers(0, 10)),
+    learning_rate=learning_rate,
+    momentum=draw(decay_rates(max_momentum)),
+    beta=draw(decay_rates(max_beta)),
+    # eps >= 1e-10: where h**2 underflows float32, eps then dominates sqrt(m).
+    eps=draw(st.just(1e-8) | log_uniform(1e-10, 1e-1)),
+    nesterov=draw(st.booleans()),
+    clip_value=draw(st.none() | log_uniform(1e-3, 1e3)),
+    lr_decay=draw(st.none() | st.just(1.0) | st.floats(0.5, 1.0) | log_uniform(1e-3, 1.0)),
+    # Warmup ramps that end within the 1-4 steps of a run, and ones that do not.
+    warmup_steps=draw(st.integers(0, 4) | st.integers(0, 10)),
   )
 
 
@@ -172,10 +172,10 @@ def make_grads(case, n_steps, magnitudes=None):
   low, high = magnitudes or MAGNITUDES[case.dtype]
   rng = np.random.default_rng(case.seed)
   return [
-      TEMPLATES[case.template][1](
-          [random_values(rng, shape, case.dtype, low, high) for shape in case.shapes]
-      )
-      for _ in range(n_steps)
+    TEMPLATES[case.template][1](
+      [random_values(rng, shape, case.dtype, low, high) for shape in case.shapes]
+    )
+    for _ in range(n_steps)
   ]
 
 
@@ -198,9 +198,7 @@ def as_jax(hp, dtype, python_warmup=False):
 
 def as_seen(hp_jax):
   """The hyperparameters as the package sees them (rounded), as Python numbers."""
-  return {
-      k: v.item() if isinstance(v, jax.Array) else v for k, v in hp_jax.items()
-  }
+  return {k: v.item() if isinstance(v, jax.Array) else v for k, v in hp_jax.items()}
 
 
 def clip_bound_seen(clip_value, dtype):
@@ -225,7 +223,7 @@ def warmup_event(hp_jax):
 
 def build(hp, accumulator_dtype=None, logging_interval=None):
   return gax.gradient_ascent(
-      **hp, logging_interval=logging_interval, accumulator_dtype=accumulator_dtype
+    **hp, logging_interval=logging_interval, accumulator_dtype=accumulator_dtype
   )
 
 
@@ -278,8 +276,8 @@ def assert_close(actual, expected, scale, rel, atol, what):
   err = np.abs(actual - expected)
   bad = ~(err <= bound) & ~(np.isnan(actual) & np.isnan(expected))
   assert not bad.any(), (
-      f"{what}: {bad.sum()} elements off; first: got {actual[bad][:3]}, expected "
-      f"{expected[bad][:3]}, allowed {bound[bad][:3]}"
+    f"{what}: {bad.sum()} elements off; first: got {actual[bad][:3]}, expected "
+    f"{expected[bad][:3]}, allowed {bound[bad][:3]}"
   )
 
 
@@ -300,7 +298,7 @@ def check_against_reference(steps, ref, ref_abs, hp_seen, dtype, state_dtype):
   u = max(unit_roundoff(dtype), unit_roundoff(state_dtype))
   atol = max(absolute_tolerance(dtype), absolute_tolerance(state_dtype))
   for t, ((updates, state), (r_u, r_m, r_v), (a_u, _, a_v)) in enumerate(
-      zip(steps, ref, ref_abs, strict=True), start=1
+    zip(steps, ref, ref_abs, strict=True), start=1
   ):
     rel = (t + 3) * u + schedule_error(hp_seen, t - 1, compute_dtype(dtype))
     second_moment, velocity = state[-3].second_moment, state[-2].velocity
@@ -325,30 +323,53 @@ def run_eager(tx, params, grads_seq):
 # (a) -------------------------------------------------------------------------
 
 
-EVERYTHING = dict(learning_rate=0.1, momentum=0.9, beta=0.9, eps=1e-8, nesterov=True,
-                  clip_value=0.5, lr_decay=0.9, warmup_steps=3)
+EVERYTHING = dict(
+  learning_rate=0.1,
+  momentum=0.9,
+  beta=0.9,
+  eps=1e-8,
+  nesterov=True,
+  clip_value=0.5,
+  lr_decay=0.9,
+  warmup_steps=3,
+)
 
 
 @hypothesis.given(
-    case=cases(),
-    hp=hyperparams(),
-    n_steps=st.integers(1, 4),
-    float32_state=st.booleans(),
-    python_warmup=st.booleans(),
+  case=cases(),
+  hp=hyperparams(),
+  n_steps=st.integers(1, 4),
+  float32_state=st.booleans(),
+  python_warmup=st.booleans(),
 )
 # Every branch at least once in any profile: both warmup types, float64, float16
 # with float32 state, and each switch on.
 @hypothesis.example(
-    case=Case(3, ((2, 3), (0,), ()), "float64", seed=1), hp=EVERYTHING, n_steps=4,
-    float32_state=False, python_warmup=True)
+  case=Case(3, ((2, 3), (0,), ()), "float64", seed=1),
+  hp=EVERYTHING,
+  n_steps=4,
+  float32_state=False,
+  python_warmup=True,
+)
 @hypothesis.example(
-    case=Case(1, ((3,), (2, 3)), "float32", seed=2), hp=dict(EVERYTHING, nesterov=False),
-    n_steps=4, float32_state=False, python_warmup=False)
+  case=Case(1, ((3,), (2, 3)), "float32", seed=2),
+  hp=dict(EVERYTHING, nesterov=False),
+  n_steps=4,
+  float32_state=False,
+  python_warmup=False,
+)
 @hypothesis.example(
-    case=Case(0, ((3,),), "float16", seed=3), hp=dict(EVERYTHING, clip_value=None), n_steps=4,
-    float32_state=True, python_warmup=True)
+  case=Case(0, ((3,),), "float16", seed=3),
+  hp=dict(EVERYTHING, clip_value=None),
+  n_steps=4,
+  float32_state=True,
+  python_warmup=True,
+)
 def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_warmup):
-  """(a) Updates and state follow the equations of docs/guide/math.md, within rounding of the dtype."""
+  """(a) Updates and state follow the equations of docs/guide/math.md.
+
+  Within rounding of the dtype.
+  """
   accumulator_dtype = "float32" if float32_state and case.dtype != "float64" else None
   state_dtype = accumulator_dtype or case.dtype
   with x64_if(case.dtype):
@@ -370,9 +391,9 @@ def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_wa
 
 
 @hypothesis.given(
-    case=cases(dtypes=("float32", "bfloat16")),
-    beta=decay_rates(0.99999),
-    n_steps=st.integers(1, 4),
+  case=cases(dtypes=("float32", "bfloat16")),
+  beta=decay_rates(0.99999),
+  n_steps=st.integers(1, 4),
 )
 def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps):
   """(a) Where m_t exceeds the float32 maximum, s is within sqrt(2) of exact.
@@ -384,8 +405,16 @@ def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps
   larger, and never beyond RMSprop's bound 1 / sqrt(1 - beta). Huge gradients
   (1e17 to 3e38).
   """
-  hp = dict(learning_rate=1.0, momentum=0.0, beta=beta, eps=1e-8, nesterov=False,
-            clip_value=None, lr_decay=None, warmup_steps=0)  # so the update is s
+  hp = dict(
+    learning_rate=1.0,
+    momentum=0.0,
+    beta=beta,
+    eps=1e-8,
+    nesterov=False,
+    clip_value=None,
+    lr_decay=None,
+    warmup_steps=0,
+  )  # so the update is s
   hp_jax = as_jax(hp, "float32")
   grads_seq = make_grads(case, n_steps, magnitudes=(1e17, 3e38))
   steps = run_eager(build(hp_jax, "float32"), make_params(case), grads_seq)
@@ -398,7 +427,8 @@ def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps
       ratio = np.abs(exact[exact != 0] / got[exact != 0])
       # Never smaller than exact, at most sqrt(1 + beta) larger.
       assert (ratio <= 1 + rel).all() and (ratio >= (1 - rel) / math.sqrt(1 + beta_seen)).all(), (
-          f"step {t} leaf {i}: |exact / got| = {ratio}")
+        f"step {t} leaf {i}: |exact / got| = {ratio}"
+      )
       assert (np.abs(got) <= (1 + rel) / math.sqrt(1 - beta_seen)).all(), f"step {t} leaf {i}"
 
 
@@ -406,13 +436,16 @@ def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps
 
 
 @hypothesis.given(
-    case=cases(),
-    hp=hyperparams(),
-    accumulator=st.sampled_from([None, "float32"]),
-    logging_interval=st.sampled_from([None, 0, 3]),
+  case=cases(),
+  hp=hyperparams(),
+  accumulator=st.sampled_from([None, "float32"]),
+  logging_interval=st.sampled_from([None, 0, 3]),
 )
 def test_state_structure_shapes_and_dtypes(case, hp, accumulator, logging_interval):
-  """(b) The chain's state: one stage per stage of the documented chain, moments shaped like params."""
+  """(b) The chain's state: one stage per stage of the documented chain.
+
+  Moments shaped like params.
+  """
   with x64_if(case.dtype):
     params = make_params(case)
     tx = build(as_jax(hp, case.dtype), accumulator, logging_interval)
@@ -422,9 +455,10 @@ def test_state_structure_shapes_and_dtypes(case, hp, accumulator, logging_interv
 
     logging_on = bool(logging_interval)
     expected_types = (
-        [gax.LogProgressState] * logging_on
-        + [gax.FlipSignState] + [optax.EmptyState] * (hp["clip_value"] is not None)
-        + [gax.ScaleByAdaptiveRmsState, gax.MomentumState, gax.ScaleByWarmupDecayState]
+      [gax.LogProgressState] * logging_on
+      + [gax.FlipSignState]
+      + [optax.EmptyState] * (hp["clip_value"] is not None)
+      + [gax.ScaleByAdaptiveRmsState, gax.MomentumState, gax.ScaleByWarmupDecayState]
     )
     state_dtype = jnp.dtype(accumulator or case.dtype)
     for before, steps_taken in ((state, 0), (new_state, 1)):
@@ -454,12 +488,12 @@ def all_finite(tree):
 
 
 @hypothesis.given(
-    case=cases(),
-    # |s| <= 1/sqrt(1 - beta) <= 31.7, |v| <= 31.7 / (1 - 0.9), |d| <= 1.9 |v|,
-    # so |update| <= lr * 602 < the float16 maximum 65504: overflow is impossible.
-    hp=hyperparams(max_momentum=0.9, max_beta=0.999),
-    n_steps=st.integers(1, 5),
-    extremes=st.booleans(),
+  case=cases(),
+  # |s| <= 1/sqrt(1 - beta) <= 31.7, |v| <= 31.7 / (1 - 0.9), |d| <= 1.9 |v|,
+  # so |update| <= lr * 602 < the float16 maximum 65504: overflow is impossible.
+  hp=hyperparams(max_momentum=0.9, max_beta=0.999),
+  n_steps=st.integers(1, 5),
+  extremes=st.booleans(),
 )
 def test_finite_gradients_give_finite_updates_and_state(case, hp, n_steps, extremes):
   """(c) Any finite gradients, up to the dtype's largest, give finite results."""
@@ -469,8 +503,8 @@ def test_finite_gradients_give_finite_updates_and_state(case, hp, n_steps, extre
       info = jnp.finfo(jnp.dtype(case.dtype))
       picks = np.array([info.max, -info.max, info.smallest_subnormal, 0.0], np.float64)
       grads_seq = [
-          jax.tree.map(lambda g, p=p: jnp.full_like(g, p), grads) for grads, p in zip(
-              grads_seq, np.resize(picks, n_steps), strict=True)
+        jax.tree.map(lambda g, p=p: jnp.full_like(g, p), grads)
+        for grads, p in zip(grads_seq, np.resize(picks, n_steps), strict=True)
       ]
     steps = run_eager(build(as_jax(hp, case.dtype)), make_params(case), grads_seq)
     for t, (updates, state) in enumerate(steps, start=1):
@@ -482,18 +516,21 @@ def test_finite_gradients_give_finite_updates_and_state(case, hp, n_steps, extre
 
 
 @hypothesis.given(
-    case=cases(dtypes=("float16", "bfloat16", "float32")),
-    clip_value=log_uniform(1e-6, 1e6),
-    as_jax_scalar=st.booleans(),
-    with_infinities=st.booleans(),
+  case=cases(dtypes=("float16", "bfloat16", "float32")),
+  clip_value=log_uniform(1e-6, 1e6),
+  as_jax_scalar=st.booleans(),
+  with_infinities=st.booleans(),
 )
 def test_clip_by_value_stays_within_bound(case, clip_value, as_jax_scalar, with_infinities):
   """(d) Every clipped value lies in [-clip_value, clip_value]; others unchanged."""
   (grads,) = make_grads(case, 1, magnitudes=(1e-8, 6e4))
   if with_infinities:
     grads = jax.tree.map(
-        lambda g: g.ravel().at[:2].set(jnp.array([jnp.inf, -jnp.inf], g.dtype)[: g.size])
-        .reshape(g.shape), grads)
+      lambda g: (
+        g.ravel().at[:2].set(jnp.array([jnp.inf, -jnp.inf], g.dtype)[: g.size]).reshape(g.shape)
+      ),
+      grads,
+    )
   bound = jnp.asarray(clip_value, jnp.float32) if as_jax_scalar else clip_value
   exact = float(bound)  # the value the user asked for
   tx = gax.clip_by_value(bound)
@@ -515,9 +552,9 @@ def test_clip_by_value_stays_within_bound(case, clip_value, as_jax_scalar, with_
 
 
 @hypothesis.given(
-    case=cases(dtypes=("float16", "bfloat16", "float32")),
-    clip_value=log_uniform(0.1, 100.0),
-    hp=hyperparams(),
+  case=cases(dtypes=("float16", "bfloat16", "float32")),
+  clip_value=log_uniform(0.1, 100.0),
+  hp=hyperparams(),
 )
 def test_clip_stage_inside_gradient_ascent(case, clip_value, hp):
   """(d) In the chain: with beta = 0 the first second moment is h**2, h clipped."""
@@ -528,7 +565,9 @@ def test_clip_stage_inside_gradient_ascent(case, clip_value, hp):
   tx = build(as_jax(hp, case.dtype))
   _, state = tx.update(grads, tx.init(make_params(case)))
   u = unit_roundoff(case.dtype)
-  for moment, g in zip(jax.tree.leaves(state[-3].second_moment), jax.tree.leaves(grads), strict=True):
+  for moment, g in zip(
+    jax.tree.leaves(state[-3].second_moment), jax.tree.leaves(grads), strict=True
+  ):
     root = np.sqrt(np.asarray(moment).astype(np.float64))
     g64 = np.abs(np.asarray(g).astype(np.float64))
     # h**2 is rounded once to float32 and once to the state dtype: 2u each.
@@ -541,10 +580,10 @@ def test_clip_stage_inside_gradient_ascent(case, clip_value, hp):
 
 
 @hypothesis.given(
-    case=cases(),
-    hp=hyperparams(max_momentum=0.9, max_beta=0.999, learning_rate=0.0),
-    n_steps=st.integers(1, 4),
-    python_zero=st.booleans(),
+  case=cases(),
+  hp=hyperparams(max_momentum=0.9, max_beta=0.999, learning_rate=0.0),
+  n_steps=st.integers(1, 4),
+  python_zero=st.booleans(),
 )
 def test_zero_learning_rate_gives_zero_updates(case, hp, n_steps, python_zero):
   """(e) learning_rate = 0 (Python or JAX) never moves the parameters."""
@@ -569,10 +608,10 @@ def jitted_update(hp_numbers, grads, state, static):
 
 
 @hypothesis.given(
-    case=cases(templates=(1, 3)),
-    hp=hyperparams(),
-    n_steps=st.integers(1, 3),
-    accumulator=st.sampled_from([None, "float32"]),
+  case=cases(templates=(1, 3)),
+  hp=hyperparams(),
+  n_steps=st.integers(1, 3),
+  accumulator=st.sampled_from([None, "float32"]),
 )
 def test_jit_and_eager_agree(case, hp, n_steps, accumulator):
   """(f) Compiled and op-by-op execution agree to rounding.
@@ -595,28 +634,31 @@ def test_jit_and_eager_agree(case, hp, n_steps, accumulator):
     hp_seen = as_seen(hp_jax)
     ref_abs = run_reference(hp_seen, grads_seq, accumulator or case.dtype, magnitude=True)
     jit_as_ref = [  # in the reference's sign convention (v = -velocity)
-        (leaves64(u), leaves64(s[-3].second_moment), [-v for v in leaves64(s[-2].velocity)])
-        for u, s in compiled
+      (leaves64(u), leaves64(s[-3].second_moment), [-v for v in leaves64(s[-2].velocity)])
+      for u, s in compiled
     ]
-    check_against_reference(eager, jit_as_ref, ref_abs, hp_seen, case.dtype, accumulator or case.dtype)
+    check_against_reference(
+      eager, jit_as_ref, ref_abs, hp_seen, case.dtype, accumulator or case.dtype
+    )
 
 
 # (g) -------------------------------------------------------------------------
 
 
 @hypothesis.given(
-    case=cases(), hp=hyperparams(), n_steps=st.integers(1, 3), python_warmup=st.booleans())
+  case=cases(), hp=hyperparams(), n_steps=st.integers(1, 3), python_warmup=st.booleans()
+)
 def test_maximize_of_descent_chain_is_gradient_ascent(case, hp, n_steps, python_warmup):
   """(g) maximize(the descent chain) is gradient_ascent, bit for bit."""
   with x64_if(case.dtype):
     hp_jax = as_jax(hp, case.dtype, python_warmup)
     descent = optax.chain(
-        *([gax.clip_by_value(hp_jax["clip_value"])] if hp["clip_value"] is not None else []),
-        gax.scale_by_adaptive_rms(hp_jax["beta"], hp_jax["eps"]),
-        gax.momentum(hp_jax["momentum"], hp_jax["nesterov"]),
-        gax.scale_by_warmup_decay(
-            hp_jax["learning_rate"], hp_jax["warmup_steps"], hp_jax["lr_decay"]
-        ),
+      *([gax.clip_by_value(hp_jax["clip_value"])] if hp["clip_value"] is not None else []),
+      gax.scale_by_adaptive_rms(hp_jax["beta"], hp_jax["eps"]),
+      gax.momentum(hp_jax["momentum"], hp_jax["nesterov"]),
+      gax.scale_by_warmup_decay(
+        hp_jax["learning_rate"], hp_jax["warmup_steps"], hp_jax["lr_decay"]
+      ),
     )
     params = make_params(case)
     grads_seq = make_grads(case, n_steps)
@@ -644,23 +686,24 @@ def spec_learning_rate(base, lr_decay, warmup_steps, k):
 
 @pytest.mark.slow  # 12 s
 @hypothesis.given(
-    learning_rate=log_uniform(1e-4, 10.0),
-    as_schedule=st.booleans(),
-    warmup_steps=st.integers(0, 2000) | st.just(INT32_MAX),
-    lr_decay=st.none() | st.just(1.0) | st.floats(0.5, 1.0) | st.floats(1e-3, 1.0),
-    jax_hyperparams=st.booleans(),
-    counts=st.lists(st.integers(0, INT32_MAX) | st.integers(0, 3000), min_size=1, max_size=8),
-    x64=st.booleans(),
+  learning_rate=log_uniform(1e-4, 10.0),
+  as_schedule=st.booleans(),
+  warmup_steps=st.integers(0, 2000) | st.just(INT32_MAX),
+  lr_decay=st.none() | st.just(1.0) | st.floats(0.5, 1.0) | st.floats(1e-3, 1.0),
+  jax_hyperparams=st.booleans(),
+  counts=st.lists(st.integers(0, INT32_MAX) | st.integers(0, 3000), min_size=1, max_size=8),
+  x64=st.booleans(),
 )
 def test_schedule_matches_spec_formula(
-    learning_rate, as_schedule, warmup_steps, lr_decay, jax_hyperparams, counts, x64
+  learning_rate, as_schedule, warmup_steps, lr_decay, jax_hyperparams, counts, x64
 ):
   """(h) warmup_decay_schedule and scale_by_warmup_decay follow the formula.
 
   Counts are any int32 value, and the edges: 0, around warmup_steps, the max.
   """
-  counts = sorted(set(counts) | {0, INT32_MAX} | {
-      min(max(warmup_steps + d, 0), INT32_MAX) for d in (-1, 0, 1)})
+  counts = sorted(
+    set(counts) | {0, INT32_MAX} | {min(max(warmup_steps + d, 0), INT32_MAX) for d in (-1, 0, 1)}
+  )
   dtype = "float64" if x64 else "float32"
   with jax.enable_x64(x64):
     wide = compute_dtype(dtype)
@@ -696,7 +739,7 @@ def test_schedule_matches_spec_formula(
     assert np.isfinite(got[i])
     assert abs(-float(stage_updates[i]) - expected) <= rel * expected + atol
   np.testing.assert_array_equal(
-      np.asarray(stage_state.count), np.minimum(np.asarray(counts, np.int64) + 1, INT32_MAX)
+    np.asarray(stage_state.count), np.minimum(np.asarray(counts, np.int64) + 1, INT32_MAX)
   )
 
 
@@ -704,12 +747,21 @@ def test_schedule_matches_spec_formula(
 def test_reference_comparison_detects_a_wrong_learning_rate(dtype):
   """The low-precision comparison is not vacuous: a 3% wrong lr is caught."""
   case = Case(1, ((3,), (2, 3)), dtype, seed=7)
-  hp = dict(learning_rate=0.01, momentum=0.9, beta=0.999, eps=1e-8, nesterov=False,
-            clip_value=None, lr_decay=None, warmup_steps=0)
+  hp = dict(
+    learning_rate=0.01,
+    momentum=0.9,
+    beta=0.999,
+    eps=1e-8,
+    nesterov=False,
+    clip_value=None,
+    lr_decay=None,
+    warmup_steps=0,
+  )
   hp_jax = as_jax(hp, dtype)
   grads_seq = make_grads(case, 2, magnitudes=(1e-2, 1e2))
-  steps = run_eager(build(dict(hp_jax, learning_rate=jnp.float32(0.0103))), make_params(case),
-                    grads_seq)
+  steps = run_eager(
+    build(dict(hp_jax, learning_rate=jnp.float32(0.0103))), make_params(case), grads_seq
+  )
   hp_seen = as_seen(hp_jax)
   ref = run_reference(hp_seen, grads_seq, dtype)
   ref_abs = run_reference(hp_seen, grads_seq, dtype, magnitude=True)

@@ -27,9 +27,16 @@ class _Collect(logging.Handler):
     self.seen = []
 
   def emit(self, record):
-    self.seen.append((record.name, record.levelno, record.getMessage(),
-                      getattr(record, "step", None), getattr(record, "grad_norm", None),
-                      getattr(record, "value", None)))
+    self.seen.append(
+      (
+        record.name,
+        record.levelno,
+        record.getMessage(),
+        getattr(record, "step", None),
+        getattr(record, "grad_norm", None),
+        getattr(record, "value", None),
+      )
+    )
 
 
 @pytest.fixture
@@ -79,10 +86,17 @@ def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **k
   return seen, state
 
 
-@pytest.mark.parametrize("case", [
-    {}, {"donate": True}, {"nan_at": 7}, {"nan_at": 7, "donate": True},
-    {"logging_name": "gen"}, {"logging_interval": 1, "steps": 6, "donate": True},
-])
+@pytest.mark.parametrize(
+  "case",
+  [
+    {},
+    {"donate": True},
+    {"nan_at": 7},
+    {"nan_at": 7, "donate": True},
+    {"logging_name": "gen"},
+    {"logging_interval": 1, "steps": 6, "donate": True},
+  ],
+)
 def test_state_path_logs_what_the_callback_path_logs(collect, case):
   by_callback, _ = _train("callback", collect, **case)
   by_state, _ = _train("state", collect, **case)
@@ -93,9 +107,14 @@ def test_state_path_logs_what_the_callback_path_logs(collect, case):
 def test_records_are_those_expected(collect):
   # Independent of the callback path: steps, levels and the first norm by hand.
   seen, _ = _train("state", collect, nan_at=7)
-  assert [(s[1], s[3]) for s in seen] == [(logging.INFO, 5), (logging.WARNING, 8),
-                                          (logging.INFO, 10), (logging.INFO, 15),
-                                          (logging.INFO, 20), (logging.INFO, 25)]
+  assert [(s[1], s[3]) for s in seen] == [
+    (logging.INFO, 5),
+    (logging.WARNING, 8),
+    (logging.INFO, 10),
+    (logging.INFO, 15),
+    (logging.INFO, 20),
+    (logging.INFO, 25),
+  ]
   assert "step 8: the objective passed as value= is not finite" in seen[1][2]
   seen, _ = _train("state", collect, logging_interval=1, steps=1)
   # The gradient at the start: a = 1 (d/da = 2 * (2 - 1) = 2 each), b = 1 (-1 each).
@@ -142,11 +161,18 @@ def test_callback_sends_one_packed_array(monkeypatch):
 
 def test_packed_record_round_trips_every_field(x64):
   for dtype in (jnp.float32, jnp.float64):
-    record = records.Record(step=jnp.asarray(2**31 - 1, jnp.int32), interval=jnp.asarray(7),
-                            learning_rate=jnp.float32(0.1),
-                            grad_norm=jnp.asarray(1e300 if dtype == jnp.float64 else 3e38, dtype),
-                            value=jnp.asarray(-1.25, dtype), show=True, descending=True,
-                            warn_step=jnp.asarray(5), nonfinite=False, value_nonfinite=True)
+    record = records.Record(
+      step=jnp.asarray(2**31 - 1, jnp.int32),
+      interval=jnp.asarray(7),
+      learning_rate=jnp.float32(0.1),
+      grad_norm=jnp.asarray(1e300 if dtype == jnp.float64 else 3e38, dtype),
+      value=jnp.asarray(-1.25, dtype),
+      show=True,
+      descending=True,
+      warn_step=jnp.asarray(5),
+      nonfinite=False,
+      value_nonfinite=True,
+    )
     words = records.pack(record, has_value=True, has_rate=False, name="gen.é")
     back, has_value, has_rate, name = records.unpack(np.asarray(words))
     assert (back.step, back.interval, back.show, back.descending) == (2**31 - 1, 7, True, True)
@@ -202,9 +228,12 @@ def test_nan_on_a_later_pmap_device_warns_once(collect, path):
   tx = gax.gradient_ascent(0.05, logging_interval=2, logging_emit=path)
   state, reader = jax.pmap(tx.init)(x), gax.ProgressReader()
   # Only the last device's objective is NaN, at every step.
-  step = jax.pmap(lambda x, s: tx.update(
-      -2 * x, s, x, value=jnp.where(jax.lax.axis_index("i") == n - 1, jnp.nan, 1.0))[1],
-      axis_name="i")
+  step = jax.pmap(
+    lambda x, s: tx.update(
+      -2 * x, s, x, value=jnp.where(jax.lax.axis_index("i") == n - 1, jnp.nan, 1.0)
+    )[1],
+    axis_name="i",
+  )
   for _ in range(4):
     state = step(x, state)
     if path == "state":
@@ -231,8 +260,11 @@ def test_nan_on_a_later_shard_map_device_warns_once(collect, path):
     bad = jax.lax.axis_index("d") == mesh.size - 1
     return tx.update(g, s, value=jnp.where(bad, jnp.nan, 1.0))[1]
 
-  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec("d"), spec()),
-                               out_specs=spec(), check_vma=False))
+  step = jax.jit(
+    jax.shard_map(
+      per_device, mesh=mesh, in_specs=(spec("d"), spec()), out_specs=spec(), check_vma=False
+    )
+  )
   for _ in range(2):
     state = step(grads, state)
     if path == "state":
@@ -240,7 +272,10 @@ def test_nan_on_a_later_shard_map_device_warns_once(collect, path):
   reader.flush()
   jax.effects_barrier()
   assert [(s[1], s[3]) for s in collect] == [
-      (logging.WARNING, 1), (logging.INFO, 1), (logging.INFO, 2)]
+    (logging.WARNING, 1),
+    (logging.INFO, 1),
+    (logging.INFO, 2),
+  ]
 
 
 def test_two_named_optimizers_in_one_dict(collect):
@@ -251,8 +286,10 @@ def test_two_named_optimizers_in_one_dict(collect):
 
   @jax.jit
   def step(states):
-    return {"gen": gen.update(jnp.ones(2), states["gen"], g)[1],
-            "disc": disc.update(jnp.ones(2), states["disc"], d)[1]}
+    return {
+      "gen": gen.update(jnp.ones(2), states["gen"], g)[1],
+      "disc": disc.update(jnp.ones(2), states["disc"], d)[1],
+    }
 
   reader = gax.ProgressReader()
   for _ in range(6):
@@ -260,8 +297,13 @@ def test_two_named_optimizers_in_one_dict(collect):
     reader(states)
   reader.flush()
   seen = sorted((s[0], s[3]) for s in collect)
-  assert seen == [(LOGGER + ".disc", 3), (LOGGER + ".disc", 6), (LOGGER + ".gen", 2),
-                  (LOGGER + ".gen", 4), (LOGGER + ".gen", 6)]
+  assert seen == [
+    (LOGGER + ".disc", 3),
+    (LOGGER + ".disc", 6),
+    (LOGGER + ".gen", 2),
+    (LOGGER + ".gen", 4),
+    (LOGGER + ".gen", 6),
+  ]
   assert all(s[2].startswith(s[0].rsplit(".", 1)[1] + ": step ") for s in collect)
 
 
@@ -276,8 +318,11 @@ def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   for reader in readers:
     reader.flush()
   assert sorted((s[3], round(s[4], 4)) for s in collect) == [
-      (2, round(np.sqrt(2), 4)), (2, round(2 * np.sqrt(2), 4)),
-      (4, round(np.sqrt(2), 4)), (4, round(2 * np.sqrt(2), 4))]
+    (2, round(np.sqrt(2), 4)),
+    (2, round(2 * np.sqrt(2), 4)),
+    (4, round(np.sqrt(2), 4)),
+    (4, round(2 * np.sqrt(2), 4)),
+  ]
 
 
 def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatch):

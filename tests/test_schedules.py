@@ -22,14 +22,14 @@ def test_warmup_only():
   # lr_k = 0.5 * min(1, (k+1)/4): the first step already uses lr/4.
   schedule = gax.warmup_decay_schedule(0.5, warmup_steps=4)
   np.testing.assert_allclose(
-      rates(schedule, 7), [0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.5], rtol=1e-7
+    rates(schedule, 7), [0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.5], rtol=1e-7
   )
 
 
 def test_warmup_of_one_step_is_constant():
   # min(1, (k+1)/1) = 1 for every k >= 0.
   np.testing.assert_allclose(
-      rates(gax.warmup_decay_schedule(0.5, warmup_steps=1), 3), [0.5] * 3, rtol=1e-7
+    rates(gax.warmup_decay_schedule(0.5, warmup_steps=1), 3), [0.5] * 3, rtol=1e-7
   )
 
 
@@ -41,7 +41,7 @@ def test_decay_only():
 
 def test_decay_of_one_is_constant():
   np.testing.assert_allclose(
-      rates(gax.warmup_decay_schedule(0.5, lr_decay=1.0), 3), [0.5] * 3, rtol=1e-7
+    rates(gax.warmup_decay_schedule(0.5, lr_decay=1.0), 3), [0.5] * 3, rtol=1e-7
   )
 
 
@@ -50,9 +50,7 @@ def test_warmup_and_decay():
   #   k=0: 1 * 1/3 = 1/3     k=1: 0.5 * 2/3 = 1/3     k=2: 0.25 * 1 = 0.25
   #   k=3: 0.125             k=4: 0.0625
   schedule = gax.warmup_decay_schedule(1.0, warmup_steps=3, lr_decay=0.5)
-  np.testing.assert_allclose(
-      rates(schedule, 5), [1 / 3, 1 / 3, 0.25, 0.125, 0.0625], rtol=1e-6
-  )
+  np.testing.assert_allclose(rates(schedule, 5), [1 / 3, 1 / 3, 0.25, 0.125, 0.0625], rtol=1e-6)
 
 
 def test_callable_base_schedule():
@@ -66,7 +64,7 @@ def test_callable_base_schedule():
   base = optax.linear_schedule(init_value=1.0, end_value=0.0, transition_steps=4)
   schedule = gax.warmup_decay_schedule(base, warmup_steps=2, lr_decay=0.5)
   np.testing.assert_allclose(
-      rates(schedule, 5), [0.5, 0.375, 0.125, 0.03125, 0.0], rtol=1e-6, atol=1e-12
+    rates(schedule, 5), [0.5, 0.375, 0.125, 0.03125, 0.0], rtol=1e-6, atol=1e-12
   )
 
 
@@ -125,5 +123,5 @@ def test_float64_schedule_values(x64):
   # Under x64 the values carry full double precision: 1/3 exactly to ~1e-16.
   schedule = gax.warmup_decay_schedule(1.0, warmup_steps=3, lr_decay=0.5)
   np.testing.assert_allclose(
-      [float(schedule(jnp.int64(k))) for k in range(3)], [1 / 3, 1 / 3, 0.25], rtol=1e-15
+    [float(schedule(jnp.int64(k))) for k in range(3)], [1 / 3, 1 / 3, 0.25], rtol=1e-15
   )

@@ -30,11 +30,11 @@ COMMUNICATION = ("all-gather", "all-to-all", "collective-permute")
 
 # Every kind of leaf: both mesh axes on one weight, one axis, replicated, scalar.
 SPECS = {
-    "w1": P("x", "y"),
-    "b1": P("y"),
-    "w2": P("y", None),
-    "b2": P(),
-    "temperature": P(),
+  "w1": P("x", "y"),
+  "b1": P("y"),
+  "w2": P("y", None),
+  "b2": P(),
+  "temperature": P(),
 }
 
 
@@ -47,11 +47,11 @@ def mesh():
 def make_params():
   keys = jax.random.split(jax.random.key(0), 4)
   return {
-      "w1": jax.random.normal(keys[0], (8, 16)),
-      "b1": jax.random.normal(keys[1], (16,)),
-      "w2": jax.random.normal(keys[2], (16, 4)),
-      "b2": jax.random.normal(keys[3], (4,)),
-      "temperature": jnp.asarray(1.5),
+    "w1": jax.random.normal(keys[0], (8, 16)),
+    "b1": jax.random.normal(keys[1], (16,)),
+    "w2": jax.random.normal(keys[2], (16, 4)),
+    "b2": jax.random.normal(keys[3], (4,)),
+    "temperature": jnp.asarray(1.5),
   }
 
 
@@ -94,10 +94,10 @@ def assert_state_follows_params(state, params):
     for name, param in params.items():
       leaf = buffers[name]
       assert leaf.sharding.is_equivalent_to(param.sharding, param.ndim), (
-          f"{type(moment).__name__}.{name}: {leaf.sharding} vs {param.sharding}"
+        f"{type(moment).__name__}.{name}: {leaf.sharding} vs {param.sharding}"
       )
   counts = [
-      s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
+    s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
   ]
   assert counts and all(c.sharding.is_fully_replicated for c in counts)
 
@@ -150,7 +150,7 @@ def test_eager_init_replicates_step_counters_over_the_params_mesh(mesh):
   params = shard(make_params(), mesh)
   state = make_tx(logging_interval=2).init(params)
   counts = [
-      s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
+    s.count for s in state if isinstance(s, gax.ScaleByWarmupDecayState | gax.LogProgressState)
   ]
   assert len(counts) == 2
   for count in counts:
@@ -234,8 +234,9 @@ def collective_shapes(text):
   return found
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit, None],
-                         ids=["Auto", "Explicit", "mesh-not-set"])
+@pytest.mark.parametrize(
+  "axis_type", [AxisType.Auto, AxisType.Explicit, None], ids=["Auto", "Explicit", "mesh-not-set"]
+)
 def test_logging_step_logs_same_shaped_leaves_in_different_layouts(axis_type, caplog):
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type or AxisType.Auto,) * 2)
   grads, shardings = crossed_grads(mesh)
@@ -317,12 +318,12 @@ def shard_map_run(tx, mesh, steps):
     return optax.apply_updates(params, updates), state
 
   step = jax.jit(
-      jax.shard_map(
-          local_step,
-          mesh=mesh,
-          in_specs=(P(), P(), P(axes), P(axes)),
-          out_specs=(P(), P()),
-      )
+    jax.shard_map(
+      local_step,
+      mesh=mesh,
+      in_specs=(P(), P(), P(axes), P(axes)),
+      out_specs=(P(), P()),
+    )
   )
   for _ in range(steps):
     # Collective steps left in flight on fake CPU devices can deadlock a busy
@@ -367,15 +368,15 @@ def test_data_parallel_matches_single_device(mesh, mode, caplog):
 
   # Averaging 8 partial means sums in another order: equal up to rounding.
   for actual, expected in zip(
-      jax.tree.leaves(params), jax.tree.leaves(expected_params), strict=True
+    jax.tree.leaves(params), jax.tree.leaves(expected_params), strict=True
   ):
     np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6)
   moments = [s for s in state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)]
   expected_moments = [
-      s for s in expected_state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)
+    s for s in expected_state if isinstance(s, gax.ScaleByAdaptiveRmsState | gax.MomentumState)
   ]
   for actual, expected in zip(
-      jax.tree.leaves(moments), jax.tree.leaves(expected_moments), strict=True
+    jax.tree.leaves(moments), jax.tree.leaves(expected_moments), strict=True
   ):
     np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-7)
   # It ascends: the log-likelihood it was given the gradient of went up.

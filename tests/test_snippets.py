@@ -121,19 +121,22 @@ def test_claims_are_checked_with_tolerance_only_on_numbers():
 def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
   env = dict(os.environ)
   # The suite's 8 fake devices are not the user's setup; other XLA flags (an ISA cap) reach it.
-  env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
-                              if not flag.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = " ".join(
+    flag
+    for flag in env.get("XLA_FLAGS", "").split()
+    if not flag.startswith("--xla_force_host_platform_device_count")
+  )
   env["PYTHONUNBUFFERED"] = "1"  # keep prints and log records in order
   script = tmp_path / "snippet.py"
   script.write_text(code)
   result = subprocess.run(
-      [sys.executable, str(script)],
-      cwd=tmp_path,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      timeout=TIMEOUT_S,
+    [sys.executable, str(script)],
+    cwd=tmp_path,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=TIMEOUT_S,
   )
   where = f"{path}:{line}"
   assert result.returncode == 0, f"{where} failed:\n{result.stdout}"
@@ -143,7 +146,7 @@ def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_p
     while position < len(output) and not line_matches(expected, output[position]):
       position += 1
     assert position < len(output), (
-        f"{where} claims it prints {expected!r} (in this order), but printed:\n{result.stdout}"
+      f"{where} claims it prints {expected!r} (in this order), but printed:\n{result.stdout}"
     )
     position += 1
 
@@ -159,7 +162,8 @@ def test_every_test_the_docs_name_exists():
     named |= set(re.findall(r"(tests/\w+\.py)::(\w+)", page.read_text()))
   assert len(named) > 50  # the "What happens when…" page alone names more
   missing = sorted(
-      f"{path}::{name}" for path, name in named
-      if not re.search(rf"^\s*def {name}\(", (ROOT / path).read_text(), re.M)
+    f"{path}::{name}"
+    for path, name in named
+    if not re.search(rf"^\s*def {name}\(", (ROOT / path).read_text(), re.M)
   )
   assert not missing, f"the docs name tests that do not exist: {missing}"

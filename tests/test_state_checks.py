@@ -32,14 +32,14 @@ PARAMS = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
 
 
 @pytest.mark.parametrize(
-    ("grads", "what"),
-    [
-        ({"w": jnp.zeros(3)}, "structs"),
-        ({"w": jnp.zeros(3), "c": jnp.zeros(2)}, "structs"),
-        ({"w": jnp.zeros(4), "b": jnp.zeros(2)}, r"'w': shapes: \(4,\) != \(3,\)"),
-        ({"w": jnp.zeros(3, jnp.float16), "b": jnp.zeros(2)}, "'w': types: float16 != float32"),
-    ],
-    ids=["missing-leaf", "renamed-leaf", "shape", "dtype"],
+  ("grads", "what"),
+  [
+    ({"w": jnp.zeros(3)}, "structs"),
+    ({"w": jnp.zeros(3), "c": jnp.zeros(2)}, "structs"),
+    ({"w": jnp.zeros(4), "b": jnp.zeros(2)}, r"'w': shapes: \(4,\) != \(3,\)"),
+    ({"w": jnp.zeros(3, jnp.float16), "b": jnp.zeros(2)}, "'w': types: float16 != float32"),
+  ],
+  ids=["missing-leaf", "renamed-leaf", "shape", "dtype"],
 )
 @pytest.mark.parametrize("jit", [False, True])
 def test_mismatched_gradients_raise_value_error(grads, what, jit):
@@ -62,25 +62,33 @@ def test_update_with_none_state_says_to_call_init():
 
 
 STATE_MISMATCHES = {
-    # (tx that made the state, tx that gets it, what the message says was found)
-    "clip-into-logging": (
-        lambda: quiet(clip_value=1.0), lambda: gax.gradient_ascent(logging_interval=10),
-        "got (FlipSignState, EmptyState, ScaleByAdaptiveRmsState"),
-    "logging-into-clip": (
-        lambda: gax.gradient_ascent(logging_interval=10), lambda: quiet(clip_value=1.0),
-        "got (LogProgressState, "),
-    "adam": (lambda: optax.adam(1e-3), quiet, "got (ScaleByAdamState, EmptyState)"),
-    "inject_hyperparams-into-plain": (
-        lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=None), quiet,
-        "got InjectStatefulHyperparamsState"),
-    "multisteps-inner": (
-        lambda: optax.MultiSteps(quiet(clip_value=1.0), 2).gradient_transformation(),
-        lambda: optax.MultiSteps(quiet(), 2).gradient_transformation(),
-        "got (FlipSignState, EmptyState, "),
-    "apply_if_finite-inner": (
-        lambda: optax.apply_if_finite(quiet(clip_value=1.0), 3),
-        lambda: optax.apply_if_finite(quiet(), 3),
-        "got (FlipSignState, EmptyState, "),
+  # (tx that made the state, tx that gets it, what the message says was found)
+  "clip-into-logging": (
+    lambda: quiet(clip_value=1.0),
+    lambda: gax.gradient_ascent(logging_interval=10),
+    "got (FlipSignState, EmptyState, ScaleByAdaptiveRmsState",
+  ),
+  "logging-into-clip": (
+    lambda: gax.gradient_ascent(logging_interval=10),
+    lambda: quiet(clip_value=1.0),
+    "got (LogProgressState, ",
+  ),
+  "adam": (lambda: optax.adam(1e-3), quiet, "got (ScaleByAdamState, EmptyState)"),
+  "inject_hyperparams-into-plain": (
+    lambda: optax.inject_hyperparams(gax.gradient_ascent)(logging_interval=None),
+    quiet,
+    "got InjectStatefulHyperparamsState",
+  ),
+  "multisteps-inner": (
+    lambda: optax.MultiSteps(quiet(clip_value=1.0), 2).gradient_transformation(),
+    lambda: optax.MultiSteps(quiet(), 2).gradient_transformation(),
+    "got (FlipSignState, EmptyState, ",
+  ),
+  "apply_if_finite-inner": (
+    lambda: optax.apply_if_finite(quiet(clip_value=1.0), 3),
+    lambda: optax.apply_if_finite(quiet(), 3),
+    "got (FlipSignState, EmptyState, ",
+  ),
 }
 
 
@@ -90,8 +98,11 @@ def test_state_of_another_optimizer_names_gradient_ascent(name, jit):
   made_by, used_by, found = STATE_MISMATCHES[name]
   state = made_by().init(PARAMS)
   update = used_by().update
-  with pytest.raises(ValueError, match=r"^gradient_ascent: the optimizer state does not "
-                     r"belong to this optimizer\. Expected .* a tuple of \(") as error:
+  with pytest.raises(
+    ValueError,
+    match=r"^gradient_ascent: the optimizer state does not "
+    r"belong to this optimizer\. Expected .* a tuple of \(",
+  ) as error:
     (jax.jit(update) if jit else update)(PARAMS, state, PARAMS)
   message = str(error.value)
   assert found in message
@@ -101,8 +112,10 @@ def test_state_of_another_optimizer_names_gradient_ascent(name, jit):
 def test_state_of_another_accumulator_dtype_is_refused():
   made = quiet(accumulator_dtype=jnp.float32).init(PARAMS)
   tx = quiet(accumulator_dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match="holds float32 moments, but this optimizer was "
-                     "built with accumulator_dtype=bfloat16") as error:
+  with pytest.raises(
+    ValueError,
+    match="holds float32 moments, but this optimizer was built with accumulator_dtype=bfloat16",
+  ) as error:
     tx.update(PARAMS, made, PARAMS)
   assert "tx.init(params)" in str(error.value)
 
@@ -124,7 +137,9 @@ def test_state_of_nesterov_and_other_hyperparameters_is_accepted():
 def test_errors_inside_a_stage_say_they_come_from_gradient_ascent():
   tx = quiet()
   state = tx.init(PARAMS)
-  with pytest.raises(ValueError, match="scale_by_adaptive_rms: the gradients do not match") as error:
+  with pytest.raises(
+    ValueError, match="scale_by_adaptive_rms: the gradients do not match"
+  ) as error:
     tx.update({"w": jnp.zeros(4), "b": jnp.zeros(2)}, state)
   assert any("gradient_ascent" in note for note in getattr(error.value, "__notes__", []))
 
@@ -133,9 +148,9 @@ def test_errors_inside_a_stage_say_they_come_from_gradient_ascent():
 
 
 @pytest.mark.parametrize(
-    "leaf",
-    [jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.complex64), 3],
-    ids=["int32", "bool", "complex64", "python-int"],
+  "leaf",
+  [jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.complex64), 3],
+  ids=["int32", "bool", "complex64", "python-int"],
 )
 def test_non_float_leaf_raises_type_error_naming_path(leaf):
   params = {"w": jnp.zeros(2), "layer": {"count": leaf}}
@@ -145,14 +160,14 @@ def test_non_float_leaf_raises_type_error_naming_path(leaf):
 
 
 @pytest.mark.parametrize(
-    ("leaf", "dtype"),
-    [
-        (np.array([object()]), "object"),
-        (np.array(["a"]), "<U1"),
-        (np.str_("x"), "<U1"),
-        (np.datetime64("2020"), "datetime64[Y]"),
-    ],
-    ids=["object-array", "str-array", "numpy-str", "datetime64"],
+  ("leaf", "dtype"),
+  [
+    (np.array([object()]), "object"),
+    (np.array(["a"]), "<U1"),
+    (np.str_("x"), "<U1"),
+    (np.datetime64("2020"), "datetime64[Y]"),
+  ],
+  ids=["object-array", "str-array", "numpy-str", "datetime64"],
 )
 def test_numpy_leaf_of_a_dtype_jax_lacks_raises_type_error_naming_path(leaf, dtype):
   params = {"w": jnp.zeros(2), "layer": {"count": leaf}}
@@ -163,14 +178,14 @@ def test_numpy_leaf_of_a_dtype_jax_lacks_raises_type_error_naming_path(leaf, dty
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize(
-    "make",
-    [
-        quiet,
-        lambda: quiet(accumulator_dtype=jnp.float32),
-        gax.scale_by_adaptive_rms,
-        gax.momentum,
-    ],
-    ids=["gradient_ascent", "float32-state", "scale_by_adaptive_rms", "momentum"],
+  "make",
+  [
+    quiet,
+    lambda: quiet(accumulator_dtype=jnp.float32),
+    gax.scale_by_adaptive_rms,
+    gax.momentum,
+  ],
+  ids=["gradient_ascent", "float32-state", "scale_by_adaptive_rms", "momentum"],
 )
 def test_float8_leaf_raises_type_error_at_init_naming_path(make, dtype):
   params = {"w": jnp.zeros(2), "layer": {"kernel": jnp.zeros(2, dtype)}}
@@ -180,9 +195,7 @@ def test_float8_leaf_raises_type_error_at_init_naming_path(make, dtype):
   assert "Keep float32 or bfloat16 parameters" in str(error.value)
 
 
-@pytest.mark.parametrize(
-    "leaf", ["float32", object(), b"1.0"], ids=["str", "object", "bytes"]
-)
+@pytest.mark.parametrize("leaf", ["float32", object(), b"1.0"], ids=["str", "object", "bytes"])
 @pytest.mark.parametrize("make", [quiet, gax.scale_by_adaptive_rms, gax.momentum])
 def test_non_array_leaf_raises_type_error_naming_path(make, leaf):
   params = {"w": jnp.zeros(2), "layer": {"name": leaf}}
@@ -215,18 +228,24 @@ def test_low_precision_state_warns_and_float32_state_does_not(caplog):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "accumulator_dtype", "beta", "fix", "not_said"),
-    [
-        (jnp.bfloat16, None, 0.999, "accumulator_dtype=jnp.float32", "float64"),
-        (jnp.float16, None, 1 - 1e-4, "accumulator_dtype=jnp.float32", "float64"),
-        (jnp.float32, None, 1 - 1e-9, "accumulator_dtype=jnp.float64", "accumulator_dtype=jnp.float32"),
-        (jnp.bfloat16, jnp.float32, 1 - 1e-9, "accumulator_dtype=jnp.float64",
-         "accumulator_dtype=jnp.float32"),
-    ],
-    ids=["bfloat16", "float16", "float32", "float32-state"],
+  ("dtype", "accumulator_dtype", "beta", "fix", "not_said"),
+  [
+    (jnp.bfloat16, None, 0.999, "accumulator_dtype=jnp.float32", "float64"),
+    (jnp.float16, None, 1 - 1e-4, "accumulator_dtype=jnp.float32", "float64"),
+    (jnp.float32, None, 1 - 1e-9, "accumulator_dtype=jnp.float64", "accumulator_dtype=jnp.float32"),
+    (
+      jnp.bfloat16,
+      jnp.float32,
+      1 - 1e-9,
+      "accumulator_dtype=jnp.float64",
+      "accumulator_dtype=jnp.float32",
+    ),
+  ],
+  ids=["bfloat16", "float16", "float32", "float32-state"],
 )
-def test_coarse_beta_warning_gives_advice_that_fits(dtype, accumulator_dtype, beta, fix, not_said,
-                                                    caplog):
+def test_coarse_beta_warning_gives_advice_that_fits(
+  dtype, accumulator_dtype, beta, fix, not_said, caplog
+):
   with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
     quiet(beta=beta, accumulator_dtype=accumulator_dtype).init(jnp.zeros(2, dtype))
   [message] = [r.getMessage() for r in caplog.records]
@@ -247,15 +266,15 @@ def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64,
 
 @pytest.mark.parametrize("leaf", ["1.0", object(), b"1"], ids=["str", "object", "bytes"])
 @pytest.mark.parametrize(
-    ("make", "transform"),
-    [
-        (quiet, "flip_sign"),
-        (gax.flip_sign, "flip_sign"),
-        (lambda: gax.clip_by_value(1.0), "clip_by_value"),
-        (gax.scale_by_adaptive_rms, "scale_by_adaptive_rms"),
-        (gax.momentum, "momentum"),
-    ],
-    ids=["gradient_ascent", "flip_sign", "clip_by_value", "scale_by_adaptive_rms", "momentum"],
+  ("make", "transform"),
+  [
+    (quiet, "flip_sign"),
+    (gax.flip_sign, "flip_sign"),
+    (lambda: gax.clip_by_value(1.0), "clip_by_value"),
+    (gax.scale_by_adaptive_rms, "scale_by_adaptive_rms"),
+    (gax.momentum, "momentum"),
+  ],
+  ids=["gradient_ascent", "flip_sign", "clip_by_value", "scale_by_adaptive_rms", "momentum"],
 )
 def test_non_array_gradient_leaf_raises_type_error_naming_path(make, transform, leaf):
   params = {"w": jnp.zeros(2), "b": jnp.zeros(())}
@@ -272,7 +291,7 @@ def test_non_array_gradient_leaf_raises_type_error_naming_path(make, transform, 
 @pytest.mark.parametrize("eps", [1e-46, 1e-40])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
-    "make", [quiet, gax.scale_by_adaptive_rms], ids=["gradient_ascent", "scale_by_adaptive_rms"]
+  "make", [quiet, gax.scale_by_adaptive_rms], ids=["gradient_ascent", "scale_by_adaptive_rms"]
 )
 def test_eps_that_vanishes_in_float32_is_rejected_at_init(make, dtype, eps):
   with pytest.raises(ValueError, match=r"`eps` must be >= 1.18e-38 for float32") as error:
@@ -296,18 +315,25 @@ REAL_PARAMS = {"layer": {"w": jnp.zeros(2)}}
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize(
-    ("make", "transform"),
-    [
-        (lambda: gax.clip_by_value(1.0), "clip_by_value"),
-        (lambda: gax.scale_by_adaptive_rms(), "scale_by_adaptive_rms"),
-        (lambda: gax.scale_by_adaptive_rms(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
-        (lambda: gax.momentum(), "momentum"),
-        (lambda: gax.momentum(accumulator_dtype=jnp.float32), "momentum"),
-        (lambda: quiet(clip_value=1.0, accumulator_dtype=jnp.float32), "clip_by_value"),
-        (lambda: quiet(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
-    ],
-    ids=["clip", "rms", "rms-float32-state", "momentum", "momentum-float32-state",
-         "gradient_ascent-clip", "gradient_ascent"],
+  ("make", "transform"),
+  [
+    (lambda: gax.clip_by_value(1.0), "clip_by_value"),
+    (lambda: gax.scale_by_adaptive_rms(), "scale_by_adaptive_rms"),
+    (lambda: gax.scale_by_adaptive_rms(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
+    (lambda: gax.momentum(), "momentum"),
+    (lambda: gax.momentum(accumulator_dtype=jnp.float32), "momentum"),
+    (lambda: quiet(clip_value=1.0, accumulator_dtype=jnp.float32), "clip_by_value"),
+    (lambda: quiet(accumulator_dtype=jnp.float32), "scale_by_adaptive_rms"),
+  ],
+  ids=[
+    "clip",
+    "rms",
+    "rms-float32-state",
+    "momentum",
+    "momentum-float32-state",
+    "gradient_ascent-clip",
+    "gradient_ascent",
+  ],
 )
 def test_complex_gradient_raises_type_error_naming_transform_and_path(make, transform, jit):
   # clip_by_value raised "TypeError: float() argument must be a string or a real
@@ -315,7 +341,9 @@ def test_complex_gradient_raises_type_error_naming_transform_and_path(make, tran
   # the imaginary part and scale_by_adaptive_rms failed inside jnp.hypot.
   tx = make()
   update = jax.jit(tx.update) if jit else tx.update
-  with pytest.raises(TypeError, match=rf"^{transform}: gradient \['layer'\]\['w'\] is complex") as error:
+  with pytest.raises(
+    TypeError, match=rf"^{transform}: gradient \['layer'\]\['w'\] is complex"
+  ) as error:
     update(COMPLEX_GRADS, tx.init(REAL_PARAMS))
   assert "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...))" in str(error.value)
 
@@ -324,5 +352,3 @@ def test_complex_params_raise_type_error_at_init_naming_the_fix():
   with pytest.raises(TypeError, match=r"parameter \['layer'\]\['w'\] has dtype complex64") as error:
     quiet().init({"layer": {"w": jnp.zeros(2, jnp.complex64)}})
   assert "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...))" in str(error.value)
-
-

@@ -19,8 +19,11 @@ def declared_floors():
 
 def declared_exclusions():
   dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-  return {(re.match(r"[\w.-]+", dependency)[0], excluded)
-          for dependency in dependencies for excluded in re.findall(r"!=([\d.]+)", dependency)}
+  return {
+    (re.match(r"[\w.-]+", dependency)[0], excluded)
+    for dependency in dependencies
+    for excluded in re.findall(r"!=([\d.]+)", dependency)
+  }
 
 
 def documented_floors():
@@ -39,7 +42,7 @@ def test_ci_tests_the_documented_pythons():
   script = (ROOT / ".ci" / "versions").read_text()
   assert "pyproject.toml" in script  # the lowest job installs the floors it declares
   newest = re.search(r"^\| Python \| [\d.]+ \| ([\d.]+) \|", GUIDE.read_text(), re.M)[1]
-  assert f'python_of {newest})' in script
+  assert f"python_of {newest})" in script
 
 
 def test_optax_release_that_jax_0_10_cannot_import_is_excluded():

@@ -32,22 +32,22 @@ STEPS = 250
 RTOL = 1e-9
 
 TORCH_CONFIGS = {
-    "defaults": {},
-    "warmup_decay": dict(learning_rate=0.05, warmup_steps=50, lr_decay=0.995),
-    "clip": dict(learning_rate=0.02, clip_value=0.5),
-    "momentum0": dict(learning_rate=0.01, momentum=0.0, beta=0.99),
-    "beta0_warmup": dict(learning_rate=0.002, beta=0.0, momentum=0.5, warmup_steps=20),
-    "clip_warmup_decay": dict(
-        learning_rate=0.02,
-        momentum=0.7,
-        beta=0.99,
-        eps=1e-6,
-        clip_value=0.5,
-        warmup_steps=30,
-        lr_decay=0.995,
-    ),
-    "weight_decay": dict(learning_rate=0.01, weight_decay=0.05),
-    "clip_weight_decay": dict(learning_rate=0.02, clip_value=0.5, weight_decay=0.05),
+  "defaults": {},
+  "warmup_decay": dict(learning_rate=0.05, warmup_steps=50, lr_decay=0.995),
+  "clip": dict(learning_rate=0.02, clip_value=0.5),
+  "momentum0": dict(learning_rate=0.01, momentum=0.0, beta=0.99),
+  "beta0_warmup": dict(learning_rate=0.002, beta=0.0, momentum=0.5, warmup_steps=20),
+  "clip_warmup_decay": dict(
+    learning_rate=0.02,
+    momentum=0.7,
+    beta=0.99,
+    eps=1e-6,
+    clip_value=0.5,
+    warmup_steps=30,
+    lr_decay=0.995,
+  ),
+  "weight_decay": dict(learning_rate=0.01, weight_decay=0.05),
+  "clip_weight_decay": dict(learning_rate=0.02, clip_value=0.5, weight_decay=0.05),
 }
 
 
@@ -59,9 +59,9 @@ class TorchRun:
     weights = _mlp.init_weights()
     # The order of jax.tree.leaves on the JAX params: hidden.b, hidden.w, out.b, out.w.
     self.params = [
-        torch.tensor(weights[layer][name], dtype=torch.float64, requires_grad=True)
-        for layer in ("hidden", "out")
-        for name in ("b", "w")
+      torch.tensor(weights[layer][name], dtype=torch.float64, requires_grad=True)
+      for layer in ("hidden", "out")
+      for name in ("b", "w")
     ]
     x, y = _mlp.make_data()
     self.x = torch.tensor(x, dtype=torch.float64)
@@ -69,13 +69,13 @@ class TorchRun:
     self.clip_value = options.get("clip_value")
     self.largest_gradient = 0.0
     self.optimizer = torch.optim.RMSprop(
-        self.params,
-        lr=options["learning_rate"],
-        alpha=options["beta"],
-        eps=options["eps"],
-        momentum=options["momentum"],
-        weight_decay=options.get("weight_decay", 0.0),
-        maximize=True,
+      self.params,
+      lr=options["learning_rate"],
+      alpha=options["beta"],
+      eps=options["eps"],
+      momentum=options["momentum"],
+      weight_decay=options.get("weight_decay", 0.0),
+      maximize=True,
     )
     lr_decay, warmup_steps = options.get("lr_decay"), options.get("warmup_steps", 0)
 
@@ -96,7 +96,7 @@ class TorchRun:
     objective = -torch.mean((prediction - self.y) ** 2)
     objective.backward()
     self.largest_gradient = max(
-        [self.largest_gradient] + [float(p.grad.abs().max()) for p in self.params]
+      [self.largest_gradient] + [float(p.grad.abs().max()) for p in self.params]
     )
     if self.clip_value is not None:
       torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
@@ -117,7 +117,7 @@ def test_matches_torch_rmsprop_maximize(name, x64):
   params = _mlp.as_jax(_mlp.init_weights(), jnp.float64)
   tx = gax.gradient_ascent(**config, logging_interval=None)
   schedule = gax.warmup_decay_schedule(
-      config.get("learning_rate", 0.01), config.get("warmup_steps", 0), config.get("lr_decay")
+    config.get("learning_rate", 0.01), config.get("warmup_steps", 0), config.get("lr_decay")
   )
   rates = np.asarray(jax.vmap(schedule)(jnp.arange(STEPS)))
 
@@ -145,5 +145,7 @@ def test_matches_torch_rmsprop_maximize(name, x64):
       worst_abs = max(worst_abs, float(np.max(difference)))
   if config.get("clip_value") is not None:  # the clip really was active
     assert reference.largest_gradient > config["clip_value"]
-  print(f"\n[torch parity] {name}: {STEPS} steps, max difference of params {worst_abs:.3e}, "
-        f"{worst:.3e} of their leaf's largest")
+  print(
+    f"\n[torch parity] {name}: {STEPS} steps, max difference of params {worst_abs:.3e}, "
+    f"{worst:.3e} of their leaf's largest"
+  )

@@ -43,8 +43,8 @@ def assert_tree_close(actual, expected, rtol=1e-6):
 
 def test_flip_sign_negates_every_leaf():
   outputs, state = run_steps(
-      gax.flip_sign(),
-      [tree([1.0, -2.0], [[3.0, 0.0], [-0.5, 4.0]]), tree([-1.0, 0.25], [[0.0, 1.0], [2.0, -8.0]])],
+    gax.flip_sign(),
+    [tree([1.0, -2.0], [[3.0, 0.0], [-0.5, 4.0]]), tree([-1.0, 0.25], [[0.0, 1.0], [2.0, -8.0]])],
   )
   assert_tree_close(outputs[0], tree([-1.0, 2.0], [[-3.0, 0.0], [0.5, -4.0]]))
   assert_tree_close(outputs[1], tree([1.0, -0.25], [[0.0, -1.0], [-2.0, 8.0]]))
@@ -56,11 +56,11 @@ def test_flip_sign_negates_every_leaf():
 
 def test_clip_by_value_clips_each_element():
   outputs, state = run_steps(
-      gax.clip_by_value(1.5),
-      [
-          tree([0.5, -3.0], [[2.0, -1.5], [1.5, -0.25]]),
-          tree([-1.6, 1.4], [[100.0, -100.0], [0.0, 1.5001]]),
-      ],
+    gax.clip_by_value(1.5),
+    [
+      tree([0.5, -3.0], [[2.0, -1.5], [1.5, -0.25]]),
+      tree([-1.6, 1.4], [[100.0, -100.0], [0.0, 1.5001]]),
+    ],
   )
   # Inside [-1.5, 1.5] unchanged (the bounds included); outside set to +-1.5.
   assert_tree_close(outputs[0], tree([0.5, -1.5], [[1.5, -1.5], [1.5, -0.25]]))
@@ -85,23 +85,23 @@ def test_scale_by_adaptive_rms_three_steps():
   #         b: m = [[0.75 + 1, 3 + 0], [0.1875 + 0.25, 0]] = [[1.75, 3], [0.4375, 0]]
   #            s = [[-2/(sqrt 1.75 + .5), 0], [1/(sqrt .4375 + .5), 0]]
   assert_tree_close(
-      outputs[1],
-      tree(
-          [2 / 3, 1.6],
-          [[-2 / (np.sqrt(1.75) + 0.5), 0.0], [1 / (np.sqrt(0.4375) + 0.5), 0.0]],
-      ),
+    outputs[1],
+    tree(
+      [2 / 3, 1.6],
+      [[-2 / (np.sqrt(1.75) + 0.5), 0.0], [1 / (np.sqrt(0.4375) + 0.5), 0.0]],
+    ),
   )
   # step 3: a: m = [0.75, 3 + 1] = [0.75, 4];        s = [0, -2/2.5]
   #         b: m = [[1.3125 + 1, 2.25 + 1], [0.328125 + 0.25, 0]] = [[2.3125, 3.25], [0.578125, 0]]
   assert_tree_close(
-      outputs[2],
-      tree(
-          [0.0, -0.8],
-          [
-              [2 / (np.sqrt(2.3125) + 0.5), 2 / (np.sqrt(3.25) + 0.5)],
-              [1 / (np.sqrt(0.578125) + 0.5), 0.0],
-          ],
-      ),
+    outputs[2],
+    tree(
+      [0.0, -0.8],
+      [
+        [2 / (np.sqrt(2.3125) + 0.5), 2 / (np.sqrt(3.25) + 0.5)],
+        [1 / (np.sqrt(0.578125) + 0.5), 0.0],
+      ],
+    ),
   )
   assert isinstance(state, gax.ScaleByAdaptiveRmsState)
   assert state._fields == ("second_moment",)
@@ -111,7 +111,7 @@ def test_scale_by_adaptive_rms_three_steps():
 def test_scale_by_adaptive_rms_beta_zero_is_sign_like():
   # beta = 0: m = h^2, s = h / (|h| + eps) -> +-4/4.5 for |h| = 4.
   outputs, state = run_steps(
-      gax.scale_by_adaptive_rms(beta=0.0, eps=0.5), [tree([4.0, -4.0], [[1.0, -1.0], [0.0, 2.0]])]
+    gax.scale_by_adaptive_rms(beta=0.0, eps=0.5), [tree([4.0, -4.0], [[1.0, -1.0], [0.0, 2.0]])]
   )
   assert_tree_close(outputs[0], tree([4 / 4.5, -4 / 4.5], [[1 / 1.5, -1 / 1.5], [0.0, 2 / 2.5]]))
   assert_tree_close(state.second_moment, tree([16.0, 16.0], [[1.0, 1.0], [0.0, 4.0]]))
@@ -168,7 +168,7 @@ def test_scale_by_warmup_decay_four_steps():
   #   k=2: 0.5 * 0.25  * 3/4 = 0.09375    k=3: 0.5 * 0.125 * 1   = 0.0625
   u = tree([1.0, -2.0], [[4.0, 0.0], [-8.0, 16.0]])
   outputs, state = run_steps(
-      gax.scale_by_warmup_decay(0.5, warmup_steps=4, lr_decay=0.5), [u, u, u, u]
+    gax.scale_by_warmup_decay(0.5, warmup_steps=4, lr_decay=0.5), [u, u, u, u]
   )
   for out, rate in zip(outputs, [0.125, 0.125, 0.09375, 0.0625], strict=True):
     # Optax's descent convention: multiplied by MINUS the rate.
@@ -200,8 +200,8 @@ def test_scale_by_warmup_decay_saturated_count_stays_finite():
 # --- state types, dtypes, pass-through leaves --------------------------------------------
 
 STATEFUL = {
-    "scale_by_adaptive_rms": (gax.scale_by_adaptive_rms, "second_moment"),
-    "momentum": (gax.momentum, "velocity"),
+  "scale_by_adaptive_rms": (gax.scale_by_adaptive_rms, "second_moment"),
+  "momentum": (gax.momentum, "velocity"),
 }
 
 
@@ -225,7 +225,7 @@ def test_state_dtype_follows_float64_params(x64):
   for factory, field in STATEFUL.values():
     state = factory().init(params)
     assert {leaf.dtype for leaf in jax.tree.leaves(getattr(state, field))} == {
-        jnp.dtype(jnp.float64)
+      jnp.dtype(jnp.float64)
     }
 
 
@@ -237,9 +237,7 @@ def test_float32_accumulator_with_bfloat16_params(name):
   state = tx.init(params)
   grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), S1)
   updates, state = tx.update(grads, state, params)
-  assert {leaf.dtype for leaf in jax.tree.leaves(getattr(state, field))} == {
-      jnp.dtype(jnp.float32)
-  }
+  assert {leaf.dtype for leaf in jax.tree.leaves(getattr(state, field))} == {jnp.dtype(jnp.float32)}
   assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -256,16 +254,16 @@ def test_float32_accumulator_keeps_small_beta_steps():
 
 
 @pytest.mark.parametrize(
-    "tx_factory",
-    [
-        gax.flip_sign,
-        lambda: gax.clip_by_value(1.0),
-        lambda: gax.scale_by_adaptive_rms(accumulator_dtype=jnp.float32),
-        lambda: gax.momentum(accumulator_dtype=jnp.float32),
-        lambda: gax.momentum(nesterov=True, accumulator_dtype=jnp.bfloat16),
-        gax.scale_by_warmup_decay,
-    ],
-    ids=["flip_sign", "clip_by_value", "adaptive_rms", "momentum", "nesterov", "warmup_decay"],
+  "tx_factory",
+  [
+    gax.flip_sign,
+    lambda: gax.clip_by_value(1.0),
+    lambda: gax.scale_by_adaptive_rms(accumulator_dtype=jnp.float32),
+    lambda: gax.momentum(accumulator_dtype=jnp.float32),
+    lambda: gax.momentum(nesterov=True, accumulator_dtype=jnp.bfloat16),
+    gax.scale_by_warmup_decay,
+  ],
+  ids=["flip_sign", "clip_by_value", "adaptive_rms", "momentum", "nesterov", "warmup_decay"],
 )
 @pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float32])
 def test_updates_come_back_in_gradient_dtype(tx_factory, grad_dtype):
@@ -279,11 +277,11 @@ def test_updates_come_back_in_gradient_dtype(tx_factory, grad_dtype):
 
 
 ALL_TRANSFORMS = {
-    "flip_sign": gax.flip_sign,
-    "clip_by_value": lambda: gax.clip_by_value(1.0),
-    "scale_by_adaptive_rms": gax.scale_by_adaptive_rms,
-    "momentum": lambda: gax.momentum(nesterov=True),
-    "scale_by_warmup_decay": lambda: gax.scale_by_warmup_decay(0.5, 2, 0.5),
+  "flip_sign": gax.flip_sign,
+  "clip_by_value": lambda: gax.clip_by_value(1.0),
+  "scale_by_adaptive_rms": gax.scale_by_adaptive_rms,
+  "momentum": lambda: gax.momentum(nesterov=True),
+  "scale_by_warmup_decay": lambda: gax.scale_by_warmup_decay(0.5, 2, 0.5),
 }
 
 
@@ -338,10 +336,12 @@ def _warnings(caplog):
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: gax.gradient_ascent(momentum=0, nesterov=True),
-     lambda: gax.momentum(decay=np.float32(0.0), nesterov=True)],
-    ids=["gradient_ascent", "momentum"],
+  "make",
+  [
+    lambda: gax.gradient_ascent(momentum=0, nesterov=True),
+    lambda: gax.momentum(decay=np.float32(0.0), nesterov=True),
+  ],
+  ids=["gradient_ascent", "momentum"],
 )
 def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_shown, caplog):
   with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
@@ -353,13 +353,16 @@ def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_sho
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(momentum=0.9, nesterov=True), dict(momentum=0.0, nesterov=False),
-     dict(momentum=jnp.asarray(0.0), nesterov=True)],  # injected: may be a schedule
-    ids=["with-momentum", "no-nesterov", "jax-array"],
+  "kwargs",
+  [
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.0, nesterov=False),
+    dict(momentum=jnp.asarray(0.0), nesterov=True),
+  ],  # injected: may be a schedule
+  ids=["with-momentum", "no-nesterov", "jax-array"],
 )
 def test_no_nesterov_warning_when_it_has_an_effect_or_is_unknown(
-    kwargs, nesterov_warning_not_yet_shown, caplog
+  kwargs, nesterov_warning_not_yet_shown, caplog
 ):
   with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
     gax.gradient_ascent(**kwargs)
@@ -370,14 +373,17 @@ def test_no_nesterov_warning_when_it_has_an_effect_or_is_unknown(
 
 
 @pytest.mark.parametrize(
-    ("dtype", "clip_value", "smallest"),
-    [(jnp.float16, 1e-8, "5.96e-08"), (jnp.float32, 1e-46, "1.4e-45"),
-     (jnp.bfloat16, 1e-46, "9.18e-41")],
+  ("dtype", "clip_value", "smallest"),
+  [
+    (jnp.float16, 1e-8, "5.96e-08"),
+    (jnp.float32, 1e-46, "1.4e-45"),
+    (jnp.bfloat16, 1e-46, "9.18e-41"),
+  ],
 )
 @pytest.mark.parametrize(
-    "make",
-    [lambda c: gax.gradient_ascent(clip_value=c, logging_interval=None), gax.clip_by_value],
-    ids=["gradient_ascent", "clip"],
+  "make",
+  [lambda c: gax.gradient_ascent(clip_value=c, logging_interval=None), gax.clip_by_value],
+  ids=["gradient_ascent", "clip"],
 )
 def test_clip_value_that_rounds_to_zero_is_rejected_when_traced(make, dtype, clip_value, smallest):
   tx = make(clip_value)

@@ -1,4 +1,7 @@
-"""The allowed values (docs/guide/hyperparameters.md): every bad concrete hyperparameter raises a ValueError naming it."""
+"""The allowed values (docs/guide/hyperparameters.md).
+
+Every bad concrete hyperparameter raises a ValueError naming it.
+"""
 
 import math
 
@@ -13,75 +16,75 @@ from tests._reference import ReferenceGradientAscent
 
 # (argument, bad value) for every row of the allowed-values table (docs/guide/hyperparameters.md).
 BAD_VALUES = [
-    ("learning_rate", -0.1),
-    ("learning_rate", float("nan")),
-    ("learning_rate", "0.1"),
-    ("learning_rate", 0.1 + 0j),
-    ("momentum", np.complex64(0.5)),
-    ("clip_value", np.float64(np.nan)),
-    ("warmup_steps", np.float64(3.0)),
-    ("momentum", -0.1),
-    ("momentum", 1.0),
-    ("momentum", 1.5),
-    ("beta", -0.5),
-    ("beta", 1.0),
-    ("eps", 0.0),
-    ("eps", -1e-8),
-    ("eps", -0.0),
-    ("eps", float("inf")),
-    ("clip_value", float("inf")),
-    ("clip_value", -0.0),
-    ("lr_decay", -0.0),
-    ("clip_value", 0.0),
-    ("clip_value", -1.0),
-    ("lr_decay", 0.0),
-    ("lr_decay", 1.5),
-    ("lr_decay", -0.9),
-    ("warmup_steps", -1),
-    ("warmup_steps", 2.5),
-    ("warmup_steps", 10.0),
-    ("warmup_steps", True),
-    ("logging_interval", -1),
-    ("logging_interval", 1.5),
-    ("nesterov", 1),
-    ("nesterov", "yes"),
-    ("logging_name", ""),
-    ("logging_name", " "),
-    ("logging_name", "disc."),
-    ("logging_name", 3),
-    ("weight_decay", -0.1),
-    ("weight_decay", -1e-300),
-    ("weight_decay", float("inf")),
-    ("weight_decay", float("nan")),
-    ("weight_decay", "1e-4"),
+  ("learning_rate", -0.1),
+  ("learning_rate", float("nan")),
+  ("learning_rate", "0.1"),
+  ("learning_rate", 0.1 + 0j),
+  ("momentum", np.complex64(0.5)),
+  ("clip_value", np.float64(np.nan)),
+  ("warmup_steps", np.float64(3.0)),
+  ("momentum", -0.1),
+  ("momentum", 1.0),
+  ("momentum", 1.5),
+  ("beta", -0.5),
+  ("beta", 1.0),
+  ("eps", 0.0),
+  ("eps", -1e-8),
+  ("eps", -0.0),
+  ("eps", float("inf")),
+  ("clip_value", float("inf")),
+  ("clip_value", -0.0),
+  ("lr_decay", -0.0),
+  ("clip_value", 0.0),
+  ("clip_value", -1.0),
+  ("lr_decay", 0.0),
+  ("lr_decay", 1.5),
+  ("lr_decay", -0.9),
+  ("warmup_steps", -1),
+  ("warmup_steps", 2.5),
+  ("warmup_steps", 10.0),
+  ("warmup_steps", True),
+  ("logging_interval", -1),
+  ("logging_interval", 1.5),
+  ("nesterov", 1),
+  ("nesterov", "yes"),
+  ("logging_name", ""),
+  ("logging_name", " "),
+  ("logging_name", "disc."),
+  ("logging_name", 3),
+  ("weight_decay", -0.1),
+  ("weight_decay", -1e-300),
+  ("weight_decay", float("inf")),
+  ("weight_decay", float("nan")),
+  ("weight_decay", "1e-4"),
 ]
 
 GOOD_VALUES = [
-    ("learning_rate", 0.0),
-    ("learning_rate", optax.constant_schedule(0.1)),
-    ("learning_rate", np.float32(0.5)),
-    ("learning_rate", -0.0),
-    ("momentum", 0.0),
-    ("momentum", -0.0),
-    ("beta", -0.0),
-    ("momentum", 0.999),
-    ("beta", 0.0),
-    ("eps", 1e-12),
-    ("clip_value", None),
-    ("clip_value", 1e-3),
-    ("weight_decay", None),
-    ("lr_decay", None),
-    ("lr_decay", 1.0),
-    ("lr_decay", 1e-6),
-    ("warmup_steps", 0),
-    ("warmup_steps", np.int64(100)),
-    ("logging_interval", None),
-    ("logging_interval", 0),
-    ("logging_interval", 1),
-    ("nesterov", True),
-    ("nesterov", np.bool_(False)),
-    ("logging_name", None),
-    ("logging_name", "disc"),
+  ("learning_rate", 0.0),
+  ("learning_rate", optax.constant_schedule(0.1)),
+  ("learning_rate", np.float32(0.5)),
+  ("learning_rate", -0.0),
+  ("momentum", 0.0),
+  ("momentum", -0.0),
+  ("beta", -0.0),
+  ("momentum", 0.999),
+  ("beta", 0.0),
+  ("eps", 1e-12),
+  ("clip_value", None),
+  ("clip_value", 1e-3),
+  ("weight_decay", None),
+  ("lr_decay", None),
+  ("lr_decay", 1.0),
+  ("lr_decay", 1e-6),
+  ("warmup_steps", 0),
+  ("warmup_steps", np.int64(100)),
+  ("logging_interval", None),
+  ("logging_interval", 0),
+  ("logging_interval", 1),
+  ("nesterov", True),
+  ("nesterov", np.bool_(False)),
+  ("logging_name", None),
+  ("logging_name", "disc"),
 ]
 
 
@@ -96,7 +99,9 @@ def test_gradient_ascent_rejects_bad_value_naming_the_argument(name, value):
 def test_gradient_ascent_accepts_edge_values(name, value):
   """An edge value is accepted and used: two steps follow the NumPy reference."""
   tx = gax.gradient_ascent(**{name: value})
-  reference_options = {} if name in ("logging_interval", "logging_name", "weight_decay") else {name: value}
+  reference_options = (
+    {} if name in ("logging_interval", "logging_name", "weight_decay") else {name: value}
+  )
   reference = ReferenceGradientAscent(**reference_options)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
@@ -104,25 +109,26 @@ def test_gradient_ascent_accepts_edge_values(name, value):
     updates, state = tx.update({"w": jnp.asarray(grad)}, state, params)
     (expected,) = reference.step([np.asarray(grad)])
     # float32 rounding of the terms of v (0.9 s_1 + s_2 may cancel).
-    np.testing.assert_allclose(updates["w"], expected, rtol=1e-5,
-                               atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(
+      updates["w"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max()
+    )
 
 
 @pytest.mark.parametrize(
-    ("factory", "kwargs", "name"),
-    [
-        (gax.clip_by_value, {"clip_value": 0.0}, "clip_value"),
-        (gax.scale_by_adaptive_rms, {"beta": 1.0}, "beta"),
-        (gax.scale_by_adaptive_rms, {"eps": 0.0}, "eps"),
-        (gax.momentum, {"decay": 1.0}, "decay"),
-        (gax.momentum, {"nesterov": None}, "nesterov"),
-        (gax.scale_by_warmup_decay, {"learning_rate": -1.0}, "learning_rate"),
-        (gax.scale_by_warmup_decay, {"warmup_steps": -3}, "warmup_steps"),
-        (gax.scale_by_warmup_decay, {"lr_decay": 2.0}, "lr_decay"),
-        (gax.warmup_decay_schedule, {"lr_decay": 0.0}, "lr_decay"),
-        (gax.log_progress, {"logging_interval": -2}, "logging_interval"),
-        (gax.log_progress, {"logging_name": ""}, "logging_name"),
-    ],
+  ("factory", "kwargs", "name"),
+  [
+    (gax.clip_by_value, {"clip_value": 0.0}, "clip_value"),
+    (gax.scale_by_adaptive_rms, {"beta": 1.0}, "beta"),
+    (gax.scale_by_adaptive_rms, {"eps": 0.0}, "eps"),
+    (gax.momentum, {"decay": 1.0}, "decay"),
+    (gax.momentum, {"nesterov": None}, "nesterov"),
+    (gax.scale_by_warmup_decay, {"learning_rate": -1.0}, "learning_rate"),
+    (gax.scale_by_warmup_decay, {"warmup_steps": -3}, "warmup_steps"),
+    (gax.scale_by_warmup_decay, {"lr_decay": 2.0}, "lr_decay"),
+    (gax.warmup_decay_schedule, {"lr_decay": 0.0}, "lr_decay"),
+    (gax.log_progress, {"logging_interval": -2}, "logging_interval"),
+    (gax.log_progress, {"logging_name": ""}, "logging_name"),
+  ],
 )
 def test_each_public_factory_checks_its_arguments(factory, kwargs, name):
   with pytest.raises(ValueError, match=f"`{name}` must be"):
@@ -165,25 +171,27 @@ def test_jax_values_are_not_checked_at_construction():
     params = jnp.ones(2)
     return tx.update(jnp.ones(2), tx.init(params), params)[0]
 
-  np.testing.assert_allclose(build_and_step(0.5), 0.5 * np.ones(2) / (np.sqrt(1e-3) + 1e-8), rtol=1e-6)
+  np.testing.assert_allclose(
+    build_and_step(0.5), 0.5 * np.ones(2) / (np.sqrt(1e-3) + 1e-8), rtol=1e-6
+  )
 
 
 # 0-d NumPy arrays (as jax.test_util.check_grads passes them) are numbers. ------
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("learning_rate", np.asarray(0.01)),
-        ("momentum", np.asarray(0.5, np.float32)),
-        ("beta", np.asarray(0.9)),
-        ("eps", np.asarray(1e-6)),
-        ("clip_value", np.asarray(2.0)),
-        ("lr_decay", np.asarray(0.9)),
-        ("warmup_steps", np.asarray(3)),
-        ("logging_interval", np.asarray(0)),
-        ("nesterov", np.asarray(True)),
-    ],
+  ("name", "value"),
+  [
+    ("learning_rate", np.asarray(0.01)),
+    ("momentum", np.asarray(0.5, np.float32)),
+    ("beta", np.asarray(0.9)),
+    ("eps", np.asarray(1e-6)),
+    ("clip_value", np.asarray(2.0)),
+    ("lr_decay", np.asarray(0.9)),
+    ("warmup_steps", np.asarray(3)),
+    ("logging_interval", np.asarray(0)),
+    ("nesterov", np.asarray(True)),
+  ],
 )
 def test_zero_dim_numpy_arrays_are_accepted(name, value):
   tx = gax.gradient_ascent(**{name: value})
@@ -193,16 +201,16 @@ def test_zero_dim_numpy_arrays_are_accepted(name, value):
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("learning_rate", np.asarray(-0.1)),
-        ("momentum", np.asarray(1.0)),
-        ("eps", np.asarray(0.0)),
-        ("lr_decay", np.asarray(np.nan)),
-        ("warmup_steps", np.asarray(-1)),
-        ("warmup_steps", np.asarray(3.0)),
-        ("nesterov", np.asarray(1)),
-    ],
+  ("name", "value"),
+  [
+    ("learning_rate", np.asarray(-0.1)),
+    ("momentum", np.asarray(1.0)),
+    ("eps", np.asarray(0.0)),
+    ("lr_decay", np.asarray(np.nan)),
+    ("warmup_steps", np.asarray(-1)),
+    ("warmup_steps", np.asarray(3.0)),
+    ("nesterov", np.asarray(1)),
+  ],
 )
 def test_zero_dim_numpy_arrays_are_checked_like_numbers(name, value):
   with pytest.raises(ValueError, match=f"`{name}` must be") as info:
@@ -219,10 +227,10 @@ def test_zero_dim_numpy_hyperparameters_give_the_python_number_result():
 
 
 @pytest.mark.parametrize(
-    ("name", "value", "expected"),
-    # First step, h = 1: lr * 1 / (sqrt(1 - beta) + eps) with beta = 0.75;
-    # a large eps dominates the denominator.
-    [("learning_rate", 2**40, 2**40 / 0.5), ("eps", 2**70, 0.01 / 2**70)],
+  ("name", "value", "expected"),
+  # First step, h = 1: lr * 1 / (sqrt(1 - beta) + eps) with beta = 0.75;
+  # a large eps dominates the denominator.
+  [("learning_rate", 2**40, 2**40 / 0.5), ("eps", 2**70, 0.01 / 2**70)],
 )
 def test_python_int_wider_than_int32_works(name, value, expected):
   tx = gax.gradient_ascent(beta=0.75, **{name: value})
@@ -240,28 +248,28 @@ def test_python_int_beyond_float_range_is_rejected():
 
 # (factory, argument, a valid scalar value) for every numeric hyperparameter.
 SCALAR_ARGS = [
-    (gax.gradient_ascent, "learning_rate", 0.1),
-    (gax.gradient_ascent, "momentum", 0.9),
-    (gax.gradient_ascent, "beta", 0.9),
-    (gax.gradient_ascent, "eps", 1e-8),
-    (gax.gradient_ascent, "clip_value", 1.0),
-    (gax.gradient_ascent, "lr_decay", 0.9),
-    (gax.gradient_ascent, "warmup_steps", 3),
-    (gax.gradient_ascent, "logging_interval", 2),
-    (gax.gradient_ascent, "nesterov", True),
-    (gax.clip_by_value, "clip_value", 1.0),
-    (gax.scale_by_adaptive_rms, "beta", 0.9),
-    (gax.scale_by_adaptive_rms, "eps", 1e-8),
-    (gax.momentum, "decay", 0.9),
-    (gax.momentum, "nesterov", True),
-    (gax.scale_by_warmup_decay, "learning_rate", 0.1),
-    (gax.scale_by_warmup_decay, "warmup_steps", 3),
-    (gax.scale_by_warmup_decay, "lr_decay", 0.9),
-    (gax.warmup_decay_schedule, "learning_rate", 0.1),
-    (gax.warmup_decay_schedule, "warmup_steps", 3),
-    (gax.warmup_decay_schedule, "lr_decay", 0.9),
-    (gax.log_progress, "logging_interval", 2),
-    (gax.log_progress, "learning_rate", 0.1),
+  (gax.gradient_ascent, "learning_rate", 0.1),
+  (gax.gradient_ascent, "momentum", 0.9),
+  (gax.gradient_ascent, "beta", 0.9),
+  (gax.gradient_ascent, "eps", 1e-8),
+  (gax.gradient_ascent, "clip_value", 1.0),
+  (gax.gradient_ascent, "lr_decay", 0.9),
+  (gax.gradient_ascent, "warmup_steps", 3),
+  (gax.gradient_ascent, "logging_interval", 2),
+  (gax.gradient_ascent, "nesterov", True),
+  (gax.clip_by_value, "clip_value", 1.0),
+  (gax.scale_by_adaptive_rms, "beta", 0.9),
+  (gax.scale_by_adaptive_rms, "eps", 1e-8),
+  (gax.momentum, "decay", 0.9),
+  (gax.momentum, "nesterov", True),
+  (gax.scale_by_warmup_decay, "learning_rate", 0.1),
+  (gax.scale_by_warmup_decay, "warmup_steps", 3),
+  (gax.scale_by_warmup_decay, "lr_decay", 0.9),
+  (gax.warmup_decay_schedule, "learning_rate", 0.1),
+  (gax.warmup_decay_schedule, "warmup_steps", 3),
+  (gax.warmup_decay_schedule, "lr_decay", 0.9),
+  (gax.log_progress, "logging_interval", 2),
+  (gax.log_progress, "learning_rate", 0.1),
 ]
 SCALAR_ARG_IDS = [f"{f.__name__}-{name}" for f, name, _ in SCALAR_ARGS]
 
@@ -281,23 +289,24 @@ def _non_scalar_cases():
     make, shape = arrays[turn % len(arrays)]
     library = "jax" if make is jnp.full else "numpy"
     shown = "x".join(map(str, shape))
-    cases.append(pytest.param(factory, name, value, make, shape,
-                              id=f"{factory.__name__}-{name}-{library}-{shown}"))
+    cases.append(
+      pytest.param(
+        factory, name, value, make, shape, id=f"{factory.__name__}-{name}-{library}-{shown}"
+      )
+    )
   return cases
 
 
 @pytest.mark.parametrize(("factory", "name", "value", "make", "shape"), _non_scalar_cases())
 def test_non_scalar_hyperparameter_is_rejected_naming_it_and_its_shape(
-    factory, name, value, make, shape
+  factory, name, value, make, shape
 ):
   with pytest.raises(ValueError, match=rf"`{name}` must be a scalar \(shape \(\)\)") as info:
     factory(**{name: make(shape, value)})
   assert f"an array of shape {shape}" in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("factory", "name", "value"), SCALAR_ARGS[:9], ids=SCALAR_ARG_IDS[:9]
-)
+@pytest.mark.parametrize(("factory", "name", "value"), SCALAR_ARGS[:9], ids=SCALAR_ARG_IDS[:9])
 def test_non_scalar_tracer_is_rejected_at_trace_time(factory, name, value):
   @jax.jit
   def build(hyperparameter):
@@ -309,17 +318,17 @@ def test_non_scalar_tracer_is_rejected_at_trace_time(factory, name, value):
 
 
 @pytest.mark.parametrize(
-    ("name", "value", "kind"),
-    [
-        ("learning_rate", jnp.asarray(True), "a real"),
-        ("learning_rate", jnp.asarray(0.1 + 0j), "a real"),
-        ("momentum", jnp.asarray(0.5 + 0j), "a real"),
-        ("eps", np.asarray(True), "a real"),
-        ("warmup_steps", jnp.asarray(3.0), "an integer"),
-        ("logging_interval", jnp.asarray(2.0), "an integer"),
-        ("nesterov", jnp.asarray(1), "a bool"),
-        ("nesterov", jnp.asarray(1.0), "a bool"),
-    ],
+  ("name", "value", "kind"),
+  [
+    ("learning_rate", jnp.asarray(True), "a real"),
+    ("learning_rate", jnp.asarray(0.1 + 0j), "a real"),
+    ("momentum", jnp.asarray(0.5 + 0j), "a real"),
+    ("eps", np.asarray(True), "a real"),
+    ("warmup_steps", jnp.asarray(3.0), "an integer"),
+    ("logging_interval", jnp.asarray(2.0), "an integer"),
+    ("nesterov", jnp.asarray(1), "a bool"),
+    ("nesterov", jnp.asarray(1.0), "a bool"),
+  ],
 )
 def test_array_of_the_wrong_kind_is_rejected(name, value, kind):
   with pytest.raises(ValueError, match=f"`{name}` must be {kind} scalar") as info:
@@ -342,24 +351,24 @@ def test_vmap_over_a_hyperparameter_still_works():
 
 
 @pytest.mark.parametrize(
-    ("schedule", "match"),
-    [
-        (lambda count: jnp.full(1, 0.1), r"shape \(1,\)"),
-        (lambda count: np.full(3, 0.1), r"shape \(3,\)"),
-        (lambda count: jnp.asarray(True), "a real scalar"),
-        (lambda count: True, "a real number"),
-        (lambda count: -0.1, r"in \[0.0, inf\)"),
-    ],
-    ids=["jax-shape-1", "numpy-shape-3", "jax-bool", "python-bool", "negative"],
+  ("schedule", "match"),
+  [
+    (lambda count: jnp.full(1, 0.1), r"shape \(1,\)"),
+    (lambda count: np.full(3, 0.1), r"shape \(3,\)"),
+    (lambda count: jnp.asarray(True), "a real scalar"),
+    (lambda count: True, "a real number"),
+    (lambda count: -0.1, r"in \[0.0, inf\)"),
+  ],
+  ids=["jax-shape-1", "numpy-shape-3", "jax-bool", "python-bool", "negative"],
 )
 @pytest.mark.parametrize(
-    "factory",
-    [
-        gax.gradient_ascent,
-        gax.scale_by_warmup_decay,
-        lambda lr: gax.log_progress(1, lr),
-    ],
-    ids=["gradient_ascent", "scale_by_warmup_decay", "log_progress"],
+  "factory",
+  [
+    gax.gradient_ascent,
+    gax.scale_by_warmup_decay,
+    lambda lr: gax.log_progress(1, lr),
+  ],
+  ids=["gradient_ascent", "scale_by_warmup_decay", "log_progress"],
 )
 def test_bad_schedule_output_is_rejected_when_traced(factory, schedule, match):
   tx = factory(schedule)
@@ -384,10 +393,12 @@ NON_FINITE = [math.nan, math.inf, -math.inf, np.float32(np.inf)]
 
 
 @pytest.mark.parametrize(
-    ("factory", "name", "bad"),
-    [(f, name, NON_FINITE[i % len(NON_FINITE)]) for i, (f, name, _) in enumerate(FLOAT_ARGS)],
-    ids=[f"{f.__name__}-{name}-{NON_FINITE[i % len(NON_FINITE)]!r}"
-         for i, (f, name, _) in enumerate(FLOAT_ARGS)],
+  ("factory", "name", "bad"),
+  [(f, name, NON_FINITE[i % len(NON_FINITE)]) for i, (f, name, _) in enumerate(FLOAT_ARGS)],
+  ids=[
+    f"{f.__name__}-{name}-{NON_FINITE[i % len(NON_FINITE)]!r}"
+    for i, (f, name, _) in enumerate(FLOAT_ARGS)
+  ],
 )
 def test_non_finite_float_argument_is_rejected(factory, name, bad):
   with pytest.raises(ValueError, match=f"`{name}` must be in ") as info:
@@ -413,14 +424,18 @@ def test_warmup_longer_than_int32_ramps_linearly(warmup_steps):
 
 
 def test_warmup_beyond_int64_is_rejected():
-  with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer in \[0, 9223372036854775807\]"):
+  with pytest.raises(
+    ValueError, match=r"`warmup_steps` must be an integer in \[0, 9223372036854775807\]"
+  ):
     gax.gradient_ascent(warmup_steps=2**63)
 
 
 @pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.log_progress])
 @pytest.mark.parametrize("interval", [2**31, 2**40])
 def test_logging_interval_beyond_the_int32_counter_is_rejected(factory, interval):
-  with pytest.raises(ValueError, match=r"`logging_interval` must be an integer in \[0, 2147483647\]") as info:
+  with pytest.raises(
+    ValueError, match=r"`logging_interval` must be an integer in \[0, 2147483647\]"
+  ) as info:
     factory(logging_interval=interval)
   assert "would never log" in str(info.value)
 
@@ -435,15 +450,16 @@ def test_logging_interval_at_the_int32_maximum_is_accepted():
 # accumulator_dtype --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum])
 @pytest.mark.parametrize(
-    "factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum]
-)
-@pytest.mark.parametrize(
-    "dtype", ["foo", jnp.int32, bool, jnp.complex64, jnp.float8_e4m3fn, object, 3],
-    ids=["foo", "int32", "bool", "complex64", "float8", "object", "int"],
+  "dtype",
+  ["foo", jnp.int32, bool, jnp.complex64, jnp.float8_e4m3fn, object, 3],
+  ids=["foo", "int32", "bool", "complex64", "float8", "object", "int"],
 )
 def test_bad_accumulator_dtype_is_rejected_at_construction(factory, dtype):
-  with pytest.raises(ValueError, match="`accumulator_dtype` must be None or a floating-point") as info:
+  with pytest.raises(
+    ValueError, match="`accumulator_dtype` must be None or a floating-point"
+  ) as info:
     factory(accumulator_dtype=dtype)
   assert repr(dtype) in str(info.value)
 
@@ -460,16 +476,25 @@ def test_construction_does_no_device_work():
   # Building an optimizer inside a training loop or a sweep must stay cheap.
   with jax.transfer_guard("disallow"):
     gax.gradient_ascent(
-        0.1, np.float32(0.5), np.asarray(0.9), 1e-8, True, 1.0, 0.9, np.asarray(3), 5,
-        accumulator_dtype="float32",
+      0.1,
+      np.float32(0.5),
+      np.asarray(0.9),
+      1e-8,
+      True,
+      1.0,
+      0.9,
+      np.asarray(3),
+      5,
+      accumulator_dtype="float32",
     )
     gax.gradient_ascent(optax.linear_schedule(0.1, 0.0, 10), clip_value=np.float64(2.0))
 
 
 @pytest.mark.parametrize("factory", [gax.gradient_ascent, gax.scale_by_adaptive_rms, gax.momentum])
 @pytest.mark.parametrize(
-    "dtype", [jnp.float64, "float64", np.float64, float, np.dtype("float64")],
-    ids=["jnp", "str", "np", "float", "np.dtype"],
+  "dtype",
+  [jnp.float64, "float64", np.float64, float, np.dtype("float64")],
+  ids=["jnp", "str", "np", "float", "np.dtype"],
 )
 def test_float64_accumulator_without_x64_is_rejected_naming_x64(factory, dtype):
   # init silently made float32 moments, and every update then refused them

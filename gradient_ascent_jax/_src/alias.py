@@ -19,21 +19,21 @@ from gradient_ascent_jax._src import validation
 
 
 def gradient_ascent(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    momentum: jax.typing.ArrayLike = 0.9,
-    beta: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    nesterov: bool = False,
-    clip_value: jax.typing.ArrayLike | None = None,
-    lr_decay: jax.typing.ArrayLike | None = None,
-    warmup_steps: jax.typing.ArrayLike = 0,
-    logging_interval: jax.typing.ArrayLike | None = None,
-    *,
-    accumulator_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay: jax.typing.ArrayLike | None = None,
-    logging_name: str | None = None,
-    weight_decay_mask: Any = None,
-    logging_emit: str = "callback",
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  momentum: jax.typing.ArrayLike = 0.9,
+  beta: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  nesterov: bool = False,
+  clip_value: jax.typing.ArrayLike | None = None,
+  lr_decay: jax.typing.ArrayLike | None = None,
+  warmup_steps: jax.typing.ArrayLike = 0,
+  logging_interval: jax.typing.ArrayLike | None = None,
+  *,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
+  weight_decay: jax.typing.ArrayLike | None = None,
+  logging_name: str | None = None,
+  weight_decay_mask: Any = None,
+  logging_emit: str = "callback",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient ascent: RMSprop-scaled momentum with warmup and decay, ascending.
 
@@ -120,15 +120,15 @@ def gradient_ascent(
   momentum = validation.check_decay_rate("momentum", momentum)
   beta = validation.check_decay_rate("beta", beta)
   eps = validation.check_optional_positive(
-      "eps", eps, "eps guards the division; use a small value such as 1e-8."
+    "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
   nesterov = validation.check_bool("nesterov", nesterov)
   clip_value = validation.check_optional_positive(
-      "clip_value", clip_value, "Use None for no clipping."
+    "clip_value", clip_value, "Use None for no clipping."
   )
   lr_decay = validation.check_lr_decay(lr_decay)
   warmup_steps = validation.check_count(
-      "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
+    "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
   logging_interval = validation.check_logging_interval(logging_interval)
   logging_name = validation.check_logging_name(logging_name)
@@ -142,8 +142,9 @@ def gradient_ascent(
   schedule = schedules.unchecked_warmup_decay_schedule(learning_rate, warmup_steps, lr_decay)
   stages = []
   if validation.logging_enabled(logging_interval):
-    stages.append(progress.unchecked_log_progress(logging_interval, schedule, logging_name,
-                                                  logging_emit))
+    stages.append(
+      progress.unchecked_log_progress(logging_interval, schedule, logging_name, logging_emit)
+    )
   stages.append(transforms.unchecked_flip_sign(check_updates=False))
   if clip_value is not None:
     stages.append(transforms.unchecked_clip_by_value(clip_value, check_updates=False))
@@ -151,9 +152,9 @@ def gradient_ascent(
     stages.append(transforms.add_decayed_weights(weight_decay, weight_decay_mask))
   rms = len(stages)
   stages += [
-      transforms.unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=False),
-      transforms.unchecked_momentum(momentum, nesterov, accumulator_dtype, check_updates=False),
-      transforms.scale_by_schedule(schedule),
+    transforms.unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=False),
+    transforms.unchecked_momentum(momentum, nesterov, accumulator_dtype, check_updates=False),
+    transforms.scale_by_schedule(schedule),
   ]
 
   def check_updates(updates, state):
@@ -161,11 +162,17 @@ def gradient_ascent(
     state_checks.check_gradient_leaves(updates, "flip_sign")
     if clip_value is not None:
       transforms.check_clippable(updates)
-    state_checks.check_matches_state(updates, state[rms].second_moment, accumulator_dtype,
-                                     "scale_by_adaptive_rms", leaves_checked=True)
+    state_checks.check_matches_state(
+      updates,
+      state[rms].second_moment,
+      accumulator_dtype,
+      "scale_by_adaptive_rms",
+      leaves_checked=True,
+    )
 
-  return _Ascending(*chain_checks.checked_state("gradient_ascent", optax.chain(*stages),
-                                                check_updates))
+  return _Ascending(
+    *chain_checks.checked_state("gradient_ascent", optax.chain(*stages), check_updates)
+  )
 
 
 class _Ascending(optax.GradientTransformationExtraArgs):
@@ -176,6 +183,7 @@ class _Ascending(optax.GradientTransformationExtraArgs):
 
 def _path_of(state: Any, state_type: type) -> str | None:
   """Where ``state`` holds a ``state_type`` node, if anywhere."""
+
   def marked(node):
     return isinstance(node, state_type)
 
@@ -186,15 +194,15 @@ def _path_of(state: Any, state_type: type) -> str | None:
 
 
 _PLATEAU_RELATIVE_TEST = (
-    "maximize(tx): tx holds optax.contrib.reduce_on_plateau "
-    "(at {path}), which is handed value=-objective. Its relative test, "
-    "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
-    "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "
-    "the scale never drops while your objective is positive. Build it with "
-    "rtol=0.0 and atol set to the least increase of the objective that counts as "
-    "progress, e.g. optax.contrib.reduce_on_plateau(rtol=0.0, atol=1e-3): that test "
-    "is right for objectives of either sign. Nothing to change if you did, or if "
-    "the objective stays negative. This warning is shown once."
+  "maximize(tx): tx holds optax.contrib.reduce_on_plateau "
+  "(at {path}), which is handed value=-objective. Its relative test, "
+  "value < (1 - rtol) * best - atol, counts a value that stays flat as an "
+  "improvement when it is negative, so with rtol > 0 (Optax's default is 1e-4) "
+  "the scale never drops while your objective is positive. Build it with "
+  "rtol=0.0 and atol set to the least increase of the objective that counts as "
+  "progress, e.g. optax.contrib.reduce_on_plateau(rtol=0.0, atol=1e-3): that test "
+  "is right for objectives of either sign. Nothing to change if you did, or if "
+  "the objective stays negative. This warning is shown once."
 )
 _plateau_relative_test_warned = threading.Event()
 
@@ -205,14 +213,14 @@ def _warn_plateau_relative_test(path: str) -> None:
 
 def _refuse_ascending(why: str) -> ValueError:
   return ValueError(
-      f"maximize: tx already ascends ({why}). maximize(tx) would negate the "
-      "gradients a second time and descend. Use tx as it is: it already "
-      "maximizes the objective whose gradient it is given."
+    f"maximize: tx already ascends ({why}). maximize(tx) would negate the "
+    "gradients a second time and descend. Use tx as it is: it already "
+    "maximizes the objective whose gradient it is given."
   )
 
 
 def maximize(
-    tx: optax.GradientTransformation,
+  tx: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   """Turns any Optax (descent) optimizer into an ascent optimizer.
 
@@ -254,8 +262,8 @@ def maximize(
     if callable(tx):
       hint = " It looks like a factory: call it, e.g. optax.adam(1e-3)."
     raise TypeError(
-        "maximize expects an optax.GradientTransformation such as "
-        f"optax.adam(1e-3), got {tx!r}.{hint}"
+      "maximize expects an optax.GradientTransformation such as "
+      f"optax.adam(1e-3), got {tx!r}.{hint}"
     )
   if isinstance(tx, _Ascending):
     raise _refuse_ascending("it is gax.gradient_ascent(...) or gax.maximize(...)")
@@ -266,8 +274,8 @@ def maximize(
     path = _path_of(state, transforms.FlipSignState)
     if path is not None:
       raise _refuse_ascending(
-          f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
-          "of gradient_ascent(...) or of a chain with flip_sign() does"
+        f"its state holds gax.flip_sign's FlipSignState at {path}, as that "
+        "of gradient_ascent(...) or of a chain with flip_sign() does"
       )
     # The test that decides a plateau is in reduce_on_plateau's closure, out of
     # reach, and no transform of the value it is handed makes a relative test
@@ -280,14 +288,14 @@ def maximize(
   def update_fn(updates, state, params=None, **extra_args):
     if state is None:
       raise ValueError(
-          "maximize: got state None. Call state = tx.init(params) with this "
-          "tx and pass that state to tx.update."
+        "maximize: got state None. Call state = tx.init(params) with this "
+        "tx and pass that state to tx.update."
       )
     updates, state = inner.update(
-        transforms.negate(updates),
-        objective_args.negate_cached_objective(state),
-        params,
-        **objective_args.negate_objective(extra_args),
+      transforms.negate(updates),
+      objective_args.negate_cached_objective(state),
+      params,
+      **objective_args.negate_objective(extra_args),
     )
     return updates, objective_args.negate_cached_objective(state)
 

@@ -14,8 +14,16 @@ from gradient_ascent_jax._src import progress
 
 # LogProgressState's fields in 0.1.0, in their order (which pickles keep). 0.2.0
 # added first_seen, records and nonfinite_warned; record came after 0.2.0.
-_LOG_PROGRESS_0_1_0 = ("count", "first_value", "last_value", "last_change", "records_below",
-                       "noise_variance", "noise_samples", "descent_warned")
+_LOG_PROGRESS_0_1_0 = (
+  "count",
+  "first_value",
+  "last_value",
+  "last_change",
+  "records_below",
+  "noise_variance",
+  "noise_samples",
+  "descent_warned",
+)
 _LOG_PROGRESS_0_2_0 = _LOG_PROGRESS_0_1_0 + ("first_seen", "records", "nonfinite_warned")
 
 # What a 0.1.0 pickle of a LogProgressState becomes: a state of the old layout, which
@@ -46,21 +54,25 @@ def _accept_0_1_0_pickles() -> None:
 _accept_0_1_0_pickles()
 
 
-def _log_progress_fields(fields: dict[str, Any], target: Any, path: str,
-                         abstract_ok: bool) -> dict[str, Any]:
+def _log_progress_fields(
+  fields: dict[str, Any], target: Any, path: str, abstract_ok: bool
+) -> dict[str, Any]:
   """The fields of an earlier LogProgressState, in today's layout."""
   if set(fields) == set(_LOG_PROGRESS_0_1_0):
     # 0.1.0 marked "not yet" with NaN; today it is a flag or a count, and zeros.
     fields = dict(fields)
     count = jnp.asarray(fields["count"])
-    first, last, change = (jnp.asarray(fields[name], jnp.float32)
-                           for name in ("first_value", "last_value", "last_change"))
+    first, last, change = (
+      jnp.asarray(fields[name], jnp.float32)
+      for name in ("first_value", "last_value", "last_change")
+    )
     samples = jnp.asarray(fields["noise_samples"], jnp.int32)
     fields["first_seen"] = ~jnp.isnan(first)
     # The samples of the noise start at the third record (the first second difference).
     third_on = jnp.minimum(samples, jnp.iinfo(jnp.int32).max - 2) + 2
-    fields["records"] = jnp.where(jnp.isnan(last), 0,
-                                  jnp.where(jnp.isnan(change), 1, third_on)).astype(jnp.int32)
+    fields["records"] = jnp.where(
+      jnp.isnan(last), 0, jnp.where(jnp.isnan(change), 1, third_on)
+    ).astype(jnp.int32)
     for name, value in (("first_value", first), ("last_value", last), ("last_change", change)):
       fields[name] = jnp.where(jnp.isnan(value), 0, value).astype(jnp.float32)
     fields["nonfinite_warned"] = jnp.zeros_like(count, bool)  # 0.1.0 had no such warning
@@ -69,12 +81,13 @@ def _log_progress_fields(fields: dict[str, Any], target: Any, path: str,
     # or by the other logging path, goes on with the target's (nothing to log).
     fields = dict(fields)
     record = target.record
-    if not abstract_ok and any(isinstance(leaf, jax.ShapeDtypeStruct)
-                               for leaf in jax.tree.leaves(record)):
+    if not abstract_ok and any(
+      isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(record)
+    ):
       raise ValueError(
-          f"carry_over: at {path}.record the target holds only a shape, but the state "
-          "given keeps no record of this kind. Pass target=tx.init(params) itself "
-          "(not its jax.eval_shape), whose record is the initial one."
+        f"carry_over: at {path}.record the target holds only a shape, but the state "
+        "given keeps no record of this kind. Pass target=tx.init(params) itself "
+        "(not its jax.eval_shape), whose record is the initial one."
       )
     fields["record"] = record
   return fields
@@ -114,12 +127,12 @@ def _empty(tree: Any) -> bool:
 def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
   def refuse(what: str) -> ValueError:
     return ValueError(
-        f"carry_over: at {path or 'the top'} the target holds {_describe(target)}, but "
-        f"the state given holds {what}. The state does not come from this optimizer "
-        "with these settings (logging_interval, clip_value, weight_decay, "
-        "accumulator_dtype, the params' shapes and dtypes must be those of the saved "
-        "run): build tx and params as the saved run did, then carry_over(old_state, "
-        "tx.init(params))."
+      f"carry_over: at {path or 'the top'} the target holds {_describe(target)}, but "
+      f"the state given holds {what}. The state does not come from this optimizer "
+      "with these settings (logging_interval, clip_value, weight_decay, "
+      "accumulator_dtype, the params' shapes and dtypes must be those of the saved "
+      "run): build tx and params as the saved run did, then carry_over(old_state, "
+      "tx.init(params))."
     )
 
   if target is None:
@@ -128,7 +141,9 @@ def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
     return None
   if isinstance(target, tuple) and hasattr(target, "_fields"):
     if not target._fields:  # an empty state: orbax gives it back as None, msgpack as {}
-      if not _empty(old) or (hasattr(old, "_fields") and type(old).__name__ != type(target).__name__):
+      if not _empty(old) or (
+        hasattr(old, "_fields") and type(old).__name__ != type(target).__name__
+      ):
         raise refuse(_describe(old))
       return type(target)()
     if isinstance(old, tuple) and hasattr(old, "_fields"):
@@ -144,21 +159,29 @@ def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
       fields = convert(fields, target, path, abstract_ok)
     if set(fields) != set(target._fields):
       raise refuse(f"the fields {tuple(fields)}")
-    return type(target)(**{name: _carry(fields[name], getattr(target, name), f"{path}.{name}",
-                                        abstract_ok) for name in target._fields})
+    return type(target)(
+      **{
+        name: _carry(fields[name], getattr(target, name), f"{path}.{name}", abstract_ok)
+        for name in target._fields
+      }
+    )
   if isinstance(target, (tuple, list)):
     if isinstance(old, dict) and set(old) == {str(i) for i in range(len(old))}:
       old = [old[str(i)] for i in range(len(old))]  # msgpack keys a sequence by index
     if not isinstance(old, (tuple, list)) or len(old) != len(target):
       raise refuse(_describe(old))
-    return type(target)(_carry(entry, expected, f"{path}[{i}]", abstract_ok)
-                        for i, (entry, expected) in enumerate(zip(old, target)))
+    return type(target)(
+      _carry(entry, expected, f"{path}[{i}]", abstract_ok)
+      for i, (entry, expected) in enumerate(zip(old, target))
+    )
   if isinstance(target, dict):
     if not isinstance(old, dict) or set(map(str, old)) != set(map(str, target)):
       raise refuse(_describe(old))
     by_name = {str(key): value for key, value in old.items()}
-    return type(target)((key, _carry(by_name[str(key)], value, f"{path}[{key!r}]", abstract_ok))
-                        for key, value in target.items())
+    return type(target)(
+      (key, _carry(by_name[str(key)], value, f"{path}[{key!r}]", abstract_ok))
+      for key, value in target.items()
+    )
   if not isinstance(old, (jax.Array, np.ndarray, np.generic)):
     raise refuse(_describe(old))
   dtype = target.dtype if hasattr(target, "dtype") else jnp.result_type(target)

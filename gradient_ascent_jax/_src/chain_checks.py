@@ -39,6 +39,7 @@ def _leaves_by_name(tree: Any) -> dict[tuple, tuple]:
 
   A NamedTuple's field and the dict key a checkpointer writes for it get the same name.
   """
+
   def name(key):
     for attr in ("name", "key", "idx"):
       if hasattr(key, attr):
@@ -46,8 +47,8 @@ def _leaves_by_name(tree: Any) -> dict[tuple, tuple]:
     return str(key)
 
   return {
-      tuple(name(key) for key in path): (jnp.shape(leaf), jnp.result_type(leaf))
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    tuple(name(key) for key in path): (jnp.shape(leaf), jnp.result_type(leaf))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
@@ -61,7 +62,7 @@ def _restored_without_target(chain, state: Any, updates: Any) -> bool:
     return False
   try:
     expected = jax.eval_shape(
-        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+      chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
     )
   except (TypeError, ValueError, AttributeError):
     return False
@@ -73,7 +74,7 @@ def _carries_over(chain, state: Any, updates: Any) -> bool:
 
   try:
     expected = jax.eval_shape(
-        chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
+      chain.init, jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), u.dtype), updates)
     )
     carry_over.carried(state, expected, abstract_ok=True)
   except (TypeError, ValueError, AttributeError):
@@ -82,8 +83,9 @@ def _carries_over(chain, state: Any, updates: Any) -> bool:
 
 
 def checked_state(
-    name: str, chain: optax.GradientTransformationExtraArgs,
-    check_updates: Callable[[Any, Any], None] | None = None,
+  name: str,
+  chain: optax.GradientTransformationExtraArgs,
+  check_updates: Callable[[Any, Any], None] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``chain``, whose update first checks, at trace time, the state it is given.
 
@@ -110,17 +112,17 @@ def checked_state(
       raise state_checks.restored_without_target(name, state)
     if got != layout() and _carries_over(chain, state, updates):
       raise ValueError(
-          f"{name}: the optimizer state is {got}, not the tuple of {layout()} that "
-          "tx.init(params) returns, but it holds this optimizer's run: a state saved by "
-          "an earlier version, or restored without a target. " + state_checks.CARRY_OVER
+        f"{name}: the optimizer state is {got}, not the tuple of {layout()} that "
+        "tx.init(params) returns, but it holds this optimizer's run: a state saved by "
+        "an earlier version, or restored without a target. " + state_checks.CARRY_OVER
       )
     if got != layout():
       raise ValueError(
-          f"{name}: the optimizer state does not belong to this optimizer. "
-          f"Expected the state that tx.init(params) of this {name}(...) "
-          f"returns, a tuple of {layout()}; got {got}. A state is only valid "
-          "for the optimizer (and the clip_value/weight_decay/logging_interval choice) that "
-          "made it: call state = tx.init(params) with this tx."
+        f"{name}: the optimizer state does not belong to this optimizer. "
+        f"Expected the state that tx.init(params) of this {name}(...) "
+        f"returns, a tuple of {layout()}; got {got}. A state is only valid "
+        "for the optimizer (and the clip_value/weight_decay/logging_interval choice) that "
+        "made it: call state = tx.init(params) with this tx."
       )
     try:
       if check_updates is not None:

@@ -28,8 +28,8 @@ def _merged_over_copies(rule):
     # The batch axis becomes more copies to decide over; an enclosing vmap
     # then reaches this rule again with the copies of every level.
     args = [
-        arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
-        for arg, batched in zip(args, in_batched)
+      arg if batched else jnp.broadcast_to(arg, (axis_size, *jnp.shape(arg)))
+      for arg, batched in zip(args, in_batched)
     ]
     return merged(*args), True
 

@@ -26,8 +26,10 @@ def _layouts_known_when_traced() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return True
-  return all(kind != jax.sharding.AxisType.Auto or size == 1
-             for kind, size in zip(mesh.axis_types, mesh.axis_sizes, strict=True))
+  return all(
+    kind != jax.sharding.AxisType.Auto or size == 1
+    for kind, size in zip(mesh.axis_types, mesh.axis_sizes, strict=True)
+  )
 
 
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
@@ -47,9 +49,9 @@ def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
     key = (jnp.shape(leaf), getattr(jax.typeof(leaf), "sharding", None))
     groups.setdefault(key, []).append(leaf)
   return [
-      group[start] if len(group) == start + 1 else jnp.stack(group[start : start + _STACK_SIZE])
-      for group in groups.values()
-      for start in range(0, len(group), _STACK_SIZE)
+    group[start] if len(group) == start + 1 else jnp.stack(group[start : start + _STACK_SIZE])
+    for group in groups.values()
+    for start in range(0, len(group), _STACK_SIZE)
   ]
 
 
@@ -89,8 +91,11 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
   # has no .ndim or sharding to read. Magnitudes of complex leaves: their squares
   # are what the norm adds.
-  leaves = [jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
-            for leaf in map(jnp.asarray, jax.tree.leaves(tree)) if jnp.size(leaf)]
+  leaves = [
+    jnp.abs(leaf) if jnp.iscomplexobj(leaf) else leaf
+    for leaf in map(jnp.asarray, jax.tree.leaves(tree))
+    if jnp.size(leaf)
+  ]
   if not leaves:
     return jnp.zeros([], jnp.float32)
   # From the dtypes, not the leaves: a weakly typed float64 leaf (jnp.full(4, 1e-100)

@@ -138,7 +138,5 @@ def moment_root(beta, q: jax.Array, m: jax.Array, m_stored: jax.Array) -> jax.Ar
   # its derivative at (0, 0) is NaN, and 0 times NaN would reach the
   # meta-gradient through the branch that where() does not select.
   overflowed = jnp.isinf(m_new)
-  exact_root = jnp.hypot(
-      jnp.where(overflowed, sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1)
-  )
+  exact_root = jnp.hypot(jnp.where(overflowed, sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1))
   return jnp.where(overflowed, exact_root, sqrt(m_new))

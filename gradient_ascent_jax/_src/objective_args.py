@@ -52,19 +52,20 @@ def negate_objective(extra_args: dict[str, Any]) -> dict[str, Any]:
   """The extra arguments of ``update`` with the objective in them negated."""
   extra_args = dict(extra_args)
   for keys, negate in (
-      (_OBJECTIVE_VALUES, transforms.negate),
-      (_OBJECTIVE_VALUE_FNS, _negated_value_fn),
-      (_OBJECTIVE_GRAD_FNS, _negated_grad_fn),
+    (_OBJECTIVE_VALUES, transforms.negate),
+    (_OBJECTIVE_VALUE_FNS, _negated_value_fn),
+    (_OBJECTIVE_GRAD_FNS, _negated_grad_fn),
   ):
     for key in keys:
       if extra_args.get(key) is not None:
         extra_args[key] = negate(extra_args[key])
   return extra_args
 
+
 _LINESEARCH_STATES = tuple(
-    getattr(optax, name)
-    for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
-    if hasattr(optax, name)
+  getattr(optax, name)
+  for name in ("ScaleByBacktrackingLinesearchState", "ScaleByZoomLinesearchState")
+  if hasattr(optax, name)
 )
 
 
@@ -78,5 +79,5 @@ def negate_cached_objective(state: Any) -> Any:
     return node
 
   return jax.tree.map(
-      negate_cache, state, is_leaf=lambda node: isinstance(node, _LINESEARCH_STATES)
+    negate_cache, state, is_leaf=lambda node: isinstance(node, _LINESEARCH_STATES)
   )

@@ -10,9 +10,7 @@ logger = logging.getLogger("gradient_ascent_jax")
 _flags_lock = threading.Lock()
 
 
-def warn_once(
-    shown: threading.Event, message: str, to: logging.Logger = logger
-) -> None:
+def warn_once(shown: threading.Event, message: str, to: logging.Logger = logger) -> None:
   """Logs ``message`` as a WARNING on ``to`` unless ``shown`` is set, then sets it.
 
   Call it from a module-level function, never from a transform's closure: a

@@ -81,19 +81,17 @@ def _check_layout(state: LogProgressState) -> None:
     raise state_checks.earlier_layout("log_progress", state, LogProgressState._fields)
 
 
-
-
 def _check_emit(state: LogProgressState, emit: str) -> None:
   if (state.record is not None) == (emit == "state"):
     return
   made_by, wanted = ("callback", "state") if state.record is None else ("state", "callback")
   raise ValueError(
-      f"log_progress: this state was made by an optimizer with logging_emit={made_by!r} "
-      f"(log_progress(emit={made_by!r})), but this one has {wanted!r}: the state path "
-      "keeps its records in LogProgressState.record, the callback path holds None there. "
-      "Use the same setting as the optimizer that made the state, or carry the run over "
-      "to this one: state = gax.carry_over(state, tx.init(params)), which keeps every "
-      "moment and count."
+    f"log_progress: this state was made by an optimizer with logging_emit={made_by!r} "
+    f"(log_progress(emit={made_by!r})), but this one has {wanted!r}: the state path "
+    "keeps its records in LogProgressState.record, the callback path holds None there. "
+    "Use the same setting as the optimizer that made the state, or carry the run over "
+    "to this one: state = gax.carry_over(state, tx.init(params)), which keeps every "
+    "moment and count."
   )
 
 
@@ -117,17 +115,22 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
   sampled = state.records >= 2
   samples = jnp.where(sampled, optax.safe_increment(state.noise_samples), state.noise_samples)
   variance = state.noise_variance + (curvature**2 / 6 - state.noise_variance) / jnp.maximum(
-      samples, 1)
+    samples, 1
+  )
   variance = jnp.where(sampled, variance, state.noise_variance)
   below = (samples > 0) & (first - value > records.DESCENT_NOISE * jnp.sqrt(variance))
   records_below = jnp.where(below, optax.safe_increment(state.records_below), 0)
   descending = records_below >= records.DESCENT_RECORDS
   new = state._replace(
-      first_value=first, last_value=value,
-      last_change=jnp.where(state.records >= 1, change, state.last_change),
-      records_below=records_below, noise_variance=variance, noise_samples=samples,
-      descent_warned=state.descent_warned | descending, first_seen=state.first_seen | finite,
-      records=cast(jax.Array, optax.safe_increment(state.records)),
+    first_value=first,
+    last_value=value,
+    last_change=jnp.where(state.records >= 1, change, state.last_change),
+    records_below=records_below,
+    noise_variance=variance,
+    noise_samples=samples,
+    descent_warned=state.descent_warned | descending,
+    first_seen=state.first_seen | finite,
+    records=cast(jax.Array, optax.safe_increment(state.records)),
   )
   # A non-finite value is logged but not counted. The step counter stays out of
   # the select: under vmap `counted` is batched (the value is), and a batched
@@ -136,8 +139,9 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
   fires = counted & descending & jnp.logical_not(state.descent_warned)
-  return new._replace(count=state.count, first_value=first,
-                      first_seen=state.first_seen | finite), fires
+  return new._replace(
+    count=state.count, first_value=first, first_seen=state.first_seen | finite
+  ), fires
 
 
 def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax.Array]:
@@ -173,27 +177,36 @@ def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, i
     fires = fires | (~jnp.isfinite(grad_norm) & ~state.nonfinite_warned)
   speak = due | fires
   show = due & copies.first_of_its_step(step, due, *payload)
-  warns = speak & copies.first_of_its_step(step, speak, *payload) & copies.any_of_its_step(
-      step, speak, fires)
+  warns = (
+    speak
+    & copies.first_of_its_step(step, speak, *payload)
+    & copies.any_of_its_step(step, speak, fires)
+  )
   on_first = copies.on_first_device()
   record = records.Record(
-      step=step, interval=interval, learning_rate=rate, grad_norm=grad_norm,
-      value=jax.lax.stop_gradient(value), show=show & on_first,
-      descending=copies.any_of_its_step(step, due, descending) if objective else descending,
-      warn_step=step, nonfinite=warns & on_first,
-      value_nonfinite=copies.any_of_its_step(step, speak, fires & value_bad))
+    step=step,
+    interval=interval,
+    learning_rate=rate,
+    grad_norm=grad_norm,
+    value=jax.lax.stop_gradient(value),
+    show=show & on_first,
+    descending=copies.any_of_its_step(step, due, descending) if objective else descending,
+    warn_step=step,
+    nonfinite=warns & on_first,
+    value_nonfinite=copies.any_of_its_step(step, speak, fires & value_bad),
+  )
   return record, fires
 
 
 def _scalar_objective(value) -> jax.Array:
   value = jnp.asarray(value)
   if value.shape != () or not (
-      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
   ):
     raise ValueError(
-        "log_progress: value must be the objective, a real scalar; got "
-        f"{value.dtype} of shape {value.shape}. Pass e.g. the first output of "
-        "jax.value_and_grad(objective)(params) (reduce a batch to its mean)."
+      "log_progress: value must be the objective, a real scalar; got "
+      f"{value.dtype} of shape {value.shape}. Pass e.g. the first output of "
+      "jax.value_and_grad(objective)(params) (reduce a batch to its mean)."
     )
   return jax.lax.stop_gradient(value)
 
@@ -201,10 +214,22 @@ def _scalar_objective(value) -> jax.Array:
 def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
   """A record with nothing to log but the interval, on the devices of the step counter."""
   first = records.pack(
-      records.Record(step=0, interval=settings.interval, learning_rate=0.0, grad_norm=0.0,
-                     value=0.0, show=False, descending=False, warn_step=0, nonfinite=False,
-                     value_nonfinite=False),
-      has_value=False, has_rate=False, name=settings.name)
+    records.Record(
+      step=0,
+      interval=settings.interval,
+      learning_rate=0.0,
+      grad_norm=0.0,
+      value=0.0,
+      show=False,
+      descending=False,
+      warn_step=0,
+      nonfinite=False,
+      value_nonfinite=False,
+    ),
+    has_value=False,
+    has_rate=False,
+    name=settings.name,
+  )
   words = jnp.zeros_like(first).at[records.INTERVAL_WORD].set(first[records.INTERVAL_WORD])
   # The run's number tells the reader a new run from the same steps of an earlier one.
   words = words.at[records.RUN_WORD].set(next(_runs) % 2**32)
@@ -240,22 +265,40 @@ def _init(settings: _Settings, params) -> LogProgressState:
     return jnp.full_like(count, fill, dtype)
 
   return LogProgressState(
-      count=count, first_value=like_count(0, jnp.float32),
-      last_value=like_count(0, jnp.float32),
-      last_change=like_count(0, jnp.float32), records_below=like_count(0, jnp.int32),
-      noise_variance=like_count(0, jnp.float32), noise_samples=like_count(0, jnp.int32),
-      descent_warned=like_count(False, bool), first_seen=like_count(False, bool),
-      records=like_count(0, jnp.int32), nonfinite_warned=like_count(False, bool),
-      record=_empty_record(count, settings) if settings.emit == "state" else None,
+    count=count,
+    first_value=like_count(0, jnp.float32),
+    last_value=like_count(0, jnp.float32),
+    last_change=like_count(0, jnp.float32),
+    records_below=like_count(0, jnp.int32),
+    noise_variance=like_count(0, jnp.float32),
+    noise_samples=like_count(0, jnp.int32),
+    descent_warned=like_count(False, bool),
+    first_seen=like_count(False, bool),
+    records=like_count(0, jnp.int32),
+    nonfinite_warned=like_count(False, bool),
+    record=_empty_record(count, settings) if settings.emit == "state" else None,
   )
 
 
 def _speak(settings: _Settings, updates, state, step, due, objective, value_bad, value_fires):
   """The branch taken where some copy is due or warns: sends the record, or keeps it."""
-  record, fires = _elect(updates, state, step, due, objective, value_bad, value_fires,
-                         _rate_at(settings, state.count), settings.interval)
-  words = records.pack(record, has_value=bool(objective),
-                       has_rate=settings.learning_rate is not None, name=settings.name)
+  record, fires = _elect(
+    updates,
+    state,
+    step,
+    due,
+    objective,
+    value_bad,
+    value_fires,
+    _rate_at(settings, state.count),
+    settings.interval,
+  )
+  words = records.pack(
+    record,
+    has_value=bool(objective),
+    has_rate=settings.learning_rate is not None,
+    name=settings.name,
+  )
   if settings.emit == "state":
     # A due step writes its record; the non-finite warning, given once per state, is
     # written apart and kept, so that the record changes only every interval steps.
@@ -286,9 +329,13 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   args = (step, due, objective, value_bad, value_fires)
   if isinstance(due, jax.core.Tracer):
     record, fires = jax.lax.cond(
-        copies.in_any_copy(due | value_fires), speak,
-        lambda updates, state, *_: (state.record, jnp.zeros_like(value_fires)),
-        updates, state, *args)
+      copies.in_any_copy(due | value_fires),
+      speak,
+      lambda updates, state, *_: (state.record, jnp.zeros_like(value_fires)),
+      updates,
+      state,
+      *args,
+    )
   elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
     record, fires = speak(gradient_norm.on_one_device(updates), state, *args)
   else:
@@ -296,15 +343,16 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   if record is not None:  # the state path: the reader learns from it when records come
     record = record.at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
   return updates, new_state._replace(
-      nonfinite_warned=new_state.nonfinite_warned | fires, record=record)
+    nonfinite_warned=new_state.nonfinite_warned | fires, record=record
+  )
 
 
 def log_progress(
-    logging_interval: jax.typing.ArrayLike | None = 10,
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    logging_name: str | None = None,
-    emit: str = "callback",
+  logging_interval: jax.typing.ArrayLike | None = 10,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  logging_name: str | None = None,
+  emit: str = "callback",
 ) -> optax.GradientTransformationExtraArgs:
   """Logs the step, objective, learning rate and gradient norm every N steps.
 
@@ -350,17 +398,23 @@ def log_progress(
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:
     learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
-  return unchecked_log_progress(logging_interval, learning_rate,
-                                validation.check_logging_name(logging_name),
-                                validation.check_logging_emit("emit", emit))
+  return unchecked_log_progress(
+    logging_interval,
+    learning_rate,
+    validation.check_logging_name(logging_name),
+    validation.check_logging_emit("emit", emit),
+  )
 
 
-def unchecked_log_progress(logging_interval, learning_rate, logging_name, emit
-                           ) -> optax.GradientTransformationExtraArgs:
+def unchecked_log_progress(
+  logging_interval, learning_rate, logging_name, emit
+) -> optax.GradientTransformationExtraArgs:
   """:func:`log_progress` of arguments checked already."""
   if not validation.logging_enabled(logging_interval):
     return optax.with_extra_args_support(optax.identity())
-  settings = _Settings(interval=logging_interval, learning_rate=learning_rate,
-                       name=logging_name, emit=emit)
+  settings = _Settings(
+    interval=logging_interval, learning_rate=learning_rate, name=logging_name, emit=emit
+  )
   return optax.GradientTransformationExtraArgs(
-      functools.partial(_init, settings), functools.partial(_update, settings))
+    functools.partial(_init, settings), functools.partial(_update, settings)
+  )

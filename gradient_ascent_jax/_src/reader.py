@@ -17,12 +17,12 @@ from gradient_ascent_jax._src import records
 logger = logging.getLogger("gradient_ascent_jax")
 
 _NOTHING_TO_READ = (
-    "ProgressReader: the state it was given holds no progress records kept in the "
-    "state, so it logs nothing. Records are kept there only with logging on and "
-    "logging_emit='state': gax.gradient_ascent(..., logging_interval=N, "
-    "logging_emit='state') or gax.log_progress(N, emit='state'). With the default "
-    "logging_emit='callback' the step logs by itself and needs no reader. This "
-    "warning is shown once per reader."
+  "ProgressReader: the state it was given holds no progress records kept in the "
+  "state, so it logs nothing. Records are kept there only with logging on and "
+  "logging_emit='state': gax.gradient_ascent(..., logging_interval=N, "
+  "logging_emit='state') or gax.log_progress(N, emit='state'). With the default "
+  "logging_emit='callback' the step logs by itself and needs no reader. This "
+  "warning is shown once per reader."
 )
 
 # Records not yet read, of steps the device has not finished. Past this many the
@@ -51,7 +51,8 @@ def _follow(tree: Any, path: tuple) -> Any:
     else:  # FlattenedIndexKey: a node that names no keys
       node = tree
       tree = jax.tree_util.tree_flatten(node, is_leaf=lambda x, node=node: x is not node)[0][
-          key.key]
+        key.key
+      ]
   return tree
 
 
@@ -98,8 +99,10 @@ class _Copy:
       self.warnings.clear()
     self.count = count
     seen = []
-    for part, remembered in ((records.warning_part(row), self.warnings),
-                             (records.due_part(row), self.due)):
+    for part, remembered in (
+      (records.warning_part(row), self.warnings),
+      (records.due_part(row), self.due),
+    ):
       seen.append(part not in remembered)
       if seen[-1]:
         remembered.append(part)
@@ -168,9 +171,10 @@ class ProgressReader:
     for path, words in self._records(state):
       if isinstance(words, jax.core.Tracer):
         raise TypeError(
-            "ProgressReader: the state holds traced arrays: the reader runs on the host, "
-            "in the Python loop. Call reader(state) outside jit, on the state the step "
-            "returned.")
+          "ProgressReader: the state holds traced arrays: the reader runs on the host, "
+          "in the Python loop. Call reader(state) outside jit, on the state the step "
+          "returned."
+        )
       place = self._places.setdefault(path, _Place())
       place.latest = words
       # Read the states of due steps only (one step per call): reading a running
@@ -186,9 +190,11 @@ class ProgressReader:
         self._log(path, words, self._calls)
       else:
         self._pending.append((path, words if ready else _copy(words), self._calls))
-    while self._pending and (len(self._pending) > _MAX_PENDING
-                             or not isinstance(self._pending[0][1], jax.Array)
-                             or self._pending[0][1].is_ready()):
+    while self._pending and (
+      len(self._pending) > _MAX_PENDING
+      or not isinstance(self._pending[0][1], jax.Array)
+      or self._pending[0][1].is_ready()
+    ):
       self._log(*self._pending.popleft())
 
   def flush(self) -> None:
@@ -210,7 +216,8 @@ class ProgressReader:
       if found and all(words is not None for _, words in found):
         return found
     leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, progress.LogProgressState))[0]
+      state, is_leaf=lambda x: isinstance(x, progress.LogProgressState)
+    )[0]
     found = [(path, _kept_record(leaf)) for path, leaf in leaves]
     found = [(path, words) for path, words in found if words is not None]
     self._paths[type(state)] = [path for path, _ in found]

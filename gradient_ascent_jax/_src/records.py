@@ -71,13 +71,21 @@ def _bits(*flags_and_bits) -> jax.Array:
 def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -> jax.Array:
   """``record`` as one uint32 array (traceable)."""
   float_type = jnp.result_type(float)  # float64 where x64 is on, so no digit is lost
-  floats = jnp.stack([jnp.asarray(x).astype(float_type)
-                      for x in (record.learning_rate, record.grad_norm, record.value)])
+  floats = jnp.stack(
+    [
+      jnp.asarray(x).astype(float_type)
+      for x in (record.learning_rate, record.grad_norm, record.value)
+    ]
+  )
   float_words = jax.lax.bitcast_convert_type(floats, jnp.uint32).reshape(-1)
-  constant = ((_HAS_VALUE if has_value else 0) | (_HAS_RATE if has_rate else 0)
-              | (_WIDE if jnp.dtype(float_type) == jnp.float64 else 0))
+  constant = (
+    (_HAS_VALUE if has_value else 0)
+    | (_HAS_RATE if has_rate else 0)
+    | (_WIDE if jnp.dtype(float_type) == jnp.float64 else 0)
+  )
   length, name_words = _name_words(name)
-  head = jnp.stack([
+  head = jnp.stack(
+    [
       jnp.asarray(record.step).astype(jnp.uint32),
       _bits((record.show, _SHOW), (record.descending, _DESCENDING)) | jnp.uint32(constant),
       jnp.maximum(jnp.asarray(record.interval), 0).astype(jnp.uint32),
@@ -86,7 +94,8 @@ def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -
       jnp.asarray(record.step).astype(jnp.uint32),
       jnp.zeros((), jnp.uint32),
       jnp.asarray(length, jnp.uint32),
-  ])
+    ]
+  )
   return jnp.concatenate([head, float_words, jnp.asarray(name_words, jnp.uint32)])
 
 
@@ -98,11 +107,18 @@ def unpack(words: np.ndarray) -> tuple[Record, bool, bool, str | None]:
   end = _HEAD + 3 * float_type.itemsize // 4
   rate, grad_norm, value = (float(x) for x in words[_HEAD:end].astype("<u4").view(float_type))
   name = words[end:].astype("<u4").tobytes()[:length].decode() if length else None
-  record = Record(step=int(words[0]), interval=int(words[2]), learning_rate=rate,
-                  grad_norm=grad_norm, value=value, show=bool(flags & _SHOW),
-                  descending=bool(flags & _DESCENDING), warn_step=int(words[3]),
-                  nonfinite=bool(warning & _NONFINITE),
-                  value_nonfinite=bool(warning & _VALUE_NONFINITE))
+  record = Record(
+    step=int(words[0]),
+    interval=int(words[2]),
+    learning_rate=rate,
+    grad_norm=grad_norm,
+    value=value,
+    show=bool(flags & _SHOW),
+    descending=bool(flags & _DESCENDING),
+    warn_step=int(words[3]),
+    nonfinite=bool(warning & _NONFINITE),
+    value_nonfinite=bool(warning & _VALUE_NONFINITE),
+  )
   return record, bool(flags & _HAS_VALUE), bool(flags & _HAS_RATE), name
 
 
@@ -118,21 +134,24 @@ def count(words: np.ndarray) -> int:
 
 def warning_part(words: np.ndarray) -> bytes:
   """The words of the non-finite warning, and the run: they change once per run, at any step."""
-  return words[WARNING_WORDS[0]:WARNING_WORDS[1] + 1].tobytes() + words[RUN_WORD:RUN_WORD + 1].tobytes()
+  return (
+    words[WARNING_WORDS[0] : WARNING_WORDS[1] + 1].tobytes()
+    + words[RUN_WORD : RUN_WORD + 1].tobytes()
+  )
 
 
 def due_part(words: np.ndarray) -> bytes:
   """The words of the due step's record, the run and the name included, not the count."""
-  return words[:WARNING_WORDS[0]].tobytes() + words[RUN_WORD:].tobytes()
+  return words[: WARNING_WORDS[0]].tobytes() + words[RUN_WORD:].tobytes()
 
 
 _INVISIBLE_WARNING = (
-    "{prefix}progress records are due (logging_interval is set) "
-    "but the logger '{name}' is not enabled for INFO, so they are "
-    "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
-    "add a handler and setLevel(logging.INFO) on "
-    "logging.getLogger('{name}'). To stop logging (and its cost "
-    "per step), pass logging_interval=None. This warning is shown once."
+  "{prefix}progress records are due (logging_interval is set) "
+  "but the logger '{name}' is not enabled for INFO, so they are "
+  "dropped. To see them, call logging.basicConfig(level=logging.INFO), or "
+  "add a handler and setLevel(logging.INFO) on "
+  "logging.getLogger('{name}'). To stop logging (and its cost "
+  "per step), pass logging_interval=None. This warning is shown once."
 )
 # One warning per logger: silencing one named optimizer must not hide another's.
 _invisible_warned: dict[str, threading.Event] = {}
@@ -142,27 +161,27 @@ DESCENT_RECORDS = 4
 DESCENT_NOISE = 4.0
 
 _DESCENT_WARNING = (
-    "the objective passed as value= has fallen and stays "
-    "down: at each of the last {records} progress records, up to step {step}, "
-    "it was below its value at the first step by more than {noise:g} times its "
-    "noise. gradient_ascent "
-    "increases the objective whose gradient it is given; the gradient of a "
-    "loss (or a sign error) makes it descend. Pass the gradient of the "
-    "objective to maximize: grads = jax.grad(objective)(params), for a loss "
-    "jax.grad(lambda p: -loss(p))(params). If the sign is right, a learning "
-    "rate that is too large can also make it fall. This warning is shown once "
-    "per optimizer state."
+  "the objective passed as value= has fallen and stays "
+  "down: at each of the last {records} progress records, up to step {step}, "
+  "it was below its value at the first step by more than {noise:g} times its "
+  "noise. gradient_ascent "
+  "increases the objective whose gradient it is given; the gradient of a "
+  "loss (or a sign error) makes it descend. Pass the gradient of the "
+  "objective to maximize: grads = jax.grad(objective)(params), for a loss "
+  "jax.grad(lambda p: -loss(p))(params). If the sign is right, a learning "
+  "rate that is too large can also make it fall. This warning is shown once "
+  "per optimizer state."
 )
 
 _NONFINITE_WARNING = (
-    "step {step}: {what} is not finite: the run has diverged. With "
-    "gradient_ascent the usual cause is steps that are too large: the first "
-    "step moves every parameter by learning_rate / sqrt(1 - beta) (31.6 x "
-    "learning_rate for beta=0.999) whatever the size of its gradient, and "
-    "momentum then adds to it. Try a learning_rate 3-10 times smaller, "
-    "warmup_steps to ramp it up, or clip_value to bound the gradients. The "
-    "objective is checked on every step, the gradient norm on logged steps. "
-    "This warning is shown once per optimizer state."
+  "step {step}: {what} is not finite: the run has diverged. With "
+  "gradient_ascent the usual cause is steps that are too large: the first "
+  "step moves every parameter by learning_rate / sqrt(1 - beta) (31.6 x "
+  "learning_rate for beta=0.999) whatever the size of its gradient, and "
+  "momentum then adds to it. Try a learning_rate 3-10 times smaller, "
+  "warmup_steps to ramp it up, or clip_value to bound the gradients. The "
+  "objective is checked on every step, the gradient norm on logged steps. "
+  "This warning is shown once per optimizer state."
 )
 
 
@@ -178,9 +197,9 @@ def _dropped(named_logger: logging.Logger, prefix: str) -> bool:
   if named_logger.isEnabledFor(logging.INFO):
     return False
   once.warn_once(
-      once.flag_for(_invisible_warned, named_logger.name),
-      _INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name),
-      named_logger,
+    once.flag_for(_invisible_warned, named_logger.name),
+    _INVISIBLE_WARNING.format(prefix=prefix, name=named_logger.name),
+    named_logger,
   )
   return True
 
@@ -194,8 +213,10 @@ def emit(words: np.ndarray, *, warning: bool = True, due: bool = True) -> None:
   named_logger, prefix = named(name)
   if warning and record.nonfinite:
     what = "the objective passed as value=" if record.value_nonfinite else "the gradient norm"
-    named_logger.warning(prefix + _NONFINITE_WARNING.format(step=record.warn_step, what=what),
-                         extra={"step": record.warn_step})
+    named_logger.warning(
+      prefix + _NONFINITE_WARNING.format(step=record.warn_step, what=what),
+      extra={"step": record.warn_step},
+    )
   if not (due and record.show):
     return
   step = record.step
@@ -204,13 +225,26 @@ def emit(words: np.ndarray, *, warning: bool = True, due: bool = True) -> None:
     fields = {"step": step, "learning_rate": rate, "grad_norm": record.grad_norm}
     if has_value:  # the record carries the objective too, in its message and as .value
       fields["value"] = record.value
-      named_logger.info("%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
-                        prefix, step, record.value, rate, record.grad_norm, extra=fields)
+      named_logger.info(
+        "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
+        prefix,
+        step,
+        record.value,
+        rate,
+        record.grad_norm,
+        extra=fields,
+      )
     else:
-      named_logger.info("%sstep %d: learning rate %.6g, gradient norm %.6g",
-                        prefix, step, rate, record.grad_norm, extra=fields)
+      named_logger.info(
+        "%sstep %d: learning rate %.6g, gradient norm %.6g",
+        prefix,
+        step,
+        rate,
+        record.grad_norm,
+        extra=fields,
+      )
   if has_value and record.descending:
     named_logger.warning(
-        prefix + _DESCENT_WARNING.format(records=DESCENT_RECORDS, step=step, noise=DESCENT_NOISE),
-        extra={"step": step},
+      prefix + _DESCENT_WARNING.format(records=DESCENT_RECORDS, step=step, noise=DESCENT_NOISE),
+      extra={"step": step},
     )

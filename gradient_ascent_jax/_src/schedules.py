@@ -10,7 +10,7 @@ from gradient_ascent_jax._src import validation
 
 
 def learning_rate_at(
-    learning_rate: optax.ScalarOrSchedule, count: jax.typing.ArrayLike
+  learning_rate: optax.ScalarOrSchedule, count: jax.typing.ArrayLike
 ) -> jax.typing.ArrayLike:
   """``learning_rate``, or ``learning_rate(count)`` for a schedule, checked.
 
@@ -23,9 +23,9 @@ def learning_rate_at(
 
 
 def warmup_decay_schedule(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    warmup_steps: jax.typing.ArrayLike = 0,
-    lr_decay: jax.typing.ArrayLike | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  warmup_steps: jax.typing.ArrayLike = 0,
+  lr_decay: jax.typing.ArrayLike | None = None,
 ) -> optax.Schedule:
   """Linear warmup and per-step exponential decay of a learning rate.
 
@@ -57,7 +57,7 @@ def warmup_decay_schedule(
   """
   learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
   warmup_steps = validation.check_count(
-      "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
+    "warmup_steps", warmup_steps, 0, "Use 0 to turn warmup off."
   )
   lr_decay = validation.check_lr_decay(lr_decay)
   return unchecked_warmup_decay_schedule(learning_rate, warmup_steps, lr_decay)

@@ -25,42 +25,42 @@ logger = logging.getLogger("gradient_ascent_jax")
 # orbax's checkpointer.restore(path) and flax's msgpack_restore give the arrays back in
 # plain dicts and lists: the state types are lost, and re-initialising loses the run.
 _WITHOUT_TARGET = (
-    "a checkpoint restored without a target, as orbax's checkpointer.restore(path) "
-    "and flax's serialization.msgpack_restore give it"
+  "a checkpoint restored without a target, as orbax's checkpointer.restore(path) "
+  "and flax's serialization.msgpack_restore give it"
 )
 # The recipes for restoring into a target live in the documentation's Checkpoints
 # guide, where they are run and tested; a message names that page only.
 _RESTORE_INTO_TARGET = (
-    "Do not replace it with tx.init(params), which starts over: carry it over, "
-    "state = gax.carry_over(restored, tx.init(params)), which takes the plain dicts "
-    "and lists as they are and keeps the moments and counts; or restore the "
-    "checkpoint into the structure of tx.init(params), as the Checkpoints guide of "
-    "the documentation shows for orbax and flax."
+  "Do not replace it with tx.init(params), which starts over: carry it over, "
+  "state = gax.carry_over(restored, tx.init(params)), which takes the plain dicts "
+  "and lists as they are and keeps the moments and counts; or restore the "
+  "checkpoint into the structure of tx.init(params), as the Checkpoints guide of "
+  "the documentation shows for orbax and flax."
 )
 # An earlier version's state is carried over, never replaced: tx.init would lose the run.
 CARRY_OVER = (
-    "Do not replace it with tx.init(params), which starts the run over: carry it "
-    "over, state = gax.carry_over(old_state, tx.init(params)), with tx and params "
-    "built as the saved run built them. That keeps the moments, the velocity and "
-    "the step counts, and the run continues exactly."
+  "Do not replace it with tx.init(params), which starts the run over: carry it "
+  "over, state = gax.carry_over(old_state, tx.init(params)), with tx and params "
+  "built as the saved run built them. That keeps the moments, the velocity and "
+  "the step counts, and the run continues exactly."
 )
 
 
 def earlier_layout(name: str, state: Any, fields: tuple[str, ...]) -> ValueError:
   """The error for a stage's state of another layout, as an earlier version saved it."""
   return ValueError(
-      f"{name}: the state is a {type(state).__name__} with the fields "
-      f"{getattr(state, '_fields', None)}, but {name} now keeps {fields}: a state "
-      "saved by an earlier version (pickled, or restored without a target). " + CARRY_OVER
+    f"{name}: the state is a {type(state).__name__} with the fields "
+    f"{getattr(state, '_fields', None)}, but {name} now keeps {fields}: a state "
+    "saved by an earlier version (pickled, or restored without a target). " + CARRY_OVER
   )
 
 
 def restored_without_target(name: str, state: Any) -> ValueError:
   """The error for a whole optimizer's state that holds its arrays in plain containers."""
   return ValueError(
-      f"{name}: the optimizer state is a plain {type(state).__name__} holding the "
-      f"right arrays, not the state that tx.init(params) returns: {_WITHOUT_TARGET}. "
-      + _RESTORE_INTO_TARGET
+    f"{name}: the optimizer state is a plain {type(state).__name__} holding the "
+    f"right arrays, not the state that tx.init(params) returns: {_WITHOUT_TARGET}. "
+    + _RESTORE_INTO_TARGET
   )
 
 
@@ -76,20 +76,26 @@ def check_own_state(state: Any, state_type: type, name: str) -> None:
   if isinstance(state, tuple) and type(state) is not tuple:
     return  # another NamedTuple: left to the stage's own checks
   found = f"the string {state!r}" if isinstance(state, str) else f"a plain {type(state).__name__}"
-  how = (" (optax.chain hands each stage one entry of its state, and the entries of a "
-         "dict are its keys)") if isinstance(state, str) else ""
+  how = (
+    (
+      " (optax.chain hands each stage one entry of its state, and the entries of a "
+      "dict are its keys)"
+    )
+    if isinstance(state, str)
+    else ""
+  )
   raise ValueError(
-      f"{name}: the state is {found}, not the {state_type.__name__} that "
-      f"tx.init(params) returns{how}: {_WITHOUT_TARGET}. " + _RESTORE_INTO_TARGET
+    f"{name}: the state is {found}, not the {state_type.__name__} that "
+    f"tx.init(params) returns{how}: {_WITHOUT_TARGET}. " + _RESTORE_INTO_TARGET
   )
 
 
 def check_gradient_leaves(updates: Any, transform: str) -> None:
   check_array_leaves(
-      updates,
-      transform,
-      "gradient",
-      "Pass gradients as arrays, in the tree of the params (as jax.grad gives them).",
+    updates,
+    transform,
+    "gradient",
+    "Pass gradients as arrays, in the tree of the params (as jax.grad gives them).",
   )
 
 
@@ -101,8 +107,9 @@ def init_accumulator(params, accumulator_dtype, transform: str):
   return jax.tree.map(lambda p: placement.zeros_like_on_same_devices(p, accumulator_dtype), params)
 
 
-def check_matches_state(updates, accumulator, accumulator_dtype, transform,
-                        leaves_checked: bool = False):
+def check_matches_state(
+  updates, accumulator, accumulator_dtype, transform, leaves_checked: bool = False
+):
   """Trace-time check: updates must have the tree, shapes (and dtypes) of state.
 
   ``leaves_checked``: that every leaf is an array was checked already.
@@ -111,9 +118,7 @@ def check_matches_state(updates, accumulator, accumulator_dtype, transform,
     check_gradient_leaves(updates, transform)
   # Before the dtype checks: with accumulator_dtype set, a complex update would
   # pass them and lose its imaginary part in the real state.
-  check_real_leaves(
-      updates, transform, "gradient", "its state holds real numbers"
-  )
+  check_real_leaves(updates, transform, "gradient", "its state holds real numbers")
   if accumulator_dtype is not None:
     # The moments are stored back in the dtype they came in: a state made with
     # another accumulator_dtype would otherwise silently keep its own.
@@ -121,10 +126,10 @@ def check_matches_state(updates, accumulator, accumulator_dtype, transform,
     found = sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)})
     if found and found != [expected.name]:
       raise ValueError(
-          f"{transform}: the optimizer state holds {', '.join(found)} moments, "
-          f"but this optimizer was built with accumulator_dtype={expected.name}. "
-          "The state comes from an optimizer with another accumulator_dtype: "
-          "call state = tx.init(params) with this optimizer."
+        f"{transform}: the optimizer state holds {', '.join(found)} moments, "
+        f"but this optimizer was built with accumulator_dtype={expected.name}. "
+        "The state comes from an optimizer with another accumulator_dtype: "
+        "call state = tx.init(params) with this optimizer."
       )
   try:
     chex.assert_trees_all_equal_structs(updates, accumulator)
@@ -133,10 +138,10 @@ def check_matches_state(updates, accumulator, accumulator_dtype, transform,
       chex.assert_trees_all_equal_dtypes(updates, accumulator)
   except AssertionError as error:
     raise ValueError(
-        f"{transform}: the gradients do not match the optimizer state, which "
-        "was initialised from the params. Pass gradients with the same tree "
-        "structure, shapes and dtypes as those params (or re-run init). "
-        f"Details (tree 0 is the gradients, tree 1 the state): {error}"
+      f"{transform}: the gradients do not match the optimizer state, which "
+      "was initialised from the params. Pass gradients with the same tree "
+      "structure, shapes and dtypes as those params (or re-run init). "
+      f"Details (tree 0 is the gradients, tree 1 the state): {error}"
     ) from None
 
 
@@ -152,15 +157,15 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
     if not isinstance(leaf, _ARRAY_LIKE):
       where = jax.tree_util.keystr(path) or "<root>"
       raise TypeError(
-          f"{transform}: {what} {where} must be an array, got {leaf!r} of "
-          f"type {type(leaf).__name__}. {fix}"
+        f"{transform}: {what} {where} must be an array, got {leaf!r} of "
+        f"type {type(leaf).__name__}. {fix}"
       )
 
 
 SPLIT_COMPLEX = (
-    "For complex parameters, wrap the optimizer: "
-    "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
-    "optimizes the real and imaginary parts as two real parameters."
+  "For complex parameters, wrap the optimizer: "
+  "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
+  "optimizes the real and imaginary parts as two real parameters."
 )
 
 
@@ -172,19 +177,19 @@ def check_real_leaves(tree: Any, transform: str, what: str, why: str) -> None:
     if np.iscomplexobj(leaf):
       where = jax.tree_util.keystr(path) or "<root>"
       raise TypeError(
-          f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
-          f"but {why}. {SPLIT_COMPLEX}"
+        f"{transform}: {what} {where} is complex ({jnp.result_type(leaf).name}), "
+        f"but {why}. {SPLIT_COMPLEX}"
       )
 
 
 def check_floating_params(params: Any, transform: str) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   check_array_leaves(
-      params,
-      transform,
-      "parameter",
-      "Keep only arrays in the params: replace other objects with None, or "
-      "keep them outside the tree.",
+    params,
+    transform,
+    "parameter",
+    "Keep only arrays in the params: replace other objects with None, or "
+    "keep them outside the tree.",
   )
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     where = jax.tree_util.keystr(path) or "<root>"
@@ -195,30 +200,29 @@ def check_floating_params(params: Any, transform: str) -> None:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       shown = leaf.dtype if dtype is None else dtype.name
       raise TypeError(
-          f"{transform}: parameter {where} has dtype {shown}; only real "
-          "floating-point parameters can be optimized. Mask non-trainable "
-          "leaves out with optax.masked / optax.multi_transform (or replace "
-          f"them with None). {SPLIT_COMPLEX}"
+        f"{transform}: parameter {where} has dtype {shown}; only real "
+        "floating-point parameters can be optimized. Mask non-trainable "
+        "leaves out with optax.masked / optax.multi_transform (or replace "
+        f"them with None). {SPLIT_COMPLEX}"
       )
     if jnp.finfo(dtype).bits < 16:
       raise TypeError(
-          f"{transform}: parameter {where} has dtype {dtype.name}; parameters "
-          "of fewer than 16 bits cannot be optimized: JAX does not promote "
-          "them implicitly, and their few mantissa bits would swallow most "
-          "updates. Keep float32 or bfloat16 parameters and cast them to "
-          f"{dtype.name} where they are used."
+        f"{transform}: parameter {where} has dtype {dtype.name}; parameters "
+        "of fewer than 16 bits cannot be optimized: JAX does not promote "
+        "them implicitly, and their few mantissa bits would swallow most "
+        "updates. Keep float32 or bfloat16 parameters and cast them to "
+        f"{dtype.name} where they are used."
       )
 
 
 _COARSE_HALF = (
-    "the stored second moment moves by one unit in the last place where beta "
-    "asks for less, so it forgets faster than beta says and, with noisy "
-    "gradients, averages low (steps up to about 1.4x larger than with float32 "
-    "state)."
+  "the stored second moment moves by one unit in the last place where beta "
+  "asks for less, so it forgets faster than beta says and, with noisy "
+  "gradients, averages low (steps up to about 1.4x larger than with float32 "
+  "state)."
 )
 _COARSE_WIDE = (
-    "the stored second moment can stop changing, and after a huge gradient "
-    "stay saturated for good."
+  "the stored second moment can stop changing, and after a huge gradient stay saturated for good."
 )
 
 
@@ -240,15 +244,20 @@ def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
       else:
         fix = f"Use a beta with 1 - beta >= {spacing:.3g}"
         if finfo.bits < 64:
-          fix += (", or keep the moments in float64: enable "
-                  "jax.config.update('jax_enable_x64', True) and pass "
-                  "accumulator_dtype=jnp.float64")
+          fix += (
+            ", or keep the moments in float64: enable "
+            "jax.config.update('jax_enable_x64', True) and pass "
+            "accumulator_dtype=jnp.float64"
+          )
         fix += "."
       logger.warning(
-          "%s: beta=%s is closer to 1 than %s state can resolve (relative "
-          "spacing %.3g): %s %s",
-          transform, beta, dtype, spacing,
-          _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE, fix,
+        "%s: beta=%s is closer to 1 than %s state can resolve (relative spacing %.3g): %s %s",
+        transform,
+        beta,
+        dtype,
+        spacing,
+        _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE,
+        fix,
       )
 
 
@@ -258,6 +267,9 @@ def check_eps_is_normal(eps, accumulator) -> None:
   # flush-to-zero hardware reads as 0.
   for dtype in {numerics.compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(accumulator)}:
     validation.check_at_least(
-        "eps", eps, float(jnp.finfo(dtype).tiny), dtype,
-        "a zero gradient would give 0 / 0 = NaN.",
+      "eps",
+      eps,
+      float(jnp.finfo(dtype).tiny),
+      dtype,
+      "a zero gradient would give 0 / 0 = NaN.",
     )

@@ -167,7 +167,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     Array([ 0.5, -1. ,  1. ], dtype=float32)
   """
   clip_value = validation.check_optional_positive(
-      "clip_value", clip_value, "Use None for no clipping."
+    "clip_value", clip_value, "Use None for no clipping."
   )
   return unchecked_clip_by_value(clip_value, check_updates=True)
 
@@ -176,7 +176,7 @@ def check_clippable(updates: Any) -> None:
   """The gradients :func:`clip_by_value` can clip: arrays of real numbers."""
   state_checks.check_gradient_leaves(updates, "clip_by_value")
   state_checks.check_real_leaves(
-      updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
+    updates, "clip_by_value", "gradient", "complex numbers have no order to clip to a range"
   )
 
 
@@ -186,8 +186,11 @@ def unchecked_clip_by_value(clip_value, check_updates: bool) -> optax.GradientTr
   def clip_leaf(u):
     if jnp.issubdtype(u.dtype, jnp.floating):
       validation.check_at_least(
-          "clip_value", clip_value, float(jnp.finfo(u.dtype).smallest_subnormal), u.dtype,
-          "it rounds down to 0, and every gradient would be clipped to 0.",
+        "clip_value",
+        clip_value,
+        float(jnp.finfo(u.dtype).smallest_subnormal),
+        u.dtype,
+        "it rounds down to 0, and every gradient would be clipped to 0.",
       )
     bound = numerics.round_down(clip_value, u.dtype)
     return jnp.clip(u, -bound, bound)
@@ -202,7 +205,7 @@ def unchecked_clip_by_value(clip_value, check_updates: bool) -> optax.GradientTr
 
 
 def add_decayed_weights(
-    weight_decay: jax.typing.ArrayLike, mask: Any = None
+  weight_decay: jax.typing.ArrayLike, mask: Any = None
 ) -> optax.GradientTransformation:
   """Adds ``weight_decay * params`` to the (descent-convention) updates.
 
@@ -225,10 +228,10 @@ def add_decayed_weights(
 
   def decay(updates, params):
     return jax.tree.map(
-        lambda u, p: None if u is None else u + numerics.cast(weight_decay * p, u.dtype),
-        updates,
-        params,
-        is_leaf=lambda u: u is None,
+      lambda u, p: None if u is None else u + numerics.cast(weight_decay * p, u.dtype),
+      updates,
+      params,
+      is_leaf=lambda u: u is None,
     )
 
   def update_fn(updates, state, params=None):
@@ -236,41 +239,41 @@ def add_decayed_weights(
       unknown = ""
       if isinstance(weight_decay, jax.Array):
         unknown = (
-            " Here weight_decay is a JAX value, which may be 0 but cannot be known to "
-            "be when the optimizer is built (optax.inject_hyperparams injects every "
-            "number it is given): leave weight_decay out (None, the default) or name "
-            "it in static_args=('weight_decay',) to have no decay stage."
+          " Here weight_decay is a JAX value, which may be 0 but cannot be known to "
+          "be when the optimizer is built (optax.inject_hyperparams injects every "
+          "number it is given): leave weight_decay out (None, the default) or name "
+          "it in static_args=('weight_decay',) to have no decay stage."
         )
       raise ValueError(
-          "add_decayed_weights: weight_decay > 0 pulls the params toward 0, so update "
-          "needs them: call tx.update(grads, state, params) with the params the "
-          "gradients are of (or build the optimizer with weight_decay=None)." + unknown
+        "add_decayed_weights: weight_decay > 0 pulls the params toward 0, so update "
+        "needs them: call tx.update(grads, state, params) with the params the "
+        "gradients are of (or build the optimizer with weight_decay=None)." + unknown
       )
     if mask is None:
       return decay(updates, params), state
     chosen = mask(params) if callable(mask) else mask
     # A leaf of the mask may stand for a whole subtree of the params.
     return jax.tree.map(
-        lambda keep, u, p: decay(u, p) if keep else u, chosen, updates, params
+      lambda keep, u, p: decay(u, p) if keep else u, chosen, updates, params
     ), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 _NESTEROV_WITHOUT_MOMENTUM = (
-    "nesterov=True has no effect with momentum 0: the "
-    "Nesterov look-ahead adds momentum * velocity, which is 0, so the steps "
-    "are those of nesterov=False. Pass a momentum in (0, 1), e.g. 0.9, for "
-    "Nesterov momentum, or nesterov=False. This warning is shown once."
+  "nesterov=True has no effect with momentum 0: the "
+  "Nesterov look-ahead adds momentum * velocity, which is 0, so the steps "
+  "are those of nesterov=False. Pass a momentum in (0, 1), e.g. 0.9, for "
+  "Nesterov momentum, or nesterov=False. This warning is shown once."
 )
 _nesterov_without_momentum_warned = threading.Event()
 
 
 def scale_by_adaptive_rms(
-    beta: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    accumulator_dtype: jax.typing.DTypeLike | None = None,
+  beta: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Divides each element by the root of an EMA of its square (RMSprop).
 
@@ -307,14 +310,15 @@ def scale_by_adaptive_rms(
   """
   beta = validation.check_decay_rate("beta", beta)
   eps = validation.check_optional_positive(
-      "eps", eps, "eps guards the division; use a small value such as 1e-8."
+    "eps", eps, "eps guards the division; use a small value such as 1e-8."
   )
   validation.check_accumulator_dtype(accumulator_dtype)
   return unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=True)
 
 
-def unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates: bool
-                           ) -> optax.GradientTransformation:
+def unchecked_scale_by_adaptive_rms(
+  beta, eps, accumulator_dtype, check_updates: bool
+) -> optax.GradientTransformation:
   """:func:`scale_by_adaptive_rms` of checked hyperparameters."""
   name = "scale_by_adaptive_rms"
 
@@ -342,7 +346,8 @@ def unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates:
 
     q = jax.tree.map(weighted, updates, state.second_moment)
     second_moment = jax.tree.map(
-        functools.partial(numerics.saturating_moment, beta), q, state.second_moment)
+      functools.partial(numerics.saturating_moment, beta), q, state.second_moment
+    )
     scaled = jax.tree.map(scale, updates, q, state.second_moment, second_moment)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
@@ -350,10 +355,10 @@ def unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates:
 
 
 def momentum(
-    decay: jax.typing.ArrayLike = 0.9,
-    nesterov: bool = False,
-    *,
-    accumulator_dtype: jax.typing.DTypeLike | None = None,
+  decay: jax.typing.ArrayLike = 0.9,
+  nesterov: bool = False,
+  *,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   """Heavy-ball or Nesterov momentum on the incoming updates.
 
@@ -395,8 +400,9 @@ def momentum(
   return unchecked_momentum(decay, nesterov, accumulator_dtype, check_updates=True)
 
 
-def unchecked_momentum(decay, nesterov, accumulator_dtype, check_updates: bool
-              ) -> optax.GradientTransformation:
+def unchecked_momentum(
+  decay, nesterov, accumulator_dtype, check_updates: bool
+) -> optax.GradientTransformation:
   """:func:`momentum` of checked hyperparameters."""
   name = "momentum"
   if nesterov is True and isinstance(decay, float) and decay == 0:
@@ -432,9 +438,9 @@ def unchecked_momentum(decay, nesterov, accumulator_dtype, check_updates: bool
 
 
 def scale_by_warmup_decay(
-    learning_rate: optax.ScalarOrSchedule = 0.01,
-    warmup_steps: jax.typing.ArrayLike = 0,
-    lr_decay: jax.typing.ArrayLike | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.01,
+  warmup_steps: jax.typing.ArrayLike = 0,
+  lr_decay: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   """Multiplies the updates by ``-lr_t`` of :func:`warmup_decay_schedule`.
 

@@ -27,11 +27,11 @@ STEP_COUNT_MAX = int(np.iinfo(np.int32).max)
 _COUNT_MAX = int(np.iinfo(np.int64).max)
 
 _NARROW_FLOAT_FIX = (
-    " In {dtype} a hyperparameter keeps only a few digits (beta=0.999 becomes "
-    "1.0 in bfloat16, eps=1e-8 becomes 0 in float16), which silently breaks "
-    "the optimizer. Pass float32 values; optax.inject_hyperparams casts "
-    "hyperparameters to the params' dtype unless you give it "
-    "hyperparam_dtype=jnp.float32."
+  " In {dtype} a hyperparameter keeps only a few digits (beta=0.999 becomes "
+  "1.0 in bfloat16, eps=1e-8 becomes 0 in float16), which silently breaks "
+  "the optimizer. Pass float32 values; optax.inject_hyperparams casts "
+  "hyperparameters to the params' dtype unless you give it "
+  "hyperparam_dtype=jnp.float32."
 )
 
 
@@ -57,29 +57,29 @@ def _check_array(name: str, value: Any, kind: str, fix: str) -> None:
   """
   if np.shape(value) != ():
     raise ValueError(
-        f"`{name}` must be a scalar (shape ()), got {_describe_array(value)}. "
-        "A hyperparameter applies to every element of every parameter; pass "
-        "one number (to try several values, vmap the function that builds "
-        "and applies the optimizer)."
+      f"`{name}` must be a scalar (shape ()), got {_describe_array(value)}. "
+      "A hyperparameter applies to every element of every parameter; pass "
+      "one number (to try several values, vmap the function that builds "
+      "and applies the optimizer)."
     )
   dtype = jnp.dtype(value.dtype)
   is_int = jnp.issubdtype(dtype, jnp.integer)
   is_float = jnp.issubdtype(dtype, jnp.floating)
   ok = {
-      "real": is_int or is_float,
-      "integer": is_int,
-      "bool": jnp.issubdtype(dtype, jnp.bool_),
+    "real": is_int or is_float,
+    "integer": is_int,
+    "bool": jnp.issubdtype(dtype, jnp.bool_),
   }[kind]
   if not ok:
     article = "an" if kind == "integer" else "a"
     raise ValueError(
-        f"`{name}` must be {article} {kind} scalar, got {_describe_array(value)}. {fix}"
+      f"`{name}` must be {article} {kind} scalar, got {_describe_array(value)}. {fix}"
     )
   # A NumPy value is checked as the number it holds; a JAX value cannot be.
   if is_float and _is_jax_value(value) and jnp.finfo(dtype).bits < 32:
     raise ValueError(
-        f"`{name}` must be float32 or wider, got {_describe_array(value)}."
-        + _NARROW_FLOAT_FIX.format(dtype=dtype)
+      f"`{name}` must be float32 or wider, got {_describe_array(value)}."
+      + _NARROW_FLOAT_FIX.format(dtype=dtype)
     )
 
 
@@ -102,14 +102,14 @@ def _as_real(name: str, value: Any, fix: str) -> float:
 
 
 def check_interval(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    fix: str = "",
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  fix: str = "",
 ) -> float | jax.Array:
   """Checks that a concrete number lies in an interval; returns it as a float.
 
@@ -132,12 +132,12 @@ def check_learning_rate(name: str, value: Any) -> Any:
   if callable(value):
     return value
   return check_interval(
-      name,
-      value,
-      0.0,
-      math.inf,
-      high_open=True,
-      fix="Pass a float >= 0 or an optax schedule (a callable count -> lr).",
+    name,
+    value,
+    0.0,
+    math.inf,
+    high_open=True,
+    fix="Pass a float >= 0 or an optax schedule (a callable count -> lr).",
   )
 
 
@@ -145,19 +145,17 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   if value is None:
     return None
   # inf is refused as well: eps=inf makes every update 0, clip_value=inf clips nothing.
-  return check_interval(
-      name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix
-  )
+  return check_interval(name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
 
 
 def check_decay_rate(name: str, value: Any) -> float | jax.Array:
   return check_interval(
-      name,
-      value,
-      0.0,
-      1.0,
-      high_open=True,
-      fix=f"Use 0 to disable it; `{name}` = 1 never forgets and diverges.",
+    name,
+    value,
+    0.0,
+    1.0,
+    high_open=True,
+    fix=f"Use 0 to disable it; `{name}` = 1 never forgets and diverges.",
   )
 
 
@@ -169,7 +167,7 @@ def check_lr_decay(value: Any) -> float | jax.Array | None:
 
 
 def check_count(
-    name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
+  name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
 ) -> int | jax.Array:
   """Checks a concrete integer in [minimum, maximum]; returns it as an int.
 
@@ -179,9 +177,7 @@ def check_count(
     _check_array(name, value, "integer", fix)
     return value
   number = _concrete(name, value, "integer", fix)
-  is_int = isinstance(number, numbers.Integral) and not isinstance(
-      number, (bool, np.bool_)
-  )
+  is_int = isinstance(number, numbers.Integral) and not isinstance(number, (bool, np.bool_))
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
   number = int(number)
@@ -194,13 +190,13 @@ def check_logging_interval(value: Any) -> int | jax.Array | None:
   if value is None:
     return None
   return check_count(
-      "logging_interval",
-      value,
-      0,
-      "Use None or 0 to turn progress logging off, or N >= 1 to log "
-      f"every N steps; the step counter stops at {STEP_COUNT_MAX}, so a "
-      "longer interval would never log.",
-      maximum=STEP_COUNT_MAX,
+    "logging_interval",
+    value,
+    0,
+    "Use None or 0 to turn progress logging off, or N >= 1 to log "
+    f"every N steps; the step counter stops at {STEP_COUNT_MAX}, so a "
+    "longer interval would never log.",
+    maximum=STEP_COUNT_MAX,
   )
 
 
@@ -209,11 +205,11 @@ def check_logging_name(value: Any) -> str | None:
     return None
   if not isinstance(value, str) or not all(part.strip() for part in value.split(".")):
     _fail(
-        "logging_name",
-        value,
-        "None or a non-empty string (dot-separated parts, none empty)",
-        "Pass a name such as 'disc': the records then go to the logger "
-        "'gradient_ascent_jax.disc' and each message starts with 'disc: '.",
+      "logging_name",
+      value,
+      "None or a non-empty string (dot-separated parts, none empty)",
+      "Pass a name such as 'disc': the records then go to the logger "
+      "'gradient_ascent_jax.disc' and each message starts with 'disc: '.",
     )
   return value
 
@@ -222,13 +218,13 @@ def check_weight_decay(value: Any) -> float | jax.Array | None:
   if value is None:
     return None
   return check_interval(
-      "weight_decay",
-      value,
-      0.0,
-      math.inf,
-      high_open=True,
-      fix="Use None (the default) for no decay, or a small rate such as 1e-4: the "
-      "optimizer then ascends on objective - weight_decay/2 * |params|^2.",
+    "weight_decay",
+    value,
+    0.0,
+    math.inf,
+    high_open=True,
+    fix="Use None (the default) for no decay, or a small rate such as 1e-4: the "
+    "optimizer then ascends on objective - weight_decay/2 * |params|^2.",
   )
 
 
@@ -240,21 +236,21 @@ def check_weight_decay_mask(value: Any) -> Any:
   lambda x: x.ndim > 1, p)`` arrives as ``False``: no leaf would decay, silently.
   """
   is_bool = isinstance(value, (bool, np.bool_)) or (
-      isinstance(value, (jax.Array, np.ndarray))
-      and np.shape(value) == ()
-      and jnp.issubdtype(value.dtype, jnp.bool_)
+    isinstance(value, (jax.Array, np.ndarray))
+    and np.shape(value) == ()
+    and jnp.issubdtype(value.dtype, jnp.bool_)
   )
   if is_bool:
     shown = _describe_array(value) if _is_jax_value(value) else repr(value)
     raise ValueError(
-        "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
-        "prefix of it) or a callable params -> such a pytree, got a single bool "
-        f"({shown}). Under optax.inject_hyperparams that is what a callable mask "
-        "turns into: Optax takes every callable it is not told about for a schedule "
-        "and calls it with the step count, so the mask never sees the params. Name "
-        "it static: optax.inject_hyperparams(gax.gradient_ascent, "
-        "static_args=(\"weight_decay_mask\",))(...). Otherwise use None to decay "
-        "every leaf, or leave weight_decay out to decay none."
+      "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
+      "prefix of it) or a callable params -> such a pytree, got a single bool "
+      f"({shown}). Under optax.inject_hyperparams that is what a callable mask "
+      "turns into: Optax takes every callable it is not told about for a schedule "
+      "and calls it with the step count, so the mask never sees the params. Name "
+      "it static: optax.inject_hyperparams(gax.gradient_ascent, "
+      'static_args=("weight_decay_mask",))(...). Otherwise use None to decay '
+      "every leaf, or leave weight_decay out to decay none."
     )
   return value
 
@@ -284,12 +280,12 @@ def check_accumulator_dtype(value: Any) -> None:
     # jnp.float32 is callable: optax.inject_hyperparams takes it for a schedule
     # and hands on jnp.float32(count), an array.
     raise ValueError(
-        "`accumulator_dtype` must be None or a floating-point dtype such as "
-        f"jnp.float32, got {_describe_array(value)}. Under optax.inject_hyperparams "
-        "that is what a dtype turns into: Optax takes every callable it is not told "
-        "about (jnp.float32 is one) for a schedule and calls it with the step count. "
-        "Name it static: optax.inject_hyperparams(gax.gradient_ascent, "
-        "static_args=(\"accumulator_dtype\",))(...), or pass the string \"float32\"."
+      "`accumulator_dtype` must be None or a floating-point dtype such as "
+      f"jnp.float32, got {_describe_array(value)}. Under optax.inject_hyperparams "
+      "that is what a dtype turns into: Optax takes every callable it is not told "
+      "about (jnp.float32 is one) for a schedule and calls it with the step count. "
+      "Name it static: optax.inject_hyperparams(gax.gradient_ascent, "
+      'static_args=("accumulator_dtype",))(...), or pass the string "float32".'
     )
   try:
     dtype = jnp.dtype(value)
@@ -297,33 +293,31 @@ def check_accumulator_dtype(value: Any) -> None:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 16:
     _fail(
-        "accumulator_dtype",
-        value,
-        "None or a floating-point dtype of 16 bits or more",
-        "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
+      "accumulator_dtype",
+      value,
+      "None or a floating-point dtype of 16 bits or more",
+      "Use None to keep the moments in the params' dtype, or e.g. jnp.float32.",
     )
   if jax.dtypes.canonicalize_dtype(dtype) != dtype:
     # JAX would silently make float32 moments, and every update would then
     # refuse the state that init had just made.
     raise ValueError(
-        f"`accumulator_dtype` is {dtype.name} (got {value!r}), but 64-bit types are "
-        "off in JAX (its default), so the moments would silently be "
-        f"{jax.dtypes.canonicalize_dtype(dtype).name}. Enable 64-bit types at "
-        "startup, before any array is made: jax.config.update('jax_enable_x64', "
-        "True) (or JAX_ENABLE_X64=1 in the environment); or pass "
-        "accumulator_dtype=jnp.float32."
+      f"`accumulator_dtype` is {dtype.name} (got {value!r}), but 64-bit types are "
+      "off in JAX (its default), so the moments would silently be "
+      f"{jax.dtypes.canonicalize_dtype(dtype).name}. Enable 64-bit types at "
+      "startup, before any array is made: jax.config.update('jax_enable_x64', "
+      "True) (or JAX_ENABLE_X64=1 in the environment); or pass "
+      "accumulator_dtype=jnp.float32."
     )
 
 
-def check_at_least(
-    name: str, value: Any, smallest: float, dtype: Any, consequence: str
-) -> None:
+def check_at_least(name: str, value: Any, smallest: float, dtype: Any, consequence: str) -> None:
   """Checks, once the dtype is known, that a concrete value does not round to 0 in it."""
   if value is None or _is_jax_value(value) or value >= smallest:
     return
   raise ValueError(
-      f"`{name}` must be >= {smallest:.3g} for {jnp.dtype(dtype).name}, where it is "
-      f"used, got {value!r}: {consequence} Use a larger `{name}`."
+    f"`{name}` must be >= {smallest:.3g} for {jnp.dtype(dtype).name}, where it is "
+    f"used, got {value!r}: {consequence} Use a larger `{name}`."
   )
 
 
@@ -337,11 +331,11 @@ def logging_enabled(logging_interval: Any) -> bool:
 def check_logging_emit(name: str, value: Any) -> str:
   if value not in ("callback", "state") or not isinstance(value, str):
     _fail(
-        name,
-        value,
-        '"callback" or "state"',
-        'Use "callback" (the default) to log from inside the compiled step, or "state" '
-        "to keep the records in the optimizer state and log them with "
-        "gax.ProgressReader() from a Python training loop.",
+      name,
+      value,
+      '"callback" or "state"',
+      'Use "callback" (the default) to log from inside the compiled step, or "state" '
+      "to keep the records in the optimizer state and log them with "
+      "gax.ProgressReader() from a Python training loop.",
     )
   return value
