@@ -2,6 +2,7 @@
 and its own warnings and trace-time checks."""
 
 import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -331,10 +332,6 @@ def nesterov_warning_not_yet_shown(monkeypatch):
   monkeypatch.setattr(transforms, "_nesterov_without_momentum_warned", threading.Event())
 
 
-def _warnings(caplog):
-  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
 @pytest.mark.parametrize(
   "make",
   [
@@ -343,13 +340,22 @@ def _warnings(caplog):
   ],
   ids=["gradient_ascent", "momentum"],
 )
-def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_shown, caplog):
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
-    make()
-    make()
-  [message] = _warnings(caplog)
+def test_nesterov_without_momentum_warns_once_at_the_users_line(
+  make, nesterov_warning_not_yet_shown, caplog
+):
+  # A misuse seen when the optimizer is built: Python's warnings, at this file's line
+  # (not the library's), once; not a log record.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+      make()
+      make()
+  [warning] = caught
+  assert warning.category is UserWarning and warning.filename == __file__
+  message = str(warning.message)
   assert "nesterov=True has no effect with momentum 0" in message
   assert "nesterov=False" in message and "0.9" in message
+  assert caplog.records == []
 
 
 @pytest.mark.parametrize(
@@ -362,11 +368,12 @@ def test_nesterov_without_momentum_warns_once(make, nesterov_warning_not_yet_sho
   ids=["with-momentum", "no-nesterov", "jax-array"],
 )
 def test_no_nesterov_warning_when_it_has_an_effect_or_is_unknown(
-  kwargs, nesterov_warning_not_yet_shown, caplog
+  kwargs, nesterov_warning_not_yet_shown
 ):
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
     gax.gradient_ascent(**kwargs)
-  assert _warnings(caplog) == []
+  assert caught == []
 
 
 # clip_value below the smallest number of the gradient dtype -----------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import warnings
 
 logger = logging.getLogger("gradient_ascent_jax")
 
@@ -27,3 +29,24 @@ def flag_for(flags: dict[str, threading.Event], key: str) -> threading.Event:
   """The flag of ``key`` in ``flags``, made on first use (safe across threads)."""
   with _flags_lock:
     return flags.setdefault(key, threading.Event())
+
+
+# Modules whose frames stand between the user's line and a warning raised while an
+# optimizer is built: the warning points at the first frame outside them.
+_LIBRARIES = ("gradient_ascent_jax", "optax", "jax", "jaxlib", "chex", "flax", "equinox")
+
+
+def warn_user_once(shown: threading.Event, message: str) -> None:
+  """``warnings.warn(message)`` at the user's line, unless ``shown`` is set; then sets it.
+
+  For misuse seen when an optimizer is built: Python's convention, so that the
+  warning names the line that built it and ``warnings`` filters apply. What happens
+  while a run steps goes to ``logging`` instead.
+  """
+  if shown.is_set():
+    return
+  shown.set()
+  frame, level = sys._getframe(1), 2
+  while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
+    frame, level = frame.f_back, level + 1
+  warnings.warn(message, UserWarning, stacklevel=level)

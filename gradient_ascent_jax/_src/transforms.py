@@ -407,7 +407,7 @@ def unchecked_momentum(
   name = "momentum"
   if nesterov is True and isinstance(decay, float) and decay == 0:
     # Nesterov with momentum 0 takes plain (momentum-free) steps: say so, once.
-    once.warn_once(_nesterov_without_momentum_warned, _NESTEROV_WITHOUT_MOMENTUM)
+    once.warn_user_once(_nesterov_without_momentum_warned, _NESTEROV_WITHOUT_MOMENTUM)
 
   def init_fn(params):
     velocity = state_checks.init_accumulator(params, accumulator_dtype, name)
