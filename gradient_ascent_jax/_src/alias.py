@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gradient_ascent_jax._src import chain_checks
@@ -160,6 +161,8 @@ def gradient_ascent(
   def check_updates(updates, state):
     # The stages' checks of the gradients, once, in the order the stages run.
     state_checks.check_gradient_leaves(updates, "flip_sign")
+    # Python numbers are gradients too (each stage makes them arrays): compare as arrays.
+    updates = jax.tree.map(lambda u: jnp.asarray(u) if isinstance(u, (int, float)) else u, updates)
     if clip_value is not None:
       transforms.check_clippable(updates)
     state_checks.check_matches_state(
