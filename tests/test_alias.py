@@ -316,6 +316,7 @@ def fit_gaussian_mixture(learning_rate, steps=2000):
   return np.asarray(params["mu"]), np.exp(np.asarray(params["log_std"]))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_a_learning_rate_of_adams_habit_breaks_a_gaussian_mixture_fit():
   means, stds = fit_gaussian_mixture(1e-3)
   np.testing.assert_allclose(means, [-2.0, 3.0], atol=0.1)  # the sample's own error: ~0.07
@@ -354,6 +355,7 @@ def eager_run(tx, gradient, params, steps=20):
   return history
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("name", sorted(DESCENT_OPTIMIZERS))
 def test_maximize_is_descent_on_the_negated_objective_exactly(name):
   # Op by op (no jit) every stage of these optimizers is odd in the gradient, so the two
@@ -539,6 +541,7 @@ LINESEARCH_OPTIMIZERS = {
 }
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("name", sorted(LINESEARCH_OPTIMIZERS))
 def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   ascent, state = run_with_cached_value_and_grad(
@@ -559,6 +562,7 @@ def test_maximize_line_search_optimizer_with_value_and_grad_from_state(name):
   np.testing.assert_allclose(optax.tree.get(state, "value"), concave(ascent[-1]), atol=1e-6)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("name", sorted(LINESEARCH_OPTIMIZERS))
 def test_maximize_line_search_hands_value_fn_its_own_extra_arguments(name):
   # Optax's line searches read value_fn's signature to pick the extra arguments it
@@ -639,6 +643,7 @@ def assert_ascends_as_descent_on_negation(runs):
   assert values[-1] > float(bowl(jnp.zeros(3))) + 1.0, values  # from -17.5 towards 0
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_maximize_reduce_on_plateau_sees_the_maximizers_progress():
   # sgd(0.6) on curvature 2 overshoots: the objective stops improving, the plateau
   # logic must notice (on the maximizer's value) and halve the step.
@@ -751,6 +756,7 @@ def test_maximize_schedule_free_adamw_and_its_eval_params():
   assert_ascends_as_descent_on_negation(runs)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
 def test_maximize_sam(opaque):
   def make():
@@ -838,6 +844,7 @@ VALUE_OPTIMIZERS = {
 }
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("name", sorted(VALUE_OPTIMIZERS))
 def test_maximize_optimizers_that_take_the_value(name):
   runs = ascent_and_descent(VALUE_OPTIMIZERS[name], steps=30, extra=lambda f, x: {"value": f(x)})
@@ -997,6 +1004,7 @@ def test_weight_decay_without_params_says_to_pass_them():
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize(
   "mask",
   [{"w": True, "b": False}, lambda params: jax.tree.map(lambda p: p.ndim > 1, params)],

@@ -99,6 +99,7 @@ def test_apply_if_finite_protects_params_and_state(bad):
 # Zero gradients -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_all_zero_gradients_give_zero_updates(dtype):
   tx = quiet(nesterov=True, clip_value=1.0, warmup_steps=2, lr_decay=0.9)

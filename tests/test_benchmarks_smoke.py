@@ -277,6 +277,7 @@ def _wrong_peers(config):
   }
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("config", list(_common.CONFIGS.values()), ids=list(_common.CONFIGS))
 def test_check_before_timing_accepts_right_and_rejects_wrong_peers(config):
   grads = [jax.random.normal(jax.random.key(2), (50,), jnp.float32)]

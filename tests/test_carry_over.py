@@ -79,6 +79,7 @@ def assert_no_nan(state):
       assert not np.isnan(np.asarray(leaf)).any(), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 @pytest.mark.parametrize("fmt", ["orbax", "msgpack", "pickle"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("release", RELEASES)

@@ -112,6 +112,7 @@ def assert_trees_equal(actual, expected):
     np.testing.assert_array_equal(a, e)
 
 
+@pytest.mark.slow  # 7 s or more on 2 cores
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_resumed_run_is_bit_identical(name, fmt, tmp_path, caplog):

@@ -80,6 +80,7 @@ class ExecutionModesTest(chex.TestCase):
         assert int(state[-1].count) == STEPS
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_pmap_over_8_devices_with_different_data():
   n = jax.local_device_count()
   assert n == 8
@@ -129,6 +130,7 @@ def test_vmap_over_learning_rates_matches_separate_runs(name):
   assert not np.allclose(batched["w"][1], 1.0)
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 def test_vmap_over_momentum_beta_and_nesterov_flag():
   grads = _grad_sequence()
   momenta = jnp.array([0.0, 0.9])

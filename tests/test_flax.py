@@ -65,6 +65,7 @@ class LinenMlp(linen.Module):
     return linen.Dense(10)(jax.nn.relu(linen.Dense(32)(x)))
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores
 def test_nnx_optimizer_maximizes_log_likelihood(digits, caplog):
   (x_train, y_train), (x_test, y_test) = digits
   model = NnxMlp(nnx.Rngs(0))
@@ -96,6 +97,7 @@ def test_nnx_optimizer_maximizes_log_likelihood(digits, caplog):
   assert steps_logged == [50, 100, 150]
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores
 def test_nnx_optimizer_step_is_the_plain_optax_step(digits):
   """nnx.Optimizer.update applies exactly tx.update + optax.apply_updates."""
   (x_train, y_train), _ = digits

@@ -39,6 +39,7 @@ def test_norm_of_python_float_leaves(tree, norm, jit):
   np.testing.assert_allclose(norm_of(tree), norm, rtol=1e-6)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("names", [("t",), ("t", "u")], ids=["one", "two"])
 def test_logging_step_on_python_float_leaves(names, jit, caplog):
@@ -229,6 +230,7 @@ def test_norm_of_blocks_of_far_apart_magnitudes(log, big, small):
   )
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 def test_leaves_on_different_devices_log(log):
   first, second = jax.devices()[:2]
   params = {"a": jax.device_put(jnp.zeros(2), first), "b": jax.device_put(jnp.zeros(1), second)}
@@ -247,6 +249,7 @@ def test_leaves_on_different_devices_log(log):
   assert updates["a"].devices() == {first} and updates["b"].devices() == {second}
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_norm_of_sharded_leaves_of_one_shape_gathers_nothing():
   # Leaves of one shape are reduced together; raveling them into one vector
   # would make every logging step of an FSDP program all-gather the gradients.

@@ -251,6 +251,7 @@ def test_plain_state_into_injected_optimizer_fails_in_optax():
     tx.update(jnp.ones(2), gax.gradient_ascent().init(jnp.zeros(2)), jnp.zeros(2))
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 def test_gradient_with_respect_to_an_injected_clip_value():
   # Rounding the injected bound used jnp.nextafter, which has no derivative:
   # jax.grad raised NotImplementedError.

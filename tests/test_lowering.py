@@ -149,6 +149,7 @@ def partitioner(request):
     yield request.param
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_sharded_step_lowers_to_plain_stablehlo(axis_type, partitioner):
   """On a 2x4 mesh the shardings are attributes and ops of JAX's partitioner."""
@@ -171,6 +172,7 @@ def test_sharded_step_lowers_to_plain_stablehlo(axis_type, partitioner):
     assert "mhlo.sharding" in text
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_exported_for_several_platforms_runs_on_cpu_bit_identically_to_jit():
   tx = gax.gradient_ascent(**KNOBS)
   params = make_params()
@@ -233,6 +235,7 @@ def test_injected_logging_interval_keeps_the_callback_unless_static():
   assert "stablehlo.custom_call" not in exported.mlir_module(), custom_calls(exported)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_step_exported_without_logging_continues_a_logged_run(caplog):
   """The state of a logging optimizer, less its first entry, is the state without logging."""
   caplog.set_level(logging.INFO, logger="gradient_ascent_jax")

@@ -257,6 +257,7 @@ def meta_gradient(make_tx, param_dtype=jnp.float32, steps=5, hyperparameter=0.1)
   return float(jax.jit(jax.grad(final_objective))(jnp.float32(hyperparameter)))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_meta_gradient_in_float32_matches_the_optax_chain():
   got = meta_gradient(gax.gradient_ascent)
   want = meta_gradient(
@@ -271,6 +272,7 @@ def test_meta_gradient_in_float32_matches_the_optax_chain():
 # (seeds) of this shape, times about 1.2: bfloat16 params 0.21, float16 params
 # 0.008, bfloat16 state 0.046, float16 state 0.028. Half-precision params move
 # in steps of their own spacing, hence the spread.
+@pytest.mark.slow  # 3 s or more on 2 cores
 @pytest.mark.parametrize(
   "param_dtype, accumulator_dtype, rtol",
   [
@@ -311,6 +313,7 @@ def test_meta_gradient_with_respect_to_clip_value_matches_optax_clip():
 
 # Largest relative distance from float32 at clip_value 0.5, 2 and 4: bfloat16
 # params 0.19, float16 0.006 (the bound is rounded down into their dtype).
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("param_dtype, rtol", [(jnp.bfloat16, 0.25), (jnp.float16, 0.01)])
 def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(param_dtype, rtol):
   def make_tx(clip_value):
@@ -320,6 +323,7 @@ def test_meta_gradient_with_respect_to_a_clip_value_rounded_into_half_precision(
   np.testing.assert_allclose(low, meta_gradient(clip_then_optax_rms, hyperparameter=2.0), rtol=rtol)
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 @pytest.mark.parametrize("accumulator_dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_meta_gradient_with_an_element_at_its_optimum_is_that_of_the_others(accumulator_dtype):
   # An element that starts at its optimum has gradient 0 at every step; sqrt'(0)

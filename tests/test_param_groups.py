@@ -57,6 +57,7 @@ def gradient_stream(params, steps, seed=1):
 LABELS = {"body": {"w": "body", "b": "body"}, "head": {"w": "head"}}
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 def test_multi_transform_matches_each_group_run_alone():
   params = make_params()
   tx = optax.multi_transform(
@@ -89,6 +90,7 @@ def test_multi_transform_matches_each_group_run_alone():
   assert clipped_any
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 def test_multi_transform_groups_follow_the_numpy_reference(x64):
   """Each group, in float64, is the float64 reference of docs/guide/math.md with its settings."""
   params = make_params(jnp.float64)

@@ -725,6 +725,7 @@ def test_state_of_the_old_layout_is_refused_not_misread():
   assert int(tx.update(jnp.ones(2), fresh, params)[1][0].count) == 5
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 def test_records_are_replayed_under_checkpoint_with_grad(log):
   # Pinned JAX behaviour: remat recomputes the forward pass in the backward
   # pass, debug callbacks included, and offers no way to tell the replay apart.
@@ -1078,6 +1079,7 @@ def test_diverging_copies_under_vmap_warn_once(log):
   np.testing.assert_array_equal(state[0].nonfinite_warned, [True, False] * 4)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_diverging_run_under_pmap_warns_once(log):
   x = jnp.ones((jax.local_device_count(), 2))
   _diverge(gax.gradient_ascent(learning_rate=30.0, logging_interval=5), x, 12, mapped=jax.pmap)

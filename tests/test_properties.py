@@ -344,6 +344,7 @@ EVERYTHING = dict(
 )
 # Every branch at least once in any profile: both warmup types, float64, float16
 # with float32 state, and each switch on.
+@pytest.mark.slow  # 2 s or more on 2 cores
 @hypothesis.example(
   case=Case(3, ((2, 3), (0,), ()), "float64", seed=1),
   hp=EVERYTHING,
@@ -364,6 +365,41 @@ EVERYTHING = dict(
   n_steps=4,
   float32_state=True,
   python_warmup=True,
+)
+@hypothesis.example(
+  case=Case(1, ((3,), (3,)), "float16", seed=300),
+  hp=dict(
+    EVERYTHING,
+    learning_rate=1.0,
+    momentum=0.0,
+    beta=0.999,
+    nesterov=False,
+    clip_value=None,
+    lr_decay=None,
+    warmup_steps=0,
+  ),
+  n_steps=4,
+  float32_state=False,
+  python_warmup=False,
+)
+@hypothesis.example(
+  # A float16 moment at its smallest subnormal (5.96e-8) that rounding stalls: it
+  # must not be moved to 0 (the step became 27.8 instead of 0.0095), nor any
+  # subnormal moment by a unit (template 1: 0.0002377 instead of 0.0002362).
+  case=Case(4, ((3,), (3,), (3,), (3,)), "float16", seed=300),
+  hp=dict(
+    EVERYTHING,
+    learning_rate=1.0,
+    momentum=0.0,
+    beta=0.999,
+    nesterov=False,
+    clip_value=None,
+    lr_decay=None,
+    warmup_steps=0,
+  ),
+  n_steps=3,
+  float32_state=False,
+  python_warmup=False,
 )
 def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_warmup):
   """(a) Updates and state follow the equations of docs/guide/math.md.
@@ -390,6 +426,7 @@ def test_agrees_with_numpy_reference(case, hp, n_steps, float32_state, python_wa
     check_against_reference(steps, ref, ref_abs, hp_seen, case.dtype, state_dtype)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @hypothesis.given(
   case=cases(dtypes=("float32", "bfloat16")),
   beta=decay_rates(0.99999),
@@ -435,6 +472,7 @@ def test_saturated_float32_moment_step_within_sqrt2_of_exact(case, beta, n_steps
 # (b) -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 @hypothesis.given(
   case=cases(),
   hp=hyperparams(),
@@ -487,6 +525,7 @@ def all_finite(tree):
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 @hypothesis.given(
   case=cases(),
   # |s| <= 1/sqrt(1 - beta) <= 31.7, |v| <= 31.7 / (1 - 0.9), |d| <= 1.9 |v|,
@@ -607,6 +646,7 @@ def jitted_update(hp_numbers, grads, state, static):
   return build(dict(hp_numbers, nesterov=nesterov), accumulator_dtype).update(grads, state)
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores
 @hypothesis.given(
   case=cases(templates=(1, 3)),
   hp=hyperparams(),

@@ -86,6 +86,7 @@ def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **k
   return seen, state
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 @pytest.mark.parametrize(
   "case",
   [
@@ -104,6 +105,7 @@ def test_state_path_logs_what_the_callback_path_logs(collect, case):
   assert by_state == by_callback
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_records_are_those_expected(collect):
   # Independent of the callback path: steps, levels and the first norm by hand.
   seen, _ = _train("state", collect, nan_at=7)
@@ -182,6 +184,7 @@ def test_packed_record_round_trips_every_field(x64):
     assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 def test_vmap_copies_log_as_on_the_callback_path(collect):
   def run(path):
     tx = gax.gradient_ascent(0.05, logging_interval=3, logging_emit=path)
@@ -221,6 +224,7 @@ def test_vmap_over_states_at_different_steps_logs_each_step(collect, path):
   assert [s[3] for s in collect] == [2, 2, 4, 4]
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_on_a_later_pmap_device_warns_once(collect, path):
   n = jax.local_device_count()
@@ -307,6 +311,7 @@ def test_two_named_optimizers_in_one_dict(collect):
   assert all(s[2].startswith(s[0].rsplit(".", 1)[1] + ": step ") for s in collect)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   txs = [gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state") for _ in range(2)]
   states = [tx.init(jnp.zeros(2)) for tx in txs]
@@ -325,6 +330,7 @@ def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   ]
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatch):
   # Reading a running step's record costs a copy that the next (donating) step
   # waits for: the reader reads one call in `interval`, which sees every record,
@@ -364,6 +370,7 @@ def test_repeated_runs_each_log(collect):
   assert [s[3] for s in collect] == [3, 3]
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 def test_nnx_optimizer_and_linen_train_state(collect):
   from flax import nnx
   from flax.training import train_state
@@ -395,6 +402,7 @@ def test_nnx_optimizer_and_linen_train_state(collect):
   assert [s[3] for s in collect] == [2, 4]
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 def test_reader_does_not_wait_for_a_running_step(collect):
   # A step that runs for a while: right after reader(state) returns the record
   # is still being computed, so the reader did not wait for it.
@@ -417,6 +425,7 @@ def test_reader_does_not_wait_for_a_running_step(collect):
   assert [s[3] for s in collect] == [1]
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_not_calling_the_reader_logs_nothing_and_a_late_call_logs_the_latest(collect):
   seen, state = _train("state", collect, read=False)
   assert seen == []
@@ -443,6 +452,7 @@ def test_reader_inside_jit_is_refused():
     jax.jit(lambda s: reader(s))(tx.init(jnp.zeros(2)))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_records_invisible_warning_and_descent_warning_come_through_the_reader(monkeypatch):
   monkeypatch.setattr(records, "_invisible_warned", {})
   handler = _Collect()
@@ -484,12 +494,14 @@ def test_emit_is_validated_and_a_state_of_the_other_path_is_refused():
     by_state.update(jnp.ones(2), by_callback.init(jnp.zeros(2)), jnp.zeros(2))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_healthy_state_path_passes_debug_nans(collect):
   with jax.debug_nans(True):
     _, state = _train("state", collect, steps=10)
   assert np.all(np.isfinite(np.asarray(state[0].record.view(np.float32)[3:6])))
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_multi_steps_and_threads(collect):
   tx = optax.MultiSteps(gax.log_progress(logging_interval=1, emit="state"), every_k_schedule=2)
   state = tx.init(jnp.zeros(2))

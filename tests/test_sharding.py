@@ -111,6 +111,7 @@ def assert_same_up_to_rounding(got, want):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # 5 s or more on 2 cores
 def test_state_sharding_follows_params_and_matches_one_device(mesh):
   single = make_params()
   params = shard(single, mesh)
@@ -162,6 +163,7 @@ def test_eager_init_replicates_step_counters_over_the_params_mesh(mesh):
   assert len(single_count.sharding.device_set) == 1
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
 def test_jitted_init_follows_params_with_explicit_mesh_axes():
   mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
   with jax.set_mesh(mesh):
@@ -170,6 +172,7 @@ def test_jitted_init_follows_params_with_explicit_mesh_axes():
     assert_state_follows_params(state, params)
 
 
+@pytest.mark.slow  # 7 s or more on 2 cores
 @pytest.mark.parametrize("logging_interval", [None, 2])
 def test_compiled_sharded_step_needs_no_communication(mesh, logging_interval):
   params = shard(make_params(), mesh)
@@ -354,6 +357,7 @@ def pmap_run(tx, steps):
   return jax.tree.map(lambda a: a[0], (params, state))
 
 
+@pytest.mark.slow  # 4 s or more on 2 cores
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_data_parallel_matches_single_device(mesh, mode, caplog):
   steps = 6

@@ -109,6 +109,7 @@ class TorchRun:
     return [p.detach().numpy() for p in self.params]
 
 
+@pytest.mark.slow  # 3 s or more on 2 cores
 @pytest.mark.parametrize("name", list(TORCH_CONFIGS))
 def test_matches_torch_rmsprop_maximize(name, x64):
   config = TORCH_CONFIGS[name]

@@ -93,10 +93,15 @@ def _unstall(stored: jax.Array, old: jax.Array, exact: jax.Array) -> jax.Array:
 
   Rounded to nearest, a bfloat16 moment that beta = 0.999 changes by 0.1% would
   come back unchanged, and a moment saturated by one huge gradient would pin
-  its element's step near zero for good. A zero moment stays zero.
+  its element's step near zero for good. A zero or subnormal moment is left as
+  rounding to nearest leaves it.
   """
   old_wide = old.astype(exact.dtype)
-  stalled = (stored == old) & (exact != old_wide) & (old != 0)
+  # Only normal numbers: below the smallest normal a unit is a large part of the
+  # value (all of it at the smallest subnormal), and a move would take the moment
+  # farther from the exact one than rounding to nearest leaves it.
+  normal = jnp.abs(old) >= jnp.finfo(old.dtype).tiny
+  stalled = (stored == old) & (exact != old_wide) & normal
   toward = jnp.where(exact < old_wide, jnp.zeros_like(old), jnp.full_like(old, jnp.inf))
   # Where stalled, stored == old: stepping from stored gives the same value
   # and the derivative of the exact moment, which stored rounds.
