@@ -28,6 +28,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The script that made the fixtures of earlier releases ran in those releases' venvs.
+collect_ignore = ["fixtures"]
+
 CHECKOUT = str(Path(__file__).resolve().parent.parent)
 if CHECKOUT not in sys.path:
   sys.path.append(CHECKOUT)

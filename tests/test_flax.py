@@ -179,3 +179,37 @@ def test_nnx_optimizer_update_passes_value_to_the_log(caplog):
     optimizer.update(model, grads, value=jnp.float32(-2.5))
     jax.effects_barrier()
   assert [r.value for r in caplog.records if r.name == "gradient_ascent_jax"] == [-2.5]
+
+
+@pytest.mark.slow  # 3 s or more on 2 cores
+def test_progress_reader_finds_records_in_nnx_optimizer_and_train_state(caplog):
+  caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
+
+  def steps():
+    return [r.step for r in caplog.records if r.name == "gradient_ascent_jax"]
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit="state")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    grads = nnx.grad(lambda m: -jnp.sum(m(jnp.ones((1, 2))) ** 2))(model)
+    optimizer.update(model, grads)
+
+  reader = gax.ProgressReader()
+  for _ in range(4):
+    nnx_step(model, optimizer)
+    reader(optimizer)
+  reader.flush()
+  assert steps() == [2, 4]
+  caplog.clear()
+
+  params = {"w": jnp.ones(2)}
+  ts = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  ts_step = jax.jit(lambda ts: ts.apply_gradients(grads={"w": -ts.params["w"]}))
+  for _ in range(4):
+    ts = ts_step(ts)
+    reader(ts)
+  reader.flush()
+  assert steps() == [2, 4]

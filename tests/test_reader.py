@@ -370,38 +370,6 @@ def test_repeated_runs_each_log(collect):
   assert [s[3] for s in collect] == [3, 3]
 
 
-@pytest.mark.slow  # 3 s or more on 2 cores
-def test_nnx_optimizer_and_linen_train_state(collect):
-  from flax import nnx
-  from flax.training import train_state
-
-  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit="state")
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def nnx_step(model, optimizer):
-    grads = nnx.grad(lambda m: -jnp.sum(m(jnp.ones((1, 2))) ** 2))(model)
-    optimizer.update(model, grads)
-
-  reader = gax.ProgressReader()
-  for _ in range(4):
-    nnx_step(model, optimizer)
-    reader(optimizer)
-  reader.flush()
-  assert [s[3] for s in collect] == [2, 4]
-  collect.clear()
-
-  params = {"w": jnp.ones(2)}
-  ts = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
-  ts_step = jax.jit(lambda ts: ts.apply_gradients(grads={"w": -ts.params["w"]}))
-  for _ in range(4):
-    ts = ts_step(ts)
-    reader(ts)
-  reader.flush()
-  assert [s[3] for s in collect] == [2, 4]
-
-
 @pytest.mark.slow  # 4 s or more on 2 cores
 def test_reader_does_not_wait_for_a_running_step(collect):
   # A step that runs for a while: right after reader(state) returns the record
