@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import typing
 from typing import Any
 
 import jax
@@ -150,7 +151,7 @@ def gradient_ascent(
   if clip_value is not None:
     stages.append(transforms.unchecked_clip_by_value(clip_value, check_updates=False))
   if validation.weight_decay_enabled(weight_decay):
-    stages.append(transforms.add_decayed_weights(weight_decay, weight_decay_mask))
+    stages.append(transforms.add_decayed_weights(typing.cast(Any, weight_decay), weight_decay_mask))
   rms = len(stages)
   stages += [
     transforms.unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=False),

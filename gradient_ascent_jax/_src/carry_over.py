@@ -1,5 +1,8 @@
 """Carries an optimizer state saved by an earlier version over into today's layout."""
 
+# The states are walked as NamedTuples of any type, which pyright sees as plain tuples.
+# pyright: reportAttributeAccessIssue=false, reportArgumentType=false
+
 from __future__ import annotations
 
 import collections

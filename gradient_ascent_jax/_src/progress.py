@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Any
 from typing import NamedTuple
 from typing import cast
 
@@ -157,7 +158,7 @@ def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax
   manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
   if manual_axes:
     bad = jax.lax.psum(bad.astype(jnp.int32), manual_axes) > 0
-  return bad, bad & ~state.nonfinite_warned
+  return bad, bad & jnp.logical_not(state.nonfinite_warned)
 
 
 def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval):
@@ -415,6 +416,6 @@ def unchecked_log_progress(
   settings = _Settings(
     interval=logging_interval, learning_rate=learning_rate, name=logging_name, emit=emit
   )
-  return optax.GradientTransformationExtraArgs(
-    functools.partial(_init, settings), functools.partial(_update, settings)
-  )
+  init: Any = functools.partial(_init, settings)
+  update: Any = functools.partial(_update, settings)
+  return optax.GradientTransformationExtraArgs(init, update)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import typing
 from typing import Any
 
 import jax
@@ -71,7 +72,12 @@ def _kept_record(node: Any) -> Any:
   return None
 
 
-def _host_rows(words: jax.Array) -> np.ndarray:
+def _ready(words: Any) -> bool:
+  """Whether ``words`` can be read without waiting (a host array always can)."""
+  return not isinstance(words, jax.Array) or bool(typing.cast(Any, words).is_ready())
+
+
+def _host_rows(words: Any) -> np.ndarray:
   """The records in ``words`` as rows of words (one per vmap copy or pmap device)."""
   if isinstance(words, jax.Array) and not words.is_fully_addressable:
     # Several processes: each reads what its own devices hold.
@@ -185,16 +191,12 @@ class ProgressReader:
         continue
       # Until this read is logged, expect the next record an interval on.
       place.last_read, place.next_read = self._calls, self._calls + (place.interval or 1)
-      ready = not isinstance(words, jax.Array) or words.is_ready()
+      ready = _ready(words)
       if not self._pending and ready:
         self._log(path, words, self._calls)
       else:
         self._pending.append((path, words if ready else _copy(words), self._calls))
-    while self._pending and (
-      len(self._pending) > _MAX_PENDING
-      or not isinstance(self._pending[0][1], jax.Array)
-      or self._pending[0][1].is_ready()
-    ):
+    while self._pending and (len(self._pending) > _MAX_PENDING or _ready(self._pending[0][1])):
       self._log(*self._pending.popleft())
 
   def flush(self) -> None:

@@ -64,7 +64,7 @@ def size(name: str | None) -> int:
   return _HEAD + 3 * (2 if wide else 1) + len(_name_words(name)[1])
 
 
-def _bits(*flags_and_bits) -> jax.Array:
+def _bits(*flags_and_bits) -> Any:
   return sum(jnp.where(flag, bit, 0).astype(jnp.uint32) for flag, bit in flags_and_bits)
 
 
