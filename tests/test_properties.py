@@ -333,6 +333,19 @@ EVERYTHING = dict(
   lr_decay=0.9,
   warmup_steps=3,
 )
+# Momentum, clipping, decay and warmup off: the update is s itself. Where a float16
+# moment is subnormal, rounding stalls it, and it must stay there (not move a unit):
+# from the smallest subnormal that move reached 0 (a step of 27.8 for 0.0095).
+PLAIN_RMS = dict(
+  EVERYTHING,
+  learning_rate=1.0,
+  momentum=0.0,
+  beta=0.999,
+  nesterov=False,
+  clip_value=None,
+  lr_decay=None,
+  warmup_steps=0,
+)
 
 
 @hypothesis.given(
@@ -368,35 +381,16 @@ EVERYTHING = dict(
 )
 @hypothesis.example(
   case=Case(1, ((3,), (3,)), "float16", seed=300),
-  hp=dict(
-    EVERYTHING,
-    learning_rate=1.0,
-    momentum=0.0,
-    beta=0.999,
-    nesterov=False,
-    clip_value=None,
-    lr_decay=None,
-    warmup_steps=0,
-  ),
+  hp=PLAIN_RMS,
   n_steps=4,
   float32_state=False,
   python_warmup=False,
 )
 @hypothesis.example(
-  # A float16 moment at its smallest subnormal (5.96e-8) that rounding stalls: it
-  # must not be moved to 0 (the step became 27.8 instead of 0.0095), nor any
-  # subnormal moment by a unit (template 1: 0.0002377 instead of 0.0002362).
+  # A float16 moment at its smallest subnormal (5.96e-8); template 1 above: a
+  # subnormal moment moved a unit gave 0.0002377 instead of 0.0002362.
   case=Case(4, ((3,), (3,), (3,), (3,)), "float16", seed=300),
-  hp=dict(
-    EVERYTHING,
-    learning_rate=1.0,
-    momentum=0.0,
-    beta=0.999,
-    nesterov=False,
-    clip_value=None,
-    lr_decay=None,
-    warmup_steps=0,
-  ),
+  hp=PLAIN_RMS,
   n_steps=3,
   float32_state=False,
   python_warmup=False,

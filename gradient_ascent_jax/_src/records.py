@@ -9,6 +9,7 @@ self-describing, the logger's name included, so the host needs nothing else.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 from typing import NamedTuple
@@ -221,7 +222,7 @@ def emit(words: np.ndarray, *, warning: bool = True, due: bool = True) -> None:
     return
   step = record.step
   if not _dropped(named_logger, prefix):
-    rate = record.learning_rate if has_rate else float("nan")
+    rate = record.learning_rate if has_rate else math.nan  # a record without a rate
     fields = {"step": step, "learning_rate": rate, "grad_norm": record.grad_norm}
     if has_value:  # the record carries the objective too, in its message and as .value
       fields["value"] = record.value
