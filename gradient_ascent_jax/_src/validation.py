@@ -329,7 +329,7 @@ def logging_enabled(logging_interval: Any) -> bool:
 
 
 def check_logging_emit(name: str, value: Any) -> str:
-  if value not in ("callback", "state") or not isinstance(value, str):
+  if not isinstance(value, str) or value not in ("callback", "state"):
     _fail(
       name,
       value,
