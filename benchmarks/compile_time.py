@@ -1,7 +1,13 @@
 """Trace + lower and compile time of one jitted step, by number of leaves.
 
 Every repeat builds a fresh optimizer and a fresh ``jax.jit`` of a fresh step
-function, so nothing is served from a cache; peers are measured round-robin.
+function, and clears JAX's caches (``jax.clear_caches()``) before it traces, so
+nothing is served from a cache: not the trace of the library's per-leaf steps
+(jitted, shared by the leaves of one shape and dtype), nor those of the
+``jax.numpy`` functions the Optax chain calls; peers are measured round-robin.
+The leaves are all of one shape by default; ``--shapes N`` gives them N shapes
+(sizes ``leaf_size`` to ``leaf_size + N - 1``), for the case where few leaves
+share one.
 Peers: ``gax`` with progress logging every 10 steps, ``gax`` with logging off
 (the default), the equivalent Optax chain (which has no logging), and that
 chain behind ``optax.clip_by_global_norm``, which computes a global norm too
@@ -29,6 +35,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from benchmarks import _common
@@ -54,6 +61,7 @@ def lower_and_compile(make_tx, config, params) -> tuple[float, float]:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  jax.clear_caches()
   start = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
   middle = time.perf_counter()
@@ -79,8 +87,19 @@ def mesh_and_params(kind: str, num_leaves: int, leaf_size: int):
   return mesh, params
 
 
+def leaves_of_shapes(num_leaves: int, leaf_size: int, shapes: int) -> list[jax.Array]:
+  """``num_leaves`` float32 1-D leaves of ``shapes`` sizes, ``leaf_size`` upward."""
+  return [jnp.ones(leaf_size + i % shapes, jnp.float32) for i in range(num_leaves)]
+
+
 def measure(
-  config, num_leaves, leaf_size, repeats, peers=tuple(PEERS), mesh_kind: str | None = None
+  config,
+  num_leaves,
+  leaf_size,
+  repeats,
+  peers=tuple(PEERS),
+  mesh_kind: str | None = None,
+  shapes: int = 1,
 ) -> list[dict]:
   # Every peer must compute the steps of gax.gradient_ascent before it is timed.
   # The math of one leaf does not depend on how many there are, and checking
@@ -92,7 +111,7 @@ def measure(
     dict.fromkeys(peers, 1e-5),
   )
   if mesh_kind is None:
-    mesh, params = None, _common.make_params(num_leaves * leaf_size, num_leaves)
+    mesh, params = None, leaves_of_shapes(num_leaves, leaf_size, shapes)
   else:
     mesh, params = mesh_and_params(mesh_kind, num_leaves, leaf_size)
   samples = {peer: [] for peer in peers}
@@ -115,6 +134,8 @@ def measure(
       "lower_s": lower,
       "compile_s": compile_,
       "total_s": total,
+      "shapes": shapes,
+      "lower_vs_optax": lower / medians[OPTAX][0],
       "vs_optax": total / medians[OPTAX][2],
     }
     for peer, (lower, compile_, total) in medians.items()
@@ -122,13 +143,25 @@ def measure(
 
 
 def table(rows: list[dict]) -> str:
-  headers = ["config", "leaves", "peer", "trace+lower", "compile", "total", "vs optax chain"]
+  headers = [
+    "config",
+    "leaves",
+    "shapes",
+    "peer",
+    "trace+lower",
+    "vs optax chain",
+    "compile",
+    "total",
+    "vs optax chain",
+  ]
   body = [
     [
       row["config"],
       row["leaves"],
+      row["shapes"],
       row["peer"],
       _common.fmt_time(row["lower_s"]),
+      _common.fmt_ratio(row["lower_vs_optax"]),
       _common.fmt_time(row["compile_s"]),
       _common.fmt_time(row["total_s"]),
       _common.fmt_ratio(row["vs_optax"]),
@@ -167,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--leaves", default="10,100,1000", help="leaf counts, comma-separated")
   parser.add_argument("--leaf-size", type=int, default=1000, help="parameters per leaf")
   parser.add_argument(
+    "--shapes",
+    type=int,
+    default=1,
+    help="number of distinct leaf shapes (sizes leaf-size, leaf-size + 1, ...); "
+    "ignored with --mesh",
+  )
+  parser.add_argument(
     "--peers",
     default=",".join(PEERS),
     help=f"comma-separated subset of {list(PEERS)}; the optax chain, the "
@@ -197,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         repeats,
         tuple(peer for peer in PEERS if peer in args.peers.split(",") or peer == OPTAX),
         args.mesh,
+        args.shapes,
       )
   print(f"({repeats} interleaved repeats, median)\n")
   print(table(rows) + "\n")

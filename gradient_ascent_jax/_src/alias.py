@@ -121,9 +121,7 @@ def gradient_ascent(
   learning_rate = validation.check_learning_rate("learning_rate", learning_rate)
   momentum = validation.check_decay_rate("momentum", momentum)
   beta = validation.check_decay_rate("beta", beta)
-  eps = validation.check_optional_positive(
-    "eps", eps, "eps guards the division; use a small value such as 1e-8."
-  )
+  eps = validation.check_eps(eps)
   nesterov = validation.check_bool("nesterov", nesterov)
   clip_value = validation.check_optional_positive(
     "clip_value", clip_value, "Use None for no clipping."

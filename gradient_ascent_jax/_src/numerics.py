@@ -2,7 +2,8 @@
 
 The transforms state their equations; the work of computing them right in every
 dtype (float16, bfloat16, a float32 moment that overflows, ``jax.grad`` through
-all of it) is here. The reasons are on the math page of the documentation.
+all of it) is here, with :func:`adaptive_rms`, the RMSprop step of one leaf. The
+reasons are on the math page of the documentation.
 """
 
 from __future__ import annotations
@@ -145,3 +146,25 @@ def moment_root(beta, q: jax.Array, m: jax.Array, m_stored: jax.Array) -> jax.Ar
   overflowed = jnp.isinf(m_new)
   exact_root = jnp.hypot(jnp.where(overflowed, sqrt(m_wide), 1), jnp.where(overflowed, q_size, 1))
   return jnp.where(overflowed, exact_root, sqrt(m_new))
+
+
+def _adaptive_rms(h: jax.Array, m: jax.Array, beta, weight, eps) -> tuple[jax.Array, jax.Array]:
+  """The RMSprop step of one leaf: ``(h / (sqrt(m_t) + eps), m_t)``.
+
+  ``m_t = beta * m + q**2`` with ``q = weight * h`` and ``weight = sqrt(1 - beta)``
+  (``h**2`` overflows first: float32, ``h = 2.3e19``, ``beta = 0.5``, where
+  ``m_t`` itself still fits). ``m_t`` is stored in ``m``'s dtype by
+  :func:`saturating_moment`, and the step divides by :func:`moment_root`.
+  """
+  q = weight * cast(h, compute_dtype(h.dtype, m.dtype))
+  m_t = saturating_moment(beta, q, m)
+  root = moment_root(beta, q, m, m_t)
+  return cast(cast(h, q.dtype) / (root + eps), h.dtype), m_t
+
+
+# Jitted, so that the leaves of one shape and dtype share one trace and one lowered
+# function: a model's step of many like leaves traces and lowers in a fraction of
+# the time (XLA inlines the calls; the compiled step is the same). The
+# hyperparameters are arguments, so that their values share the trace as well: a
+# Python float is a weakly typed scalar there, as it is in the arithmetic.
+adaptive_rms = jax.jit(_adaptive_rms)

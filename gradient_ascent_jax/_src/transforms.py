@@ -9,7 +9,6 @@ after the flip: ``-weight_decay * params`` joins the gradient that ascends.
 
 from __future__ import annotations
 
-import functools
 import threading
 import typing
 from typing import TYPE_CHECKING
@@ -309,9 +308,7 @@ def scale_by_adaptive_rms(
     Tieleman and Hinton, 2012, Lecture 6.5 - rmsprop, COURSERA.
   """
   beta = validation.check_decay_rate("beta", beta)
-  eps = validation.check_optional_positive(
-    "eps", eps, "eps guards the division; use a small value such as 1e-8."
-  )
+  eps = validation.check_eps(eps)
   validation.check_accumulator_dtype(accumulator_dtype)
   return unchecked_scale_by_adaptive_rms(beta, eps, accumulator_dtype, check_updates=True)
 
@@ -333,22 +330,12 @@ def unchecked_scale_by_adaptive_rms(
     state_checks.check_own_state(state, ScaleByAdaptiveRmsState, name)
     if check_updates:
       state_checks.check_matches_state(updates, state.second_moment, accumulator_dtype, name)
-    # q = sqrt(1 - beta) * h, so that m_t = beta * m + q**2: h**2 overflows
-    # first (float32, h = 2.3e19, beta = 0.5), where m_t itself still fits.
-    weight = numerics.scalar_sqrt(1 - beta)
-
-    def weighted(h, m):
-      return weight * numerics.cast(h, numerics.compute_dtype(h.dtype, m.dtype))
-
-    def scale(h, q, m, m_stored):
-      root = numerics.moment_root(beta, q, m, m_stored)
-      return numerics.cast(numerics.cast(h, q.dtype) / (root + eps), h.dtype)
-
-    q = jax.tree.map(weighted, updates, state.second_moment)
-    second_moment = jax.tree.map(
-      functools.partial(numerics.saturating_moment, beta), q, state.second_moment
+    weight = numerics.scalar_sqrt(1 - beta)  # m_t = beta * m + (weight * h)**2
+    steps = jax.tree.map(
+      lambda h, m: numerics.adaptive_rms(h, m, beta, weight, eps), updates, state.second_moment
     )
-    scaled = jax.tree.map(scale, updates, q, state.second_moment, second_moment)
+    scaled = jax.tree.map(lambda _, step: step[0], updates, steps)
+    second_moment = jax.tree.map(lambda _, step: step[1], updates, steps)
     return scaled, ScaleByAdaptiveRmsState(second_moment=second_moment)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -148,6 +148,14 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   return check_interval(name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
 
 
+def check_eps(value: Any) -> float | jax.Array:
+  """``eps`` > 0 (and finite): it guards the division, so None is refused too."""
+  fix = "eps guards the division; use a small value such as 1e-8."
+  if value is None:
+    _fail("eps", value, "a number > 0", fix)
+  return check_interval("eps", value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
+
+
 def check_decay_rate(name: str, value: Any) -> float | jax.Array:
   return check_interval(
     name,
