@@ -11,6 +11,7 @@
 import functools
 import logging
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -736,14 +737,20 @@ def test_gradient_ascent_with_reduce_on_plateau_is_its_chain_under_maximize():
 def test_maximize_with_reduce_on_plateau_warns_once_at_init_with_the_fix(
   plateau_warning_not_yet_shown, caplog
 ):
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
+  with (
+    caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"),
+    warnings.catch_warnings(record=True) as caught,
+  ):
+    warnings.simplefilter("always")
     gax.maximize(optax.sgd(0.1)).init(jnp.zeros(3))
-    assert not caplog.records
+    assert not caught
     for _ in range(2):
       maximize_with_plateau().init(jnp.zeros(3))
-  [record] = caplog.records
-  assert record.levelno == logging.WARNING
-  message = record.getMessage()
+  # Misuse seen at init: one UserWarning at the user's line, nothing logged.
+  [warning] = caught
+  assert warning.category is UserWarning and warning.filename == __file__
+  assert not caplog.records
+  message = str(warning.message)
   assert "reduce_on_plateau" in message and "state[1]" in message
   assert "rtol=0.0" in message and "atol" in message
 

@@ -8,6 +8,7 @@ complex), a beta too coarse for the state's dtype, an eps that flushes to 0.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -217,14 +218,24 @@ def test_masked_out_int_leaf_passes_through():
 # A state of low precision, a beta too close to 1 for it -------------------
 
 
-def test_low_precision_state_warns_and_float32_state_does_not(caplog):
+def coarse_beta_warnings(make_state) -> list[warnings.WarningMessage]:
+  """The warnings that ``make_state()`` gives, each time it is called."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    make_state()
+  return list(caught)
+
+
+def test_low_precision_state_warns_at_the_users_line_and_float32_state_does_not(caplog):
   with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
-    quiet().init(jnp.zeros(2, jnp.bfloat16))
-  assert any("accumulator_dtype=jnp.float32" in r.getMessage() for r in caplog.records)
-  caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
-    quiet(accumulator_dtype=jnp.float32).init(jnp.zeros(2, jnp.bfloat16))
+    [caught] = coarse_beta_warnings(lambda: quiet().init(jnp.zeros(2, jnp.bfloat16)))
+  # Misuse seen when the state is made: a UserWarning naming the line of init.
+  assert caught.category is UserWarning and caught.filename == __file__
+  assert "accumulator_dtype=jnp.float32" in str(caught.message)
   assert not caplog.records
+  assert not coarse_beta_warnings(
+    lambda: quiet(accumulator_dtype=jnp.float32).init(jnp.zeros(2, jnp.bfloat16))
+  )
 
 
 @pytest.mark.parametrize(
@@ -243,20 +254,22 @@ def test_low_precision_state_warns_and_float32_state_does_not(caplog):
   ],
   ids=["bfloat16", "float16", "float32", "float32-state"],
 )
-def test_coarse_beta_warning_gives_advice_that_fits(
-  dtype, accumulator_dtype, beta, fix, not_said, caplog
-):
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
-    quiet(beta=beta, accumulator_dtype=accumulator_dtype).init(jnp.zeros(2, dtype))
-  [message] = [r.getMessage() for r in caplog.records]
+def test_coarse_beta_warning_gives_advice_that_fits(dtype, accumulator_dtype, beta, fix, not_said):
+  [message] = [
+    str(w.message)
+    for w in coarse_beta_warnings(
+      lambda: quiet(beta=beta, accumulator_dtype=accumulator_dtype).init(jnp.zeros(2, dtype))
+    )
+  ]
   assert f"beta={beta} is closer to 1" in message
   assert fix in message and not_said not in message
 
 
-def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64, caplog):
-  with caplog.at_level(logging.WARNING, logger="gradient_ascent_jax"):
-    quiet(beta=1 - 2**-53).init(jnp.zeros(2, jnp.float64))
-  [message] = [r.getMessage() for r in caplog.records]
+def test_coarse_beta_warning_for_float64_state_only_asks_for_a_smaller_beta(x64):
+  [message] = [
+    str(w.message)
+    for w in coarse_beta_warnings(lambda: quiet(beta=1 - 2**-53).init(jnp.zeros(2, jnp.float64)))
+  ]
   assert "float64 state" in message and "1 - beta >= 2.22e-16." in message
   assert "accumulator_dtype" not in message
 

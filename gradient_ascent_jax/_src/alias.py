@@ -210,7 +210,7 @@ _plateau_relative_test_warned = threading.Event()
 
 
 def _warn_plateau_relative_test(path: str) -> None:
-  once.warn_once(_plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path))
+  once.warn_user_once(_plateau_relative_test_warned, _PLATEAU_RELATIVE_TEST.format(path=path))
 
 
 def _refuse_ascending(why: str) -> ValueError:

@@ -36,17 +36,22 @@ def flag_for(flags: dict[str, threading.Event], key: str) -> threading.Event:
 _LIBRARIES = ("gradient_ascent_jax", "optax", "jax", "jaxlib", "chex", "flax", "equinox")
 
 
-def warn_user_once(shown: threading.Event, message: str) -> None:
-  """``warnings.warn(message)`` at the user's line, unless ``shown`` is set; then sets it.
+def warn_user(message: str) -> None:
+  """``warnings.warn(message)`` as a ``UserWarning`` at the user's line.
 
-  For misuse seen when an optimizer is built: Python's convention, so that the
-  warning names the line that built it and ``warnings`` filters apply. What happens
-  while a run steps goes to ``logging`` instead.
+  For misuse seen when an optimizer is built or its state made (``init``):
+  Python's convention, so that the warning names the line that did it and
+  ``warnings`` filters apply. What happens while a run steps goes to ``logging``
+  instead.
   """
-  if shown.is_set():
-    return
-  shown.set()
   frame, level = sys._getframe(1), 2
   while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
     frame, level = frame.f_back, level + 1
   warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def warn_user_once(shown: threading.Event, message: str) -> None:
+  """:func:`warn_user`, unless ``shown`` is set; then sets it."""
+  if not shown.is_set():
+    shown.set()
+    warn_user(message)

@@ -8,7 +8,6 @@ hyperparameters themselves are checked when the optimizer is built
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import chex
@@ -17,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradient_ascent_jax._src import numerics
+from gradient_ascent_jax._src import once
 from gradient_ascent_jax._src import placement
 from gradient_ascent_jax._src import validation
-
-logger = logging.getLogger("gradient_ascent_jax")
 
 # orbax's checkpointer.restore(path) and flax's msgpack_restore give the arrays back in
 # plain dicts and lists: the state types are lost, and re-initialising loses the run.
@@ -250,14 +248,10 @@ def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
             "accumulator_dtype=jnp.float64"
           )
         fix += "."
-      logger.warning(
-        "%s: beta=%s is closer to 1 than %s state can resolve (relative spacing %.3g): %s %s",
-        transform,
-        beta,
-        dtype,
-        spacing,
-        _COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE,
-        fix,
+      once.warn_user(
+        f"{transform}: beta={beta} is closer to 1 than {dtype} state can resolve "
+        f"(relative spacing {spacing:.3g}): "
+        f"{_COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE} {fix}"
       )
 
 
