@@ -112,6 +112,11 @@ def test_plot_writes_a_small_png_with_every_peer(step_time_run, tmp_path):
   assert json.loads(path.read_text())["environment"]["machine"]
 
 
+def test_compile_time_shapes_give_leaves_of_that_many_sizes():
+  leaves = compile_time.leaves_of_shapes(7, 2, 3)
+  assert [leaf.shape for leaf in leaves] == [(2,), (3,), (4,), (2,), (3,), (4,), (2,)]
+
+
 @pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_compile_time_smoke(capsys):
   rows = compile_time.main(["--smoke"])
@@ -123,9 +128,10 @@ def test_compile_time_smoke(capsys):
   ]
   for row in rows:
     assert _positive(row["lower_s"]) and _positive(row["compile_s"]), row
-  assert rows[2]["vs_optax"] == 1.0
+  assert rows[2]["vs_optax"] == 1.0 and rows[2]["lower_vs_optax"] == 1.0
+  assert all(row["shapes"] == 1 for row in rows)
   out = capsys.readouterr().out
-  assert "| default | 10 | gax (logging off) |" in out
+  assert "| default | 10 | 1 | gax (logging off) |" in out
   # The logging on / off table: off, on, their ratio, then the global-norm peer.
   off, on = (compile_time._common.fmt_time(row["total_s"]) for row in rows[1::-1])
   ratio = rows[0]["total_s"] / rows[1]["total_s"]
