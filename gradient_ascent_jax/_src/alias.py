@@ -70,36 +70,26 @@ def gradient_ascent(
     warmup_steps: linear warmup over this many steps; 0 for none.
     logging_interval: log progress every N steps (an ``INFO`` record on the
       logger ``gradient_ascent_jax``, see :func:`log_progress`); None (default)
-      or 0 for off. Off costs nothing. On, with ``logging_emit="callback"``,
-      every step pays for a host callback, which ``jax.export`` refuses; with
-      ``logging_emit="state"`` it does not (see :class:`ProgressReader`).
-      ``tx.update(grads, state, params, value=objective)`` logs the
-      objective too; for a loss, pass ``jax.value_and_grad(lambda p:
-      -loss(p))``, or ascent raises the loss while its logged value rises.
+      or 0 for off, which costs nothing. ``tx.update(grads, state, params,
+      value=objective)`` logs the objective too (of a loss: ``-loss``).
     accumulator_dtype: dtype of the two moment buffers; default: the params'.
       ``jnp.float64`` needs 64-bit types on (``jax_enable_x64``), or it is
       refused.
-    weight_decay: None (default) or 0 for none, or a rate >= 0. Ascends on
-      ``objective - weight_decay/2 * |params|^2`` (the term enters before the
-      RMS scaling, as in torch's ``RMSprop(maximize=True, weight_decay=...)``);
-      ``update`` then needs the params. None and a concrete 0 add no stage, so
-      ``optax.inject_hyperparams(gradient_ascent)(...)`` without it has the
-      state layout of ``gradient_ascent(...)`` and needs no params; a JAX
-      value (injected, traced) keeps the stage, since it may be > 0.
+    weight_decay: None (default) or 0 for none (no stage), or a rate >= 0:
+      ascends on ``objective - weight_decay/2 * |params|^2`` (before the RMS
+      scaling, as torch's ``RMSprop(maximize=True, weight_decay=...)``), and
+      ``update`` needs the params. A JAX value keeps the stage.
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
-    weight_decay_mask: which leaves decay (to spare biases and norms): a
-      pytree of bools (True: decayed) or a callable ``params -> pytree of
-      bools``, as ``optax.add_decayed_weights``'s ``mask``. None: all. Under
-      ``optax.inject_hyperparams`` name a callable in
-      ``static_args=("weight_decay_mask",)``: Optax calls any other callable
-      with the step count, as a schedule (a single bool that results is
-      refused with a ``ValueError``).
-    logging_emit: how the records leave the compiled step: ``"callback"``
-      (default), by ``jax.debug.callback``, which suits a loop inside
-      ``lax.scan``; ``"state"``, kept in the state for a
-      :class:`ProgressReader` called in a Python loop, with no callback at all.
+    weight_decay_mask: which leaves decay: None (all), a pytree of bools
+      (True: decayed) or a callable ``params -> pytree of bools``, as
+      ``optax.add_decayed_weights``'s ``mask``; under
+      ``optax.inject_hyperparams`` name a callable in ``static_args``.
+    logging_emit: how records leave the compiled step: ``"callback"``
+      (default, ``jax.debug.callback``; suits a loop inside ``lax.scan``) or
+      ``"state"`` (kept in the state for a :class:`ProgressReader` in a Python
+      loop; no callback, so every step stays on JAX's fast dispatch path).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the chain's state (a
