@@ -133,6 +133,15 @@ SPECS = {"w": P("x", "y"), "b": P("y"), "scale": P()}
 GSPMD_ANNOTATIONS = {"Sharding"}
 
 
+def _lowers_with_gspmd() -> bool:
+  """Whether a sharded function lowers with GSPMD's annotations, not Shardy's."""
+  mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    x = jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P("x", "y")))
+    text = export.export(jax.jit(lambda x: 2 * x), platforms=ACCELERATORS)(x).mlir_module()
+  return "mhlo.sharding" in text and "sdy.sharding" not in text
+
+
 @pytest.fixture(params=["shardy", "gspmd"])
 def partitioner(request):
   """Shardy is the default partitioner of every supported JAX; GSPMD the one it replaced."""
@@ -141,6 +150,9 @@ def partitioner(request):
       pytest.skip("this JAX has no GSPMD partitioner left to switch to")
     jax.config.update("jax_use_shardy_partitioner", False)
     try:
+      if not _lowers_with_gspmd():
+        # jax 0.12.1 keeps the flag but lowers with Shardy whatever it says.
+        pytest.skip(f"jax {jax.__version__} ignores jax_use_shardy_partitioner=False")
       yield request.param
     finally:
       jax.config.update("jax_use_shardy_partitioner", True)
