@@ -330,6 +330,35 @@ def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   ]
 
 
+def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect, monkeypatch):
+  # The host runs ahead: every read is of a running step, ready only at the next
+  # call, after that call read again. The reader must still learn the interval
+  # (it copied on every call, 100 copies for 100 steps).
+  from gradient_ascent_jax._src import reader as reader_module
+
+  fresh, reads = [], []
+  copy = reader_module._copy
+
+  def tracked_copy(words):
+    reads.append(1)
+    fresh.append(copy(words))
+    return fresh[-1]
+
+  monkeypatch.setattr(reader_module, "_copy", tracked_copy)
+  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
+  tx = gax.gradient_ascent(0.1, logging_interval=10, logging_emit="state")
+  step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  for _ in range(100):
+    state = step(state)
+    fresh[:] = [state[0].record]  # this call's state is still running
+    reader(state)
+  fresh.clear()
+  reader.flush()
+  assert [s[3] for s in collect] == list(range(10, 101, 10))
+  assert len(reads) <= 100 // 10 + 5, len(reads)
+
+
 @pytest.mark.slow  # 3 s or more on 2 cores
 def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatch):
   # Reading a running step's record costs a copy that the next (donating) step

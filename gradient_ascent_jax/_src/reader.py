@@ -231,9 +231,13 @@ class ProgressReader:
   def _log(self, path: tuple, words: Any, call: int | None = None) -> None:
     place = self._places.setdefault(path, _Place())
     rows = _host_rows(words)
-    if call is not None and call == place.last_read:
+    if call is not None:
+      # Learned from any read, also one logged after later reads (the host ran
+      # ahead): else the reader would copy on every call while it waits to learn.
       place.interval = min(records.interval(row) for row in rows)
-      place.next_read = call + min(_calls_to_next_record(row) for row in rows)
+      following = call + min(_calls_to_next_record(row) for row in rows)
+      latest = call == place.last_read
+      place.next_read = following if latest else max(place.next_read, following)
     for copy, row in enumerate(rows):
       warning, due = place.copies.setdefault(copy, _Copy()).news(row)
       if warning or due:
