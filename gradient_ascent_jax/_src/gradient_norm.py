@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradient_ascent_jax._src import copies
 from gradient_ascent_jax._src import placement
 
 # Leaves per stack in the logged norm. One stack of 5000 two-element leaves
@@ -74,19 +76,62 @@ def _scale_exponents(dtype: np.dtype) -> tuple[int, ...]:
   return tuple(int(e) for e in np.linspace(lowest, highest, count).round())
 
 
+def _lifted_norm(blocks: list[jax.Array], dtype) -> jax.Array:
+  """The norm of ``blocks`` from sums of squares lifted by fixed powers of two.
+
+  Each block is reduced once, to the sums of its squares at the few powers of
+  two of ``_scale_exponents``, and the norm comes from the most lifted of those
+  sums that is finite: no square that counts over- or underflows (a float16
+  gradient of 300 has norm 600, not inf), and scaling by a power of two is
+  exact. No scale computed from the data feeds back into a block: XLA copies
+  such a computation into every block, and compiles 1000 leaves in minutes.
+  """
+  exponents = _scale_exponents(jnp.dtype(dtype))
+  lift = np.ldexp(np.ones(len(exponents), dtype), exponents)
+  # Hidden from XLA's simplifier, which would otherwise rewrite (c * g)**2 as
+  # c**2 * g**2: inf * 0 = NaN for c = 2**86 and g = 2**-100 (seen for a leaf of
+  # one element, whose sum XLA drops).
+  hidden = jax.lax.optimization_barrier(jnp.asarray(lift))
+
+  def sums_of_squares(block):
+    # The scales on a first axis of their own (XLA:CPU reduced a last axis of 3
+    # ten times slower: 2.2 ms against 0.2 ms for 1e6 elements).
+    lifted = hidden.reshape((-1,) + (1,) * block.ndim) * block.astype(dtype)
+    return jnp.sum(jnp.square(lifted), axis=tuple(range(1, lifted.ndim)))
+
+  totals = jnp.sum(jnp.stack([sums_of_squares(block) for block in blocks]), axis=0)
+  # The most lifted finite sum; where none is finite (an inf or NaN element),
+  # the least lifted one, which is then inf or NaN as the gradient is.
+  finite = jnp.isfinite(totals)
+  index = jnp.where(jnp.any(finite), len(exponents) - 1 - jnp.argmax(finite[::-1]), 0)
+  return jnp.sqrt(totals[index]) * jnp.asarray(1 / lift)[index]
+
+
+def _plain_sum_is_right(total: jax.Array, size: int, dtype) -> jax.Array:
+  """Whether ``total``, a plain sum of ``size`` squares, is as right as the lifted norm.
+
+  Finite, no square overflowed. A square below the smallest normal number may
+  be lost (flushed to 0); at or above ``4 * size * tiny / eps`` all of them
+  together move the total by less than a quarter of its unit in the last place.
+  """
+  info = jnp.finfo(dtype)
+  enough = 4.0 * size * float(info.tiny) / float(info.eps)
+  return jnp.isfinite(total) & (total >= enough)
+
+
 def global_norm(tree: optax.Updates) -> jax.Array:
   """The L2 norm of all leaves, right for normal numbers wherever the result dtype holds it.
 
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
-  dtype. Each block of leaves (see ``_blocks``) is reduced once, to the sums of
-  its squares at three fixed powers of two (``_scale_exponents``), and the norm
-  comes from the most lifted of those sums that is finite: no square that counts
-  over- or underflows (a float16 gradient of 300 has norm 600, not inf), and
-  scaling by a power of two is exact. Across devices only those few sums of each
-  block travel. No scale computed from the data feeds back into a block: XLA
-  copies such a computation into every block, and compiles 1000 leaves in minutes.
-  Subnormal float32, bfloat16 and float64 elements count as 0: XLA:CPU reads
-  subnormal inputs as 0 (as ``jnp.linalg.norm`` and the optimizer's step do).
+  dtype. Each block of leaves (see ``_blocks``) is reduced once to the plain sum
+  of its squares; that sum is the answer where no square can have over- or
+  underflowed in a way that counts (``_plain_sum_is_right``), which is every
+  gradient of ordinary size, and only elsewhere does ``_lifted_norm`` reduce
+  the blocks again, at three fixed powers of two (a ``lax.cond``: the common
+  step pays one pass over the gradient, not three). Across devices only those
+  few sums of each block travel. Subnormal float32, bfloat16 and float64
+  elements count as 0: XLA:CPU reads subnormal inputs as 0 (as
+  ``jnp.linalg.norm`` and the optimizer's step do).
   """
   # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
   # has no .ndim or sharding to read. Magnitudes of complex leaves: their squares
@@ -101,25 +146,18 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   # From the dtypes, not the leaves: a weakly typed float64 leaf (jnp.full(4, 1e-100)
   # with x64 on, a Python float) would give float32, where 1e-100 is 0.
   dtype = jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
-  exponents = _scale_exponents(jnp.dtype(dtype))
-  lift = np.ldexp(np.ones(len(exponents), dtype), exponents)
-  # Hidden from XLA's simplifier, which would otherwise rewrite (c * g)**2 as
-  # c**2 * g**2: inf * 0 = NaN for c = 2**86 and g = 2**-100 (seen for a leaf of
-  # one element, whose sum XLA drops).
-  hidden = jax.lax.optimization_barrier(jnp.asarray(lift))
-
-  def sums_of_squares(block):
-    # The scales on a first axis of their own (XLA:CPU reduced a last axis of 3
-    # ten times slower: 2.2 ms against 0.2 ms for 1e6 elements).
-    lifted = hidden.reshape((-1,) + (1,) * block.ndim) * block.astype(dtype)
-    return jnp.sum(jnp.square(lifted), axis=tuple(range(1, lifted.ndim)))
-
-  totals = jnp.sum(jnp.stack([sums_of_squares(block) for block in _blocks(leaves)]), axis=0)
-  # The most lifted finite sum; where none is finite (an inf or NaN element),
-  # the least lifted one, which is then inf or NaN as the gradient is.
-  finite = jnp.isfinite(totals)
-  index = jnp.where(jnp.any(finite), len(exponents) - 1 - jnp.argmax(finite[::-1]), 0)
-  return jnp.sqrt(totals[index]) * jnp.asarray(1 / lift)[index]
+  blocks = _blocks(leaves)
+  total = jnp.sum(jnp.stack([jnp.sum(jnp.square(block.astype(dtype))) for block in blocks]))
+  right = _plain_sum_is_right(total, sum(leaf.size for leaf in leaves), dtype)
+  if not isinstance(right, jax.core.Tracer):  # op by op
+    return jnp.sqrt(total) if right else _lifted_norm(blocks, dtype)
+  # Under vmap, one unbatched predicate (any copy that needs the lifted sums makes
+  # every copy take them), so that this stays a cond and not a select of both.
+  return jax.lax.cond(
+    copies.in_any_copy(~right),
+    lambda: _lifted_norm(blocks, dtype),
+    lambda: jnp.sqrt(total),
+  )
 
 
 def on_one_device(tree: optax.Updates) -> optax.Updates:

@@ -96,18 +96,26 @@ def _check_emit(state: LogProgressState, emit: str) -> None:
   )
 
 
+def _first_objective(state: LogProgressState, value: jax.Array) -> LogProgressState:
+  """The state with ``first_value``: the objective at the first step where it is finite."""
+  value = jnp.asarray(value, jnp.float32)
+  seen = jnp.logical_or(state.first_seen, jnp.isfinite(value))
+  first = jnp.where(state.first_seen | ~seen, state.first_value, value)
+  return state._replace(first_value=first, first_seen=seen)
+
+
 def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState, jax.Array]:
   """The state after the objective ``value`` at a step; whether the descent warning fires.
 
   The rule: ``records.DESCENT_RECORDS`` consecutive records below the first
-  step's objective by more than ``records.DESCENT_NOISE`` noise deviations. The
-  noise of one recorded value is estimated from the second differences of the
-  records (``x_k - 2 x_{k-1} + x_{k-2}`` has variance ``6 sigma^2`` for
-  independent noise), which a steady trend does not inflate.
+  step's objective (``state.first_value``, see ``_first_objective``) by more than
+  ``records.DESCENT_NOISE`` noise deviations. The noise of one recorded value is
+  estimated from the second differences of the records (``x_k - 2 x_{k-1} +
+  x_{k-2}`` has variance ``6 sigma^2`` for independent noise), which a steady
+  trend does not inflate.
   """
   value = jnp.asarray(value, jnp.float32)
   finite = jnp.isfinite(value)
-  first = jnp.where(state.first_seen | ~finite, state.first_value, value)
   # A non-finite value is not counted (below): keep it out of the arithmetic,
   # so that no NaN is made from a finite one.
   value = jnp.where(finite, value, state.last_value)
@@ -119,18 +127,16 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
     samples, 1
   )
   variance = jnp.where(sampled, variance, state.noise_variance)
-  below = (samples > 0) & (first - value > records.DESCENT_NOISE * jnp.sqrt(variance))
+  below = (samples > 0) & (state.first_value - value > records.DESCENT_NOISE * jnp.sqrt(variance))
   records_below = jnp.where(below, optax.safe_increment(state.records_below), 0)
   descending = records_below >= records.DESCENT_RECORDS
   new = state._replace(
-    first_value=first,
     last_value=value,
     last_change=jnp.where(state.records >= 1, change, state.last_change),
     records_below=records_below,
     noise_variance=variance,
     noise_samples=samples,
     descent_warned=state.descent_warned | descending,
-    first_seen=state.first_seen | finite,
     records=cast(jax.Array, optax.safe_increment(state.records)),
   )
   # A non-finite value is logged but not counted. The step counter stays out of
@@ -140,9 +146,7 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
   counted = due & finite
   new = jax.tree.map(lambda after, before: jnp.where(counted, after, before), new, state)
   fires = counted & descending & jnp.logical_not(state.descent_warned)
-  return new._replace(
-    count=state.count, first_value=first, first_seen=state.first_seen | finite
-  ), fires
+  return new, fires
 
 
 def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax.Array]:
@@ -311,6 +315,22 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
   return state.record, fires
 
 
+def _logging_step(settings: _Settings, updates, state, step, due, value, value_bad, value_fires):
+  """The fields after ``count`` at a step where some copy is due or warns.
+
+  Only such steps apply the descent rule, measure the gradient and write or
+  send a record: the other steps take the cond's other branch, which keeps the
+  fields as they are.
+  """
+  objective = ()
+  new = state
+  if value is not None:
+    new, descending = _descent_rule(state, value, due)
+    objective = (value, descending)
+  record, fires = _speak(settings, updates, state, step, due, objective, value_bad, value_fires)
+  return tuple(new._replace(nonfinite_warned=new.nonfinite_warned | fires, record=record)[1:])
+
+
 def _update(settings: _Settings, updates, state, params=None, *, value=None, **extra_args):
   del params, extra_args
   state_checks.check_own_state(state, LogProgressState, "log_progress")
@@ -319,33 +339,31 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   step = cast(jax.Array, optax.safe_increment(state.count))
   interval = jnp.asarray(settings.interval)
   due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
-  new_state = state._replace(count=step)
-  objective = ()
   if value is not None:
     value = _scalar_objective(value)
-    new_state, descending = _descent_rule(new_state, value, due)
-    objective = (value, descending)
+    # The cond's operand keeps the count the step started from (the rate in force).
+    state = _first_objective(state, value)
   value_bad, value_fires = _nonfinite_objective(value, state)
-  speak = functools.partial(_speak, settings)
-  args = (step, due, objective, value_bad, value_fires)
+  logging_step = functools.partial(_logging_step, settings)
+  args = (step, due, value, value_bad, value_fires)
   if isinstance(due, jax.core.Tracer):
-    record, fires = jax.lax.cond(
+    fields = jax.lax.cond(
       copies.in_any_copy(due | value_fires),
-      speak,
-      lambda updates, state, *_: (state.record, jnp.zeros_like(value_fires)),
+      logging_step,
+      lambda updates, state, *_: tuple(state[1:]),
       updates,
       state,
       *args,
     )
   elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
-    record, fires = speak(gradient_norm.on_one_device(updates), state, *args)
+    fields = logging_step(gradient_norm.on_one_device(updates), state, *args)
   else:
-    record, fires = state.record, value_fires
-  if record is not None:  # the state path: the reader learns from it when records come
-    record = record.at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
-  return updates, new_state._replace(
-    nonfinite_warned=new_state.nonfinite_warned | fires, record=record
-  )
+    fields = tuple(state[1:])
+  new_state = LogProgressState(step, *cast(Any, fields))
+  if new_state.record is not None:  # the state path: the reader learns from it when records come
+    record = jnp.asarray(new_state.record).at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
+    new_state = new_state._replace(record=record)
+  return updates, new_state
 
 
 def log_progress(
