@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import progress
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASES = ("v0_1_0", "v0_2_0")
@@ -195,6 +196,14 @@ def test_a_run_carries_over_into_the_state_path_and_back(release, caplog):
   by_state = gax.gradient_ascent(**settings(release, "logging"), logging_emit="state")
   state = gax.carry_over(old["opt_state"], by_state.init(params))
   count = int(state[0].count)
+  # The rules' state (kept in the record on this path) is the run's, as the callback
+  # path carries it.
+  by_callback = gax.gradient_ascent(**settings(release, "logging"))
+  kept = progress.unpacked(state[0])
+  carried = gax.carry_over(old["opt_state"], by_callback.init(params))[0]
+  for name in progress.LogProgressState._fields[:-1]:
+    np.testing.assert_array_equal(getattr(kept, name), getattr(carried, name), err_msg=name)
+  assert int(carried.records) > 0
   reader = gax.ProgressReader()
   for _ in range(2):
     state = jax.jit(by_state.update)(params, state, params, value=1.0)[1]
@@ -202,7 +211,6 @@ def test_a_run_carries_over_into_the_state_path_and_back(release, caplog):
   reader.flush()
   steps = [r.step for r in caplog.records if r.name == "gradient_ascent_jax"]
   assert steps == [s for s in (count + 1, count + 2) if s % by_state_interval(release) == 0]
-  by_callback = gax.gradient_ascent(**settings(release, "logging"))
   back = gax.carry_over(state, by_callback.init(params))
   assert back[0].record is None and int(back[0].count) == count + 2
   with pytest.raises(ValueError, match="gax.carry_over"):

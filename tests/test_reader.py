@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
+from gradient_ascent_jax._src import progress
 from gradient_ascent_jax._src import records
 
 LOGGER = "gradient_ascent_jax"
@@ -249,7 +250,7 @@ def test_nan_on_a_later_pmap_device_warns_once(collect, path):
   assert "the objective passed as value= is not finite" in warnings[0][2]
   assert [s[3] for s in collect if s[1] == logging.INFO] == [2, 4]
   # Every device remembers the warning, not only the one whose objective was NaN.
-  np.testing.assert_array_equal(state[0].nonfinite_warned, [True] * n)
+  np.testing.assert_array_equal(progress.unpacked(state[0]).nonfinite_warned, [True] * n)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -542,3 +543,45 @@ def test_a_scan_keeps_only_its_last_record(collect):
   reader(jax.jit(run)(tx.init(jnp.zeros(2))))
   reader.flush()
   assert [s[3] for s in collect] == [10]
+
+
+# The state path keeps the rules' state in the record: two arrays per state, and one
+# array through the cond of a step that logs nothing. ----------------------------------
+
+
+def test_the_state_path_keeps_two_arrays_and_the_callback_path_twelve():
+  params = jnp.zeros(3)
+  by_state = gax.log_progress(10, emit="state").init(params)
+  by_callback = gax.log_progress(10).init(params)
+  assert len(jax.tree.leaves(by_state)) == 2  # count and record
+  assert len(jax.tree.leaves(by_callback)) == 11
+  assert by_state.first_value is None and by_state.nonfinite_warned is None
+
+
+def test_a_step_that_logs_nothing_passes_only_the_record_through_its_cond():
+  tx = gax.log_progress(10, emit="state")
+  params = jnp.zeros(3)
+  jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, value=1.0))(params, tx.init(params))
+  (cond,) = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
+  assert [str(v.aval) for v in cond.outvars] == [str(jax.typeof(tx.init(params).record))]
+
+
+@pytest.mark.parametrize(
+  "values", [(1.0, 2.0, 3.0, 1.5, 0.5, -1.0, -2.0, -3.0), (np.nan, 2.0, 1.0)]
+)
+def test_the_state_path_keeps_what_the_callback_path_keeps(values):
+  params = jnp.zeros(2)
+  grads = jnp.array([3.0, 4.0])
+  states = {}
+  for emit in ("callback", "state"):
+    tx = gax.log_progress(2, emit=emit)
+    update = jax.jit(lambda g, s, v, tx=tx: tx.update(g, s, value=v)[1])
+    state = tx.init(params)
+    for value in values:
+      state = update(grads, state, value)
+    states[emit] = progress.unpacked(state)
+  for name in progress.LogProgressState._fields[:-1]:
+    np.testing.assert_array_equal(
+      getattr(states["state"], name), getattr(states["callback"], name), err_msg=name
+    )
+  assert int(states["state"].records) == len(values) // 2 - int(np.isnan(values[1]))

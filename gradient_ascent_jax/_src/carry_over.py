@@ -79,28 +79,29 @@ def _log_progress_fields(
     for name, value in (("first_value", first), ("last_value", last), ("last_change", change)):
       fields[name] = jnp.where(jnp.isnan(value), 0, value).astype(jnp.float32)
     fields["nonfinite_warned"] = jnp.zeros_like(count, bool)  # 0.1.0 had no such warning
-  if set(fields) == set(_LOG_PROGRESS_0_2_0) or _other_path(fields.get("record"), target.record):
-    # The record is only the latest progress record: a run saved before it existed,
-    # or by the other logging path, goes on with the target's (nothing to log).
-    fields = dict(fields)
-    record = target.record
-    if not abstract_ok and any(
-      isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(record)
-    ):
+  fields = dict(fields)
+  fields.setdefault("record", None)  # 0.1.0 and 0.2.0 kept no record
+  # The state path keeps the rules' state in its record (the fields are None there).
+  old_kept = _empty(fields["first_value"]) and not _empty(fields["record"])
+  target_kept = target.first_value is None and target.record is not None
+  if old_kept == target_kept:
+    return fields
+  if old_kept:  # to the callback path: the rules' state comes out of the record
+    kept = progress.LogProgressState(**{**fields, "first_value": None})
+    state = progress.unpacked(kept)
+    return {**state._asdict(), "record": None}
+  # To the state path: the latest record is only what to log next, so a run saved
+  # before records were kept, or by the callback path, goes on with the target's.
+  record = target.record
+  if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(record)):
+    if not abstract_ok:
       raise ValueError(
         f"carry_over: at {path}.record the target holds only a shape, but the state "
         "given keeps no record of this kind. Pass target=tx.init(params) itself "
         "(not its jax.eval_shape), whose record is the initial one."
       )
-    fields["record"] = record
-  return fields
-
-
-def _other_path(old_record: Any, target_record: Any) -> bool:
-  """Whether a record was kept by the other logging path (None on the callback path)."""
-  if _empty(old_record) or _empty(target_record):
-    return _empty(old_record) != _empty(target_record)
-  return jnp.shape(old_record) != jnp.shape(target_record)
+    return target._asdict()
+  return progress.packed({**fields, "record": record})._asdict()
 
 
 # How the fields of a state type's earlier layouts become today's, by type.

@@ -33,6 +33,9 @@ class LogProgressState(NamedTuple):
   The fields after ``count`` follow the objective passed as ``value``, at
   logged steps only; without ``value`` they keep their initial values. "Not
   yet" is a count or a flag: the state holds no NaN unless the objective was.
+  With ``emit="state"`` those fields are None and ``record`` holds them, packed
+  (so that a step hands JAX two arrays of this state, not twelve, and a step
+  that logs nothing passes one array through its ``lax.cond``).
 
   Attributes:
     count: steps already seen, an int32 scalar that saturates at its maximum.
@@ -53,7 +56,8 @@ class LogProgressState(NamedTuple):
     nonfinite_warned: whether the warning that the objective or the gradient
       norm is not finite has been given (bool).
     record: None on the callback path; with ``emit="state"`` the latest
-      progress record, packed for :class:`ProgressReader`.
+      progress record, packed for :class:`ProgressReader`, and the fields
+      above (a uint32 array).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -94,6 +98,64 @@ def _check_emit(state: LogProgressState, emit: str) -> None:
     "to this one: state = gax.carry_over(state, tx.init(params)), which keeps every "
     "moment and count."
   )
+
+
+# On the state path the rules' state lives in the record's BOOK_WORDS, so that a step
+# that logs nothing passes one array through its cond (and a donated step hands JAX
+# two leaves, not twelve): the words in order, then one word of flags.
+_BOOK = (
+  ("first_value", jnp.float32),
+  ("last_value", jnp.float32),
+  ("last_change", jnp.float32),
+  ("records_below", jnp.int32),
+  ("noise_variance", jnp.float32),
+  ("noise_samples", jnp.int32),
+  ("records", jnp.int32),
+)
+_FLAGS = (("descent_warned", 1), ("first_seen", 2), ("nonfinite_warned", 4))
+_FLAGS_WORD = records.BOOK_WORDS[0] + len(_BOOK)
+
+
+def _kept(count: Any, record: Any) -> LogProgressState:
+  """A state of the state path: the count, and the record that holds all else."""
+  rest = dict.fromkeys(LogProgressState._fields[1:-1])
+  return LogProgressState(count=count, record=record, **rest)
+
+
+def _flag(record: jax.Array, name: str) -> jax.Array:
+  return (record[..., _FLAGS_WORD] & dict(_FLAGS)[name]) != 0
+
+
+def unpacked(state: LogProgressState) -> LogProgressState:
+  """``state`` with the fields of the state path's record filled in (else ``state``)."""
+  if state.first_value is not None or state.record is None:
+    return state
+  record = jnp.asarray(state.record)
+  first = records.BOOK_WORDS[0]
+  fields = {
+    name: jax.lax.bitcast_convert_type(record[..., first + i], dtype)
+    for i, (name, dtype) in enumerate(_BOOK)
+  }
+  fields.update({name: _flag(record, name) for name, _ in _FLAGS})
+  return LogProgressState(count=state.count, record=state.record, **fields)
+
+
+def packed(fields: dict[str, Any]) -> LogProgressState:
+  """The state path's state of all of a ``LogProgressState``'s fields (arrays, or what
+  a checkpoint gives back): its record holds all but the count."""
+  return _packed(LogProgressState(**fields))
+
+
+def _packed(state: LogProgressState) -> LogProgressState:
+  """A filled-in state of the state path (see ``unpacked``) kept in its record again."""
+  words = [
+    jax.lax.bitcast_convert_type(jnp.asarray(getattr(state, name), dtype), jnp.uint32)
+    for name, dtype in _BOOK
+  ]
+  words.append(records.bits(*((getattr(state, name), bit) for name, bit in _FLAGS)))
+  record = jnp.asarray(state.record)
+  book = jnp.stack([jnp.broadcast_to(w, record.shape[:-1]) for w in words], axis=-1)
+  return _kept(state.count, record.at[..., slice(*records.BOOK_WORDS)].set(book))
 
 
 def _first_objective(state: LogProgressState, value: jax.Array) -> LogProgressState:
@@ -149,7 +211,7 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
   return new, fires
 
 
-def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax.Array]:
+def _nonfinite_objective(value, warned) -> tuple[jax.Array, jax.Array]:
   """The non-finite rule for the objective, checked on every step: (not finite, warning fires).
 
   Under ``pmap`` and ``shard_map`` the devices agree: the objective of any device
@@ -162,7 +224,7 @@ def _nonfinite_objective(value, state: LogProgressState) -> tuple[jax.Array, jax
   manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
   if manual_axes:
     bad = jax.lax.psum(bad.astype(jnp.int32), manual_axes) > 0
-  return bad, bad & jnp.logical_not(state.nonfinite_warned)
+  return bad, bad & jnp.logical_not(warned)
 
 
 def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval):
@@ -264,6 +326,9 @@ def _rate_at(settings: _Settings, count) -> jax.Array:
 
 def _init(settings: _Settings, params) -> LogProgressState:
   count = placement.zero_step_count(params)
+  if settings.emit == "state":
+    # The rules' state starts at zeros (0.0, False, 0), as the fields below do.
+    return _kept(count, _empty_record(count, settings))
 
   def like_count(fill, dtype):
     # One buffer per field: a donated state must not hold one buffer twice.
@@ -281,7 +346,6 @@ def _init(settings: _Settings, params) -> LogProgressState:
     first_seen=like_count(False, bool),
     records=like_count(0, jnp.int32),
     nonfinite_warned=like_count(False, bool),
-    record=_empty_record(count, settings) if settings.emit == "state" else None,
   )
 
 
@@ -341,9 +405,12 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
   if value is not None:
     value = _scalar_objective(value)
+  if settings.emit == "state":
+    return updates, _update_kept(settings, updates, state, step, due, value)
+  if value is not None:
     # The cond's operand keeps the count the step started from (the rate in force).
     state = _first_objective(state, value)
-  value_bad, value_fires = _nonfinite_objective(value, state)
+  value_bad, value_fires = _nonfinite_objective(value, state.nonfinite_warned)
   logging_step = functools.partial(_logging_step, settings)
   args = (step, due, value, value_bad, value_fires)
   if isinstance(due, jax.core.Tracer):
@@ -359,11 +426,40 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
     fields = logging_step(gradient_norm.on_one_device(updates), state, *args)
   else:
     fields = tuple(state[1:])
-  new_state = LogProgressState(step, *cast(Any, fields))
-  if new_state.record is not None:  # the state path: the reader learns from it when records come
-    record = jnp.asarray(new_state.record).at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
-    new_state = new_state._replace(record=record)
-  return updates, new_state
+  return updates, LogProgressState(step, *cast(Any, fields))
+
+
+def _update_kept(settings: _Settings, updates, state, step, due, value) -> LogProgressState:
+  """The state path's step: all but the count lives in the record, which only the
+  branch of steps where some copy is due, warns or sees its first objective unpacks."""
+  record = jnp.asarray(state.record)
+  value_bad, value_fires = _nonfinite_objective(value, _flag(record, "nonfinite_warned"))
+  wanted = due | value_fires
+  if value is not None:
+    wanted = wanted | (~_flag(record, "first_seen") & jnp.isfinite(value))
+
+  def logging_step(updates, record, count, *args):
+    full = unpacked(_kept(count, record))
+    if value is not None:
+      full = _first_objective(full, value)
+    fields = _logging_step(settings, updates, full, *args)
+    return _packed(LogProgressState(count, *cast(Any, fields))).record
+
+  args = (state.count, step, due, value, value_bad, value_fires)
+  if isinstance(wanted, jax.core.Tracer):
+    record = jax.lax.cond(
+      copies.in_any_copy(wanted),
+      logging_step,
+      lambda updates, record, *_: record,
+      updates,
+      record,
+      *args,
+    )
+  elif wanted:  # known now (no jit): a cond would need every leaf on one device
+    record = logging_step(gradient_norm.on_one_device(updates), record, *args)
+  # The reader learns from the count where the state is between records.
+  record = jnp.asarray(record).at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
+  return _kept(step, record)
 
 
 def log_progress(
@@ -411,8 +507,8 @@ def log_progress(
     ...   updates, state = tx.update(jnp.array([3.0, 4.0]), state, value=objective)
     ...   reader(state)
     >>> reader.flush()
-    >>> int(state.count), float(state.last_value)
-    (2, 2.0)
+    >>> int(state.count), state.last_value is None  # the record holds the rest
+    (2, True)
   """
   logging_interval = validation.check_logging_interval(logging_interval)
   if learning_rate is not None:

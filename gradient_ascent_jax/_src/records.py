@@ -42,15 +42,18 @@ class Record(NamedTuple):
 # warning (its step and flags: on the state path it stays in the state for good once
 # given, while the due part changes every ``interval`` steps); on the state path the
 # state's step count (every step) and the number of the run (set by init); the
-# length of the name in bytes; the three floats (one word each, or two with
-# float64); the name's UTF-8 bytes.
+# length of the name in bytes; on the state path the rules' own state (BOOK_WORDS,
+# kept by ``progress``; zeros in a callback's record); the three floats (one word
+# each, or two with float64); the name's UTF-8 bytes.
 _SHOW, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE = (1 << bit for bit in range(5))
 _NONFINITE, _VALUE_NONFINITE = 1, 2
 INTERVAL_WORD = 2
 WARNING_WORDS = (3, 4)
 COUNT_WORD = 5
 RUN_WORD = 6
-_HEAD = 8
+_LENGTH_WORD = 7
+BOOK_WORDS = (8, 16)
+_HEAD = BOOK_WORDS[1]
 
 
 def _name_words(name: str | None) -> tuple[int, np.ndarray]:
@@ -65,7 +68,8 @@ def size(name: str | None) -> int:
   return _HEAD + 3 * (2 if wide else 1) + len(_name_words(name)[1])
 
 
-def _bits(*flags_and_bits) -> Any:
+def bits(*flags_and_bits) -> Any:
+  """A uint32 word with ``bit`` set for each true ``flag`` of the (flag, bit) pairs."""
   return sum(jnp.where(flag, bit, 0).astype(jnp.uint32) for flag, bit in flags_and_bits)
 
 
@@ -88,13 +92,14 @@ def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -
   head = jnp.stack(
     [
       jnp.asarray(record.step).astype(jnp.uint32),
-      _bits((record.show, _SHOW), (record.descending, _DESCENDING)) | jnp.uint32(constant),
+      bits((record.show, _SHOW), (record.descending, _DESCENDING)) | jnp.uint32(constant),
       jnp.maximum(jnp.asarray(record.interval), 0).astype(jnp.uint32),
       jnp.asarray(record.warn_step).astype(jnp.uint32),
-      _bits((record.nonfinite, _NONFINITE), (record.value_nonfinite, _VALUE_NONFINITE)),
+      bits((record.nonfinite, _NONFINITE), (record.value_nonfinite, _VALUE_NONFINITE)),
       jnp.asarray(record.step).astype(jnp.uint32),
       jnp.zeros((), jnp.uint32),
       jnp.asarray(length, jnp.uint32),
+      *(jnp.zeros((), jnp.uint32) for _ in range(*BOOK_WORDS)),
     ]
   )
   return jnp.concatenate([head, float_words, jnp.asarray(name_words, jnp.uint32)])
@@ -103,7 +108,7 @@ def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -
 def unpack(words: np.ndarray) -> tuple[Record, bool, bool, str | None]:
   """A packed record read back: the record, whether it has an objective and a rate, the name."""
   words = np.asarray(words, np.uint32)
-  flags, warning, length = int(words[1]), int(words[4]), int(words[7])
+  flags, warning, length = int(words[1]), int(words[4]), int(words[_LENGTH_WORD])
   float_type = np.dtype("<f8" if flags & _WIDE else "<f4")
   end = _HEAD + 3 * float_type.itemsize // 4
   rate, grad_norm, value = (float(x) for x in words[_HEAD:end].astype("<u4").view(float_type))
@@ -142,8 +147,13 @@ def warning_part(words: np.ndarray) -> bytes:
 
 
 def due_part(words: np.ndarray) -> bytes:
-  """The words of the due step's record, the run and the name included, not the count."""
-  return words[: WARNING_WORDS[0]].tobytes() + words[RUN_WORD:].tobytes()
+  """The words of the due step's record, the run and the name included, not the count
+  and not the rules' state (which also changes at the first objective)."""
+  return (
+    words[: WARNING_WORDS[0]].tobytes()
+    + words[RUN_WORD : BOOK_WORDS[0]].tobytes()
+    + words[_HEAD:].tobytes()
+  )
 
 
 _INVISIBLE_WARNING = (
