@@ -118,7 +118,7 @@ _FLAGS_WORD = records.BOOK_WORDS[0] + len(_BOOK)
 
 def _kept(count: Any, record: Any) -> LogProgressState:
   """A state of the state path: the count, and the record that holds all else."""
-  rest = dict.fromkeys(LogProgressState._fields[1:-1])
+  rest: dict[str, Any] = dict.fromkeys(LogProgressState._fields[1:-1])
   return LogProgressState(count=count, record=record, **rest)
 
 
