@@ -411,22 +411,35 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
     # The cond's operand keeps the count the step started from (the rate in force).
     state = _first_objective(state, value)
   value_bad, value_fires = _nonfinite_objective(value, state.nonfinite_warned)
-  logging_step = functools.partial(_logging_step, settings)
-  args = (step, due, value, value_bad, value_fires)
-  if isinstance(due, jax.core.Tracer):
-    fields = jax.lax.cond(
-      copies.in_any_copy(due | value_fires),
-      logging_step,
-      lambda updates, state, *_: tuple(state[1:]),
+  fields = _on_logging_steps(
+    due | value_fires,
+    functools.partial(_logging_step, settings),
+    lambda state: tuple(state[1:]),
+    updates,
+    state,
+    step,
+    due,
+    value,
+    value_bad,
+    value_fires,
+  )
+  return updates, LogProgressState(step, *cast(Any, fields))
+
+
+def _on_logging_steps(wanted, branch, keep, updates, operand, *args):
+  """``branch(updates, operand, *args)`` where ``wanted`` (in some copy), else ``keep(operand)``."""
+  if isinstance(wanted, jax.core.Tracer):
+    return jax.lax.cond(
+      copies.in_any_copy(wanted),
+      branch,
+      lambda updates, operand, *_: keep(operand),
       updates,
-      state,
+      operand,
       *args,
     )
-  elif due | value_fires:  # known now (no jit): a cond would need every leaf on one device
-    fields = logging_step(gradient_norm.on_one_device(updates), state, *args)
-  else:
-    fields = tuple(state[1:])
-  return updates, LogProgressState(step, *cast(Any, fields))
+  if wanted:  # known now (no jit): a cond would need every leaf on one device
+    return branch(gradient_norm.on_one_device(updates), operand, *args)
+  return keep(operand)
 
 
 def _update_kept(settings: _Settings, updates, state, step, due, value) -> LogProgressState:
@@ -445,18 +458,19 @@ def _update_kept(settings: _Settings, updates, state, step, due, value) -> LogPr
     fields = _logging_step(settings, updates, full, *args)
     return _packed(LogProgressState(count, *cast(Any, fields))).record
 
-  args = (state.count, step, due, value, value_bad, value_fires)
-  if isinstance(wanted, jax.core.Tracer):
-    record = jax.lax.cond(
-      copies.in_any_copy(wanted),
-      logging_step,
-      lambda updates, record, *_: record,
-      updates,
-      record,
-      *args,
-    )
-  elif wanted:  # known now (no jit): a cond would need every leaf on one device
-    record = logging_step(gradient_norm.on_one_device(updates), record, *args)
+  record = _on_logging_steps(
+    wanted,
+    logging_step,
+    lambda record: record,
+    updates,
+    record,
+    state.count,
+    step,
+    due,
+    value,
+    value_bad,
+    value_fires,
+  )
   # The reader learns from the count where the state is between records.
   record = jnp.asarray(record).at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
   return _kept(step, record)
