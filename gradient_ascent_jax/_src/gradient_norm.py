@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradient_ascent_jax._src import copies
 from gradient_ascent_jax._src import placement
 
 # Leaves per stack in the logged norm. One stack of 5000 two-element leaves
@@ -58,53 +57,28 @@ def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 @functools.cache
-def _scale_exponents(dtype: np.dtype) -> tuple[int, ...]:
-  """Powers of two ``e`` such that, for any gradient, one sum of ``(2**e * g)**2`` is right.
+def _lifts(dtype: np.dtype) -> tuple[int, int]:
+  """Powers of two ``e``: one sum of ``(2**e * g)**2`` is right where the plain sum is not.
 
-  The lowest keeps the sum of 2**32 squares of the largest finite value finite;
-  the highest lifts the square of the smallest subnormal to a normal number. When
-  the sum at one exponent overflows, the sum at the next lower one is at least
-  ``2**(maxexp - 2 * gap)``, so the gap is kept small enough that no square that
-  counts (within ``2**-(2 * nmant + 4)`` of that sum) can underflow there. float32:
-  (-80, 3, 86); float64: (-528, 18, 563).
+  The lower one is for a plain sum that overflowed: it keeps the sum of 2**32
+  squares of the largest finite value finite. The higher one is for a plain sum
+  too small to trust: it lifts the square of the smallest normal number far above
+  the smallest normal number. Each is within ``(maxexp - minexp - 2 * nmant - 4) /
+  2`` of 0, so that the lifted sum is large enough that no square that counts
+  (within ``2**-(2 * nmant + 4)`` of it) underflows. float32: (-80, 86); float64:
+  (-528, 563).
   """
   info = jnp.finfo(dtype)
-  lowest = -(info.maxexp // 2) - 16
-  highest = -(info.minexp - info.nmant) + info.minexp // 2
-  widest_gap = (info.maxexp - info.minexp - 2 * info.nmant - 4) // 2
-  count = -(-(highest - lowest) // widest_gap) + 1
-  return tuple(int(e) for e in np.linspace(lowest, highest, count).round())
+  return -(info.maxexp // 2) - 16, -(info.minexp - info.nmant) + info.minexp // 2
 
 
-def _lifted_norm(blocks: list[jax.Array], dtype) -> jax.Array:
-  """The norm of ``blocks`` from sums of squares lifted by fixed powers of two.
-
-  Each block is reduced once, to the sums of its squares at the few powers of
-  two of ``_scale_exponents``, and the norm comes from the most lifted of those
-  sums that is finite: no square that counts over- or underflows (a float16
-  gradient of 300 has norm 600, not inf), and scaling by a power of two is
-  exact. No scale computed from the data feeds back into a block: XLA copies
-  such a computation into every block, and compiles 1000 leaves in minutes.
-  """
-  exponents = _scale_exponents(jnp.dtype(dtype))
-  lift = np.ldexp(np.ones(len(exponents), dtype), exponents)
-  # Hidden from XLA's simplifier, which would otherwise rewrite (c * g)**2 as
-  # c**2 * g**2: inf * 0 = NaN for c = 2**86 and g = 2**-100 (seen for a leaf of
-  # one element, whose sum XLA drops).
-  hidden = jax.lax.optimization_barrier(jnp.asarray(lift))
-
-  def sums_of_squares(block):
-    # The scales on a first axis of their own (XLA:CPU reduced a last axis of 3
-    # ten times slower: 2.2 ms against 0.2 ms for 1e6 elements).
-    lifted = hidden.reshape((-1,) + (1,) * block.ndim) * block.astype(dtype)
-    return jnp.sum(jnp.square(lifted), axis=tuple(range(1, lifted.ndim)))
-
-  totals = jnp.sum(jnp.stack([sums_of_squares(block) for block in blocks]), axis=0)
-  # The most lifted finite sum; where none is finite (an inf or NaN element),
-  # the least lifted one, which is then inf or NaN as the gradient is.
-  finite = jnp.isfinite(totals)
-  index = jnp.where(jnp.any(finite), len(exponents) - 1 - jnp.argmax(finite[::-1]), 0)
-  return jnp.sqrt(totals[index]) * jnp.asarray(1 / lift)[index]
+def _sum_of_squares(blocks: list[jax.Array], dtype, scale=None) -> jax.Array:
+  """The sum of the squares of every element of ``blocks`` (times ``scale``), in ``dtype``."""
+  sums = []
+  for block in blocks:
+    block = block.astype(dtype)
+    sums.append(jnp.sum(jnp.square(block if scale is None else scale * block)))
+  return jnp.sum(jnp.stack(sums))
 
 
 def _plain_sum_is_right(total: jax.Array, size: int, dtype) -> jax.Array:
@@ -123,14 +97,14 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   """The L2 norm of all leaves, right for normal numbers wherever the result dtype holds it.
 
   Computed in float32 or wider (float64 stays float64) whatever the gradient's
-  dtype. Each block of leaves (see ``_blocks``) is reduced once to the plain sum
-  of its squares; that sum is the answer where no square can have over- or
+  dtype. Each block of leaves (see ``_blocks``) is reduced to the plain sum of
+  its squares; that sum is the answer where no square can have over- or
   underflowed in a way that counts (``_plain_sum_is_right``), which is every
-  gradient of ordinary size, and only elsewhere does ``_lifted_norm`` reduce
-  the blocks again, at three fixed powers of two (a ``lax.cond``: the common
-  step pays one pass over the gradient, not three). Across devices only those
-  few sums of each block travel. Subnormal float32, bfloat16 and float64
-  elements count as 0: XLA:CPU reads subnormal inputs as 0 (as
+  gradient of ordinary size. Elsewhere the answer comes from a second sum, of
+  the squares times a power of two (``_lifts``): lowered after an overflow,
+  lifted after an underflow. Scaling by a power of two is exact. Across devices
+  only those two sums of each block travel. Subnormal float32, bfloat16 and
+  float64 elements count as 0: XLA:CPU reads subnormal inputs as 0 (as
   ``jnp.linalg.norm`` and the optimizer's step do).
   """
   # As arrays: a Python or NumPy scalar leaf (op by op, a gradient of {"t": 0.5})
@@ -147,17 +121,24 @@ def global_norm(tree: optax.Updates) -> jax.Array:
   # with x64 on, a Python float) would give float32, where 1e-100 is 0.
   dtype = jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
   blocks = _blocks(leaves)
-  total = jnp.sum(jnp.stack([jnp.sum(jnp.square(block.astype(dtype))) for block in blocks]))
+  total = _sum_of_squares(blocks, dtype)
   right = _plain_sum_is_right(total, sum(leaf.size for leaf in leaves), dtype)
-  if not isinstance(right, jax.core.Tracer):  # op by op
-    return jnp.sqrt(total) if right else _lifted_norm(blocks, dtype)
-  # Under vmap, one unbatched predicate (any copy that needs the lifted sums makes
-  # every copy take them), so that this stays a cond and not a select of both.
-  return jax.lax.cond(
-    copies.in_any_copy(~right),
-    lambda: _lifted_norm(blocks, dtype),
-    lambda: jnp.sqrt(total),
-  )
+  if not isinstance(right, jax.core.Tracer) and right:  # op by op: one pass was enough
+    return jnp.sqrt(total)
+  # Compiled, the second pass runs on every logging step (at 2**0 where the plain
+  # sum is right, and its result is then not used): a lax.cond around it cost
+  # XLA:CPU as much time in the benchmarks' MLP step as running it.
+  lower, higher = (np.ldexp(np.ones((), dtype), e) for e in _lifts(dtype))
+  scale = jnp.where(right, 1, jnp.where(jnp.isfinite(total), higher, lower)).astype(dtype)
+  # Where XLA knows the gradient when compiling (a leaf that the objective does not
+  # use is zeros), its simplifier may rewrite (c * g)**2 as c**2 * g**2, which is NaN
+  # where one factor is out of range (2**86 squared is inf, times 0). Hidden blocks
+  # keep most such rewrites out, and a NaN that the plain sum does not share falls
+  # back to the plain sum: 0 for zeros. Computed at run time, the lifted sum is NaN
+  # only where the plain one is.
+  lifted = _sum_of_squares(jax.lax.optimization_barrier(blocks), dtype, scale)
+  plain = right | (jnp.isnan(lifted) & ~jnp.isnan(total))
+  return jnp.where(plain, jnp.sqrt(total), jnp.sqrt(lifted) / scale)
 
 
 def on_one_device(tree: optax.Updates) -> optax.Updates:
