@@ -130,7 +130,6 @@ class _Place:
     self.next_read = 0  # the call that reads next: that of the next due step
     self.interval = 0  # learned from the records (0: not yet)
     self.last_read = 0  # the call of the latest read
-    self.latest: Any = None  # the latest record handed in, read by flush()
     self.copies: dict[int, _Copy] = {}
 
 
@@ -169,11 +168,23 @@ class ProgressReader:
     self._places: dict[tuple, _Place] = {}
     self._pending: collections.deque[tuple[tuple, Any, int]] = collections.deque()
     self._calls = 0
+    self._next_read = 0  # the earliest call that reads a place (see _Place.next_read)
+    self._latest: dict[type, Any] = {}  # the latest state of each type, read by flush()
     self._warned_nothing = False
 
   def __call__(self, state: Any) -> None:
     """Reads the records of the step that produced ``state``; never waits for the device."""
     self._calls += 1
+    known = type(state) in self._latest
+    self._latest[type(state)] = state
+    # Between due steps a call only remembers the state: its host time comes out of
+    # the step's on XLA:CPU, where the host and the device share the cores.
+    if self._calls >= self._next_read or not known:
+      self._read(state)
+    while self._pending and (len(self._pending) > _MAX_PENDING or _ready(self._pending[0][1])):
+      self._log(*self._pending.popleft())
+
+  def _read(self, state: Any) -> None:
     for path, words in self._records(state):
       if isinstance(words, jax.core.Tracer):
         raise TypeError(
@@ -182,7 +193,6 @@ class ProgressReader:
           "returned."
         )
       place = self._places.setdefault(path, _Place())
-      place.latest = words
       # Read the states of due steps only (one step per call): reading a running
       # step's record is a copy, and a copy makes the next step, which donates the
       # state, wait for it. A record stays in the state until the next due step, so
@@ -196,17 +206,17 @@ class ProgressReader:
         self._log(path, words, self._calls)
       else:
         self._pending.append((path, words if ready else _copy(words), self._calls))
-    while self._pending and (len(self._pending) > _MAX_PENDING or _ready(self._pending[0][1])):
-      self._log(*self._pending.popleft())
+    self._next_read = min((place.next_read for place in self._places.values()), default=0)
 
   def flush(self) -> None:
     """Logs every record not logged yet, waiting for the steps still running."""
     while self._pending:
       self._log(*self._pending.popleft())
-    for path, place in self._places.items():
-      latest, place.latest = place.latest, None
-      if latest is not None and not (isinstance(latest, jax.Array) and latest.is_deleted()):
-        self._log(path, latest)
+    for state in self._latest.values():
+      for path, latest in self._records(state):
+        if not (isinstance(latest, jax.Array) and latest.is_deleted()):
+          self._log(path, latest)
+    self._latest.clear()
 
   def _records(self, state: Any) -> list[tuple[tuple, Any]]:
     paths = self._paths.get(type(state))
@@ -238,6 +248,7 @@ class ProgressReader:
       following = call + min(_calls_to_next_record(row) for row in rows)
       latest = call == place.last_read
       place.next_read = following if latest else max(place.next_read, following)
+      self._next_read = min(place.next_read for place in self._places.values())
     for copy, row in enumerate(rows):
       warning, due = place.copies.setdefault(copy, _Copy()).news(row)
       if warning or due:
