@@ -34,7 +34,7 @@ def _layouts_known_when_traced() -> bool:
 
 
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
-  """The leaves in blocks that are each reduced once, without moving a leaf.
+  """The leaves in blocks that are each reduced as one array, without moving a leaf.
 
   Leaves of one shape and layout are stacked, up to ``_STACK_SIZE`` at a time:
   XLA:CPU compiles one reduction per leaf in time that grows faster than the

@@ -206,6 +206,9 @@ class ProgressReader:
         self._log(path, words, self._calls)
       else:
         self._pending.append((path, words if ready else _copy(words), self._calls))
+    self._set_next_read()
+
+  def _set_next_read(self) -> None:
     self._next_read = min((place.next_read for place in self._places.values()), default=0)
 
   def flush(self) -> None:
@@ -248,7 +251,7 @@ class ProgressReader:
       following = call + min(_calls_to_next_record(row) for row in rows)
       latest = call == place.last_read
       place.next_read = following if latest else max(place.next_read, following)
-      self._next_read = min(place.next_read for place in self._places.values())
+      self._set_next_read()
     for copy, row in enumerate(rows):
       warning, due = place.copies.setdefault(copy, _Copy()).news(row)
       if warning or due:
