@@ -27,6 +27,11 @@ In a scan the reader can only be called on the state the call returns, so it
 logs the last record of each call and no other: the state path is for Python
 loops, and the scan rows show what the callback path costs where it suits.
 
+Each repeat takes one sample of every peer, in turn; a peer's cost "vs off" is
+the median over the repeats of its sample's time over the off sample of the
+same repeat, with a 95% bootstrap interval of that median (see
+``paired_overhead``).
+
 Run ``python -m benchmarks.logging_overhead --help`` for the options.
 """
 
@@ -150,9 +155,9 @@ def _lines(stream: io.StringIO) -> int:
 
 def _interleaved(
   runners: dict[Any, _Runner], calls: dict[Any, int], repeats: int, stream: io.StringIO
-) -> tuple[dict[Any, float], dict[Any, int]]:
-  """Median seconds per step of each runner, sampled round-robin (``calls[name]``
-  calls a sample), and the records each one logged in its samples."""
+) -> tuple[dict[Any, list[float]], dict[Any, int]]:
+  """Each runner's seconds per step in every repeat, sampled round-robin
+  (``calls[name]`` calls a sample), and the records each one logged in its samples."""
   samples = {name: [] for name in runners}
   logged = dict.fromkeys(runners, 0)
   for repeat in range(repeats):
@@ -165,7 +170,34 @@ def _interleaved(
       runner(calls[name])
       samples[name].append((time.perf_counter() - start) / (calls[name] * runner.steps_per_call))
       logged[name] += _lines(stream) - before
-  return {name: statistics.median(times) for name, times in samples.items()}, logged
+  return samples, logged
+
+
+def paired_overhead(times: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+  """The cost of a peer over its base, ``times[r] / base[r] - 1`` of each repeat ``r``:
+  the median, and a 95% bootstrap interval of that median.
+
+  Each ratio compares two samples of one repeat, taken a few seconds apart, so a
+  machine that slows down or speeds up during the run (other tenants, clocks)
+  moves both; a ratio of the two medians would mix samples from all of the run.
+  """
+  ratios = np.asarray(times) / np.asarray(base)
+  rng = np.random.default_rng(0)
+  medians = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
+  low, high = np.percentile(medians, [2.5, 97.5])
+  return float(np.median(ratios)) - 1.0, float(low) - 1.0, float(high) - 1.0
+
+
+def _overhead_fields(times: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+  overhead, low, high = paired_overhead(times, base)
+  return {"seconds": statistics.median(times), "overhead": overhead, "interval": (low, high)}
+
+
+def _fmt_overhead(row: dict) -> str:
+  low, high = row["interval"]
+  if low == high == row["overhead"] == 0.0:  # the base itself
+    return "+0.0%"
+  return f"{row['overhead']:+.1%} ({low:+.1%} to {high:+.1%})"
 
 
 def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict]:
@@ -212,17 +244,16 @@ def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict
   _common.check_runners(
     vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0), steps=INTERVAL
   )
-  medians, logged = _interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
+  samples, logged = _interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
   return [
     {
       "params": size * num_leaves,
       "leaves": num_leaves,
       "peer": name,
-      "seconds": seconds,
-      "overhead": seconds / medians[VMAP_OFF if name in VMAPPED else OFF] - 1.0,
+      **_overhead_fields(times, samples[VMAP_OFF if name in VMAPPED else OFF]),
       "records": logged[name],
     }
-    for name, seconds in medians.items()
+    for name, times in samples.items()
   ]
 
 
@@ -291,7 +322,7 @@ def measure_model(
           f"{problem.name}, {loop}: {peer!r} moved the params elsewhere than logging off "
           f"(largest difference {np.abs(got - want).max():.3g})."
         )
-  medians, logged = _interleaved(runners, calls, repeats, stream)
+  samples, logged = _interleaved(runners, calls, repeats, stream)
   return [
     {
       "model": problem.name,
@@ -299,11 +330,10 @@ def measure_model(
       "leaves": problem.num_leaves,
       "loop": loop,
       "peer": peer,
-      "seconds": seconds,
-      "overhead": seconds / medians[loop, MODEL_OFF] - 1.0,
+      **_overhead_fields(times, samples[loop, MODEL_OFF]),
       "records": logged[loop, peer],
     }
-    for (loop, peer), seconds in medians.items()
+    for (loop, peer), times in samples.items()
   ]
 
 
@@ -313,7 +343,7 @@ def table(rows: list[dict]) -> str:
     "leaves",
     "peer",
     "time/step",
-    "vs off (vmap: vs vmap off)",
+    "vs off (vmap: vs vmap off), 95% interval",
     "records logged",
   ]
   body = [
@@ -322,7 +352,7 @@ def table(rows: list[dict]) -> str:
       row["leaves"],
       row["peer"],
       _common.fmt_time(row["seconds"]),
-      f"{row['overhead']:+.1%}",
+      _fmt_overhead(row),
       row["records"],
     ]
     for row in rows
@@ -338,7 +368,7 @@ def model_table(rows: list[dict]) -> str:
     "loop",
     "peer",
     "time/step",
-    "vs off (same loop)",
+    "vs off (same loop), 95% interval",
     "records logged",
   ]
   body = [
@@ -349,7 +379,7 @@ def model_table(rows: list[dict]) -> str:
       row["loop"],
       row["peer"],
       _common.fmt_time(row["seconds"]),
-      f"{row['overhead']:+.1%}",
+      _fmt_overhead(row),
       row["records"],
     ]
     for row in rows
@@ -422,8 +452,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
   scan = f" (a scan: one call of {args.scan_steps})" if model_rows and args.scan_steps else ""
   print(
-    f"({repeats} interleaved samples of {samples_steps} steps{scan}, median; "
-    f"{_lines(stream)} log records captured)\n"
+    f"({repeats} interleaved samples of {samples_steps} steps{scan}; time/step: the median; "
+    "vs off: the median over the repeats of the sample's time over the same repeat's "
+    f"off sample, and a 95% bootstrap interval of it; {_lines(stream)} log records captured)\n"
   )
   if rows:
     print(table(rows) + "\n")

@@ -213,6 +213,30 @@ def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   assert "| mlp | 13,002 | 6 | python loop | every 10, state |" in out
 
 
+def test_paired_overhead_compares_samples_of_one_repeat():
+  # The machine slows down during the run (1x to 2x); the peer costs 10% more than
+  # off in every repeat: +10%, with an interval of no width.
+  base = [1.0 + 0.05 * repeat for repeat in range(21)]
+  peer = [1.1 * b for b in base]
+  overhead, low, high = logging_overhead.paired_overhead(peer, base)
+  assert overhead == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+  # Each ratio is of one repeat: paired with another repeat's samples, the same
+  # times are no longer +10%.
+  rotated = base[5:] + base[:5]
+  assert logging_overhead.paired_overhead(peer, rotated)[0] < 0.09
+
+
+def test_paired_overhead_interval_holds_the_median_of_noisy_ratios():
+  ratios = [1.02, 1.05, 0.99, 1.04, 1.08, 1.01, 1.03, 1.06, 1.00, 1.05, 1.02]
+  base = [2.0 + 0.1 * i for i in range(len(ratios))]
+  overhead, low, high = logging_overhead.paired_overhead(
+    [r * b for r, b in zip(ratios, base, strict=True)], base
+  )
+  assert overhead == pytest.approx(0.03)  # the median of the ratios, less 1
+  assert low < overhead < high
+  assert low >= min(ratios) - 1 and high <= max(ratios) - 1
+
+
 @pytest.mark.parametrize(("name", "params", "leaves"), [("mlp", 669_706, 6), ("cnn", 824_458, 8)])
 def test_logging_overhead_models_have_the_stated_size(name, params, leaves):
   models = _optional.import_module("benchmarks._models", "pip install flax")
