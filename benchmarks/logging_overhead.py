@@ -1,7 +1,7 @@
 """Cost of progress logging: ``logging_interval=10`` against logging off.
 
 The peers are ``gax.gradient_ascent`` steps (jitted, donated, same gradient
-buffer), timed round-robin: logging every 10 steps, with and without the
+buffer), timed in turn: logging every 10 steps, with and without the
 objective passed as ``value=`` (a scalar argument of the step), by host
 callback (the default ``logging_emit="callback"``) and kept in the state
 (``logging_emit="state"``, with a ``gax.ProgressReader`` called on every step
@@ -27,7 +27,8 @@ In a scan the reader can only be called on the state the call returns, so it
 logs the last record of each call and no other: the state path is for Python
 loops, and the scan rows show what the callback path costs where it suits.
 
-Each repeat takes one sample of every peer, in turn; a peer's cost "vs off" is
+Each repeat takes one sample of every peer, in an order drawn anew for each
+repeat (with a fixed seed); a peer's cost "vs off" is
 the median over the repeats of its sample's time over the off sample of the
 same repeat, with a 95% bootstrap interval of that median (see
 ``paired_overhead``).
@@ -42,6 +43,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import random
 import statistics
 import sys
 import time
@@ -156,12 +158,15 @@ def _lines(stream: io.StringIO) -> int:
 def _interleaved(
   runners: dict[Any, _Runner], calls: dict[Any, int], repeats: int, stream: io.StringIO
 ) -> tuple[dict[Any, list[float]], dict[Any, int]]:
-  """Each runner's seconds per step in every repeat, sampled round-robin
-  (``calls[name]`` calls a sample), and the records each one logged in its samples."""
+  """Each runner's seconds per step in every repeat (one sample of each runner per
+  repeat, ``calls[name]`` calls a sample), and the records each one logged in its samples."""
   samples = {name: [] for name in runners}
   logged = dict.fromkeys(runners, 0)
-  for repeat in range(repeats):
-    order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
+  # A new order in every repeat (the same in every run): which peer runs before
+  # which, and how long after the off sample, then varies with no pattern.
+  rng = random.Random(0)
+  for _ in range(repeats):
+    order = rng.sample(list(runners), len(runners))
     for name in order:
       runner = runners[name]
       time.sleep(0.01)
