@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 import dataclasses
 import datetime
@@ -251,6 +253,21 @@ def steps_per_sample(runner: Callable[[int], None], min_sample_s: float) -> int:
   return max(1, min(1000, int(min_sample_s / once) + 1))
 
 
+def shuffled_orders(names: Iterable[Any], repeats: int) -> Iterator[list[Any]]:
+  """The order in which each of ``repeats`` repeats samples the peers ``names``.
+
+  A new order every repeat, so that no peer always runs right after the same
+  other one (whose worker threads, XLA's pool or PyTorch's OpenMP, may still be
+  spinning; the callers pause between samples to let them stop), and the same
+  orders in every run (a fixed seed).
+  """
+  names = list(names)
+  order = random.Random(0)
+  for _ in range(repeats):
+    order.shuffle(names)
+    yield list(names)
+
+
 def interleaved_medians(
   runners: dict[str, Callable[[int], None]],
   repeats: int,
@@ -268,13 +285,7 @@ def interleaved_medians(
     runner(warmup)
   counts = {name: steps_per_sample(runner, min_sample_s) for name, runner in runners.items()}
   samples: dict[str, list[float]] = {name: [] for name in runners}
-  names = list(runners)
-  order = random.Random(0)
-  for _ in range(repeats):
-    # A new order every repeat, so that no peer always runs right after the
-    # same other one (whose worker threads, XLA's pool or PyTorch's OpenMP,
-    # may still be spinning); and a pause to let them stop.
-    order.shuffle(names)
+  for names in shuffled_orders(runners, repeats):
     for name in names:
       runner = runners[name]
       time.sleep(pause_s)

@@ -43,7 +43,6 @@ import contextlib
 import importlib.util
 import io
 import logging
-import random
 import statistics
 import sys
 import time
@@ -162,11 +161,7 @@ def _interleaved(
   repeat, ``calls[name]`` calls a sample), and the records each one logged in its samples."""
   samples = {name: [] for name in runners}
   logged = dict.fromkeys(runners, 0)
-  # A new order in every repeat (the same in every run): which peer runs before
-  # which, and how long after the off sample, then varies with no pattern.
-  rng = random.Random(0)
-  for _ in range(repeats):
-    order = rng.sample(list(runners), len(runners))
+  for order in _common.shuffled_orders(runners, repeats):
     for name in order:
       runner = runners[name]
       time.sleep(0.01)
