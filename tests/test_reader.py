@@ -177,12 +177,14 @@ def test_packed_record_round_trips_every_field(x64):
       value_nonfinite=True,
     )
     words = records.pack(record, has_value=True, has_rate=False, name="gen.é")
-    back, has_value, has_rate, name = records.unpack(np.asarray(words))
-    assert (back.step, back.interval, back.show, back.descending) == (2**31 - 1, 7, True, True)
-    assert (back.warn_step, back.nonfinite, back.value_nonfinite) == (5, False, True)
-    assert back.learning_rate == np.float32(0.1)
-    assert back.grad_norm == (1e300 if dtype == jnp.float64 else float(np.float32(3e38)))
-    assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
+    # As the callback gets it (an array), and as the reader parses it (Python ints).
+    for host in (np.asarray(words), np.asarray(words).tolist()):
+      back, has_value, has_rate, name = records.unpack(host)
+      assert (back.step, back.interval, back.show, back.descending) == (2**31 - 1, 7, True, True)
+      assert (back.warn_step, back.nonfinite, back.value_nonfinite) == (5, False, True)
+      assert back.learning_rate == np.float32(0.1)
+      assert back.grad_norm == (1e300 if dtype == jnp.float64 else float(np.float32(3e38)))
+      assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
 
 
 @pytest.mark.slow  # 3 s or more on 2 cores

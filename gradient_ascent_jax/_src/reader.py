@@ -94,10 +94,10 @@ class _Copy:
 
   def __init__(self):
     self.count = -1
-    self.due: collections.deque[bytes] = collections.deque(maxlen=_REMEMBERED)
-    self.warnings: collections.deque[bytes] = collections.deque(maxlen=_REMEMBERED)
+    self.due: collections.deque[tuple[int, ...]] = collections.deque(maxlen=_REMEMBERED)
+    self.warnings: collections.deque[tuple[int, ...]] = collections.deque(maxlen=_REMEMBERED)
 
-  def news(self, row: np.ndarray) -> tuple[bool, bool]:
+  def news(self, row: list[int]) -> tuple[bool, bool]:
     """Whether the warning and the due record in ``row`` are new (then remembered)."""
     count = records.count(row)
     if count < self.count:  # a new run (the state was initialised again)
@@ -115,7 +115,7 @@ class _Copy:
     return seen[0], seen[1]
 
 
-def _calls_to_next_record(row: np.ndarray) -> int:
+def _calls_to_next_record(row: list[int]) -> int:
   """Steps from the state that held ``row`` to the next due step; 1 where unknown."""
   interval = records.interval(row)
   if not interval:
@@ -243,7 +243,7 @@ class ProgressReader:
 
   def _log(self, path: tuple, words: Any, call: int | None = None) -> None:
     place = self._places.setdefault(path, _Place())
-    rows = _host_rows(words)
+    rows = _host_rows(words).tolist()
     if call is not None:
       # Learned from any read, also one logged after later reads (the host ran
       # ahead): else the reader would copy on every call while it waits to learn.
@@ -253,6 +253,7 @@ class ProgressReader:
       place.next_read = following if latest else max(place.next_read, following)
       self._set_next_read()
     for copy, row in enumerate(rows):
-      warning, due = place.copies.setdefault(copy, _Copy()).news(row)
+      seen = place.copies.get(copy) or place.copies.setdefault(copy, _Copy())
+      warning, due = seen.news(row)
       if warning or due:
         records.emit(row, warning=warning, due=due)

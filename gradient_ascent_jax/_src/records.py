@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 from typing import Any
 from typing import NamedTuple
@@ -105,55 +106,61 @@ def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -
   return jnp.concatenate([head, float_words, jnp.asarray(name_words, jnp.uint32)])
 
 
-def unpack(words: np.ndarray) -> tuple[Record, bool, bool, str | None]:
+def _ints(words: Any) -> list[int]:
+  """A record's words as Python ints, from a host array or a list of them.
+
+  The reader parses a record in the training loop, where on XLA:CPU its host time
+  is taken from the step's: Python ints and ``struct`` cost less than NumPy scalars.
+  """
+  return words if isinstance(words, list) else np.asarray(words, np.uint32).tolist()
+
+
+def _bytes(words: list[int]) -> bytes:
+  return struct.pack(f"<{len(words)}I", *words)
+
+
+def unpack(words: Any) -> tuple[Record, bool, bool, str | None]:
   """A packed record read back: the record, whether it has an objective and a rate, the name."""
-  words = np.asarray(words, np.uint32)
-  flags, warning, length = int(words[1]), int(words[4]), int(words[_LENGTH_WORD])
-  float_type = np.dtype("<f8" if flags & _WIDE else "<f4")
-  end = _HEAD + 3 * float_type.itemsize // 4
-  rate, grad_norm, value = (float(x) for x in words[_HEAD:end].astype("<u4").view(float_type))
-  name = words[end:].astype("<u4").tobytes()[:length].decode() if length else None
+  words = _ints(words)
+  flags, warning, length = words[1], words[4], words[_LENGTH_WORD]
+  wide = flags & _WIDE
+  end = _HEAD + (6 if wide else 3)
+  rate, grad_norm, value = struct.unpack("<3d" if wide else "<3f", _bytes(words[_HEAD:end]))
+  name = _bytes(words[end:])[:length].decode() if length else None
   record = Record(
-    step=int(words[0]),
-    interval=int(words[2]),
+    step=words[0],
+    interval=words[2],
     learning_rate=rate,
     grad_norm=grad_norm,
     value=value,
     show=bool(flags & _SHOW),
     descending=bool(flags & _DESCENDING),
-    warn_step=int(words[3]),
+    warn_step=words[3],
     nonfinite=bool(warning & _NONFINITE),
     value_nonfinite=bool(warning & _VALUE_NONFINITE),
   )
   return record, bool(flags & _HAS_VALUE), bool(flags & _HAS_RATE), name
 
 
-def interval(words: np.ndarray) -> int:
+def interval(words: Any) -> int:
   """The logging interval a packed record was written under (0: off, or none written yet)."""
   return int(words[INTERVAL_WORD])
 
 
-def count(words: np.ndarray) -> int:
+def count(words: Any) -> int:
   """The step count of the state that held a packed record (state path)."""
   return int(words[COUNT_WORD])
 
 
-def warning_part(words: np.ndarray) -> bytes:
+def warning_part(words: list[int]) -> tuple[int, ...]:
   """The words of the non-finite warning, and the run: they change once per run, at any step."""
-  return (
-    words[WARNING_WORDS[0] : WARNING_WORDS[1] + 1].tobytes()
-    + words[RUN_WORD : RUN_WORD + 1].tobytes()
-  )
+  return (*words[WARNING_WORDS[0] : WARNING_WORDS[1] + 1], words[RUN_WORD])
 
 
-def due_part(words: np.ndarray) -> bytes:
+def due_part(words: list[int]) -> tuple[int, ...]:
   """The words of the due step's record, the run and the name included, not the count
   and not the rules' state (which also changes at the first objective)."""
-  return (
-    words[: WARNING_WORDS[0]].tobytes()
-    + words[RUN_WORD : BOOK_WORDS[0]].tobytes()
-    + words[_HEAD:].tobytes()
-  )
+  return (*words[: WARNING_WORDS[0]], *words[RUN_WORD : BOOK_WORDS[0]], *words[_HEAD:])
 
 
 _INVISIBLE_WARNING = (
@@ -215,7 +222,7 @@ def _dropped(named_logger: logging.Logger, prefix: str) -> bool:
   return True
 
 
-def emit(words: np.ndarray, *, warning: bool = True, due: bool = True) -> None:
+def emit(words: Any, *, warning: bool = True, due: bool = True) -> None:
   """Logs what a packed record holds: the non-finite warning, the record, the descent warning.
 
   ``warning`` / ``due``: whether to log that part (the reader logs each part once).
