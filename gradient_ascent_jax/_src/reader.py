@@ -130,7 +130,7 @@ class _Place:
     self.next_read = 0  # the call that reads next: that of the next due step
     self.interval = 0  # learned from the records (0: not yet)
     self.last_read = 0  # the call of the latest read
-    self.copies: dict[int, _Copy] = {}
+    self.copies: collections.defaultdict[int, _Copy] = collections.defaultdict(_Copy)
 
 
 class ProgressReader:
@@ -253,7 +253,6 @@ class ProgressReader:
       place.next_read = following if latest else max(place.next_read, following)
       self._set_next_read()
     for copy, row in enumerate(rows):
-      seen = place.copies.get(copy) or place.copies.setdefault(copy, _Copy())
-      warning, due = seen.news(row)
+      warning, due = place.copies[copy].news(row)
       if warning or due:
         records.emit(row, warning=warning, due=due)
