@@ -362,6 +362,51 @@ def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect
   assert len(reads) <= 100 // 10 + 5, len(reads)
 
 
+def test_a_fast_loop_logs_the_ready_records_in_batches(collect, monkeypatch):
+  # The host runs ahead (each read is of a running step, ready at the next call):
+  # once the interval is learned, the records that are ready wait for the next
+  # batch, at most a quarter second on, and are then logged together, in order.
+  import types
+
+  from gradient_ascent_jax._src import reader as reader_module
+
+  clock, fresh = [0.0], []
+  copy = reader_module._copy
+
+  def tracked_copy(words):
+    fresh.append(copy(words))
+    return fresh[-1]
+
+  clocked = types.SimpleNamespace(monotonic=lambda: clock[0])
+  monkeypatch.setattr(reader_module, "time", clocked, raising=False)
+  monkeypatch.setattr(reader_module, "_copy", tracked_copy)
+  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
+  tx = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state")
+  step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+
+  def run(steps):
+    nonlocal state
+    for _ in range(steps):
+      state = step(state)
+      fresh[:] = [state[0].record]  # this call's state is still running
+      reader(state)
+
+  run(20)
+  assert [s[3] for s in collect] == []  # ready since step 3, waiting for the batch
+  clock[0] = 0.2
+  run(1)
+  assert [s[3] for s in collect] == []
+  clock[0] = 0.3
+  run(1)
+  assert [s[3] for s in collect] == list(range(2, 21, 2))
+  run(4)
+  assert [s[3] for s in collect] == list(range(2, 21, 2))
+  fresh.clear()
+  reader.flush()
+  assert [s[3] for s in collect] == list(range(2, 27, 2))
+
+
 @pytest.mark.slow  # 3 s or more on 2 cores
 def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatch):
   # Reading a running step's record costs a copy that the next (donating) step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 import typing
 from typing import Any
 
@@ -32,6 +33,12 @@ _MAX_PENDING = 64
 # Distinct records remembered per place, so that each is logged once though a state
 # keeps its latest record until the next one.
 _REMEMBERED = 8
+# Records that are ready are logged at most this often (and at once while the
+# reader still learns a logging interval): in a fast loop several at a time. On
+# XLA:CPU the host's time is taken from the step's, and a batch of records costs
+# it less than the same records one call apart (the benchmarks' MLP at interval
+# 10: 1.046x logging off against 1.060x).
+_DRAIN_SECONDS = 0.25
 
 
 @jax.jit
@@ -146,9 +153,11 @@ class ProgressReader:
   same message and warnings as ``logging_emit="callback"``. It reads one state
   per logging interval, that of the due step, and never waits for the device:
   the record of a step still running is copied aside (the next step may donate
-  the state) and logged on a later call, or by ``flush()``. Never called, it
-  logs nothing, and the step costs the same. Give each optimizer its own
-  reader, or hand one reader the container of all.
+  the state) and logged on a later call, or by ``flush()``. In a fast loop it
+  logs the records that are ready in batches, at most every quarter second
+  (each batch costs the step less than its records one call apart). Never
+  called, it logs nothing, and the step costs the same. Give each optimizer its
+  own reader, or hand one reader the container of all.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -171,6 +180,7 @@ class ProgressReader:
     self._next_read = 0  # the earliest call that reads a place (see _Place.next_read)
     self._latest: dict[type, Any] = {}  # the latest state of each type, read by flush()
     self._warned_nothing = False
+    self._drain_at = 0.0  # when to log the pending records that are ready (time.monotonic)
 
   def __call__(self, state: Any) -> None:
     """Reads the records of the step that produced ``state``; never waits for the device."""
@@ -181,8 +191,15 @@ class ProgressReader:
     # the step's on XLA:CPU, where the host and the device share the cores.
     if self._calls >= self._next_read or not known:
       self._read(state)
+    if self._pending and (len(self._pending) > _MAX_PENDING or time.monotonic() >= self._drain_at):
+      self._drain()
+
+  def _drain(self) -> None:
+    """Logs the pending records that are ready (past ``_MAX_PENDING``, waits for the oldest)."""
     while self._pending and (len(self._pending) > _MAX_PENDING or _ready(self._pending[0][1])):
       self._log(*self._pending.popleft())
+    learning = not all(place.interval for place in self._places.values())
+    self._drain_at = 0.0 if learning else time.monotonic() + _DRAIN_SECONDS
 
   def _read(self, state: Any) -> None:
     for path, words in self._records(state):
