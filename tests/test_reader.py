@@ -362,6 +362,38 @@ def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect
   assert len(reads) <= 100 // 10 + 5, len(reads)
 
 
+def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect, monkeypatch):
+  # Step 1's record is still running when step 2's, ready, is read: step 2's must
+  # wait behind it, and step 3 donates the state that holds it.
+  from gradient_ascent_jax._src import reader as reader_module
+
+  fresh = []
+  copy = reader_module._copy
+
+  def tracked_copy(words):
+    fresh.append(copy(words))
+    return fresh[-1]
+
+  monkeypatch.setattr(reader_module, "_copy", tracked_copy)
+  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
+  tx = gax.gradient_ascent(0.1, logging_interval=1, logging_emit="state")
+  step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1], donate_argnums=0)
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  state = step(state)
+  fresh.append(state[0].record)  # step 1 is running
+  reader(state)
+  state = step(state)
+  fresh.pop(0)  # its record was copied aside, and the copy is still running; step 2 is done
+  reader(state)
+  held = state[0].record
+  state = step(state)  # donates the state of step 2
+  reader(state)
+  fresh.clear()
+  reader.flush()
+  assert held.is_deleted()
+  assert [s[3] for s in collect] == [1, 2, 3]
+
+
 def test_a_fast_loop_logs_the_ready_records_in_batches(collect, monkeypatch):
   # The host runs ahead (each read is of a running step, ready at the next call):
   # once the interval is learned, the records that are ready wait for the next

@@ -222,7 +222,10 @@ class ProgressReader:
       if not self._pending and ready:
         self._log(path, words, self._calls)
       else:
-        self._pending.append((path, words if ready else _copy(words), self._calls))
+        # Copied aside, ready or not: it waits behind the records still pending, and
+        # the next step may donate the state. (A NumPy view of it would hold the
+        # buffer and keep that step from donating it.)
+        self._pending.append((path, _copy(words), self._calls))
     self._set_next_read()
 
   def _set_next_read(self) -> None:
