@@ -174,7 +174,7 @@ class ProgressReader:
 
   def __init__(self) -> None:
     self._paths: dict[type, list[tuple]] = {}
-    self._places: dict[tuple, _Place] = {}
+    self._places: collections.defaultdict[tuple, _Place] = collections.defaultdict(_Place)
     self._pending: collections.deque[tuple[tuple, Any, int]] = collections.deque()
     self._calls = 0
     self._next_read = 0  # the earliest call that reads a place (see _Place.next_read)
@@ -209,7 +209,7 @@ class ProgressReader:
           "in the Python loop. Call reader(state) outside jit, on the state the step "
           "returned."
         )
-      place = self._places.setdefault(path, _Place())
+      place = self._places[path]
       # Read the states of due steps only (one step per call): reading a running
       # step's record is a copy, and a copy makes the next step, which donates the
       # state, wait for it. A record stays in the state until the next due step, so
@@ -262,7 +262,7 @@ class ProgressReader:
     return found
 
   def _log(self, path: tuple, words: Any, call: int | None = None) -> None:
-    place = self._places.setdefault(path, _Place())
+    place = self._places[path]
     rows = _host_rows(words).tolist()
     if call is not None:
       # Learned from any read, also one logged after later reads (the host ran
