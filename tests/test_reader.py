@@ -7,6 +7,7 @@ records (logger, level, message, step, norm, objective) must be the same.
 import functools
 import logging
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -333,22 +334,33 @@ def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
   ]
 
 
-def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect, monkeypatch):
-  # The host runs ahead: every read is of a running step, ready only at the next
-  # call, after that call read again. The reader must still learn the interval
-  # (it copied on every call, 100 copies for 100 steps).
+@pytest.fixture
+def running(monkeypatch):
+  """Arrays taken for still running: the reader's ``_ready`` says no to those in
+  ``running.fresh``, and each copy the reader makes joins them (``running.copies``
+  counts the copies)."""
   from gradient_ascent_jax._src import reader as reader_module
 
-  fresh, reads = [], []
+  running = types.SimpleNamespace(fresh=[], copies=0)
   copy = reader_module._copy
 
   def tracked_copy(words):
-    reads.append(1)
-    fresh.append(copy(words))
-    return fresh[-1]
+    running.copies += 1
+    running.fresh.append(copy(words))
+    return running.fresh[-1]
 
   monkeypatch.setattr(reader_module, "_copy", tracked_copy)
-  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
+  monkeypatch.setattr(
+    reader_module, "_ready", lambda words: not any(words is f for f in running.fresh)
+  )
+  return running
+
+
+def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect, running):
+  # The host runs ahead: every read is of a running step, ready only at the next
+  # call, after that call read again. The reader must still learn the interval
+  # (it copied on every call, 100 copies for 100 steps).
+  fresh = running.fresh
   tx = gax.gradient_ascent(0.1, logging_interval=10, logging_emit="state")
   step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
   state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
@@ -359,23 +371,13 @@ def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect
   fresh.clear()
   reader.flush()
   assert [s[3] for s in collect] == list(range(10, 101, 10))
-  assert len(reads) <= 100 // 10 + 5, len(reads)
+  assert running.copies <= 100 // 10 + 5, running.copies
 
 
-def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect, monkeypatch):
+def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect, running):
   # Step 1's record is still running when step 2's, ready, is read: step 2's must
   # wait behind it, and step 3 donates the state that holds it.
-  from gradient_ascent_jax._src import reader as reader_module
-
-  fresh = []
-  copy = reader_module._copy
-
-  def tracked_copy(words):
-    fresh.append(copy(words))
-    return fresh[-1]
-
-  monkeypatch.setattr(reader_module, "_copy", tracked_copy)
-  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
+  fresh = running.fresh
   tx = gax.gradient_ascent(0.1, logging_interval=1, logging_emit="state")
   step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1], donate_argnums=0)
   state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
@@ -394,25 +396,15 @@ def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect,
   assert [s[3] for s in collect] == [1, 2, 3]
 
 
-def test_a_fast_loop_logs_the_ready_records_in_batches(collect, monkeypatch):
+def test_a_fast_loop_logs_the_ready_records_in_batches(collect, running, monkeypatch):
   # The host runs ahead (each read is of a running step, ready at the next call):
   # once the interval is learned, the records that are ready wait for the next
   # batch, at most a quarter second on, and are then logged together, in order.
-  import types
-
   from gradient_ascent_jax._src import reader as reader_module
 
-  clock, fresh = [0.0], []
-  copy = reader_module._copy
-
-  def tracked_copy(words):
-    fresh.append(copy(words))
-    return fresh[-1]
-
+  clock, fresh = [0.0], running.fresh
   clocked = types.SimpleNamespace(monotonic=lambda: clock[0])
   monkeypatch.setattr(reader_module, "time", clocked, raising=False)
-  monkeypatch.setattr(reader_module, "_copy", tracked_copy)
-  monkeypatch.setattr(reader_module, "_ready", lambda words: not any(words is f for f in fresh))
   tx = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state")
   step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
   state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
