@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import importlib.util
 import os
 from pathlib import Path
+import re
 import statistics
 import subprocess
 import sys
@@ -100,10 +101,21 @@ def split_by_dependencies(modules: Sequence[str]) -> tuple[list[str], list[str]]
   return run, skipped
 
 
+# pytest's closing line, bare under -q or between "=" signs: its counts, or "no tests ran".
+_SUMMARY = re.compile(
+  r"\d+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b|no tests ran"
+)
+
+
 def _summary(output: str) -> str:
-  """pytest's last line, e.g. ``120 passed, 2 skipped in 40.1s``."""
-  lines = [line.strip("= ") for line in output.splitlines() if line.startswith("=")]
-  return lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]
+  """pytest's closing line, e.g. ``120 passed, 2 skipped in 40.1s``.
+
+  Found by its counts, not by place: ``--durations``, warnings and failures
+  (from the command line or ``PYTEST_ADDOPTS``) add sections headed by "=" lines.
+  """
+  lines = [line.strip("= ") for line in output.splitlines() if line.strip("= ")]
+  counts = [line for line in lines if _SUMMARY.match(line)]
+  return (counts or lines or ["no output"])[-1]
 
 
 def run_tests(

@@ -266,6 +266,29 @@ def test_memory_smoke_state_bytes_and_peak():
   assert extra <= 16
 
 
+@pytest.mark.parametrize(
+  ("output", "want"),
+  [
+    ("..\n2 passed in 0.5s\n", "2 passed in 0.5s"),
+    # --durations (say from PYTEST_ADDOPTS) and warnings add sections headed by "=" lines.
+    (
+      "..\n=== slowest 2 durations ===\n1.00s call tests/test_a.py::t\n\n"
+      "=== warnings summary ===\ntests/test_a.py::t\n  UserWarning: w\n\n"
+      "2 passed, 1 warning in 1.2s\n",
+      "2 passed, 1 warning in 1.2s",
+    ),
+    (
+      "F.\n=== FAILURES ===\n___ t ___\n=== 1 failed, 1 passed in 0.9s ===\n",
+      "1 failed, 1 passed in 0.9s",
+    ),
+    ("\nno tests ran in 0.01s\n", "no tests ran in 0.01s"),
+    ("Traceback (most recent call last):\nImportError: x\n", "ImportError: x"),
+  ],
+)
+def test_gpu_check_reads_pytests_closing_line(output, want):
+  assert gpu._summary(output) == want
+
+
 @pytest.mark.slow  # runs a benchmark (up to 25 s)
 def test_gpu_smoke_runs_tests_step_time_and_copy_probe(tmp_path, capsys):
   output = tmp_path / "gpu.md"
