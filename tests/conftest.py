@@ -1,8 +1,9 @@
 """Test setup: 8 fake CPU devices for pmap/sharding, set before JAX starts.
 
 The tests import the installed gradient_ascent_jax (``pip install -e .``
-installs this checkout; CI also installs the built wheel and runs the suite
-from a copy of the checkout without the package). The checkout is appended
+installs this checkout; CI also installs the built wheel, at the lowest and
+the newest supported versions, and runs the quick tests from a copy of the
+checkout without the package). The checkout is appended
 to ``sys.path``, after site-packages, for the ``tests`` and ``benchmarks``
 helpers, so it never stands in for the installed copy.
 
