@@ -153,3 +153,24 @@ def test_vmap_over_momentum_beta_and_nesterov_flag():
     chex.assert_trees_all_close(
       expected, _reference_trajectory(options, grads), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_numpy_float64_params_and_gradients_op_by_op_as_under_jit(name):
+  # With 64-bit types off (the default) JAX computes with NumPy float64 as float32,
+  # and init makes a float32 state from such params: an update op by op must accept
+  # float64 NumPy gradients, as jit (which converts them first) and Optax do.
+  assert not jax.config.jax_enable_x64
+  options = CONFIGS[name]
+  tx = gax.gradient_ascent(learning_rate=0.05, **options)
+  grads = [jax.tree.map(lambda g: np.asarray(g, np.float64), g) for g in _grad_sequence()]
+  params = {"w": np.ones((3, 2)), "b": np.zeros(2)}
+  state = tx.init(params)
+  floats = {
+    leaf.dtype for leaf in jax.tree.leaves(state) if jnp.issubdtype(leaf.dtype, jnp.floating)
+  }
+  assert floats == {jnp.dtype(jnp.float32)}
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    params = jax.tree.map(lambda p, u: np.asarray(p + u, np.float64), params, updates)
+  chex.assert_trees_all_close(params, _reference_trajectory(options, grads), rtol=1e-5, atol=1e-6)

@@ -133,7 +133,7 @@ def check_matches_state(
     chex.assert_trees_all_equal_structs(updates, accumulator)
     chex.assert_trees_all_equal_shapes(updates, accumulator)
     if accumulator_dtype is None:
-      chex.assert_trees_all_equal_dtypes(updates, accumulator)
+      chex.assert_trees_all_equal_dtypes(_as_jax_sees_them(updates), accumulator)
   except AssertionError as error:
     raise ValueError(
       f"{transform}: the gradients do not match the optimizer state, which "
@@ -141,6 +141,22 @@ def check_matches_state(
       "structure, shapes and dtypes as those params (or re-run init). "
       f"Details (tree 0 is the gradients, tree 1 the state): {error}"
     ) from None
+
+
+def _as_jax_sees_them(tree: Any) -> Any:
+  """``tree`` with each NumPy leaf's dtype as JAX will compute with it.
+
+  With 64-bit types off (JAX's default) a NumPy float64 gradient is float32 to
+  JAX, as under ``jit``, where it matches the float32 state that ``init`` made
+  from float64 NumPy params.
+  """
+
+  def canonical(leaf: Any) -> Any:
+    if isinstance(leaf, (np.ndarray, np.generic)):
+      return jax.ShapeDtypeStruct(leaf.shape, jax.dtypes.canonicalize_dtype(leaf.dtype))
+    return leaf
+
+  return jax.tree.map(canonical, tree)
 
 
 # jnp.result_type would read the string "float32" as a dtype: check the type.
