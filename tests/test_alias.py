@@ -980,8 +980,16 @@ def test_weight_decay_zero_adds_no_stage(off):
     "ScaleByWarmupDecayState",
   ]
   assert stage_types(gax.gradient_ascent()) == expected
-  tx = gax.gradient_ascent(weight_decay=off, weight_decay_mask={"w": False})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tx = gax.gradient_ascent(weight_decay=off, weight_decay_mask={"w": False})
   assert stage_types(tx) == expected
+  # A mask with weight_decay left out is a forgotten rate: said once, at the caller's
+  # line. An explicit 0 (a sweep's "off") is not.
+  messages = [str(w.message) for w in caught if w.filename == __file__]
+  assert len(messages) == (1 if off is None else 0), messages
+  if off is None:
+    assert "weight_decay_mask is set but weight_decay is not" in messages[0]
 
 
 def test_weight_decay_adds_one_stateless_stage_after_the_clip():
@@ -1037,6 +1045,40 @@ def test_weight_decay_mask_of_a_single_bool_is_refused(mask):
   # What a callable mask becomes under optax.inject_hyperparams without static_args.
   with pytest.raises(ValueError, match="`weight_decay_mask` must be None, a pytree of bools"):
     gax.gradient_ascent(weight_decay=0.1, weight_decay_mask=mask)
+
+
+@pytest.mark.parametrize(
+  "leaf",
+  [0.5, 1, "yes", np.array([True, False]), jnp.asarray(1.0)],
+  ids=["float", "int", "str", "bool-array", "float-array"],
+)
+def test_weight_decay_mask_leaf_that_is_not_one_bool_is_refused_by_its_path(leaf):
+  # Read by truthiness, 0.5 and "yes" would decay and 0 would not, silently.
+  with pytest.raises(TypeError, match=r"`weight_decay_mask`: the leaf at \['w'\] is .*not a bool"):
+    gax.gradient_ascent(weight_decay=0.1, weight_decay_mask={"w": leaf, "b": False})
+
+
+def test_weight_decay_mask_function_returning_traced_bools_is_refused():
+  # A mask must be known when the step is traced; inside jit a comparison of the
+  # params' values is not.
+  tx = gax.gradient_ascent(
+    weight_decay=0.1, weight_decay_mask=lambda p: jax.tree.map(lambda x: jnp.any(x > 0), p)
+  )
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match=r"weight_decay_mask\(params\) returned: the leaf at"):
+    jax.jit(tx.update)(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+  "mask", [{"v": True}, lambda params: {"v": True}], ids=["pytree", "callable"]
+)
+def test_weight_decay_mask_of_another_tree_names_the_mask(mask):
+  tx = gax.gradient_ascent(weight_decay=0.1, weight_decay_mask=mask)
+  params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  with pytest.raises(ValueError, match="weight_decay_mask does not fit the params") as info:
+    tx.update(params, tx.init(params), params)
+  assert "PyTreeDef({'v': *})" in str(info.value)
+  assert "PyTreeDef({'b': *, 'w': *})" in str(info.value)
 
 
 def test_weight_decay_keeps_the_gradient_dtype_with_a_float32_rate():

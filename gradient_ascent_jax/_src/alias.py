@@ -19,6 +19,13 @@ from gradient_ascent_jax._src import state_checks
 from gradient_ascent_jax._src import transforms
 from gradient_ascent_jax._src import validation
 
+_MASK_WITHOUT_DECAY = (
+  "gradient_ascent: weight_decay_mask is set but weight_decay is not, so no leaf "
+  "decays and the mask is not used. Pass weight_decay as well (a rate such as 1e-4) "
+  "for the leaves the mask picks to decay, or leave weight_decay_mask out. "
+  "(weight_decay=0 turns decay off without this warning.)"
+)
+
 
 def gradient_ascent(
   learning_rate: optax.ScalarOrSchedule = 0.01,
@@ -82,9 +89,11 @@ def gradient_ascent(
     logging_name: None, or a name such as ``"disc"``: the records and
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
-    weight_decay_mask: which leaves decay: None (all), a pytree of bools
-      (True: decayed) or a callable ``params -> pytree of bools``, as
-      ``optax.add_decayed_weights``'s ``mask``; under
+    weight_decay_mask: which leaves decay, with ``weight_decay``: None (all),
+      a pytree of bools (True: decayed; the params' tree or a prefix of it) or
+      a callable ``params -> pytree of bools``, as
+      ``optax.add_decayed_weights``'s ``mask``. Each leaf is one bool known when
+      the step is traced (else ``TypeError``); under
       ``optax.inject_hyperparams`` name a callable in ``static_args``.
     logging_emit: how records leave the compiled step: ``"callback"``
       (default, ``jax.debug.callback``; suits a loop inside ``lax.scan``) or
@@ -125,6 +134,8 @@ def gradient_ascent(
   logging_emit = validation.check_logging_emit("logging_emit", logging_emit)
   weight_decay = validation.check_weight_decay(weight_decay)
   weight_decay_mask = validation.check_weight_decay_mask(weight_decay_mask)
+  if weight_decay_mask is not None and weight_decay is None:
+    once.warn_user(_MASK_WITHOUT_DECAY)
   validation.check_accumulator_dtype(accumulator_dtype)
 
   # Checked once, above; the stages are built from the checked values, and the

@@ -251,6 +251,19 @@ def add_decayed_weights(
     if mask is None:
       return decay(updates, params), state
     chosen = mask(params) if callable(mask) else mask
+    if callable(mask):
+      validation.check_mask_leaves(chosen, "the mask that weight_decay_mask(params) returned")
+    try:
+      jax.tree.map(lambda keep, subtree: None, chosen, params)
+    except ValueError as error:
+      raise ValueError(
+        "add_decayed_weights: weight_decay_mask does not fit the params: it must "
+        "have the params' tree, or a prefix of it (a bool may stand for a whole "
+        f"subtree), with a bool at each of its leaves. The mask's tree: "
+        f"{jax.tree.structure(chosen)}; the params': {jax.tree.structure(params)}. "
+        "Build it from the params, e.g. jax.tree.map(lambda p: p.ndim > 1, params), "
+        f"or pass that function as weight_decay_mask. Details: {error}"
+      ) from None
     # A leaf of the mask may stand for a whole subtree of the params.
     return jax.tree.map(
       lambda keep, u, p: decay(u, p) if keep else u, chosen, updates, params

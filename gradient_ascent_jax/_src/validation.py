@@ -260,7 +260,39 @@ def check_weight_decay_mask(value: Any) -> Any:
       'static_args=("weight_decay_mask",))(...). Otherwise use None to decay '
       "every leaf, or leave weight_decay out to decay none."
     )
+  if value is not None and not callable(value):
+    check_mask_leaves(value, "`weight_decay_mask`")
   return value
+
+
+def _is_single_bool(leaf: Any) -> bool:
+  """Whether ``leaf`` is one bool known now: Python's, NumPy's or a 0-d bool array."""
+  if isinstance(leaf, (bool, np.bool_)):
+    return True
+  return (
+    isinstance(leaf, (jax.Array, np.ndarray))
+    and not isinstance(leaf, jax.core.Tracer)
+    and np.shape(leaf) == ()
+    and jnp.issubdtype(leaf.dtype, jnp.bool_)
+  )
+
+
+def check_mask_leaves(mask: Any, what: str) -> None:
+  """Refuses a mask leaf that is not one bool known when tracing (0.5, 1, "yes", a
+  traced or an elementwise array), naming its path: a mask picks whole leaves."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+    if _is_single_bool(leaf):
+      continue
+    where = jax.tree_util.keystr(path) or "<root>"
+    shown = _describe_array(leaf) if isinstance(leaf, (jax.Array, np.ndarray)) else repr(leaf)
+    raise TypeError(
+      f"{what}: the leaf at {where} is {shown}, not a bool. Each leaf of the mask "
+      "says whether a whole leaf (or subtree) of the params decays: True or False, "
+      "known when the step is traced, as optax.masked takes it. Write e.g. "
+      "{'w': True, 'b': False}, or a function params -> such a pytree, e.g. "
+      "lambda params: jax.tree.map(lambda p: p.ndim > 1, params). To decay part of "
+      "one array, split it into leaves of its own."
+    )
 
 
 def weight_decay_enabled(weight_decay: Any) -> bool:
