@@ -274,3 +274,12 @@ def test_step_exported_without_logging_continues_a_logged_run(caplog):
   want = (want[0], want[1][1:])
   for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(got_leaf, want_leaf)
+
+
+def test_rms_stage_is_one_nested_jit_per_leaf_in_the_jaxpr():
+  # What the performance page says a jaxpr shows: leaves of one shape share one
+  # traced function, called once per leaf; a leaf of another shape has its own.
+  tx = gax.gradient_ascent(1e-3)
+  params = {"a": jnp.zeros(4), "b": jnp.zeros(4), "c": jnp.zeros(4), "d": jnp.zeros((2, 3))}
+  text = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+  assert len(re.findall(r"\bjit\[\s*name=_adaptive_rms\b", text)) == len(params)

@@ -18,6 +18,8 @@ everything else must match exactly.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import os
 from pathlib import Path
@@ -26,6 +28,8 @@ import subprocess
 import sys
 
 import pytest
+
+import gradient_ascent_jax as gax
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -107,6 +111,40 @@ def test_readme_links_only_files_in_the_repository():
   missing = [t for t in local if not (ROOT / t).exists()]
   assert not missing, f"README.md links to files that are not in the repository: {missing}"
   assert "SPEC" not in readme
+
+
+def test_readme_api_table_lists_every_public_callable_with_its_signature():
+  # The README's "Public API" table: one row per public function or class (the state
+  # types are named in their stage's row), its parameters as the signature has them:
+  # the names, in order, the keyword-only marker, and a default where the row shows one.
+  readme = (ROOT / "README.md").read_text()
+  table = readme.split("## Public API", 1)[1].split("\n## ", 1)[0]
+  rows = dict(re.findall(r"^\| `(\w+)\(([^`]*)\)` \|", table, flags=re.MULTILINE))
+  callables = [
+    name
+    for name in gax.__all__
+    if not (isinstance(getattr(gax, name), type) and issubclass(getattr(gax, name), tuple))
+  ]
+  assert sorted(rows) == sorted(callables)
+  for name, shown in rows.items():
+    signature = inspect.signature(getattr(gax, name))
+    expected = []
+    for parameter in signature.parameters.values():
+      if parameter.kind is parameter.KEYWORD_ONLY and "*" not in expected:
+        expected.append("*")
+      expected.append(parameter.name)
+    params = [p.strip() for p in shown.split(",") if p.strip()]
+    assert [p.split("=")[0] for p in params] == expected, name
+    for p in params:
+      if "=" in p:
+        key, default = p.split("=", 1)
+        assert ast.literal_eval(default) == signature.parameters[key].default, (name, key)
+
+
+def test_hyperparameters_page_has_a_row_for_every_argument_of_gradient_ascent():
+  page = (ROOT / "docs" / "guide" / "hyperparameters.md").read_text()
+  rows = set(re.findall(r"^\| `(\w+)` \| `", page, flags=re.MULTILINE))
+  assert set(inspect.signature(gax.gradient_ascent).parameters) <= rows
 
 
 def test_claims_are_checked_with_tolerance_only_on_numbers():
