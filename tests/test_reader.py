@@ -458,6 +458,32 @@ def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatc
   assert len(reads) <= 100 // 10 + 5, len(reads)
 
 
+@pytest.mark.parametrize(
+  ("interval", "every", "expected"),
+  [
+    (10, 5, list(range(10, 101, 10))),  # every record is in some state the reader sees
+    (2, 3, [2, 6, 8, 12, 14, 18, 20, 24, 26, 30]),  # records 4, 10, 16, ...: replaced unseen
+    (3, 2, list(range(3, 31, 3))),
+  ],
+)
+def test_reader_called_every_few_steps_logs_every_record_it_is_handed(
+  collect, interval, every, expected
+):
+  # A loop that calls the reader every `every` steps only: the step counts in the
+  # states tell the reader, which then reads every call, not one call per interval
+  # (it logged 30, 80 and 100 of interval 10 read every 5 steps, before).
+  tx = gax.gradient_ascent(0.1, logging_interval=interval, logging_emit="state")
+  step = jax.jit(lambda s: tx.update(jnp.ones(2), s, jnp.zeros(2))[1], donate_argnums=0)
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  steps = 100 if interval == 10 else 30
+  for t in range(1, steps + 1):
+    state = step(state)
+    if t % every == 0:
+      reader(state)
+  reader.flush()
+  assert [s[3] for s in collect] == expected
+
+
 def test_repeated_runs_each_log(collect):
   tx = gax.gradient_ascent(logging_interval=3, logging_emit="state")
   step = jax.jit(lambda s: tx.update(jnp.ones(2), s, jnp.zeros(2))[1])

@@ -138,6 +138,28 @@ class _Place:
     self.interval = 0  # learned from the records (0: not yet)
     self.last_read = 0  # the call of the latest read
     self.copies: collections.defaultdict[int, _Copy] = collections.defaultdict(_Copy)
+    self.seen: tuple[int, int] | None = None  # (call, step count) of the latest read logged
+    # Called less than once per step (more steps than calls between two reads): a
+    # record may then stay in the state for fewer calls than its interval, so every
+    # call reads.
+    self.every_call = False
+
+  def calls_for(self, steps: int) -> int:
+    """The calls in which ``steps`` steps pass, as far as the reader can tell."""
+    return 1 if self.every_call else steps
+
+  def learn_pace(self, call: int, rows: list[list[int]]) -> bool:
+    """Notes the step count read at ``call``; whether the pace of calls is known.
+
+    The pace is known from the second read on: one read alone cannot tell one
+    call per step from one call every few steps.
+    """
+    count = max(records.count(row) for row in rows)
+    known = self.seen is not None
+    if known and call > self.seen[0] and count - self.seen[1] > call - self.seen[0]:
+      self.every_call = True
+    self.seen = (call, count)
+    return known
 
 
 class ProgressReader:
@@ -151,7 +173,9 @@ class ProgressReader:
   it (a chain's state, a dict of several optimizers, ``nnx.Optimizer``, a Linen
   ``TrainState``), and logs each record once, on the same logger and with the
   same message and warnings as ``logging_emit="callback"``. It reads one state
-  per logging interval, that of the due step, and never waits for the device:
+  per logging interval, that of the due step (called every few steps instead, it
+  reads every call, and logs each record that a state it is handed holds), and
+  never waits for the device:
   the record of a step still running is copied aside (the next step may donate
   the state) and logged on a later call, or by ``flush()``. In a fast loop it
   logs the records that are ready in batches, at most every quarter second
@@ -217,7 +241,8 @@ class ProgressReader:
       if self._calls < place.next_read:
         continue
       # Until this read is logged, expect the next record an interval on.
-      place.last_read, place.next_read = self._calls, self._calls + (place.interval or 1)
+      place.last_read = self._calls
+      place.next_read = self._calls + place.calls_for(place.interval or 1)
       ready = _ready(words)
       if not self._pending and ready:
         self._log(path, words, self._calls)
@@ -268,7 +293,8 @@ class ProgressReader:
       # Learned from any read, also one logged after later reads (the host ran
       # ahead): else the reader would copy on every call while it waits to learn.
       place.interval = min(records.interval(row) for row in rows)
-      following = call + min(_calls_to_next_record(row) for row in rows)
+      steps = min(_calls_to_next_record(row) for row in rows)
+      following = call + (place.calls_for(steps) if place.learn_pace(call, rows) else 1)
       latest = call == place.last_read
       place.next_read = following if latest else max(place.next_read, following)
       self._set_next_read()
