@@ -6,6 +6,7 @@ Both Flax APIs are driven with ``gax.gradient_ascent``: NNX through
 8x8 digits (10 classes, so chance accuracy is 10%).
 """
 
+import functools
 import logging
 
 from flax import linen
@@ -182,6 +183,60 @@ def test_nnx_optimizer_update_passes_value_to_the_log(caplog):
 
 
 @pytest.mark.slow  # 3 s or more on 2 cores
+def test_progress_reader_finds_records_in_nnx_split_state_and_pure_dicts(caplog):
+  # NNX's functional API (nnx.split, a jitted step over the State, nnx.merge inside)
+  # keeps the LogProgressState's fields by name but not its type; so do the plain
+  # dicts of nnx.to_pure_dict. The reader finds the records there too, the same
+  # ones as with nnx.jit, and nothing in a look-alike of another dtype.
+  caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
+  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit="state")
+  x = jnp.ones((1, 2))
+
+  def records():
+    got = [(r.step, r.grad_norm) for r in caplog.records if hasattr(r, "grad_norm")]
+    caplog.clear()
+    return got
+
+  def objective(model):
+    return -jnp.sum(model(x) ** 2)
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    optimizer.update(model, nnx.grad(objective)(model))
+
+  reader = gax.ProgressReader()
+  for _ in range(4):
+    nnx_step(model, optimizer)
+    reader(optimizer)
+  reader.flush()
+  expected = records()
+  assert [step for step, _ in expected] == [2, 4]
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def split_step(state):
+    model, optimizer = nnx.merge(graphdef, state)
+    optimizer.update(model, nnx.grad(objective)(model))
+    return nnx.state((model, optimizer))
+
+  reader = gax.ProgressReader()
+  for _ in range(4):
+    state = split_step(state)
+    reader(state)
+    reader(nnx.to_pure_dict(state))  # the same records: each is logged once
+  reader.flush()
+  assert records() == expected
+
+  reader = gax.ProgressReader()
+  reader({"opt": {"count": jnp.zeros([], jnp.int32), "record": jnp.zeros(40, jnp.float32)}})
+  assert [r.message for r in caplog.records][0].startswith("ProgressReader: the state it was given")
+
+
 def test_progress_reader_finds_records_in_nnx_optimizer_and_train_state(caplog):
   caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
 

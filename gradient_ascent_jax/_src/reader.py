@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import collections.abc
 import logging
 import time
 import typing
@@ -72,11 +73,40 @@ def _array(value: Any) -> Any:
   return get_value() if callable(get_value) else getattr(value, "value", value)
 
 
+def _kept_mapping(node: Any) -> bool:
+  """Whether ``node`` is a state path's ``LogProgressState`` as a mapping of its fields.
+
+  Flax NNX's ``nnx.split`` and ``nnx.state`` keep a NamedTuple's fields by name
+  but not its type (``{"count": ..., "record": ...}``; the fields the state path
+  leaves None are gone), and so does a checkpoint restored into plain dicts.
+  """
+  if not isinstance(node, collections.abc.Mapping):
+    return False
+  try:
+    if set(node.keys()) != {"count", "record"}:
+      return False
+    words = _array(node["record"])
+  except Exception:  # a mapping that refuses to be read: not a state
+    return False
+  return (
+    isinstance(words, (jax.Array, np.ndarray))
+    and words.dtype == np.uint32
+    and words.ndim >= 1
+    and words.shape[-1] >= records.SHORTEST
+  )
+
+
 def _kept_record(node: Any) -> Any:
   """The record of a ``LogProgressState`` that keeps it in the state, else None."""
   if isinstance(node, progress.LogProgressState):
     return _array(node.record)
+  if _kept_mapping(node):
+    return _array(node["record"])
   return None
+
+
+def _holds_records(node: Any) -> bool:
+  return isinstance(node, progress.LogProgressState) or _kept_mapping(node)
 
 
 def _ready(words: Any) -> bool:
@@ -171,7 +201,8 @@ class ProgressReader:
   Call the reader with the state once per step, in the Python training loop,
   and ``flush()`` after the loop. It finds every such state in whatever holds
   it (a chain's state, a dict of several optimizers, ``nnx.Optimizer``, a Linen
-  ``TrainState``), and logs each record once, on the same logger and with the
+  ``TrainState``, the ``State`` of ``nnx.split`` or its ``nnx.to_pure_dict``),
+  and logs each record once, on the same logger and with the
   same message and warnings as ``logging_emit="callback"``. It reads one state
   per logging interval, that of the due step (called every few steps instead, it
   reads every call, and logs each record that a state it is handed holds), and
@@ -275,9 +306,7 @@ class ProgressReader:
         found = []
       if found and all(words is not None for _, words in found):
         return found
-    leaves = jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, progress.LogProgressState)
-    )[0]
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=_holds_records)[0]
     found = [(path, _kept_record(leaf)) for path, leaf in leaves]
     found = [(path, words) for path, words in found if words is not None]
     self._paths[type(state)] = [path for path, _ in found]

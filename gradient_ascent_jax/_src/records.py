@@ -55,6 +55,8 @@ RUN_WORD = 6
 _LENGTH_WORD = 7
 BOOK_WORDS = (8, 16)
 _HEAD = BOOK_WORDS[1]
+# The shortest record: no name, float32 floats.
+SHORTEST = _HEAD + 3
 
 
 def _name_words(name: str | None) -> tuple[int, np.ndarray]:
