@@ -10,6 +10,7 @@ from collections.abc import Callable
 import dataclasses
 from typing import Any
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,59 @@ class Problem:
   @property
   def num_leaves(self) -> int:
     return len(jax.tree.leaves(self.params))
+
+
+class NnxMLP(nnx.Module):
+  """64 -> width -> 10, ReLU, in Flax NNX: with width 64, 4,810 params in 4 leaves.
+
+  The shape of the Flax notebook's classifier of scikit-learn's digits.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, width: int = 64):
+    self.hidden = nnx.Linear(64, width, rngs=rngs)
+    self.out = nnx.Linear(width, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxProblem:
+  """An NNX model (made anew, from the same seed, by ``model()``), one fixed batch,
+  and the objective to maximize, a function of the model and the batch."""
+
+  name: str
+  model: Callable[[], nnx.Module]
+  batch: tuple[jax.Array, jax.Array]
+  objective: Callable[[Any, tuple[jax.Array, jax.Array]], jax.Array]
+
+  @property
+  def params(self) -> Any:
+    return nnx.to_pure_dict(nnx.state(self.model(), nnx.Param))
+
+  @property
+  def num_params(self) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(self.params))
+
+  @property
+  def num_leaves(self) -> int:
+    return len(jax.tree.leaves(self.params))
+
+
+def nnx_problem(smoke: bool = False) -> NnxProblem:
+  """The digits classifier's shapes: a batch of 1,347 inputs of 64 features in [0, 1]
+  (random and fixed; the notebook's training split is that large)."""
+  x_key, y_key = jax.random.split(jax.random.key(1))
+  rows = 32 if smoke else 1347
+  inputs = jax.random.uniform(x_key, (rows, 64), jnp.float32)
+  labels = jax.random.randint(y_key, (rows,), 0, CLASSES)
+
+  def objective(model, batch):
+    inputs, labels = batch
+    return -optax.softmax_cross_entropy_with_integer_labels(model(inputs), labels).mean()
+
+  width = 8 if smoke else 64
+  return NnxProblem("nnx mlp", lambda: NnxMLP(nnx.Rngs(0), width), (inputs, labels), objective)
 
 
 def problem(name: str, smoke: bool = False) -> Problem:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -64,10 +65,15 @@ VMAP_OFF = "vmap 8, logging off"
 INTERVAL = 10
 COPIES = 8
 VMAPPED = (VMAP_LOGGING, VMAP_LOGGING_VALUE, VMAP_OFF)
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "nnx")
 # The model peers: logging off, every 10 steps by callback, every 10 kept in the state.
 MODEL_OFF, MODEL_CALLBACK, MODEL_STATE = "off", "every 10, callback", "every 10, state"
 PYTHON_LOOP = "python loop"
+# The NNX model's loops: nnx.jit on the objects (as is, and through nnx.cached_partial),
+# and jax.jit over the State of nnx.split.
+NNX_JIT, NNX_CACHED = "python loop, nnx.jit", "python loop, nnx.jit + cached_partial"
+NNX_SPLIT = "python loop, jax.jit of nnx.split"
+NNX_LOOPS = (NNX_JIT, NNX_CACHED, NNX_SPLIT)
 SCAN_STEPS = 100
 ONE = jnp.asarray(1.0, jnp.float32)
 
@@ -302,13 +308,95 @@ def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
   return runners
 
 
+class _NnxRunner:
+  """A Flax NNX model and its ``nnx.Optimizer``, one step per call, with ``value=``.
+
+  ``loop`` is one of ``NNX_LOOPS``: ``nnx.jit`` steps the objects in place (called
+  as is, or through ``nnx.cached_partial``, which caches the walk over them), and
+  the reader is given the optimizer; or ``jax.jit`` steps the ``State`` of
+  ``nnx.split`` (donated, ``nnx.merge`` inside), and the reader is given that State.
+  """
+
+  steps_per_call = 1
+
+  def __init__(self, problem, tx, loop: str, read: bool):
+    from flax import nnx  # needs Flax, as the other model rows
+
+    model = problem.model()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    self.batch = problem.batch
+    self.reader = gax.ProgressReader() if read else None
+
+    def update(model, optimizer, batch):
+      value, grads = nnx.value_and_grad(problem.objective)(model, batch)
+      optimizer.update(model, grads, value=value)
+
+    if loop == NNX_SPLIT:
+      graphdef, self.state = nnx.split((model, optimizer))
+
+      @functools.partial(jax.jit, donate_argnums=0)
+      def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        update(model, optimizer, batch)
+        return nnx.state((model, optimizer))
+
+      def call():
+        self.state = step(self.state, self.batch)
+        return self.state
+
+      self.model = lambda: nnx.merge(graphdef, self.state)[0]
+    else:
+      step = nnx.jit(update)
+      if loop == NNX_CACHED:
+        step = nnx.cached_partial(step, model, optimizer)
+      else:
+        step = functools.partial(step, model, optimizer)
+
+      def call():
+        step(self.batch)
+        return optimizer
+
+      self.model = lambda: model
+    self.call = call
+    self.params = lambda: nnx.state(self.model(), nnx.Param)
+
+  def __call__(self, num_calls: int) -> None:
+    for _ in range(num_calls):
+      state = self.call()
+      if self.reader is not None:
+        self.reader(state)
+    jax.block_until_ready(jax.tree.leaves(self.params()))
+    if self.reader is not None:
+      self.reader.flush()
+
+  def snapshot(self) -> list[np.ndarray]:
+    return [np.array(p, np.float64) for p in jax.tree.leaves(self.params())]
+
+
+def _nnx_runners(problem) -> dict[tuple[str, str], Any]:
+  """Off, callback and state peers of an NNX model, in both NNX loops."""
+  runners = {}
+  for peer, interval, emit in (
+    (MODEL_OFF, None, "callback"),
+    (MODEL_CALLBACK, INTERVAL, "callback"),
+    (MODEL_STATE, INTERVAL, "state"),
+  ):
+    tx = _common.gradient_ascent(_common.DEFAULT, interval, logging_emit=emit)
+    for loop in NNX_LOOPS:
+      runners[loop, peer] = _NnxRunner(problem, tx, loop, read=emit == "state")
+  return runners
+
+
 def measure_model(
   problem, repeats: int, samples_steps: int, scan_steps: int, stream: io.StringIO
 ) -> list[dict]:
   """Each peer's time per step on one model; a loop peer's sample is ``samples_steps``
   steps, a scan peer's is one call."""
-  runners = _model_runners(problem, scan_steps)
-  calls = {(loop, peer): samples_steps if loop == PYTHON_LOOP else 1 for loop, peer in runners}
+  if hasattr(problem, "model"):  # an NNX model
+    runners = _nnx_runners(problem)
+  else:
+    runners = _model_runners(problem, scan_steps)
+  calls = {key: samples_steps if r.steps_per_call == 1 else 1 for key, r in runners.items()}
   # Compile, and check that logging changes no step: every peer of a loop, from
   # the same params on the same batch, must land on the same params.
   moved = {}
@@ -415,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument(
     "--models",
     default=None,
-    help="model steps to time: mlp, cnn, comma-separated ('' for none; "
+    help="model steps to time: mlp, cnn, nnx (the Flax NNX classifier of the digits "
+    "notebook, by nnx.jit, nnx.cached_partial and jax.jit of nnx.split), "
+    "comma-separated ('' for none; "
     "default: mlp when Flax is installed)",
   )
   parser.add_argument(
@@ -447,9 +537,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       from benchmarks import _models as model_zoo  # needs Flax
 
       for name in models:
-        model_rows += measure_model(
-          model_zoo.problem(name, smoke=args.smoke), repeats, samples_steps, args.scan_steps, stream
-        )
+        if name == "nnx":
+          problem = model_zoo.nnx_problem(smoke=args.smoke)
+        else:
+          problem = model_zoo.problem(name, smoke=args.smoke)
+        model_rows += measure_model(problem, repeats, samples_steps, args.scan_steps, stream)
   scan = f" (a scan: one call of {args.scan_steps})" if model_rows and args.scan_steps else ""
   print(
     f"({repeats} interleaved samples of {samples_steps} steps{scan}; time/step: the median; "

@@ -213,6 +213,35 @@ def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   assert "| mlp | 13,002 | 6 | python loop | every 10, state |" in out
 
 
+@pytest.mark.slow  # runs a benchmark (about 20 s)
+def test_logging_overhead_smoke_nnx_rows():
+  if not _optional.available("flax"):
+    _optional.missing("flax is not importable: logging_overhead has no model rows")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rows = logging_overhead.main(["--smoke", "--models", "nnx"])
+  rows = [row for row in rows if "model" in row]  # --smoke times a small case too
+  peers = (
+    logging_overhead.MODEL_OFF,
+    logging_overhead.MODEL_CALLBACK,
+    logging_overhead.MODEL_STATE,
+  )
+  assert [(row["model"], row["loop"], row["peer"]) for row in rows] == [
+    ("nnx mlp", loop, peer) for peer in peers for loop in logging_overhead.NNX_LOOPS
+  ]
+  assert all(_positive(row["seconds"]) for row in rows)
+  # Every loop logs one record per 10 steps on both paths: the reader finds them in
+  # the nnx.Optimizer and in the State of nnx.split.
+  assert {(row["loop"], row["peer"]): row["records"] for row in rows} == {
+    (loop, peer): 0 if peer == logging_overhead.MODEL_OFF else 3
+    for peer in peers
+    for loop in logging_overhead.NNX_LOOPS
+  }
+  assert "| nnx mlp | 610 | 4 | python loop, jax.jit of nnx.split | every 10, state |" in (
+    out.getvalue()
+  )
+
+
 def test_paired_overhead_compares_samples_of_one_repeat():
   # The machine slows down during the run (1x to 2x); the peer costs 10% more than
   # off in every repeat: +10%, with an interval of no width.
