@@ -50,14 +50,10 @@ class CNN(nn.Module):
     return nn.Dense(CLASSES)(x)
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """A model's parameters, one fixed batch, and the objective to maximize."""
+class _Sized:
+  """How many parameters and leaves ``self.params`` has."""
 
-  name: str
   params: Any
-  batch: tuple[jax.Array, jax.Array]
-  objective: Callable[[Any, tuple[jax.Array, jax.Array]], jax.Array]
 
   @property
   def num_params(self) -> int:
@@ -66,6 +62,16 @@ class Problem:
   @property
   def num_leaves(self) -> int:
     return len(jax.tree.leaves(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(_Sized):
+  """A model's parameters, one fixed batch, and the objective to maximize."""
+
+  name: str
+  params: Any
+  batch: tuple[jax.Array, jax.Array]
+  objective: Callable[[Any, tuple[jax.Array, jax.Array]], jax.Array]
 
 
 class NnxMLP(nnx.Module):
@@ -83,7 +89,7 @@ class NnxMLP(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class NnxProblem:
+class NnxProblem(_Sized):
   """An NNX model (made anew, from the same seed, by ``model()``), one fixed batch,
   and the objective to maximize, a function of the model and the batch."""
 
@@ -95,14 +101,6 @@ class NnxProblem:
   @property
   def params(self) -> Any:
     return nnx.to_pure_dict(nnx.state(self.model(), nnx.Param))
-
-  @property
-  def num_params(self) -> int:
-    return sum(leaf.size for leaf in jax.tree.leaves(self.params))
-
-  @property
-  def num_leaves(self) -> int:
-    return len(jax.tree.leaves(self.params))
 
 
 def nnx_problem(smoke: bool = False) -> NnxProblem:

@@ -68,6 +68,12 @@ VMAPPED = (VMAP_LOGGING, VMAP_LOGGING_VALUE, VMAP_OFF)
 MODELS = ("mlp", "cnn", "nnx")
 # The model peers: logging off, every 10 steps by callback, every 10 kept in the state.
 MODEL_OFF, MODEL_CALLBACK, MODEL_STATE = "off", "every 10, callback", "every 10, state"
+# Each model peer's logging interval and emit.
+MODEL_PEERS = (
+  (MODEL_OFF, None, "callback"),
+  (MODEL_CALLBACK, INTERVAL, "callback"),
+  (MODEL_STATE, INTERVAL, "state"),
+)
 PYTHON_LOOP = "python loop"
 # The NNX model's loops: nnx.jit on the objects (as is, and through nnx.cached_partial),
 # and jax.jit over the State of nnx.split.
@@ -288,11 +294,7 @@ def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
   if scan_steps:
     loops.append((f"lax.scan of {scan_steps}", scanned, scan_steps))
   runners = {}
-  for peer, interval, emit in (
-    (MODEL_OFF, None, "callback"),
-    (MODEL_CALLBACK, INTERVAL, "callback"),
-    (MODEL_STATE, INTERVAL, "state"),
-  ):
+  for peer, interval, emit in MODEL_PEERS:
     tx = _common.gradient_ascent(_common.DEFAULT, interval, logging_emit=emit)
     step = train_step(tx)
     for loop, wrap, steps in loops:
@@ -374,13 +376,9 @@ class _NnxRunner:
 
 
 def _nnx_runners(problem) -> dict[tuple[str, str], Any]:
-  """Off, callback and state peers of an NNX model, in both NNX loops."""
+  """Off, callback and state peers of an NNX model, in each of ``NNX_LOOPS``."""
   runners = {}
-  for peer, interval, emit in (
-    (MODEL_OFF, None, "callback"),
-    (MODEL_CALLBACK, INTERVAL, "callback"),
-    (MODEL_STATE, INTERVAL, "state"),
-  ):
+  for peer, interval, emit in MODEL_PEERS:
     tx = _common.gradient_ascent(_common.DEFAULT, interval, logging_emit=emit)
     for loop in NNX_LOOPS:
       runners[loop, peer] = _NnxRunner(problem, tx, loop, read=emit == "state")
