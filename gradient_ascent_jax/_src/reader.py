@@ -193,11 +193,11 @@ class _Place:
     call per step from one call every few steps.
     """
     count = max(records.count(row) for row in rows)
-    known = self.seen is not None
-    if known and call > self.seen[0] and count - self.seen[1] > call - self.seen[0]:
+    seen = self.seen
+    if seen is not None and call > seen[0] and count - seen[1] > call - seen[0]:
       self.every_call = True
     self.seen = (call, count)
-    return known
+    return seen is not None
 
 
 class ProgressReader:
