@@ -88,14 +88,9 @@ def _kept_mapping(node: Any) -> Any:
   but not its type (``{"count": ..., "record": ...}``; the fields the state path
   leaves None are gone), and so does a checkpoint restored into plain dicts.
   """
-  if not isinstance(node, collections.abc.Mapping):
+  if not isinstance(node, collections.abc.Mapping) or set(node.keys()) != {"count", "record"}:
     return None
-  try:
-    if set(node.keys()) != {"count", "record"}:
-      return None
-    words = _array(node["record"])
-  except Exception:  # a mapping that refuses to be read: not a state
-    return None
+  words = _array(node["record"])
   if (
     isinstance(words, (jax.Array, np.ndarray))
     and words.dtype == np.uint32

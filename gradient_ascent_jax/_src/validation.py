@@ -243,12 +243,7 @@ def check_weight_decay_mask(value: Any) -> Any:
   schedule and hands its value at the step count, so ``lambda p: jax.tree.map(
   lambda x: x.ndim > 1, p)`` arrives as ``False``: no leaf would decay, silently.
   """
-  is_bool = isinstance(value, (bool, np.bool_)) or (
-    isinstance(value, (jax.Array, np.ndarray))
-    and np.shape(value) == ()
-    and jnp.issubdtype(value.dtype, jnp.bool_)
-  )
-  if is_bool:
+  if _is_bool_scalar(value):
     shown = _describe_array(value) if _is_jax_value(value) else repr(value)
     raise ValueError(
       "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
@@ -265,15 +260,12 @@ def check_weight_decay_mask(value: Any) -> Any:
   return value
 
 
-def _is_single_bool(leaf: Any) -> bool:
-  """Whether ``leaf`` is one bool known now: Python's, NumPy's or a 0-d bool array."""
-  if isinstance(leaf, (bool, np.bool_)):
-    return True
-  return (
-    isinstance(leaf, (jax.Array, np.ndarray))
-    and not isinstance(leaf, jax.core.Tracer)
-    and np.shape(leaf) == ()
-    and jnp.issubdtype(leaf.dtype, jnp.bool_)
+def _is_bool_scalar(value: Any) -> bool:
+  """Whether ``value`` is one bool: Python's, NumPy's, or a 0-d bool array or tracer."""
+  return isinstance(value, (bool, np.bool_)) or (
+    isinstance(value, (jax.Array, np.ndarray))
+    and np.shape(value) == ()
+    and jnp.issubdtype(value.dtype, jnp.bool_)
   )
 
 
@@ -281,7 +273,7 @@ def check_mask_leaves(mask: Any, what: str) -> None:
   """Refuses a mask leaf that is not one bool known when tracing (0.5, 1, "yes", a
   traced or an elementwise array), naming its path: a mask picks whole leaves."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
-    if _is_single_bool(leaf):
+    if _is_bool_scalar(leaf) and not isinstance(leaf, jax.core.Tracer):  # known now
       continue
     where = jax.tree_util.keystr(path) or "<root>"
     shown = _describe_array(leaf) if isinstance(leaf, (jax.Array, np.ndarray)) else repr(leaf)
