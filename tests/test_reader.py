@@ -97,6 +97,8 @@ def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **k
     {"nan_at": 7},
     {"nan_at": 7, "donate": True},
     {"logging_name": "gen"},
+    # A warning before the first due step: the optimizer's logger and name already.
+    {"nan_at": 0, "logging_name": "gen"},
     {"logging_interval": 1, "steps": 6, "donate": True},
   ],
 )

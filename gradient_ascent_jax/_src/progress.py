@@ -279,7 +279,7 @@ def _scalar_objective(value) -> jax.Array:
 
 
 def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
-  """A record with nothing to log but the interval, on the devices of the step counter."""
+  """A record with nothing to log, its interval and name set, on the devices of the step counter."""
   first = records.pack(
     records.Record(
       step=0,
@@ -297,9 +297,11 @@ def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
     has_rate=False,
     name=settings.name,
   )
-  words = jnp.zeros_like(first).at[records.INTERVAL_WORD].set(first[records.INTERVAL_WORD])
+  # Nothing to log (step 0, no flag set), but the name and the width of the floats
+  # are there from the start: a warning written before the first due step is logged
+  # by the optimizer's own logger, with its name, as on the callback path.
   # The run's number tells the reader a new run from the same steps of an earlier one.
-  words = words.at[records.RUN_WORD].set(next(_runs) % 2**32)
+  words = first.at[records.RUN_WORD].set(next(_runs) % 2**32)
   if placement.concrete_devices(count) is not None:
     words = jax.device_put(words, count.sharding)
   return words
