@@ -212,6 +212,37 @@ def test_vmap_copies_log_as_on_the_callback_path(collect):
   assert run("state") == by_callback
 
 
+@pytest.mark.parametrize("interval", [1, 2])
+def test_nan_in_a_later_vmap_copy_warns_once_as_on_the_callback_path(collect, interval):
+  # Copy 0 stays finite; the others' objective is NaN from step 2 on. The first
+  # copy logs the step, so it must also carry the warning that the others fired.
+  def run(path):
+    tx = gax.gradient_ascent(0.05, logging_interval=interval, logging_emit=path)
+    x = jnp.zeros((4, 2))
+    state, reader = jax.vmap(tx.init)(x), gax.ProgressReader()
+    bad = jnp.array([False, True, True, True])
+
+    def update(x, s, bad, i):
+      value = jnp.where(bad & (i >= 1), jnp.nan, -jnp.sum(x**2))
+      return tx.update(-2 * x, s, x, value=value)[1]
+
+    step = jax.jit(jax.vmap(update, in_axes=(0, 0, 0, None)))
+    for i in range(4):
+      state = step(x, state, bad, i)
+      if path == "state":
+        reader(state)
+    reader.flush()
+    jax.effects_barrier()
+    seen = list(collect)
+    collect.clear()
+    return seen
+
+  by_callback = run("callback")
+  warnings = [s for s in by_callback if s[1] == logging.WARNING]
+  assert [s[3] for s in warnings] == [2], by_callback
+  assert run("state") == by_callback
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_vmap_over_states_at_different_steps_logs_each_step(collect, path):
   tx = gax.gradient_ascent(logging_interval=2, logging_emit=path)

@@ -373,9 +373,11 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
   if settings.emit == "state":
     # A due step writes its record; the non-finite warning, given once per state, is
     # written apart and kept, so that the record changes only every interval steps.
+    # It is written where this copy's rule fired, and where this copy is the one
+    # elected to log a warning that another copy of the step fired (vmap).
     index = jnp.arange(words.shape[-1])
     warning = (index == records.WARNING_WORDS[0]) | (index == records.WARNING_WORDS[1])
-    replace = jnp.where(warning, fires, due) & (index != records.RUN_WORD)
+    replace = jnp.where(warning, fires | record.nonfinite, due) & (index != records.RUN_WORD)
     return jnp.where(replace, words, state.record), fires
   jax.debug.callback(records.emit, words)
   return state.record, fires
