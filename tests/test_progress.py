@@ -1103,3 +1103,28 @@ def test_value_and_grad_of_a_loss_ascends_it_and_its_logged_value_rises(log):
   x, values = run(jax.value_and_grad(lambda p: -loss(p)))
   # -loss rose: x went to 3 (it oscillates about it, momentum 0.9).
   assert values[-1] > values[0] and float(loss(x)) < float(loss(jnp.zeros(2))) / 10
+
+
+def test_log_progress_outside_maximize_logs_the_objective_inside_its_negation(log):
+  # As the maximize guide says: inside maximize, log_progress is handed the loss,
+  # and a healthy ascent makes its descent warning fire.
+  def objective(x):
+    return 3.0 - jnp.sum(x**2)
+
+  outside = optax.chain(gax.log_progress(1), gax.maximize(optax.sgd(0.1)))
+  inside = gax.maximize(optax.chain(gax.log_progress(1), optax.sgd(0.1)))
+  logged, warned = [], []
+  for tx in (outside, inside):
+    x = jnp.ones(2)
+    state = tx.init(x)
+    for _ in range(12):
+      value, grad = jax.value_and_grad(objective)(x)
+      updates, state = tx.update(grad, state, x, value=value)
+      x = optax.apply_updates(x, updates)
+    jax.effects_barrier()
+    logged.append([r.value for r in _records(log) if r.levelno == logging.INFO][:2])
+    warned.append(sum(r.levelno == logging.WARNING for r in _records(log)))
+    log.clear()
+  assert objective(x) > 2.9  # both ascended
+  np.testing.assert_allclose(logged, [[1.0, 1.72], [-1.0, -1.72]], rtol=1e-5)
+  assert warned == [0, 1]

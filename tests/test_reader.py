@@ -289,6 +289,37 @@ def test_nan_on_a_later_pmap_device_warns_once(collect, path):
   np.testing.assert_array_equal(progress.unpacked(state[0]).nonfinite_warned, [True] * n)
 
 
+@pytest.mark.slow  # 2 s or more on 2 cores
+@pytest.mark.parametrize("path", PATHS)
+def test_pmap_descent_rule_reads_the_first_devices_objective(collect, path):
+  # Each device's objective is its own: the first device's records decide the
+  # descent warning (as the docs say).
+  n = jax.local_device_count()
+  x = jnp.zeros((n, 2))
+
+  def warned(falling):
+    tx = gax.gradient_ascent(0.05, logging_interval=1, logging_emit=path)
+    state, reader = jax.pmap(tx.init)(x), gax.ProgressReader()
+
+    def update(x, s, i):
+      value = jnp.where(jax.lax.axis_index("i") == falling, -i, i).astype(jnp.float32)
+      return tx.update(-2 * x, s, x, value=value)[1]
+
+    step = jax.pmap(update, axis_name="i", in_axes=(0, 0, None))
+    for i in range(12):
+      state = step(x, state, i)
+      if path == "state":
+        reader(state)
+    reader.flush()
+    jax.effects_barrier()
+    found = [s[3] for s in collect if s[1] == logging.WARNING]
+    collect.clear()
+    return found
+
+  assert len(warned(0)) == 1
+  assert warned(n - 1) == []
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_on_a_later_shard_map_device_warns_once(collect, path):
   mesh = jax.make_mesh((jax.device_count(),), ("d",))
@@ -365,6 +396,20 @@ def test_two_optimizers_each_with_its_own_reader_log_once_each(collect):
     (4, round(np.sqrt(2), 4)),
     (4, round(2 * np.sqrt(2), 4)),
   ]
+
+
+def test_one_state_in_two_containers_is_two_places_to_one_reader(collect):
+  # As the docs say: hand a reader the same container on every call.
+  tx = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state")
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  update = jax.jit(tx.update)
+  for i in range(4):
+    state = update(jnp.ones(2), state)[1]
+    reader(state if i % 2 else {"opt": state})
+  reader.flush()
+  steps = [s[3] for s in collect]
+  assert sorted(set(steps)) == [2, 4]
+  assert len(steps) > len(set(steps)), steps
 
 
 @pytest.fixture

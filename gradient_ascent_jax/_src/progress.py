@@ -500,7 +500,10 @@ def log_progress(
   it is kept in the state, and :class:`ProgressReader` logs it from the host,
   which keeps every step on JAX's fast dispatch path. The rules, the two paths
   and how records behave under ``vmap``, ``pmap`` and ``MultiSteps``: the math
-  page's "Progress records and warnings" and the performance page.
+  page's "Progress records and warnings" and the performance page. With
+  :func:`maximize`, chain it outside: ``optax.chain(log_progress(10),
+  maximize(optax.adam(1e-3)))``. Inside ``maximize`` it is handed the loss
+  (``-value``) and would warn that a healthy ascent falls.
 
   Args:
     logging_interval: N >= 1, or None/0 for off (then this is
