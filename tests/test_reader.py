@@ -293,16 +293,19 @@ def test_nan_on_a_later_pmap_device_warns_once(collect, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_pmap_descent_rule_reads_the_first_devices_objective(collect, path):
   # Each device's objective is its own: the first device's records decide the
-  # descent warning (as the docs say).
+  # descent warning, and a lax.pmean makes the objective the batch's (as the docs say).
   n = jax.local_device_count()
   x = jnp.zeros((n, 2))
 
-  def warned(falling):
+  def warned(falling, mean=False):
     tx = gax.gradient_ascent(0.05, logging_interval=1, logging_emit=path)
     state, reader = jax.pmap(tx.init)(x), gax.ProgressReader()
 
     def update(x, s, i):
-      value = jnp.where(jax.lax.axis_index("i") == falling, -i, i).astype(jnp.float32)
+      # The falling device falls n + 2 times faster than the others rise.
+      mine = jnp.where(jax.lax.axis_index("i") == falling, -(n + 2) * i, i)
+      value = mine.astype(jnp.float32)
+      value = jax.lax.pmean(value, "i") if mean else value
       return tx.update(-2 * x, s, x, value=value)[1]
 
     step = jax.pmap(update, axis_name="i", in_axes=(0, 0, None))
@@ -318,6 +321,7 @@ def test_pmap_descent_rule_reads_the_first_devices_objective(collect, path):
 
   assert len(warned(0)) == 1
   assert warned(n - 1) == []
+  assert len(warned(n - 1, mean=True)) == 1
 
 
 @pytest.mark.parametrize("path", PATHS)
