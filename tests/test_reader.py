@@ -190,57 +190,47 @@ def test_packed_record_round_trips_every_field(x64):
       assert (back.value, has_value, has_rate, name) == (-1.25, True, False, "gen.é")
 
 
+def _vmapped_run(collect, path, interval, x, value, steps):
+  """What 4 vmapped copies log; ``value(x, i)`` is each copy's objective at call ``i``."""
+  tx = gax.gradient_ascent(0.05, logging_interval=interval, logging_emit=path)
+  state, reader = jax.vmap(tx.init)(x), gax.ProgressReader()
+
+  def update(x, s, i):
+    return tx.update(-2 * x, s, x, value=value(x, i))[1]
+
+  step = jax.jit(jax.vmap(update, in_axes=(0, 0, None)))
+  for i in range(steps):
+    state = step(x, state, i)
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  seen = list(collect)
+  collect.clear()
+  return seen
+
+
 @pytest.mark.slow  # 3 s or more on 2 cores
 def test_vmap_copies_log_as_on_the_callback_path(collect):
-  def run(path):
-    tx = gax.gradient_ascent(0.05, logging_interval=3, logging_emit=path)
-    x = jnp.arange(8.0).reshape(4, 2)
-    state, reader = jax.vmap(tx.init)(x), gax.ProgressReader()
-    step = jax.jit(jax.vmap(lambda x, s: tx.update(-2 * x, s, x, value=-jnp.sum(x**2))[1]))
-    for _ in range(9):
-      state = step(x, state)
-      if path == "state":
-        reader(state)
-    reader.flush()
-    jax.effects_barrier()
-    seen = list(collect)
-    collect.clear()
-    return seen
-
-  by_callback = run("callback")
-  assert [s[3] for s in by_callback] == [3, 6, 9]
-  assert run("state") == by_callback
+  x = jnp.arange(8.0).reshape(4, 2)
+  runs = [_vmapped_run(collect, path, 3, x, lambda x, i: -jnp.sum(x**2), 9) for path in PATHS]
+  assert [s[3] for s in runs[0]] == [3, 6, 9]
+  assert runs[1] == runs[0]
 
 
 @pytest.mark.parametrize("interval", [1, 2])
 def test_nan_in_a_later_vmap_copy_warns_once_as_on_the_callback_path(collect, interval):
   # Copy 0 stays finite; the others' objective is NaN from step 2 on. The first
   # copy logs the step, so it must also carry the warning that the others fired.
-  def run(path):
-    tx = gax.gradient_ascent(0.05, logging_interval=interval, logging_emit=path)
-    x = jnp.zeros((4, 2))
-    state, reader = jax.vmap(tx.init)(x), gax.ProgressReader()
-    bad = jnp.array([False, True, True, True])
+  x = jnp.zeros((4, 2)).at[1:].set(1.0)
 
-    def update(x, s, bad, i):
-      value = jnp.where(bad & (i >= 1), jnp.nan, -jnp.sum(x**2))
-      return tx.update(-2 * x, s, x, value=value)[1]
+  def value(x, i):
+    return jnp.where((x[0] > 0) & (i >= 1), jnp.nan, -jnp.sum(x**2))
 
-    step = jax.jit(jax.vmap(update, in_axes=(0, 0, 0, None)))
-    for i in range(4):
-      state = step(x, state, bad, i)
-      if path == "state":
-        reader(state)
-    reader.flush()
-    jax.effects_barrier()
-    seen = list(collect)
-    collect.clear()
-    return seen
-
-  by_callback = run("callback")
-  warnings = [s for s in by_callback if s[1] == logging.WARNING]
-  assert [s[3] for s in warnings] == [2], by_callback
-  assert run("state") == by_callback
+  runs = [_vmapped_run(collect, path, interval, x, value, 4) for path in PATHS]
+  warnings = [s for s in runs[0] if s[1] == logging.WARNING]
+  assert [s[3] for s in warnings] == [2], runs[0]
+  assert runs[1] == runs[0]
 
 
 @pytest.mark.parametrize("path", PATHS)
