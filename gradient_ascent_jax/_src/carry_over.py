@@ -100,7 +100,8 @@ def _log_progress_fields(
         "given keeps no record of this kind. Pass target=tx.init(params) itself "
         "(not its jax.eval_shape), whose record is the initial one."
       )
-    return target._asdict()
+    # A dry run: the step count is the run's, the record the target's (a shape).
+    return {**target._asdict(), "count": fields["count"]}
   return progress.packed({**fields, "record": record})._asdict()
 
 
@@ -186,11 +187,14 @@ def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
       (key, _carry(by_name[str(key)], value, f"{path}[{key!r}]", abstract_ok))
       for key, value in target.items()
     )
-  if not isinstance(old, (jax.Array, np.ndarray, np.generic)):
+  dry = abstract_ok and isinstance(old, jax.ShapeDtypeStruct)  # the target's own, above
+  if not (dry or isinstance(old, (jax.Array, np.ndarray, np.generic))):
     raise refuse(_describe(old))
   dtype = target.dtype if hasattr(target, "dtype") else jnp.result_type(target)
   if jnp.shape(old) != jnp.shape(target) or jnp.dtype(old.dtype) != jnp.dtype(dtype):
     raise refuse(_describe(old))
+  if dry:
+    return old
   sharding = getattr(target, "sharding", None)
   return jnp.asarray(old) if sharding is None else jax.device_put(old, sharding)
 
