@@ -1104,6 +1104,17 @@ def test_state_without_weight_decay_is_refused_with_it():
     gax.gradient_ascent().update(jnp.ones(2), state, params)
 
 
+def test_clip_and_weight_decay_states_have_one_layout():
+  # As "What happens when" says: each adds one stage with an empty state, so the
+  # state of one is taken by the other (and holds the same arrays in the same places).
+  params = jnp.ones(2)
+  clipped, decayed = gax.gradient_ascent(clip_value=1.0), gax.gradient_ascent(weight_decay=0.1)
+  state = clipped.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(decayed.init(params))
+  _, after = decayed.update(jnp.ones(2), state, params)
+  assert int(after[-1].count) == 1
+
+
 def _flat_objective_path(weight_decay, steps=1000, **hyperparams):
   """A weight of 1.0 under zero gradients: only the decay moves it."""
   tx = gax.gradient_ascent(learning_rate=1e-3, weight_decay=weight_decay, **hyperparams)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 import pickle
 
+import chex
 from flax import serialization
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,18 @@ def test_a_0_1_0_pickle_loads_with_its_values_in_their_fields():
   assert int(state.noise_samples) == 1
   assert state.descent_warned.dtype == jnp.bool_
   assert np.isfinite(state.first_value) and np.isfinite(state.last_change)
+
+
+def test_a_0_2_0_pickle_loads_as_todays_state_which_carry_over_keeps():
+  # The one earlier state that update takes as it is (as the checkpoints guide says).
+  loaded = load("v0_2_0", "logging", "pickle")
+  params = {key: jnp.asarray(value) for key, value in loaded["params"].items()}
+  tx = gax.gradient_ascent(**settings("v0_2_0", "logging"))
+  state = loaded["opt_state"]
+  assert isinstance(state[0], gax.LogProgressState) and state[0].record is None
+  carried = gax.carry_over(state, tx.init(params))
+  chex.assert_trees_all_equal(carried, state)
+  assert_continues("v0_2_0", "logging", tx, state, params)
 
 
 @pytest.mark.parametrize("emit", ["callback", "state"])
