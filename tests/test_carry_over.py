@@ -203,6 +203,21 @@ def test_another_optimizers_state_is_refused():
     gax.carry_over(optax.adam(0.1).init(params), tx.init(params))
 
 
+def test_params_in_the_targets_place_are_named_as_not_a_state():
+  params = {"w": jnp.zeros(3)}
+  tx = gax.gradient_ascent()
+  restored = [stage._asdict() for stage in tx.init(params)]
+  with pytest.raises(ValueError, match=r"no optimizer state type .* not the params"):
+    gax.carry_over(restored, params)
+
+
+def test_a_state_type_is_named_with_its_article():
+  params = {"w": jnp.zeros(3)}
+  target = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1).init(params)
+  with pytest.raises(ValueError, match=r"holds an Inject\w*HyperparamsState with"):
+    gax.carry_over(gax.gradient_ascent().init(params), target)
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_a_run_carries_over_into_the_state_path_and_back(release, caplog):
   # Records kept in the state are new since 0.2.0: an old run moves to that path and

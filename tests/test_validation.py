@@ -96,6 +96,18 @@ def test_gradient_ascent_rejects_bad_value_naming_the_argument(name, value):
   assert repr(value) in str(info.value)
 
 
+def test_a_decay_rate_below_0_is_told_the_range():
+  with pytest.raises(ValueError, match=r"from 0 \(which turns it off\) up to, not including, 1"):
+    gax.gradient_ascent(beta=-0.1)
+
+
+def test_a_schedule_that_returns_a_negative_rate_is_told_to_mend_the_schedule():
+  tx = gax.gradient_ascent(learning_rate=lambda count: -0.1)
+  with pytest.raises(ValueError, match="The schedule must return a rate >= 0") as info:
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2))
+  assert "or an optax schedule" not in str(info.value)
+
+
 @pytest.mark.parametrize(("name", "value"), GOOD_VALUES)
 def test_gradient_ascent_accepts_edge_values(name, value):
   """An edge value is accepted and used: two steps follow the NumPy reference."""

@@ -109,11 +109,19 @@ def _log_progress_fields(
 _EARLIER_LAYOUTS = {progress.LogProgressState: _log_progress_fields}
 
 
+def _a(name: str) -> str:
+  return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def _is_state_node(node: Any) -> bool:
+  return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
 def _describe(tree: Any) -> str:
   if isinstance(tree, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
     return f"{jnp.dtype(tree.dtype).name}{list(jnp.shape(tree))}"
-  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-    return f"a {type(tree).__name__} with the fields {tree._fields}"
+  if _is_state_node(tree):
+    return f"{_a(type(tree).__name__)} with the fields {tree._fields}"
   if isinstance(tree, dict):
     return f"a dict with the keys {sorted(tree, key=str)}"
   if isinstance(tree, (list, tuple)):
@@ -121,7 +129,7 @@ def _describe(tree: Any) -> str:
     if tree and all(hasattr(entry, "_fields") for entry in tree):
       stages = " (" + ", ".join(type(entry).__name__ for entry in tree) + ")"
     return f"a {type(tree).__name__} of {len(tree)} entries{stages}"
-  return "None" if tree is None else f"a {type(tree).__name__}"
+  return "None" if tree is None else _a(type(tree).__name__)
 
 
 def _empty(tree: Any) -> bool:
@@ -131,6 +139,15 @@ def _empty(tree: Any) -> bool:
 
 def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
   def refuse(what: str) -> ValueError:
+    leaves = jax.tree.leaves(target, is_leaf=_is_state_node)
+    if not path and target is not None and not any(map(_is_state_node, leaves)):
+      # No state type anywhere in it: the params (or another tree) in the target's place.
+      return ValueError(
+        f"carry_over: the target holds {_describe(target)} and no optimizer state "
+        "type (the NamedTuples that tx.init(params) returns). Pass the state of the "
+        "optimizer that continues the run, carry_over(old_state, tx.init(params)), "
+        "not the params."
+      )
     return ValueError(
       f"carry_over: at {path or 'the top'} the target holds {_describe(target)}, but "
       f"the state given holds {what}. The state does not come from this optimizer "
@@ -144,14 +161,14 @@ def _carry(old: Any, target: Any, path: str, abstract_ok: bool) -> Any:
     if not _empty(old):
       raise refuse(_describe(old))
     return None
-  if isinstance(target, tuple) and hasattr(target, "_fields"):
+  if _is_state_node(target):
     if not target._fields:  # an empty state: orbax gives it back as None, msgpack as {}
       if not _empty(old) or (
         hasattr(old, "_fields") and type(old).__name__ != type(target).__name__
       ):
         raise refuse(_describe(old))
       return type(target)()
-    if isinstance(old, tuple) and hasattr(old, "_fields"):
+    if _is_state_node(old):
       if type(old).__name__ != type(target).__name__:
         raise refuse(_describe(old))
       fields = dict(zip(old._fields, old))

@@ -131,14 +131,11 @@ def check_interval(
 def check_learning_rate(name: str, value: Any) -> Any:
   if callable(value):
     return value
-  return check_interval(
-    name,
-    value,
-    0.0,
-    math.inf,
-    high_open=True,
-    fix="Pass a float >= 0 or an optax schedule (a callable count -> lr).",
-  )
+  if name.endswith("(count)"):  # a schedule's output: the schedule is what to mend
+    fix = "The schedule must return a rate >= 0 at every step; check its end value and sign."
+  else:
+    fix = "Pass a float >= 0 or an optax schedule (a callable count -> lr)."
+  return check_interval(name, value, 0.0, math.inf, high_open=True, fix=fix)
 
 
 def check_optional_positive(name: str, value: Any, fix: str) -> Any:
@@ -163,7 +160,10 @@ def check_decay_rate(name: str, value: Any) -> float | jax.Array:
     0.0,
     1.0,
     high_open=True,
-    fix=f"Use 0 to disable it; `{name}` = 1 never forgets and diverges.",
+    fix=(
+      f"Use a value from 0 (which turns it off) up to, not including, 1, such as "
+      f"the default; `{name}` = 1 never forgets, and the run diverges."
+    ),
   )
 
 
