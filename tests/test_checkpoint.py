@@ -365,3 +365,30 @@ def test_plain_state_of_other_arrays_is_still_another_optimizers(tmp_path):
     with pytest.raises(ValueError, match="does not belong to this optimizer") as raised:
       tx.update(jax.tree.map(jnp.ones_like, params), untyped, params)
     assert "restored without a target" not in str(raised.value)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_new_reader_of_a_resumed_state_path_run_logs_the_saved_record_again(
+  fmt, tmp_path, caplog
+):
+  # As the checkpoints guide says: the record in the checkpoint is logged once more.
+  caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
+  tx = gax.gradient_ascent(0.1, logging_interval=5, logging_emit="state")
+  params = {"w": jnp.ones(3)}
+  step = jax.jit(lambda p, s: tx.update({"w": jnp.ones(3)}, s, p)[1])
+
+  def run(state, steps):
+    reader = gax.ProgressReader()
+    for _ in range(steps):
+      state = step(params, state)
+      reader(state)
+    reader.flush()
+    logged = [r.step for r in caplog.records if r.name == "gradient_ascent_jax"]
+    caplog.clear()
+    return state, logged
+
+  state, before = run(tx.init(params), 10)
+  save, restore = FORMATS[fmt]
+  restored = restore(save(tmp_path, state), tx.init(params))
+  _, after = run(restored, 2)
+  assert (before, after) == ([5, 10], [10])
