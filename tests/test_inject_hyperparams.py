@@ -86,6 +86,15 @@ def test_every_numeric_hyperparameter_is_injected(caplog):
   assert [r.step for r in caplog.records if r.name == "gradient_ascent_jax"] == [2, 4]
 
 
+def test_bools_and_none_defaults_are_not_injected():
+  # As the hyperparameters page says.
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1, nesterov=True)
+  state = tx.init(_params())
+  assert set(state.hyperparams) == {"learning_rate", "momentum", "beta", "eps", "warmup_steps"}
+  tx = optax.inject_hyperparams(gax.gradient_ascent)(clip_value=10.0)
+  assert "clip_value" in tx.init(_params()).hyperparams
+
+
 def test_injected_run_equals_plain_run_and_never_retraces():
   traces = []
   tx = optax.inject_hyperparams(gax.gradient_ascent, static_args=("nesterov",))(
