@@ -392,3 +392,27 @@ def test_a_new_reader_of_a_resumed_state_path_run_logs_the_saved_record_again(
   restored = restore(save(tmp_path, state), tx.init(params))
   _, after = run(restored, 2)
   assert (before, after) == ([5, 10], [10])
+
+
+WRAPPERS = {
+  "inject_hyperparams": lambda: optax.inject_hyperparams(gax.gradient_ascent)(learning_rate=0.1),
+  "MultiSteps": lambda: optax.MultiSteps(gax.gradient_ascent(0.1), every_k_schedule=2),
+  "apply_if_finite": lambda: optax.apply_if_finite(gax.gradient_ascent(0.1), 3),
+  "multi_transform": lambda: optax.multi_transform(
+    {"a": gax.gradient_ascent(0.1), "b": gax.gradient_ascent(0.2)}, {"w": "a", "v": "b"}
+  ),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPERS))
+def test_optax_wrapper_state_restored_without_a_target_is_carried_over(name):
+  # As "What happens when" says: Optax's own AttributeError, and carry_over mends it.
+  tx = WRAPPERS[name]()
+  params = {"w": jnp.ones(3), "v": jnp.full(2, 2.0)}
+  grads = {"w": jnp.array([1.0, -2.0, 0.5]), "v": jnp.array([0.3, 3.0])}
+  _, state = tx.update(grads, tx.init(params), params)
+  restored = serialization.msgpack_restore(serialization.to_bytes(state))
+  with pytest.raises(AttributeError, match="'dict' object has no attribute"):
+    tx.update(grads, restored, params)
+  carried = gax.carry_over(restored, tx.init(params))
+  assert_trees_equal(tx.update(grads, carried, params), tx.update(grads, state, params))
