@@ -1104,6 +1104,19 @@ def test_state_without_weight_decay_is_refused_with_it():
     gax.gradient_ascent().update(jnp.ones(2), state, params)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_weight_decay_as_a_python_float_is_not_rounded_to_half_precision(dtype):
+  # 1e-8 is 0 in float16; 1e-8 * 1000 is not. As the learning rate, the decay's
+  # term is computed in float32, whether the rate is a Python float or a JAX one.
+  params = jnp.full(2, 1000.0, dtype)
+  updates = []
+  for rate in (1e-8, jnp.float32(1e-8)):
+    tx = gax.gradient_ascent(weight_decay=rate)
+    updates.append(tx.update(jnp.zeros(2, dtype), tx.init(params), params)[0])
+  assert float(updates[0][0]) < 0
+  np.testing.assert_array_equal(updates[0], updates[1])
+
+
 def test_clip_and_weight_decay_states_have_one_layout():
   # As "What happens when" says: each adds one stage with an empty state, so the
   # state of one is taken by the other (and holds the same arrays in the same places).

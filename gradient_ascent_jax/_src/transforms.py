@@ -225,9 +225,15 @@ def add_decayed_weights(
     params. The state does not depend on the mask or the params.
   """
 
+  def term(p, dtype):
+    # As the learning-rate stage does: a Python-float rate is weakly typed, and times
+    # float16 params it would be rounded to float16 first (1e-8 becomes 0).
+    wide = numerics.compute_dtype(jnp.result_type(p))
+    return numerics.cast(weight_decay * jnp.asarray(p, wide), dtype)
+
   def decay(updates, params):
     return jax.tree.map(
-      lambda u, p: None if u is None else u + numerics.cast(weight_decay * p, u.dtype),
+      lambda u, p: None if u is None else u + term(p, u.dtype),
       updates,
       params,
       is_leaf=lambda u: u is None,
