@@ -149,7 +149,7 @@ def test_update_of_an_earlier_runs_state_points_at_carry_over(release, fmt, emit
   tx = gax.gradient_ascent(**settings(release, "logging"), logging_emit=emit)
   with pytest.raises(ValueError, match=r"gax\.carry_over\(") as error:
     continue_run(tx, restored["opt_state"], params, release, "logging")
-  assert "call state = tx.init(params) with this tx" not in str(error.value)
+  assert "to start a new run, call state = tx.init(params)" not in str(error.value)
   if not (release == "v0_2_0" and fmt == "pickle"):  # that one: the other path's state
     assert "Do not replace it with tx.init(params)" in str(error.value)
 

@@ -107,7 +107,9 @@ def test_state_of_another_optimizer_names_gradient_ascent(name, jit):
     (jax.jit(update) if jit else update)(PARAMS, state, PARAMS)
   message = str(error.value)
   assert found in message
-  assert "call state = tx.init(params)" in message
+  # Both ways on: the run's own settings, or a new run.
+  assert "To go on with that run, build tx as it was built (logging on or off" in message
+  assert "to start a new run, call state = tx.init(params)" in message
 
 
 def test_state_of_another_accumulator_dtype_is_refused():

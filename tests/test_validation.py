@@ -96,6 +96,12 @@ def test_gradient_ascent_rejects_bad_value_naming_the_argument(name, value):
   assert repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize("value", [5.0, np.float64(5.0)])
+def test_a_whole_float_count_is_told_to_pass_an_int(value):
+  with pytest.raises(ValueError, match=r"Pass it as an int, warmup_steps=5\."):
+    gax.gradient_ascent(warmup_steps=value)
+
+
 def test_a_decay_rate_below_0_is_told_the_range():
   with pytest.raises(ValueError, match=r"from 0 \(which turns it off\) up to, not including, 1"):
     gax.gradient_ascent(beta=-0.1)

@@ -122,7 +122,9 @@ def checked_state(
         f"Expected the state that tx.init(params) of this {name}(...) "
         f"returns, a tuple of {layout()}; got {got}. A state is only valid "
         "for the optimizer (and the clip_value/weight_decay/logging_interval choice) that "
-        "made it: call state = tx.init(params) with this tx."
+        "made it. To go on with that run, build tx as it was built (logging on or off "
+        "included: a saved run keeps its stages); to start a new run, call "
+        "state = tx.init(params) with this tx."
       )
     try:
       if check_updates is not None:

@@ -186,6 +186,9 @@ def check_count(
     return value
   number = _concrete(name, value, "integer", fix)
   is_int = isinstance(number, numbers.Integral) and not isinstance(number, (bool, np.bool_))
+  whole = isinstance(number, numbers.Real) and float(number).is_integer()
+  if whole and not isinstance(number, (bool, np.bool_, numbers.Integral)) and number >= minimum:
+    fix = f"Pass it as an int, {name}={int(number)}. " + fix  # 5.0 for 5
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
   number = int(number)
