@@ -229,7 +229,7 @@ def add_decayed_weights(
     # As the learning-rate stage does: a Python-float rate is weakly typed, and times
     # float16 params it would be rounded to float16 first (1e-8 becomes 0).
     wide = numerics.compute_dtype(jnp.result_type(p))
-    return numerics.cast(weight_decay * jnp.asarray(p, wide), dtype)
+    return numerics.cast(jnp.multiply(weight_decay, jnp.asarray(p, wide)), dtype)
 
   def decay(updates, params):
     return jax.tree.map(

@@ -174,6 +174,14 @@ def check_lr_decay(value: Any) -> float | jax.Array | None:
   return check_interval("lr_decay", value, 0.0, 1.0, low_open=True, fix=fix)
 
 
+def _whole_float(number: Any) -> int | None:
+  """The int that a float of whole value (5.0, np.float64(5.0)) stands for, else None."""
+  if isinstance(number, (bool, np.bool_, numbers.Integral)) or not isinstance(number, numbers.Real):
+    return None
+  value = float(number)
+  return int(value) if value.is_integer() else None
+
+
 def check_count(
   name: str, value: Any, minimum: int, fix: str, maximum: int = _COUNT_MAX
 ) -> int | jax.Array:
@@ -186,9 +194,9 @@ def check_count(
     return value
   number = _concrete(name, value, "integer", fix)
   is_int = isinstance(number, numbers.Integral) and not isinstance(number, (bool, np.bool_))
-  whole = isinstance(number, numbers.Real) and float(number).is_integer()
-  if whole and not isinstance(number, (bool, np.bool_, numbers.Integral)) and number >= minimum:
-    fix = f"Pass it as an int, {name}={int(number)}. " + fix  # 5.0 for 5
+  whole = _whole_float(number)
+  if whole is not None and whole >= minimum:
+    fix = f"Pass it as an int, {name}={whole}. " + fix  # 5.0 for 5
   if not is_int or number < minimum:
     _fail(name, value, f"an integer >= {minimum}", fix)
   number = int(number)
