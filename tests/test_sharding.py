@@ -388,3 +388,31 @@ def test_data_parallel_matches_single_device(mesh, mode, caplog):
   assert mean_log_likelihood(params, x, y) > mean_log_likelihood(classifier_params(), x, y) + 0.1
   # Eight devices call back on each logging step; one record comes out.
   assert [r.step for r in caplog.records if r.name == "gradient_ascent_jax"] == [3, 6]
+
+
+@pytest.mark.parametrize("emit", ["callback", "state"])
+def test_state_of_unplaced_params_is_unplaced_and_goes_where_the_data_is(mesh, emit):
+  """Params on no particular device give a state on none either (every leaf
+  uncommitted), so that a step with a batch sharded over the mesh, or pmap over
+  a stacked state, places it as it places the params."""
+  tx = gax.gradient_ascent(learning_rate=0.1, logging_interval=2, logging_emit=emit)
+  w = jnp.zeros(4)
+  state = tx.init(w)
+  assert [leaf.committed for leaf in jax.tree.leaves(state)] == [False] * len(
+    jax.tree.leaves(state)
+  )
+  batch = jax.device_put(
+    jnp.ones((64, 4)), NamedSharding(Mesh(mesh.devices.reshape(-1), "d"), P("d"))
+  )
+
+  @jax.jit
+  def step(w, state, x):
+    g = jax.grad(lambda w: -jnp.mean((x @ w - 1.0) ** 2))(w)
+    updates, state = tx.update(g, state, w)
+    return w + updates, state
+
+  w_next, _ = step(w, state, batch)
+  np.testing.assert_allclose(w_next, jnp.full(4, 0.1 * np.sqrt(1000)), rtol=1e-5)
+  stacked = jax.tree.map(lambda leaf: jnp.stack([leaf] * 8), (w, state))
+  updates, _ = jax.pmap(lambda w, s: tx.update(jnp.ones(4), s, w))(*stacked)
+  assert updates.shape == (8, 4)

@@ -279,7 +279,7 @@ def _scalar_objective(value) -> jax.Array:
 
 
 def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
-  """A record with nothing to log, its interval and name set, on the devices of the step counter."""
+  """A record with nothing to log, its interval and name set, placed as the step counter is."""
   first = records.pack(
     records.Record(
       step=0,
@@ -302,7 +302,10 @@ def _empty_record(count: jax.Array, settings: _Settings) -> jax.Array:
   # by the optimizer's own logger, with its name, as on the callback path.
   # The run's number tells the reader a new run from the same steps of an earlier one.
   words = first.at[records.RUN_WORD].set(next(_runs) % 2**32)
-  if placement.concrete_devices(count) is not None:
+  # Placed as the counter is: replicated over the params' mesh where init put it
+  # there (committed), else left uncommitted, so that the step, jit or pmap can
+  # put the state beside the data as it puts every other leaf.
+  if placement.concrete_devices(count) is not None and count.committed:
     words = jax.device_put(words, count.sharding)
   return words
 
