@@ -416,3 +416,24 @@ def test_optax_wrapper_state_restored_without_a_target_is_carried_over(name):
     tx.update(grads, restored, params)
   carried = gax.carry_over(restored, tx.init(params))
   assert_trees_equal(tx.update(grads, carried, params), tx.update(grads, state, params))
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax", "state_dict"])
+def test_reader_reads_a_state_path_run_restored_without_a_target(fmt, tmp_path, caplog):
+  # Plain dicts whose unused fields are None (or gone): the record is still found.
+  caplog.set_level(logging.INFO, logger="gradient_ascent_jax")
+  tx = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state")
+  params = jnp.ones(2)
+  state = tx.init(params)
+  for _ in range(2):
+    state = tx.update(jnp.ones(2), state, params)[1]
+  if fmt == "state_dict":
+    plain = serialization.to_state_dict(state)
+  else:
+    plain, _ = restore_without_and_with_target(fmt, tmp_path, state, tx.init(params))
+  assert not isinstance(plain, tuple)  # plain containers, not the state's types
+  reader = gax.ProgressReader()
+  reader(plain)
+  reader.flush()
+  logged = [(r.name, r.levelname, r.step) for r in caplog.records if r.name.startswith("gradient")]
+  assert logged == [("gradient_ascent_jax", "INFO", 2)]

@@ -80,15 +80,27 @@ def _array(value: Any) -> Any:
   return get_value() if callable(get_value) else getattr(value, "value", value)
 
 
+# The fields a state-path LogProgressState holds; the others are None.
+_KEPT_FIELDS = frozenset({"count", "record"})
+_FIELDS = frozenset(progress.LogProgressState._fields)
+
+
 def _kept_mapping(node: Any) -> Any:
   """The record of ``node`` if it is a state path's ``LogProgressState`` as a mapping
   of its fields, else None.
 
   Flax NNX's ``nnx.split`` and ``nnx.state`` keep a NamedTuple's fields by name
   but not its type (``{"count": ..., "record": ...}``; the fields the state path
-  leaves None are gone), and so does a checkpoint restored into plain dicts.
+  leaves None are gone), and so does a checkpoint restored into plain dicts
+  (Flax's ``to_state_dict`` and msgpack, orbax without a target), where those
+  fields may stay as None.
   """
-  if not isinstance(node, collections.abc.Mapping) or set(node.keys()) != {"count", "record"}:
+  if not isinstance(node, collections.abc.Mapping) or not _KEPT_FIELDS <= set(node.keys()):
+    return None
+  if any(
+    key not in _FIELDS or (key not in _KEPT_FIELDS and value is not None)
+    for key, value in node.items()
+  ):
     return None
   words = _array(node["record"])
   if (
