@@ -1162,3 +1162,13 @@ def test_weight_decay_on_a_flat_objective_shrinks_at_a_speed_set_by_the_rate(mom
     assert abs(reference[99]) < 0.01 and abs(reference[199]) < 1e-4
   else:  # measured: 0.4835 after 100 steps, 0.0061 after 1000
     np.testing.assert_allclose(reference[[99, 999]], [0.4835, 0.0061], rtol=0.01)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_a_lone_bool_mask_is_told_to_pass_none_or_leave_decay_out(mask):
+  with pytest.raises(ValueError, match="got a single bool") as error:
+    gax.gradient_ascent(weight_decay=0.1, weight_decay_mask=mask)
+  message = str(error.value)
+  fix = "To decay every leaf, pass None (the default); to decay none, leave weight_decay out."
+  assert fix in message
+  assert message.index(fix) < message.index("inject_hyperparams")

@@ -367,3 +367,12 @@ def test_complex_params_raise_type_error_at_init_naming_the_fix():
   with pytest.raises(TypeError, match=r"parameter \['layer'\]\['w'\] has dtype complex64") as error:
     quiet().init({"layer": {"w": jnp.zeros(2, jnp.complex64)}})
   assert "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...))" in str(error.value)
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 here")
+def test_numpy_long_double_params_are_told_to_cast():
+  # A real float, which JAX lacks: not "only real floating-point parameters".
+  with pytest.raises(TypeError, match=r"parameter \['x'\] has dtype float128, which JAX") as error:
+    gax.gradient_ascent().init({"x": np.ones(2, np.longdouble)})
+  assert "only real floating-point" not in str(error.value)
+  assert "astype(np.float64)" in str(error.value)

@@ -158,6 +158,15 @@ def test_each_public_factory_checks_its_arguments(factory, kwargs, name):
 def test_error_message_says_how_to_fix():
   with pytest.raises(ValueError, match="Use None for no clipping"):
     gax.gradient_ascent(clip_value=0)
+
+
+@pytest.mark.parametrize("clip_value", [None, 0.0])
+def test_clip_by_value_alone_refuses_no_bound_and_says_to_leave_it_out(clip_value):
+  # The stage has no "off" (gradient_ascent's clip_value=None adds no stage).
+  with pytest.raises(ValueError, match="`clip_value` must be") as error:
+    gax.clip_by_value(clip_value)
+  assert "leave clip_by_value out of the chain" in str(error.value)
+  assert "Use None" not in str(error.value)
   with pytest.raises(ValueError, match="Use 0 to turn warmup off"):
     gax.gradient_ascent(warmup_steps=-1)
 

@@ -90,7 +90,8 @@ def gradient_ascent(
       warnings then go to the logger ``gradient_ascent_jax.disc`` and start
       with ``disc:``, so that two optimizers' records can be told apart.
     weight_decay_mask: which leaves decay, with ``weight_decay``: None (all),
-      a pytree of bools (True: decayed; the params' tree or a prefix of it) or
+      a pytree of bools (True: decayed; the params' tree or a prefix of it,
+      not one lone bool) or
       a callable ``params -> pytree of bools``, as
       ``optax.add_decayed_weights``'s ``mask``. Each leaf is one bool known when
       the step is traced (else ``TypeError``); under

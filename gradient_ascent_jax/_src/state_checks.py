@@ -211,6 +211,12 @@ def check_floating_params(params: Any, transform: str) -> None:
       dtype = jnp.result_type(leaf)
     except TypeError:  # a NumPy dtype JAX lacks: object, str, float128, ...
       dtype = None
+    if dtype is None and np.issubdtype(leaf.dtype, np.floating):  # float128
+      raise TypeError(
+        f"{transform}: parameter {where} has dtype {leaf.dtype}, which JAX does "
+        "not have (its widest float is float64, with jax_enable_x64 on). Cast it "
+        "first, e.g. leaf.astype(np.float64) or jnp.asarray(leaf, jnp.float32)."
+      )
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       shown = leaf.dtype if dtype is None else dtype.name
       raise TypeError(

@@ -165,9 +165,7 @@ def clip_by_value(clip_value: jax.typing.ArrayLike) -> optax.GradientTransformat
     >>> tx.update(jnp.array([0.5, -3.0, 2.0]), tx.init(None))[0]
     Array([ 0.5, -1. ,  1. ], dtype=float32)
   """
-  clip_value = validation.check_optional_positive(
-    "clip_value", clip_value, "Use None for no clipping."
-  )
+  clip_value = validation.check_clip_value(clip_value)
   return unchecked_clip_by_value(clip_value, check_updates=True)
 
 

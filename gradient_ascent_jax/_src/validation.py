@@ -145,6 +145,17 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   return check_interval(name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
 
 
+def check_clip_value(value: Any) -> float | jax.Array:
+  """``clip_by_value``'s bound > 0 (and finite): the stage itself has no "off"."""
+  fix = (
+    "To clip nothing, leave clip_by_value out of the chain "
+    "(gradient_ascent(clip_value=None) adds no clipping stage)."
+  )
+  if value is None:
+    _fail("clip_value", value, "a number > 0", fix)
+  return check_interval("clip_value", value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
+
+
 def check_eps(value: Any) -> float | jax.Array:
   """``eps`` > 0 (and finite): it guards the division, so None is refused too."""
   fix = "eps guards the division; use a small value such as 1e-8."
@@ -259,12 +270,12 @@ def check_weight_decay_mask(value: Any) -> Any:
     raise ValueError(
       "`weight_decay_mask` must be None, a pytree of bools (the params' tree or a "
       "prefix of it) or a callable params -> such a pytree, got a single bool "
-      f"({shown}). Under optax.inject_hyperparams that is what a callable mask "
-      "turns into: Optax takes every callable it is not told about for a schedule "
-      "and calls it with the step count, so the mask never sees the params. Name "
-      "it static: optax.inject_hyperparams(gax.gradient_ascent, "
-      'static_args=("weight_decay_mask",))(...). Otherwise use None to decay '
-      "every leaf, or leave weight_decay out to decay none."
+      f"({shown}). To decay every leaf, pass None (the default); to decay none, "
+      "leave weight_decay out. Under optax.inject_hyperparams a single bool is "
+      "what a callable mask turns into: Optax takes every callable it is not told "
+      "about for a schedule and calls it with the step count, so the mask never "
+      "sees the params. Name it static: optax.inject_hyperparams("
+      'gax.gradient_ascent, static_args=("weight_decay_mask",))(...).'
     )
   if value is not None and not callable(value):
     check_mask_leaves(value, "`weight_decay_mask`")
