@@ -1172,3 +1172,25 @@ def test_a_lone_bool_mask_is_told_to_pass_none_or_leave_decay_out(mask):
   fix = "To decay every leaf, pass None (the default); to decay none, leave weight_decay out."
   assert fix in message
   assert message.index(fix) < message.index("inject_hyperparams")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+  ("params", "expected"),
+  [
+    ({"w": jnp.float32(5.0)}, r"params\['w'\] has shape \(\), but its gradient has shape \(2,\)"),
+    ({"w": jnp.ones(1)}, r"params\['w'\] has shape \(1,\), but its gradient has shape \(2,\)"),
+    ({"w": jnp.ones((3, 2))}, r"params\['w'\] has shape \(3, 2\)"),
+    ({"w": jnp.ones(3)}, r"params\['w'\] has shape \(3,\)"),
+    ({"w": jnp.ones(2), "b": jnp.ones(1)}, "the params do not have the gradients' tree"),
+  ],
+  ids=["scalar", "one", "matrix", "three", "extra-leaf"],
+)
+def test_weight_decay_params_of_another_shape_or_tree_are_refused(params, expected, jit):
+  # Broadcast silently before (the moments took the params' shape), or a bare JAX error.
+  tx = gax.gradient_ascent(learning_rate=0.1, weight_decay=0.1)
+  state = tx.init({"w": jnp.ones(2)})
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=expected) as error:
+    update({"w": jnp.ones(2)}, state, params)
+  assert "tx.update(grads, state, params)" in str(error.value)

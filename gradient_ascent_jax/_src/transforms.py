@@ -201,6 +201,35 @@ def unchecked_clip_by_value(clip_value, check_updates: bool) -> optax.GradientTr
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def _check_params_fit(updates, params) -> None:
+  """Raises ValueError unless ``params`` has the updates' tree and each leaf's shape.
+
+  The decay term is added leaf by leaf, so params of another shape would be
+  broadcast into the update (and from there into the moments) without a word.
+  """
+  fix = "Pass the params the gradients are of: tx.update(grads, state, params)."
+
+  def check(path, u, p):
+    if u is not None and jnp.shape(p) != jnp.shape(u):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise ValueError(
+        f"add_decayed_weights: params{where} has shape {jnp.shape(p)}, but its "
+        f"gradient has shape {jnp.shape(u)}; weight decay would broadcast one into "
+        f"the other. {fix}"
+      )
+
+  try:
+    jax.tree_util.tree_map_with_path(check, updates, params, is_leaf=lambda u: u is None)
+  except ValueError as error:
+    if str(error).startswith("add_decayed_weights"):
+      raise
+    raise ValueError(
+      "add_decayed_weights: the params do not have the gradients' tree. The "
+      f"gradients': {jax.tree.structure(updates)}; the params': "
+      f"{jax.tree.structure(params)}. {fix}"
+    ) from None
+
+
 def add_decayed_weights(
   weight_decay: jax.typing.ArrayLike, mask: Any = None
 ) -> optax.GradientTransformation:
@@ -252,6 +281,7 @@ def add_decayed_weights(
         "needs them: call tx.update(grads, state, params) with the params the "
         "gradients are of (or build the optimizer with weight_decay=None)." + unknown
       )
+    _check_params_fit(updates, params)
     if mask is None:
       return decay(updates, params), state
     chosen = mask(params) if callable(mask) else mask
