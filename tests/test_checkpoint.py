@@ -437,3 +437,26 @@ def test_reader_reads_a_state_path_run_restored_without_a_target(fmt, tmp_path, 
   reader.flush()
   logged = [(r.name, r.levelname, r.step) for r in caplog.records if r.name.startswith("gradient")]
   assert logged == [("gradient_ascent_jax", "INFO", 2)]
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+@pytest.mark.parametrize("logging_interval", [None, 2])
+def test_gradient_ascent_in_a_users_chain_restored_without_a_target(
+  fmt, logging_interval, tmp_path
+):
+  # msgpack hands gradient_ascent a key of the outer dict ('1'): it was told that
+  # the state belongs to another optimizer and to call tx.init, which starts over.
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0), gax.gradient_ascent(0.1, logging_interval=logging_interval)
+  )
+  params = {"w": jnp.arange(3.0)}
+  state = tx.init(params)
+  for _ in range(3):
+    state = tx.update(params, state, params)[1]
+  plain, restored = restore_without_and_with_target(fmt, tmp_path, state, tx.init(params))
+  with pytest.raises(ValueError, match="restored without a target") as error:
+    tx.update(params, plain, params)
+  assert "gax.carry_over(restored, tx.init(params))" in str(error.value)
+  assert "does not belong" not in str(error.value)
+  carried = gax.carry_over(plain, tx.init(params))
+  assert_trees_equal(tx.update(params, carried, params), tx.update(params, restored, params))

@@ -62,7 +62,7 @@ def restored_without_target(name: str, state: Any) -> ValueError:
   )
 
 
-def check_own_state(state: Any, state_type: type, name: str) -> None:
+def check_own_state(state: Any, state_type: type, name: str, expected: str = "") -> None:
   """Refuses, at trace time, a plain container (or a key) where a stage's state belongs.
 
   That is what a stage meets when the checkpoint of a chain is restored without a
@@ -83,7 +83,7 @@ def check_own_state(state: Any, state_type: type, name: str) -> None:
     else ""
   )
   raise ValueError(
-    f"{name}: the state is {found}, not the {state_type.__name__} that "
+    f"{name}: the state is {found}, not the {expected or state_type.__name__} that "
     f"tx.init(params) returns{how}: {_WITHOUT_TARGET}. " + _RESTORE_INTO_TARGET
   )
 
