@@ -126,13 +126,16 @@ def check_matches_state(
       raise ValueError(
         f"{transform}: the optimizer state holds {', '.join(found)} moments, "
         f"but this optimizer was built with accumulator_dtype={expected.name}. "
-        "The state comes from an optimizer with another accumulator_dtype: "
-        "call state = tx.init(params) with this optimizer."
+        "The state comes from an optimizer with another accumulator_dtype: to go "
+        "on with that run, build tx as it was built (accumulator_dtype="
+        f"jnp.{found[0]} if that is what it had); to start a new run, call "
+        "state = tx.init(params) with this tx."
       )
   try:
     chex.assert_trees_all_equal_structs(updates, accumulator)
     chex.assert_trees_all_equal_shapes(updates, accumulator)
     if accumulator_dtype is None:
+      _check_moments_in_gradient_dtypes(updates, accumulator, transform)
       chex.assert_trees_all_equal_dtypes(_as_jax_sees_them(updates), accumulator)
   except AssertionError as error:
     raise ValueError(
@@ -141,6 +144,28 @@ def check_matches_state(
       "structure, shapes and dtypes as those params (or re-run init). "
       f"Details (tree 0 is the gradients, tree 1 the state): {error}"
     ) from None
+
+
+def _check_moments_in_gradient_dtypes(updates, accumulator, transform: str) -> None:
+  """With ``accumulator_dtype=None`` the moments have the params' dtypes: a leaf
+  whose moment has another dtype than its gradient is named, with both causes."""
+  pairs = zip(
+    jax.tree_util.tree_leaves_with_path(_as_jax_sees_them(updates)),
+    jax.tree.leaves(accumulator),
+    strict=True,
+  )
+  for (path, grad), moment in pairs:
+    grad_dtype, moment_dtype = jnp.dtype(grad.dtype), jnp.dtype(moment.dtype)
+    if grad_dtype != moment_dtype:
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise ValueError(
+        f"{transform}: the gradient {where} is {grad_dtype.name}, but the optimizer "
+        f"state holds its moment in {moment_dtype.name}. This optimizer keeps the "
+        "moments in the params' dtypes (accumulator_dtype=None). If the state was "
+        "made by an optimizer built with accumulator_dtype=jnp."
+        f"{moment_dtype.name}, build tx that way to go on with that run; else "
+        "pass gradients in the dtypes of the params that init was given."
+      )
 
 
 def _as_jax_sees_them(tree: Any) -> Any:
