@@ -407,6 +407,21 @@ def test_bad_schedule_output_is_rejected_when_traced(factory, schedule, match):
   assert info.match(match)
 
 
+def test_a_schedule_going_negative_on_the_device_is_not_checked_under_jit():
+  # As "What happens when" says: a Python number is refused, a JAX array is not
+  # checked (with or without jit), and the update then descends.
+  params = jnp.zeros(())
+  with pytest.raises(ValueError, match=r"`learning_rate\(count\)` must be"):
+    tx = gax.gradient_ascent(lambda count: -0.01)
+    tx.update(jnp.ones(()), tx.init(params), params)
+  schedule = optax.linear_schedule(0.01, -0.01, transition_steps=100)
+  tx = gax.gradient_ascent(schedule, momentum=0.0, beta=0.75)
+  state = optax.tree.set(tx.init(params), count=jnp.asarray(80, jnp.int32))
+  for update in (tx.update, jax.jit(tx.update)):
+    updates, _ = update(jnp.ones(()), state, params)
+    np.testing.assert_allclose(updates, -0.006 / 0.5, rtol=1e-5)  # lr(80) / sqrt(1 - beta)
+
+
 @pytest.mark.parametrize("rate", [1, jnp.asarray(1), np.int64(1)], ids=["python", "jax", "numpy"])
 def test_schedule_returning_an_int_works(rate):
   tx = gax.gradient_ascent(lambda count: rate, beta=0.75, momentum=0.0)
