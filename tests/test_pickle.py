@@ -72,3 +72,22 @@ def test_cloudpickled_factory_result_steps_identically(name, index, caplog):
   # The state itself pickles with the standard library, as checkpoints of it do.
   _, states = want
   _assert_bit_identical(pickle.loads(pickle.dumps(states[-1])), states[-1])
+
+
+def test_cloudpickled_state_path_steps_identically_but_for_the_run_number():
+  # Each eager tx.init writes a new run number into the record (word 6), so that a
+  # reader tells runs apart; every other word, and every other leaf, is identical.
+  made = gax.gradient_ascent(0.05, logging_interval=2, logging_emit="state")
+  copy = cloudpickle.loads(cloudpickle.dumps(made))
+  params = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array(0.25)}
+  grads = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(-0.75)}
+  (want_updates, want_states), (got_updates, got_states) = (
+    _steps(tx, params, grads) for tx in (made, copy)
+  )
+  _assert_bit_identical(got_updates, want_updates)
+  for got, want in zip(got_states, want_states, strict=True):
+    got_record, want_record = np.asarray(got[0].record), np.asarray(want[0].record)
+    assert got_record[6] != want_record[6]
+    np.testing.assert_array_equal(np.delete(got_record, 6), np.delete(want_record, 6))
+    _assert_bit_identical(got[1:], want[1:])
+    _assert_bit_identical(got[0].count, want[0].count)

@@ -569,6 +569,26 @@ def test_repeated_runs_each_log(collect):
   assert [s[3] for s in collect] == [3, 3]
 
 
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager-init", "jitted-init"])
+def test_runs_read_only_at_their_ends_are_told_apart_by_an_eager_init(collect, jitted):
+  # As "What happens when" says: each eager init numbers its run; a jitted init
+  # writes the number it was traced with, so runs whose records are equal word for
+  # word, read only at their ends (the count never goes back), are logged once.
+  tx = gax.gradient_ascent(logging_interval=3, logging_emit="state")
+  init = jax.jit(tx.init) if jitted else tx.init
+  step = jax.jit(lambda s: tx.update(jnp.ones(2), s, jnp.zeros(2))[1])
+  reader = gax.ProgressReader()
+  runs = [init(jnp.zeros(2)) for _ in range(3)]
+  words = {int(state[0].record[records.RUN_WORD]) for state in runs}
+  assert len(words) == (1 if jitted else 3)
+  for state in runs:
+    for _ in range(3):
+      state = step(state)
+    reader(state)
+  reader.flush()
+  assert [s[3] for s in collect] == ([3] if jitted else [3, 3, 3])
+
+
 @pytest.mark.slow  # 4 s or more on 2 cores
 def test_reader_does_not_wait_for_a_running_step(collect):
   # A step that runs for a while: right after reader(state) returns the record
