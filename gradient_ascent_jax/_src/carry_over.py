@@ -228,10 +228,12 @@ def carry_over(old_state: Any, target: Any) -> Any:
   (whose state types had other fields), or restored without a target (orbax's
   ``checkpointer.restore(path)``, flax's ``serialization.msgpack_restore``:
   plain dicts and lists), or a pickle. Returns the state of ``target``'s
-  types holding the run's values, so that the run continues exactly: moments,
-  velocity and step counts are kept, and fields that an earlier version did
-  not have are derived from the ones it had (0.1.0 marked "not yet" with NaN,
-  which becomes a flag or a count and zeros).
+  types holding the run's values, so that the run continues: moments,
+  velocity and step counts are kept bit for bit, and fields that an earlier
+  version did not have are derived from the ones it had (0.1.0 marked "not
+  yet" with NaN, which becomes a flag or a count and zeros). An earlier
+  version's next steps are matched to float32 rounding (this version may
+  order a step's arithmetic differently); this version's own, bit for bit.
 
   Args:
     old_state: the optimizer state as loaded.

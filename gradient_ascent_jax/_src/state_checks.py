@@ -40,7 +40,7 @@ CARRY_OVER = (
   "Do not replace it with tx.init(params), which starts the run over: carry it "
   "over, state = gax.carry_over(old_state, tx.init(params)), with tx and params "
   "built as the saved run built them. That keeps the moments, the velocity and "
-  "the step counts, and the run continues exactly."
+  "the step counts, and the run continues where it stopped."
 )
 
 
