@@ -154,9 +154,8 @@ def test_claims_are_checked_with_tolerance_only_on_numbers():
   assert not line_matches("step 100", "step 101")
 
 
-@pytest.mark.slow  # each block runs in a fresh Python process (up to 27 s)
-@pytest.mark.parametrize(("path", "line", "code", "claimed"), snippets())
-def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
+def run_snippet(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+  """``code`` run as a user's script: its stdout and stderr together."""
   env = dict(os.environ)
   # The suite's 8 fake devices are not the user's setup; other XLA flags (an ISA cap) reach it.
   env["XLA_FLAGS"] = " ".join(
@@ -167,7 +166,7 @@ def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_p
   env["PYTHONUNBUFFERED"] = "1"  # keep prints and log records in order
   script = tmp_path / "snippet.py"
   script.write_text(code)
-  result = subprocess.run(
+  return subprocess.run(
     [sys.executable, str(script)],
     cwd=tmp_path,
     env=env,
@@ -176,6 +175,12 @@ def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_p
     text=True,
     timeout=TIMEOUT_S,
   )
+
+
+@pytest.mark.slow  # each block runs in a fresh Python process (up to 27 s)
+@pytest.mark.parametrize(("path", "line", "code", "claimed"), snippets())
+def test_snippet_runs_and_prints_what_it_claims(path, line, code, claimed, tmp_path):
+  result = run_snippet(code, tmp_path)
   where = f"{path}:{line}"
   assert result.returncode == 0, f"{where} failed:\n{result.stdout}"
   output = result.stdout.splitlines()
@@ -205,3 +210,20 @@ def test_every_test_the_docs_name_exists():
     if not re.search(rf"^\s*def {name}\(", (ROOT / path).read_text(), re.M)
   )
   assert not missing, f"the docs name tests that do not exist: {missing}"
+
+
+@pytest.mark.slow  # the three layouts: 10 s or more on 2 cores
+@pytest.mark.parametrize(
+  "logging", ["logging_interval=10", 'logging_interval=10, logging_emit="state"']
+)
+def test_multi_device_layouts_run_with_logging_on(logging, tmp_path):
+  # The guide's three layouts with logging on: its ZeRO-1 rule replicates the state
+  # path's record (uint32[19] does not divide over 8 devices), and it finds the
+  # velocity wherever the logging stage puts it.
+  path = DOCS / "guide" / "multi_device.md"
+  (code,) = [body for _, _, body in fenced_blocks(path) if "def train(layout" in body]
+  assert code.count("logging_interval=None") == 1
+  result = run_snippet(code.replace("logging_interval=None", logging), tmp_path)
+  assert result.returncode == 0, result.stdout
+  trained = [line.split()[0] for line in result.stdout.splitlines() if "-2.167 -> -0.859" in line]
+  assert trained == ["replicated", "fsdp", "zero1"]

@@ -397,3 +397,15 @@ def test_numpy_long_double_params_are_told_to_cast():
     gax.gradient_ascent().init({"x": np.ones(2, np.longdouble)})
   assert "only real floating-point" not in str(error.value)
   assert "astype(np.float64)" in str(error.value)
+
+
+@pytest.mark.parametrize(("beta", "warned"), [(0.999, True), (0.99, False), (1 - 2**-7, False)])
+def test_bfloat16_state_of_float32_params_warns_only_past_its_resolution(beta, warned):
+  # As the performance page says: accumulator_dtype=jnp.bfloat16 halves the state,
+  # best with beta <= 1 - 2**-7; the default 0.999 warns at init.
+  caught = coarse_beta_warnings(
+    lambda: quiet(beta=beta, accumulator_dtype=jnp.bfloat16).init(jnp.zeros(4))
+  )
+  assert len(caught) == (1 if warned else 0)
+  if warned:
+    assert "1.4x larger" in str(caught[0].message)
