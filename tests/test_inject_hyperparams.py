@@ -5,6 +5,7 @@ run with the injected values, not only with what Optax stores.
 """
 
 import logging
+import warnings
 
 import chex
 import jax
@@ -446,3 +447,15 @@ def test_dtype_not_static_is_refused_naming_the_fix(factory):
     )
     state = tx.init(jnp.zeros(2, jnp.bfloat16))
     assert {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)} >= {jnp.dtype(jnp.float32)}
+
+
+def test_injected_beta_too_coarse_for_the_state_warns_at_init_as_when_built_with_it():
+  # The injected beta is a concrete float32 array at an eager init: it is read (it
+  # was skipped as unknown, and bfloat16 state got no warning).
+  tx = optax.inject_hyperparams(gax.gradient_ascent, hyperparam_dtype=jnp.float32)()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tx.init({"w": jnp.ones(4, jnp.bfloat16)})
+    jax.jit(tx.init)({"w": jnp.ones(4, jnp.bfloat16)})  # traced: no value to read
+  [message] = [str(w.message) for w in caught]
+  assert "beta=0.999 is closer to 1 than bfloat16 state can resolve" in message

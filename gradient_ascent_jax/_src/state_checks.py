@@ -271,14 +271,20 @@ _COARSE_WIDE = (
 )
 
 
+def _shown(beta) -> str:
+  """``beta`` as the user wrote it: an injected float32 0.999 is not 0.9990000128746033."""
+  return f"{float(beta):.6g}" if isinstance(beta, jax.Array) else str(beta)
+
+
 def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
   """Warns when the state dtype cannot resolve one step of the average.
 
   m moves by (1 - beta) * (h**2 - m) per step; with 1 - beta below the dtype's
   relative spacing, rounding would undo most steps.
   """
-  if isinstance(beta, jax.Array):  # injected or traced: value unknown here
+  if isinstance(beta, jax.core.Tracer):  # traced (a jitted init): value unknown here
     return
+  # A concrete JAX value (optax.inject_hyperparams, init run eagerly) is read.
   for dtype in sorted({jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(accumulator)}):
     finfo = jnp.finfo(dtype)
     spacing = float(finfo.eps)
@@ -296,7 +302,7 @@ def warn_if_too_coarse(beta, accumulator, transform: str) -> None:
           )
         fix += "."
       once.warn_user(
-        f"{transform}: beta={beta} is closer to 1 than {dtype} state can resolve "
+        f"{transform}: beta={_shown(beta)} is closer to 1 than {dtype} state can resolve "
         f"(relative spacing {spacing:.3g}): "
         f"{_COARSE_HALF if finfo.bits < 32 else _COARSE_WIDE} {fix}"
       )
