@@ -528,6 +528,10 @@ def test_healthy_run_with_logging_passes_debug_nans(log, jit):
     jax.effects_barrier()
   assert [r.step for r in _records(log)] == [2, 4, 6, 1, 2]
   assert math.isnan(_records(log)[-1].learning_rate)  # no rate given: NaN on the host only
+  # and the message leaves it out (it read "learning rate nan"), where it names it given one.
+  messages = [r.getMessage() for r in _records(log)]
+  assert messages[-1] == "step 2: objective 2, gradient norm 1.41421"
+  assert messages[0].startswith("step 2: objective ") and ", learning rate 0.1, " in messages[0]
 
 
 @pytest.mark.parametrize(

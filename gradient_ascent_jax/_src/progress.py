@@ -512,7 +512,8 @@ def log_progress(
     logging_interval: N >= 1, or None/0 for off (then this is
       ``optax.identity()``, taking and ignoring ``value``). May be a JAX integer
       (e.g. injected by ``optax.inject_hyperparams``); then 0 means off at run time.
-    learning_rate: the rate to report, a float or a schedule; None reports NaN.
+    learning_rate: the rate to report, a float or a schedule; None leaves it
+      out of the message (the log record's ``learning_rate`` is then NaN).
     logging_name: None, or a name such as ``"disc"``: records and warnings go to
       the child logger ``gradient_ascent_jax.disc`` and start with ``disc:``.
     emit: ``"callback"`` (the default) or ``"state"``.

@@ -243,26 +243,19 @@ def emit(words: Any, *, warning: bool = True, due: bool = True) -> None:
   if not _dropped(named_logger, prefix):
     rate = record.learning_rate if has_rate else math.nan  # a record without a rate
     fields = {"step": step, "learning_rate": rate, "grad_norm": record.grad_norm}
-    if has_value:  # the record carries the objective too, in its message and as .value
+    # The message names what the record holds: the objective where value= was
+    # given, the rate where log_progress was given one (else .learning_rate is NaN).
+    parts, args = [], [prefix, step]
+    if has_value:
       fields["value"] = record.value
-      named_logger.info(
-        "%sstep %d: objective %.6g, learning rate %.6g, gradient norm %.6g",
-        prefix,
-        step,
-        record.value,
-        rate,
-        record.grad_norm,
-        extra=fields,
-      )
-    else:
-      named_logger.info(
-        "%sstep %d: learning rate %.6g, gradient norm %.6g",
-        prefix,
-        step,
-        rate,
-        record.grad_norm,
-        extra=fields,
-      )
+      parts.append("objective %.6g")
+      args.append(record.value)
+    if has_rate:
+      parts.append("learning rate %.6g")
+      args.append(rate)
+    parts.append("gradient norm %.6g")
+    args.append(record.grad_norm)
+    named_logger.info("%sstep %d: " + ", ".join(parts), *args, extra=fields)
   if has_value and record.descending:
     named_logger.warning(
       prefix + _DESCENT_WARNING.format(records=DESCENT_RECORDS, step=step, noise=DESCENT_NOISE),
