@@ -344,6 +344,125 @@ def test_nan_on_a_later_shard_map_device_warns_once(collect, path):
   ]
 
 
+def _per_device(tree, axis):
+  """``tree`` marked as differing from device to device over ``axis`` (shard_map)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(tree, axis, to="varying")
+  return jax.lax.pvary(tree, axis)  # jax < 0.8.2 (the declared floor is 0.8.0)
+
+
+def _rows_objective(w, x):
+  return -jnp.sum((x @ w - 1.0) ** 2)
+
+
+@pytest.mark.parametrize("mean", [False, True], ids=["own objective", "pmean objective"])
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("path", PATHS)
+def test_shard_map_logs_the_first_devices_objective_once_per_step(collect, path, check_vma, mean):
+  # The usual data-parallel step: the gradients are averaged, the objective is
+  # each device's own unless it is averaged too. check_vma=True is shard_map's default.
+  spec = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  x = jnp.arange(4.0 * mesh.size).reshape(mesh.size, 4) / 10
+  x = jax.device_put(x, jax.NamedSharding(mesh, spec("d")))
+  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit=path)
+
+  def local_step(w, state, x):
+    value, grads = jax.value_and_grad(_rows_objective)(_per_device(w, "d"), x)
+    value = jax.lax.pmean(value, "d") if mean else value
+    updates, state = tx.update(jax.lax.pmean(grads, "d"), state, w, value=value)
+    return w + updates, state
+
+  step = jax.jit(
+    jax.shard_map(
+      local_step,
+      mesh=mesh,
+      in_specs=(spec(), spec(), spec("d")),
+      out_specs=(spec(), spec()),
+      check_vma=check_vma,
+    )
+  )
+  w, state, reader = jnp.zeros(4), tx.init(jnp.zeros(4)), gax.ProgressReader()
+  rows = np.asarray(x) if mean else np.asarray(x)[:1]  # the first device's row
+  expected = []
+  for _ in range(4):
+    expected.append(-np.sum((rows @ np.asarray(w) - 1.0) ** 2) / (mesh.size if mean else 1))
+    # Wait for each step: collectives in flight can deadlock fake CPU devices.
+    w, state = jax.block_until_ready(step(w, state, x))
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  assert [(s[1], s[3]) for s in collect] == [(logging.INFO, 2), (logging.INFO, 4)]
+  np.testing.assert_allclose([s[5] for s in collect], expected[1::2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_shard_map_check_vma_adds_no_collective(path):
+  # The first device's objective travels in the all-reduce that the non-finite
+  # rule makes anyway (check_vma=False: each device keeps its own objective).
+  spec = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  x = jax.device_put(jnp.ones((mesh.size, 4)), jax.NamedSharding(mesh, spec("d")))
+  tx = gax.gradient_ascent(0.01, logging_interval=2, logging_emit=path)
+
+  def local_step(w, state, x):
+    value, grads = jax.value_and_grad(_rows_objective)(_per_device(w, "d"), x)
+    return tx.update(jax.lax.pmean(grads, "d"), state, w, value=value)
+
+  def all_reduces(check_vma):
+    step = jax.shard_map(
+      local_step,
+      mesh=mesh,
+      in_specs=(spec(), spec(), spec("d")),
+      out_specs=(spec(), spec()),
+      check_vma=check_vma,
+    )
+    text = jax.jit(step).lower(jnp.zeros(4), tx.init(jnp.zeros(4)), x).as_text()
+    return text.count("all_reduce")
+
+  assert all_reduces(True) == all_reduces(False) == 2
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("path", PATHS)
+def test_shard_map_over_sharded_params_keeps_a_replicated_logging_state(collect, path, check_vma):
+  # Gradients, moments and objective each device's own: the logging state is
+  # the same on every device (out_specs P()) and logs the first device's record.
+  spec = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((jax.device_count(),), ("d",))
+  w = jax.device_put(jnp.ones((mesh.size, 2)), jax.NamedSharding(mesh, spec("d")))
+  tx = gax.gradient_ascent(0.01, logging_interval=1, logging_emit=path)
+  state, reader = tx.init(w), gax.ProgressReader()
+  state_specs = jax.tree.map(lambda a: spec("d") if a.shape == w.shape else spec(), state)
+
+  def local_step(w, state):
+    value, grads = jax.value_and_grad(lambda w: -jnp.sum((w - 3.0) ** 2))(w)
+    updates, state = tx.update(grads, state, w, value=value)
+    return w + updates, state
+
+  step = jax.jit(
+    jax.shard_map(
+      local_step,
+      mesh=mesh,
+      in_specs=(spec("d"), state_specs),
+      out_specs=(spec("d"), state_specs),
+      check_vma=check_vma,
+    )
+  )
+  expected = []
+  for _ in range(2):
+    first = np.asarray(w)[0]  # the first device's shard
+    expected.append((-np.sum((first - 3.0) ** 2), np.linalg.norm(-2 * (first - 3.0))))
+    w, state = jax.block_until_ready(step(w, state))
+    if path == "state":
+      reader(state)
+  reader.flush()
+  jax.effects_barrier()
+  assert [(s[1], s[3]) for s in collect] == [(logging.INFO, 1), (logging.INFO, 2)]
+  np.testing.assert_allclose([(s[5], s[4]) for s in collect], expected, rtol=1e-5)
+
+
 def test_two_named_optimizers_in_one_dict(collect):
   gen = gax.gradient_ascent(0.1, logging_interval=2, logging_emit="state", logging_name="gen")
   disc = gax.gradient_ascent(0.1, logging_interval=3, logging_emit="state", logging_name="disc")
@@ -446,6 +565,25 @@ def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect
   assert running.copies <= 100 // 10 + 5, running.copies
 
 
+@pytest.mark.parametrize("ahead", [1, 5, 25])
+def test_until_a_record_is_ready_the_reader_reads_every_call(collect, running, ahead):
+  # The host runs `ahead` steps ahead of the device at the start: the reader cannot
+  # learn the interval, and copies on each of those calls; then once per interval.
+  fresh = running.fresh
+  tx = gax.gradient_ascent(0.1, logging_interval=10, logging_emit="state")
+  step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  for call in range(1, 101):
+    state = step(state)
+    fresh.append(state[0].record)
+    reader(state)
+    if call >= ahead:
+      fresh.clear()  # the device caught up: every record so far is ready
+  reader.flush()
+  assert [s[3] for s in collect] == list(range(10, 101, 10))
+  assert ahead <= running.copies <= ahead + 100 // 10 + 2, running.copies
+
+
 def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect, running):
   # Step 1's record is still running when step 2's, ready, is read: step 2's must
   # wait behind it, and step 3 donates the state that holds it.
@@ -522,7 +660,12 @@ def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatc
     return tx.update(jnp.ones(2) * (1 + heavy[0, 0]), state, jnp.zeros(2))[1]
 
   state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
-  for _ in range(100):
+  # The first step done before the loop goes on: until a record it read is ready
+  # the reader cannot know the interval and reads every call, for as many calls
+  # as the host runs ahead of the device (on a loaded machine, tens).
+  state = jax.block_until_ready(step(state, big))
+  reader(state)
+  for _ in range(99):
     state = step(state, big)
     reader(state)
   reader.flush()

@@ -70,10 +70,47 @@ def in_any_copy_rule(axis_size, in_batched, flag):
   return in_any_copy(jnp.any(flag)), False
 
 
-def on_first_device() -> jax.Array | bool:
-  """False on all devices but the first of ``pmap`` / ``shard_map``'s manual axes."""
+def manual_axes() -> tuple[str, ...]:
+  """The mesh axes that ``pmap`` or ``shard_map`` map this step over (none outside them)."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def varying_axes(x) -> tuple[str, ...]:
+  """The manual axes over which ``x`` may differ from device to device, in mesh order.
+
+  Only ``shard_map`` with ``check_vma=True`` tracks them; under ``pmap`` and
+  ``check_vma=False`` every value is typed the same on all devices (no axes).
+  """
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.8 names it ``vma``
+  varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+  return tuple(axis for axis in manual_axes() if axis in varying)
+
+
+def tracks_varying() -> bool:
+  """Whether this step is typed by what varies over its axes (``shard_map``'s ``check_vma``)."""
+  # axis_index varies over its axes by definition: where its type does not say
+  # so, nothing's does.
+  axes = manual_axes()
+  return bool(axes) and bool(varying_axes(jax.lax.axis_index(axes)))
+
+
+def on_first_device(axes: tuple[str, ...] | None = None) -> jax.Array | bool:
+  """False on all devices but the first along ``axes`` (all of ``pmap`` / ``shard_map``'s)."""
   # There the callback runs once per device, with no batch axis to elect from.
-  manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-  if not manual_axes:
+  axes = manual_axes() if axes is None else axes
+  if not axes:
     return True
-  return jax.lax.axis_index(manual_axes) == 0
+  return jax.lax.axis_index(axes) == 0
+
+
+def of_first_device(x: jax.Array) -> jax.Array:
+  """``x`` of the first device, on every device: the same along every axis ``x`` varies over.
+
+  One all-reduce where ``x`` varies (``shard_map``, ``check_vma=True``), none where
+  it does not.
+  """
+  axes = varying_axes(x)
+  if not axes:
+    return x
+  return jax.lax.psum(jnp.where(on_first_device(axes), x, jnp.zeros_like(x)), axes)

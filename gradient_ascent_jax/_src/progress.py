@@ -211,36 +211,52 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
   return new, fires
 
 
-def _nonfinite_objective(value, warned) -> tuple[jax.Array, jax.Array]:
-  """The non-finite rule for the objective, checked on every step: (not finite, warning fires).
+def _agreed_objective(value) -> tuple[jax.Array, jax.Array]:
+  """The objective the rules read, and whether it is not finite on any device.
 
-  Under ``pmap`` and ``shard_map`` the devices agree: the objective of any device
-  counts, so the first device (the one that logs) warns and every device's state
-  remembers it.
+  The non-finite rule is checked on every step. Under ``pmap`` and ``shard_map``
+  the devices agree on it: the objective of any device counts, so the first
+  device (the one that logs) warns and every device's state remembers it. The
+  descent rule and the record read the first device's objective. Where
+  ``shard_map`` types what varies over its axes (``check_vma=True``), the first
+  device's objective goes to every device in the all-reduce of the flag, so
+  that the state is the same on all of them (as ``out_specs=P()`` needs); else
+  each device keeps its own, and the first device's state is the one read.
   """
-  if value is None:
-    return jnp.zeros((), bool), jnp.zeros((), bool)
   bad = ~jnp.isfinite(value)
-  manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-  if manual_axes:
-    bad = jax.lax.psum(bad.astype(jnp.int32), manual_axes) > 0
-  return bad, bad & jnp.logical_not(warned)
+  axes = copies.manual_axes()
+  if not axes:
+    return value, bad
+  if not copies.tracks_varying():
+    return value, jax.lax.psum(bad.astype(jnp.int32), axes) > 0
+  axes = copies.varying_axes(value)
+  if not axes:  # the same on every device already: no collective
+    return value, bad
+  first = jnp.where(copies.on_first_device(axes), value, jnp.zeros_like(value))
+  agreed = jax.lax.psum(jnp.stack([first, bad.astype(value.dtype)]), axes)
+  return agreed[0], agreed[1] > 0
 
 
-def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval):
+def _nonfinite_fires(value, value_bad, warned) -> jax.Array:
+  """Whether the non-finite warning for the objective fires: where not yet ``warned``."""
+  return value_bad if value is None else value_bad & jnp.logical_not(warned)
+
+
+def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval, on_first):
   """The record of a step where some copy is due or warns, and what fired.
 
   The gradient norm is computed here, on those steps only, and its non-finite
   rule applied where it is the whole gradient's: under ``pmap`` / ``shard_map``
   it is each device's own, and only the objective is checked. Of the copies
   that ``vmap``, ``pmap`` and ``shard_map`` make, one speaks per step (module
-  ``copies``); the warnings count when any copy meets their rule.
+  ``copies``); the warnings count when any copy meets their rule. ``on_first``
+  says whether this device is the one that speaks (see ``_speak``).
   """
   grad_norm = gradient_norm.global_norm(updates)
   value, descending = objective or (jnp.zeros((), jnp.float32), jnp.zeros((), bool))
   payload = jax.lax.stop_gradient((rate, grad_norm, *objective[:1]))
   fires = value_fires
-  if not jax.sharding.get_abstract_mesh().manual_axes:
+  if not copies.manual_axes():
     fires = fires | (~jnp.isfinite(grad_norm) & ~state.nonfinite_warned)
   speak = due | fires
   show = due & copies.first_of_its_step(step, due, *payload)
@@ -249,7 +265,6 @@ def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, i
     & copies.first_of_its_step(step, speak, *payload)
     & copies.any_of_its_step(step, speak, fires)
   )
-  on_first = copies.on_first_device()
   record = records.Record(
     step=step,
     interval=interval,
@@ -355,7 +370,16 @@ def _init(settings: _Settings, params) -> LogProgressState:
 
 
 def _speak(settings: _Settings, updates, state, step, due, objective, value_bad, value_fires):
-  """The branch taken where some copy is due or warns: sends the record, or keeps it."""
+  """The branch taken where some copy is due or warns: sends the record, or keeps it.
+
+  Under ``pmap`` and ``shard_map`` the first device speaks: it alone sends its
+  record, and it alone marks the record it keeps as one to log. Where
+  ``shard_map`` types what varies over its axes (``check_vma=True``), every
+  device keeps the first device's record instead, so that the state is the same
+  on all of them (as ``out_specs=P()`` needs): one all-reduce on such steps,
+  where the record varies (the gradient norm is each device's own).
+  """
+  keeps_first = settings.emit == "state" and copies.tracks_varying()
   record, fires = _elect(
     updates,
     state,
@@ -366,6 +390,7 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
     value_fires,
     _rate_at(settings, state.count),
     settings.interval,
+    True if keeps_first else copies.on_first_device(),
   )
   words = records.pack(
     record,
@@ -381,7 +406,8 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
     index = jnp.arange(words.shape[-1])
     warning = (index == records.WARNING_WORDS[0]) | (index == records.WARNING_WORDS[1])
     replace = jnp.where(warning, fires | record.nonfinite, due) & (index != records.RUN_WORD)
-    return jnp.where(replace, words, state.record), fires
+    kept = jnp.where(replace, words, state.record)
+    return (copies.of_first_device(kept) if keeps_first else kept), fires
   jax.debug.callback(records.emit, words)
   return state.record, fires
 
@@ -410,14 +436,15 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   step = cast(jax.Array, optax.safe_increment(state.count))
   interval = jnp.asarray(settings.interval)
   due = (interval > 0) & (step % jnp.maximum(interval, 1) == 0)
+  value_bad = jnp.zeros((), bool)
   if value is not None:
-    value = _scalar_objective(value)
+    value, value_bad = _agreed_objective(_scalar_objective(value))
   if settings.emit == "state":
-    return updates, _update_kept(settings, updates, state, step, due, value)
+    return updates, _update_kept(settings, updates, state, step, due, value, value_bad)
   if value is not None:
     # The cond's operand keeps the count the step started from (the rate in force).
     state = _first_objective(state, value)
-  value_bad, value_fires = _nonfinite_objective(value, state.nonfinite_warned)
+  value_fires = _nonfinite_fires(value, value_bad, state.nonfinite_warned)
   fields = _on_logging_steps(
     due | value_fires,
     functools.partial(_logging_step, settings),
@@ -449,11 +476,13 @@ def _on_logging_steps(wanted, branch, keep, updates, operand, *args):
   return keep(operand)
 
 
-def _update_kept(settings: _Settings, updates, state, step, due, value) -> LogProgressState:
+def _update_kept(
+  settings: _Settings, updates, state, step, due, value, value_bad
+) -> LogProgressState:
   """The state path's step: all but the count lives in the record, which only the
   branch of steps where some copy is due, warns or sees its first objective unpacks."""
   record = jnp.asarray(state.record)
-  value_bad, value_fires = _nonfinite_objective(value, _flag(record, "nonfinite_warned"))
+  value_fires = _nonfinite_fires(value, value_bad, _flag(record, "nonfinite_warned"))
   wanted = due | value_fires
   if value is not None:
     wanted = wanted | (~_flag(record, "first_seen") & jnp.isfinite(value))
