@@ -108,7 +108,7 @@ def checked_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     if isinstance(state, str):  # one key of a dict restored without a target, in a chain
-      state_checks.check_own_state(state, tuple, name, expected=f"tuple of {layout()}")
+      raise state_checks.not_own_state(state, f"tuple of {layout()}", name)
     got = _describe(state)
     if got != layout() and _restored_without_target(chain, state, updates):
       raise state_checks.restored_without_target(name, state)

@@ -12,6 +12,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,7 +63,7 @@ def restored_without_target(name: str, state: Any) -> ValueError:
   )
 
 
-def check_own_state(state: Any, state_type: type, name: str, expected: str = "") -> None:
+def check_own_state(state: Any, state_type: type, name: str) -> None:
   """Refuses, at trace time, a plain container (or a key) where a stage's state belongs.
 
   That is what a stage meets when the checkpoint of a chain is restored without a
@@ -73,6 +74,11 @@ def check_own_state(state: Any, state_type: type, name: str, expected: str = "")
     return
   if isinstance(state, tuple) and type(state) is not tuple:
     return  # another NamedTuple: left to the stage's own checks
+  raise not_own_state(state, state_type.__name__, name)
+
+
+def not_own_state(state: Any, expected: str, name: str) -> ValueError:
+  """The error for a plain container or a key where the state ``expected`` belongs."""
   found = f"the string {state!r}" if isinstance(state, str) else f"a plain {type(state).__name__}"
   how = (
     (
@@ -82,8 +88,8 @@ def check_own_state(state: Any, state_type: type, name: str, expected: str = "")
     if isinstance(state, str)
     else ""
   )
-  raise ValueError(
-    f"{name}: the state is {found}, not the {expected or state_type.__name__} that "
+  return ValueError(
+    f"{name}: the state is {found}, not the {expected} that "
     f"tx.init(params) returns{how}: {_WITHOUT_TARGET}. " + _RESTORE_INTO_TARGET
   )
 
