@@ -194,3 +194,25 @@ def test_split_real_and_imaginary_runs_gradient_ascent_on_both_parts():
     z = optax.apply_updates(z, updates)
     real, imaginary = reference.step([np.real(g), np.imag(g)])
     np.testing.assert_allclose(updates, real + 1j * imaginary, rtol=2e-5)
+
+
+def test_complex_params_reach_the_maximum_with_the_conjugated_gradient():
+  # As the complex errors say: conjugate JAX's gradient. Unconjugated, the
+  # imaginary parts move away from the maximum at c.
+  c = jnp.array([1.0 + 2.0j, -3.0 - 1.0j], jnp.complex64)
+
+  def objective(z):
+    return -jnp.sum(jnp.abs(z - c) ** 2)
+
+  ends = {}
+  for conjugate in (True, False):
+    tx = optax.contrib.split_real_and_imaginary(gax.gradient_ascent(0.05))
+    z = jnp.zeros(2, jnp.complex64)
+    state = tx.init(z)
+    for _ in range(300):
+      grad = jax.grad(objective)(z)
+      updates, state = tx.update(jnp.conj(grad) if conjugate else grad, state, z)
+      z = optax.apply_updates(z, updates)
+    ends[conjugate] = z
+  np.testing.assert_allclose(ends[True], c, atol=1e-3)
+  assert np.all(np.abs(np.imag(ends[False] - c)) > 100)

@@ -210,7 +210,9 @@ def check_array_leaves(tree: Any, transform: str, what: str, fix: str) -> None:
 SPLIT_COMPLEX = (
   "For complex parameters, wrap the optimizer: "
   "optax.contrib.split_real_and_imaginary(gax.gradient_ascent(...)) "
-  "optimizes the real and imaginary parts as two real parameters."
+  "optimizes the real and imaginary parts as two real parameters. Give it "
+  "jnp.conj(jax.grad(objective)(params)): for complex params JAX's gradient is "
+  "the conjugate of the direction that raises a real objective."
 )
 
 
