@@ -145,6 +145,8 @@ def test_state_of_an_accumulator_dtype_given_to_the_default_names_that_cause(mad
   name = jnp.dtype(made_with).name
   assert f"built with accumulator_dtype=jnp.{name}, build tx that way" in str(error.value)
 
+
+def test_state_of_nesterov_and_other_hyperparameters_is_accepted():
   """Same stages, same state: only what the stages compute from it differs."""
   params = {"w": jnp.zeros(3)}
   grads = {"w": jnp.array([1.0, -2.0, 0.5])}
