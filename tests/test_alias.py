@@ -289,6 +289,15 @@ def test_first_steps_are_hand_worked_multiples_of_the_learning_rate():
   np.testing.assert_allclose(moves[:10].sum(axis=0), 750.43, rtol=1e-4)
 
 
+def test_only_tiny_gradients_take_a_shorter_first_step():
+  # The first step is lr * g / (sqrt(1 - beta) |g| + eps): eps counts for tiny g only.
+  # By hand (defaults): 31.6228 / (1 + eps / (0.0316228 g)); 1% short at 3.16e-5.
+  g = jnp.array([1e-6, 1e-5, 3.1623e-5, 1e-3, 100.0])
+  tx = gax.gradient_ascent(learning_rate=1.0)
+  updates, _ = tx.update(g, tx.init(jnp.zeros(5)))
+  np.testing.assert_allclose(updates, [24.025, 30.653, 31.6228 / 1.01, 31.6128, 31.6228], rtol=1e-4)
+
+
 def fit_gaussian_mixture(learning_rate, steps=2000):
   """Maximum likelihood of 0.5 N(-2, 1) + 0.5 N(3, 1) from 1000 draws; the fitted means, stds."""
   component, noise = jax.random.split(jax.random.key(0))

@@ -60,8 +60,10 @@ def gradient_ascent(
 
   The early steps are the largest: with no bias correction (as in torch's
   RMSprop) the first update moves every parameter by ``learning_rate /
-  sqrt(1 - beta)``, 31.6 x ``learning_rate``, whatever its gradient's size,
-  and momentum then adds to it. Start at a tenth of Adam's rate for the same
+  sqrt(1 - beta)``, 31.6 x ``learning_rate``, whatever its gradient's size
+  down to where ``eps`` counts (within 1% above ``100 * eps / sqrt(1 - beta)``,
+  3.2e-5 at the defaults; a gradient of 1e-6 moves 24 x), and momentum then
+  adds to it. Start at a tenth of Adam's rate for the same
   model, or ramp up with ``warmup_steps``: see the hyperparameters guide.
 
   Args:
