@@ -129,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error("--steps must be >= 1")
+  if args.logging_interval < 0:
+    parser.error("--logging-interval must be >= 0 (0 turns logging off)")
+  if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):
+    parser.error("--learning-rate must be a finite number >= 0")
 
   logging.basicConfig(format="  [%(name)s] %(message)s", stream=sys.stdout)
   logging.getLogger("gradient_ascent_jax").setLevel(logging.INFO)

@@ -73,6 +73,26 @@ def test_demo_logging_off():
   assert "[gradient_ascent_jax]" not in result.stdout
 
 
+@pytest.mark.parametrize(
+  ("flags", "message"),
+  [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--logging-interval", "-5"], "--logging-interval must be >= 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be a finite number >= 0"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number >= 0"),
+  ],
+)
+def test_demo_refuses_bad_flags_with_a_usage_message(flags, message, capsys):
+  # As --steps 0 was: argparse's usage and exit status 2, before any example runs
+  # (a negative rate or interval raised a traceback after the first header).
+  with pytest.raises(SystemExit) as exit_info:
+    _demo.main(["--example", "basic", *flags])
+  assert exit_info.value.code == 2
+  out, err = capsys.readouterr()
+  assert message in err and "usage:" in err
+  assert "Example" not in out
+
+
 @pytest.mark.parametrize("name", list(_demo.EXAMPLES))
 def test_each_example_objective_rises_in_process(name):
   result = _demo.run_example(_demo.EXAMPLES[name], steps=100, logging_interval=None)
