@@ -1203,3 +1203,13 @@ def test_weight_decay_params_of_another_shape_or_tree_are_refused(params, expect
   with pytest.raises(ValueError, match=expected) as error:
     update({"w": jnp.ones(2)}, state, params)
   assert "tx.update(grads, state, params)" in str(error.value)
+
+
+@pytest.mark.parametrize(
+  "make", [gax.gradient_ascent, lambda: gax.maximize(optax.adam(1e-3))], ids=["ga", "maximize"]
+)
+def test_repr_names_the_public_optax_type(make):
+  tx = make()
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  assert repr(tx).startswith("GradientTransformationExtraArgs(init=<function ")
+  assert "_Ascending" not in repr(tx)

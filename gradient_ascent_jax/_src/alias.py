@@ -186,6 +186,10 @@ class _Ascending(optax.GradientTransformationExtraArgs):
 
   __slots__ = ()
 
+  def __repr__(self) -> str:
+    # Shown as the public Optax type it is, not as this private marker.
+    return f"GradientTransformationExtraArgs(init={self.init!r}, update={self.update!r})"
+
 
 def _path_of(state: Any, state_type: type) -> str | None:
   """Where ``state`` holds a ``state_type`` node, if anywhere."""
