@@ -2,6 +2,7 @@
 
 import pickle
 
+import cloudpickle
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,6 @@ import optax
 import pytest
 
 import gradient_ascent_jax as gax
-
-cloudpickle = pytest.importorskip("cloudpickle")
 
 # What each public factory (every lower-case name in __all__ but carry_over, which builds
 # nothing) builds, with its options on.

@@ -363,7 +363,8 @@ def test_differentiating_through_a_vmapped_update_logs_once(log):
 
 
 def test_optimizer_with_logging_survives_cloudpickle(log):
-  cloudpickle = pytest.importorskip("cloudpickle")
+  import cloudpickle  # in the [test] extra
+
   tx = cloudpickle.loads(cloudpickle.dumps(gax.gradient_ascent(logging_interval=2)))
   params = jnp.zeros(2)
   state = tx.init(params)
