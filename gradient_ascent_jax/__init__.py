@@ -17,7 +17,9 @@ from gradient_ascent_jax._src.transforms import momentum
 from gradient_ascent_jax._src.transforms import scale_by_adaptive_rms
 from gradient_ascent_jax._src.transforms import scale_by_warmup_decay
 
-__version__ = "0.2.0"
+# Between releases, the next minor version's .dev0: a wheel built from main sorts
+# after the last release and before the next, and is never taken for either.
+__version__ = "0.3.0.dev0"
 
 __all__ = (
   "FlipSignState",

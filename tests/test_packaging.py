@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 import re
 
+from packaging.version import Version
+
 import gradient_ascent_jax as gax
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +33,18 @@ def relative_links(markdown: str) -> list[str]:
 
 
 def test_version_metadata_and_changelog_agree():
-  releases = RELEASE.findall((ROOT / "CHANGELOG.md").read_text())
+  text = (ROOT / "CHANGELOG.md").read_text()
+  releases = RELEASE.findall(text)
   assert releases, "CHANGELOG.md has no '## [X.Y.Z] - YYYY-MM-DD' heading"
-  assert gax.__version__ == metadata.version(DIST) == releases[0]
+  assert gax.__version__ == metadata.version(DIST)
+  unreleased = text[text.index("## [Unreleased]") : RELEASE.search(text).start()]
+  if re.search(r"^- ", unreleased, re.M):
+    # Work not yet released: the next version's .dev0, above the last release, so that
+    # a wheel built from main is not taken for it.
+    version, last = Version(gax.__version__), Version(releases[0])
+    assert version.is_devrelease and version > last and version.base_version != str(last)
+  else:  # a release: the version of its section
+    assert gax.__version__ == releases[0]
 
 
 def test_changelog_keeps_an_unreleased_section_above_the_releases():
