@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import time
@@ -334,7 +335,8 @@ def environment() -> dict[str, str]:
 
 def print_header(title: str, argv: Sequence[str] | None) -> None:
   env = environment()
-  command = " ".join(argv) if argv is not None else "(defaults)"
+  # Quoted as a shell would need it (an empty --cases "" stays there), to paste back.
+  command = shlex.join(argv) if argv is not None else "(defaults)"
   print(f"## {title}\n")
   print(f"- date: {env['date']}\n- machine: {env['machine']}; JAX device: {env['device']}")
   print(f"- versions: {env['versions']}\n- arguments: {command}\n")
@@ -364,16 +366,29 @@ def parse_counts(text: str) -> list[int]:
   return [int(float(item)) for item in text.split(",") if item.strip()]
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, timed: bool = True) -> argparse.ArgumentParser:
+  """The flags every benchmark takes (``--repeats`` only where it times something)."""
   parser = argparse.ArgumentParser(description=description)
+  if timed:
+    parser.add_argument(
+      "--repeats", type=int, default=None, help="timed samples per peer (median reported)"
+    )
   parser.add_argument(
-    "--repeats", type=int, default=None, help="timed samples per peer (median reported)"
-  )
-  parser.add_argument(
-    "--smoke", action="store_true", help="smallest size and few repeats: checks that it runs"
+    "--smoke",
+    action="store_true",
+    help="smallest size and few repeats, where not set by other flags: checks that it runs",
   )
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   return parser
+
+
+def smoke_defaults(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, **values: Any
+) -> None:
+  """``--smoke``'s small settings, for the flags left at their defaults (given ones win)."""
+  for name, value in values.items():
+    if getattr(args, name) == parser.get_default(name):
+      setattr(args, name, value)
 
 
 def write_json(path: str | None, rows: list[dict[str, Any]]) -> None:

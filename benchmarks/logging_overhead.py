@@ -521,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   )
   args = parser.parse_args(argv)
   if args.smoke:
-    args.cases, args.intervals_per_sample, args.scan_steps = "1e4:1", 1, 2 * INTERVAL
+    _common.smoke_defaults(
+      parser, args, cases="1e4:1", intervals_per_sample=1, scan_steps=2 * INTERVAL
+    )
   repeats = args.repeats or (3 if args.smoke else 21)
   _common.print_header("Logging overhead", argv if argv is not None else sys.argv[1:])
   models = _models(args.models)

@@ -124,7 +124,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  parser = _common.base_parser(__doc__.splitlines()[0])
+  parser = _common.base_parser(__doc__.splitlines()[0], timed=False)
   parser.add_argument(
     "--cases", default="1e6:1,1e7:1,1e7:100", help="PARAMS:LEAVES cases, comma-separated"
   )
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   )
   args = parser.parse_args(argv)
   if args.smoke:
-    args.cases = "1e4:1"
+    _common.smoke_defaults(parser, args, cases="1e4:1")
   _common.print_header("Memory", argv if argv is not None else sys.argv[1:])
   rows = []
   for name in args.configs.split(","):

@@ -376,3 +376,27 @@ def test_check_before_timing_accepts_right_and_rejects_wrong_peers(config):
   descends = runners({"descends": _wrong_peers(config)["descends"]})
   with pytest.raises(_common.PeerMismatchError, match="does not ascend"):
     _common.check_runners(descends, config, grads, {"descends": None})
+
+
+def test_smoke_keeps_the_flags_given_and_memory_takes_no_repeats():
+  # --smoke sets the small sizes only where no flag set them (it overrode them all).
+  parser = _common.base_parser("x")
+  parser.add_argument("--cases", default="1e6:1")
+  parser.add_argument("--scan-steps", type=int, default=100)
+  args = parser.parse_args(["--smoke", "--cases", ""])
+  _common.smoke_defaults(parser, args, cases="1e4:1", scan_steps=20)
+  assert (args.cases, args.scan_steps) == ("", 20)
+  with pytest.raises(SystemExit):  # memory times nothing: no --repeats to ignore
+    memory.main(["--smoke", "--repeats", "3"])
+
+
+def test_step_time_targets_without_the_probe_show_n_a(capsys):
+  # The probe left out of the peers emptied the targets table.
+  step_time.main(
+    ["--peers", "gax,optax chain", "--sizes", "1e3", "--split", "", "--repeats", "1"]
+    + ["--min-sample-ms", "1", "--configs", "default"]
+  )
+  targets = capsys.readouterr().out.split("### Targets")[1]
+  assert re.search(
+    r"^\| default \| 1e\+03 \| 1 \| [0-9.]+x \| n/a \| n/a \| n/a \|$", targets, re.M
+  )
