@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--example", choices=[*EXAMPLES, "all"], default="all", help="which example")
   parser.add_argument("--steps", type=int, default=100, help="steps per example")
   parser.add_argument("--logging-interval", type=int, default=10, help="log every N steps; 0 = off")
-  parser.add_argument("--learning-rate", type=float, default=0.01)
+  parser.add_argument("--learning-rate", type=float, default=0.01, help="the optimizer's rate")
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error("--steps must be >= 1")
