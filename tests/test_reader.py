@@ -584,6 +584,58 @@ def test_until_a_record_is_ready_the_reader_reads_every_call(collect, running, a
   assert ahead <= running.copies <= ahead + 100 // 10 + 2, running.copies
 
 
+@pytest.mark.parametrize("ahead", [1, 3, 25])
+def test_several_steps_per_call_with_the_host_ahead_log_every_record(collect, running, ahead):
+  # Five steps per call (a critic's inner loop), interval 50: a record stays in the
+  # state for 10 calls. The first reads were still running when later calls came, and
+  # the reader took one step per call for granted: it skipped calls 4-52 and lost
+  # records (2 to 7 of 10).
+  tx = gax.gradient_ascent(0.1, logging_interval=50, logging_emit="state")
+
+  def update(_, state):
+    return tx.update(jnp.ones(2), state, jnp.zeros(2))[1]
+
+  step = jax.jit(lambda state: jax.lax.fori_loop(0, 5, update, state))
+
+  fresh = running.fresh
+  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
+  for call in range(1, 101):
+    state = step(state)
+    fresh.append(state[0].record)
+    reader(state)
+    if call >= ahead:
+      fresh.clear()
+  reader.flush()
+  assert [s[3] for s in collect] == list(range(50, 501, 50))
+
+
+@pytest.mark.parametrize("new", [5, 3, 7, 0])
+def test_an_injected_interval_changed_mid_run_logs_the_callback_paths_steps(collect, new):
+  # The reader planned its next read by the old interval and missed records due
+  # sooner (10 -> 5: step 25; 10 -> 3: steps 21, 24, 27).
+  logged = {}
+  for emit in ("callback", "state"):
+    tx = optax.inject_hyperparams(gax.gradient_ascent)(
+      learning_rate=0.005, logging_interval=10, logging_emit=emit
+    )
+    step = jax.jit(functools.partial(lambda tx, s: tx.update(jnp.ones(3), s, jnp.zeros(3))[1], tx))
+    state, reader = tx.init(jnp.zeros(3)), gax.ProgressReader()
+    for t in range(40):
+      if t == 20:
+        interval = state.hyperparams["logging_interval"]
+        state.hyperparams["logging_interval"] = jnp.full_like(interval, new)
+      state = step(state)
+      if emit == "state":
+        reader(state)
+    reader.flush()
+    jax.effects_barrier()
+    logged[emit] = [s[3] for s in collect]
+    collect.clear()
+  assert logged["state"] == logged["callback"]
+  assert logged["callback"][:2] == [10, 20]
+  assert logged["callback"][2:] == [t for t in range(21, 41) if new and t % new == 0]
+
+
 def test_a_ready_record_behind_a_running_one_outlives_the_donated_state(collect, running):
   # Step 1's record is still running when step 2's, ready, is read: step 2's must
   # wait behind it, and step 3 donates the state that holds it.
@@ -627,10 +679,12 @@ def test_a_fast_loop_logs_the_ready_records_in_batches(collect, running, monkeyp
       reader(state)
 
   run(20)
-  assert [s[3] for s in collect] == []  # ready since step 3, waiting for the batch
+  # Step 2's record, logged while the reader learned the pace (the second read);
+  # the others ready since step 3, waiting for the batch.
+  assert [s[3] for s in collect] == [2]
   clock[0] = 0.2
   run(1)
-  assert [s[3] for s in collect] == []
+  assert [s[3] for s in collect] == [2]
   clock[0] = 0.3
   run(1)
   assert [s[3] for s in collect] == list(range(2, 21, 2))
@@ -660,12 +714,13 @@ def test_reader_reads_once_per_interval_and_misses_no_record(collect, monkeypatc
     return tx.update(jnp.ones(2) * (1 + heavy[0, 0]), state, jnp.zeros(2))[1]
 
   state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
-  # The first step done before the loop goes on: until a record it read is ready
-  # the reader cannot know the interval and reads every call, for as many calls
-  # as the host runs ahead of the device (on a loaded machine, tens).
-  state = jax.block_until_ready(step(state, big))
-  reader(state)
-  for _ in range(99):
+  # The first two steps done before the loop goes on: until two records it read are
+  # ready the reader cannot know the interval and the pace of calls, and reads every
+  # call, for as many calls as the host runs ahead of the device (here, tens).
+  for _ in range(2):
+    state = jax.block_until_ready(step(state, big))
+    reader(state)
+  for _ in range(98):
     state = step(state, big)
     reader(state)
   reader.flush()

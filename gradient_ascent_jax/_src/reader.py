@@ -186,12 +186,17 @@ class _Place:
     self.seen: tuple[int, int] | None = None  # (call, step count) of the latest read logged
     # Called less than once per step (more steps than calls between two reads): a
     # record may then stay in the state for fewer calls than its interval, so every
-    # call reads.
+    # call reads. So it does until the pace is known (two reads logged), and where
+    # the interval is injected (it may be shortened between two records).
     self.every_call = False
+    self.pace_known = False
+    self.interval_may_change = False
 
   def calls_for(self, steps: int) -> int:
     """The calls in which ``steps`` steps pass, as far as the reader can tell."""
-    return 1 if self.every_call else steps
+    if self.every_call or not self.pace_known or self.interval_may_change:
+      return 1
+    return steps
 
   def learn_pace(self, call: int, rows: list[list[int]]) -> bool:
     """Notes the step count read at ``call``; whether the pace of calls is known.
@@ -204,6 +209,7 @@ class _Place:
     if seen is not None and call > seen[0] and count - seen[1] > call - seen[0]:
       self.every_call = True
     self.seen = (call, count)
+    self.pace_known = self.pace_known or seen is not None
     return seen is not None
 
 
@@ -219,9 +225,10 @@ class ProgressReader:
   ``TrainState``, the ``State`` of ``nnx.split`` or its ``nnx.to_pure_dict``),
   and logs each record once, on the same logger and with the
   same message and warnings as ``logging_emit="callback"``. It reads one state
-  per logging interval, that of the due step (called every few steps instead, it
-  reads every call, and logs each record that a state it is handed holds), and
-  never waits for the device:
+  per logging interval, that of the due step (called every few steps instead, or
+  with an injected ``logging_interval``, it reads every call, and logs each
+  record that a state it is handed holds; so it does until two of its reads tell
+  it the pace), and never waits for the device:
   the record of a step still running is copied aside (the next step may donate
   the state) and logged on a later call, or by ``flush()``. In a fast loop it
   logs the records that are ready in batches, at most every quarter second
@@ -268,7 +275,9 @@ class ProgressReader:
     """Logs the pending records that are ready (past ``_MAX_PENDING``, waits for the oldest)."""
     while self._pending and (len(self._pending) > _MAX_PENDING or _ready(self._pending[0][1])):
       self._log(*self._pending.popleft())
-    learning = not all(place.interval for place in self._places.values())
+    # Until every place knows its interval and the pace of calls, log what is ready
+    # on every call: until then each call reads (and copies).
+    learning = not all(place.interval and place.pace_known for place in self._places.values())
     self._drain_at = 0.0 if learning else time.monotonic() + _DRAIN_SECONDS
 
   def _read(self, state: Any) -> None:
@@ -337,6 +346,7 @@ class ProgressReader:
       # Learned from any read, also one logged after later reads (the host ran
       # ahead): else the reader would copy on every call while it waits to learn.
       place.interval = min(records.interval(row) for row in rows)
+      place.interval_may_change = any(records.interval_may_change(row) for row in rows)
       steps = min(_calls_to_next_record(row) for row in rows)
       following = call + (place.calls_for(steps) if place.learn_pace(call, rows) else 1)
       latest = call == place.last_read

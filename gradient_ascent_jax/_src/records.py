@@ -46,7 +46,9 @@ class Record(NamedTuple):
 # length of the name in bytes; on the state path the rules' own state (BOOK_WORDS,
 # kept by ``progress``; zeros in a callback's record); the three floats (one word
 # each, or two with float64); the name's UTF-8 bytes.
-_SHOW, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE = (1 << bit for bit in range(5))
+_SHOW, _DESCENDING, _HAS_VALUE, _HAS_RATE, _WIDE, _INTERVAL_MAY_CHANGE = (
+  1 << bit for bit in range(6)
+)
 _NONFINITE, _VALUE_NONFINITE = 1, 2
 INTERVAL_WORD = 2
 WARNING_WORDS = (3, 4)
@@ -90,6 +92,8 @@ def pack(record: Record, *, has_value: bool, has_rate: bool, name: str | None) -
     (_HAS_VALUE if has_value else 0)
     | (_HAS_RATE if has_rate else 0)
     | (_WIDE if jnp.dtype(float_type) == jnp.float64 else 0)
+    # A JAX interval (optax.inject_hyperparams) may be changed between two records.
+    | (_INTERVAL_MAY_CHANGE if isinstance(record.interval, jax.Array) else 0)
   )
   length, name_words = _name_words(name)
   head = jnp.stack(
@@ -147,6 +151,11 @@ def unpack(words: Any) -> tuple[Record, bool, bool, str | None]:
 def interval(words: Any) -> int:
   """The logging interval a packed record was written under (0: off, or none written yet)."""
   return int(words[INTERVAL_WORD])
+
+
+def interval_may_change(words: Any) -> bool:
+  """Whether the interval was a JAX value (injected), which may change between records."""
+  return bool(int(words[1]) & _INTERVAL_MAY_CHANGE)
 
 
 def count(words: Any) -> int:
