@@ -642,6 +642,29 @@ def _noisy_runs(gradient_sign, interval, steps=300):
   return states
 
 
+@pytest.mark.parametrize(
+  ("slope", "low", "high"), [(0.0, 0, 0.004), (0.02, 0, 0.003), (-0.3, 0.85, 1)]
+)
+def test_descent_warning_rates_over_4000_seeded_noisy_runs(slope, low, high):
+  # 31 records of slope * k + N(0, 1). The first value is a noisy sample too: before,
+  # its noise was left out of the threshold, and 0.8% of flat and 0.6% of rising runs
+  # warned (most at the 6th record); now 0.2% and 0.1%, and 90% of falling ones.
+  from gradient_ascent_jax._src import progress
+
+  tx = gax.log_progress(1, emit="state")
+
+  def warned(values):
+    def body(state, value):
+      return tx.update(jnp.ones(1), state, value=value)[1], None
+
+    state, _ = jax.lax.scan(body, tx.init(jnp.zeros(1)), values)
+    return progress.unpacked(state).descent_warned
+
+  values = slope * jnp.arange(31) + jax.random.normal(jax.random.key(0), (4000, 31))
+  rate = float(jnp.mean(jax.jit(jax.vmap(warned))(values)))
+  assert low <= rate <= high, rate
+
+
 @pytest.mark.slow  # 64 noisy runs of 300 steps per interval (10-23 s each)
 @pytest.mark.parametrize("interval", [1, 2, 5, 10])
 def test_noisy_ascent_never_warns_and_noisy_descent_does(log, interval):

@@ -189,7 +189,11 @@ def _descent_rule(state: LogProgressState, value, due) -> tuple[LogProgressState
     samples, 1
   )
   variance = jnp.where(sampled, variance, state.noise_variance)
-  below = (samples > 0) & (state.first_value - value > records.DESCENT_NOISE * jnp.sqrt(variance))
+  # The first value is one noisy sample too: the difference of two values has twice
+  # the variance of one.
+  below = (samples > 0) & (
+    state.first_value - value > records.DESCENT_NOISE * jnp.sqrt(2 * variance)
+  )
   records_below = jnp.where(below, optax.safe_increment(state.records_below), 0)
   descending = records_below >= records.DESCENT_RECORDS
   new = state._replace(
