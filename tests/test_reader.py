@@ -565,21 +565,25 @@ def test_reader_learns_the_interval_when_each_read_is_logged_a_call_late(collect
   assert running.copies <= 100 // 10 + 5, running.copies
 
 
+def _run_with_the_host_ahead(step, state, running, ahead: int, calls: int = 100) -> None:
+  """``calls`` calls of ``step``, each read; the records stay running until call ``ahead``."""
+  reader = gax.ProgressReader()
+  for call in range(1, calls + 1):
+    state = step(state)
+    running.fresh.append(state[0].record)
+    reader(state)
+    if call >= ahead:
+      running.fresh.clear()  # the device caught up: every record so far is ready
+  reader.flush()
+
+
 @pytest.mark.parametrize("ahead", [1, 5, 25])
 def test_until_a_record_is_ready_the_reader_reads_every_call(collect, running, ahead):
   # The host runs `ahead` steps ahead of the device at the start: the reader cannot
   # learn the interval, and copies on each of those calls; then once per interval.
-  fresh = running.fresh
   tx = gax.gradient_ascent(0.1, logging_interval=10, logging_emit="state")
   step = jax.jit(lambda state: tx.update(jnp.ones(2), state, jnp.zeros(2))[1])
-  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
-  for call in range(1, 101):
-    state = step(state)
-    fresh.append(state[0].record)
-    reader(state)
-    if call >= ahead:
-      fresh.clear()  # the device caught up: every record so far is ready
-  reader.flush()
+  _run_with_the_host_ahead(step, tx.init(jnp.zeros(2)), running, ahead)
   assert [s[3] for s in collect] == list(range(10, 101, 10))
   assert ahead <= running.copies <= ahead + 100 // 10 + 2, running.copies
 
@@ -596,16 +600,7 @@ def test_several_steps_per_call_with_the_host_ahead_log_every_record(collect, ru
     return tx.update(jnp.ones(2), state, jnp.zeros(2))[1]
 
   step = jax.jit(lambda state: jax.lax.fori_loop(0, 5, update, state))
-
-  fresh = running.fresh
-  state, reader = tx.init(jnp.zeros(2)), gax.ProgressReader()
-  for call in range(1, 101):
-    state = step(state)
-    fresh.append(state[0].record)
-    reader(state)
-    if call >= ahead:
-      fresh.clear()
-  reader.flush()
+  _run_with_the_host_ahead(step, tx.init(jnp.zeros(2)), running, ahead)
   assert [s[3] for s in collect] == list(range(50, 501, 50))
 
 
