@@ -198,8 +198,8 @@ class _Place:
       return 1
     return steps
 
-  def learn_pace(self, call: int, rows: list[list[int]]) -> bool:
-    """Notes the step count read at ``call``; whether the pace of calls is known.
+  def learn_pace(self, call: int, rows: list[list[int]]) -> None:
+    """Notes the step count read at ``call``, from which the pace of calls is learned.
 
     The pace is known from the second read on: one read alone cannot tell one
     call per step from one call every few steps.
@@ -210,7 +210,6 @@ class _Place:
       self.every_call = True
     self.seen = (call, count)
     self.pace_known = self.pace_known or seen is not None
-    return seen is not None
 
 
 class ProgressReader:
@@ -348,7 +347,8 @@ class ProgressReader:
       place.interval = min(records.interval(row) for row in rows)
       place.interval_may_change = any(records.interval_may_change(row) for row in rows)
       steps = min(_calls_to_next_record(row) for row in rows)
-      following = call + (place.calls_for(steps) if place.learn_pace(call, rows) else 1)
+      place.learn_pace(call, rows)  # until the pace is known, calls_for gives 1
+      following = call + place.calls_for(steps)
       latest = call == place.last_read
       place.next_read = following if latest else max(place.next_read, following)
       self._set_next_read()
