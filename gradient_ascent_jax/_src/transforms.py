@@ -208,26 +208,26 @@ def _check_params_fit(updates, params) -> None:
   broadcast into the update (and from there into the moments) without a word.
   """
   fix = "Pass the params the gradients are of: tx.update(grads, state, params)."
+  misfits = []
 
-  def check(path, u, p):
+  def note(path, u, p):
     if u is not None and jnp.shape(p) != jnp.shape(u):
-      where = jax.tree_util.keystr(path) or "<root>"
-      raise ValueError(
-        f"add_decayed_weights: params{where} has shape {jnp.shape(p)}, but its "
-        f"gradient has shape {jnp.shape(u)}; weight decay would broadcast one into "
-        f"the other. {fix}"
-      )
+      misfits.append((jax.tree_util.keystr(path) or "<root>", jnp.shape(p), jnp.shape(u)))
 
   try:
-    jax.tree_util.tree_map_with_path(check, updates, params, is_leaf=lambda u: u is None)
-  except ValueError as error:
-    if str(error).startswith("add_decayed_weights"):
-      raise
+    jax.tree_util.tree_map_with_path(note, updates, params, is_leaf=lambda u: u is None)
+  except ValueError:
     raise ValueError(
       "add_decayed_weights: the params do not have the gradients' tree. The "
       f"gradients': {jax.tree.structure(updates)}; the params': "
       f"{jax.tree.structure(params)}. {fix}"
     ) from None
+  if misfits:
+    where, param_shape, grad_shape = misfits[0]
+    raise ValueError(
+      f"add_decayed_weights: params{where} has shape {param_shape}, but its gradient "
+      f"has shape {grad_shape}; weight decay would broadcast one into the other. {fix}"
+    )
 
 
 def add_decayed_weights(
