@@ -145,23 +145,28 @@ def check_optional_positive(name: str, value: Any, fix: str) -> Any:
   return check_interval(name, value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
 
 
+def _check_required_positive(name: str, value: Any, fix: str) -> float | jax.Array:
+  """``value`` > 0 (and finite), where None is no way to turn it off."""
+  if value is None:
+    _fail(name, value, "a number > 0", fix)
+  return check_optional_positive(name, value, fix)
+
+
 def check_clip_value(value: Any) -> float | jax.Array:
   """``clip_by_value``'s bound > 0 (and finite): the stage itself has no "off"."""
-  fix = (
+  return _check_required_positive(
+    "clip_value",
+    value,
     "To clip nothing, leave clip_by_value out of the chain "
-    "(gradient_ascent(clip_value=None) adds no clipping stage)."
+    "(gradient_ascent(clip_value=None) adds no clipping stage).",
   )
-  if value is None:
-    _fail("clip_value", value, "a number > 0", fix)
-  return check_interval("clip_value", value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
 
 
 def check_eps(value: Any) -> float | jax.Array:
   """``eps`` > 0 (and finite): it guards the division, so None is refused too."""
-  fix = "eps guards the division; use a small value such as 1e-8."
-  if value is None:
-    _fail("eps", value, "a number > 0", fix)
-  return check_interval("eps", value, 0.0, math.inf, low_open=True, high_open=True, fix=fix)
+  return _check_required_positive(
+    "eps", value, "eps guards the division; use a small value such as 1e-8."
+  )
 
 
 def check_decay_rate(name: str, value: Any) -> float | jax.Array:
