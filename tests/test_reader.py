@@ -63,7 +63,7 @@ def _objective(p):
 PARAMS = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
 
 
-def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **kw):
+def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, params=PARAMS, **kw):
   """A jitted Python loop of ``steps`` steps; the records it logged (and the last state)."""
   tx = gax.gradient_ascent(0.05, logging_emit=path, **{"logging_interval": 5, **kw})
 
@@ -74,7 +74,7 @@ def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **k
     return optax.apply_updates(params, updates), state
 
   step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  params = jax.tree.map(jnp.copy, PARAMS)
+  params = jax.tree.map(jnp.copy, params)
   state, reader = tx.init(params), gax.ProgressReader()
   for i in range(steps):
     params, state = step(params, state, i)
@@ -100,6 +100,9 @@ def _train(path, collect, *, steps=25, donate=False, nan_at=None, read=True, **k
     # A warning before the first due step: the optimizer's logger and name already.
     {"nan_at": 0, "logging_name": "gen"},
     {"logging_interval": 1, "steps": 6, "donate": True},
+    # A leaf large enough that its norm is measured apart (a cond of its own).
+    {"params": {"a": jnp.ones(70_000), "b": jnp.ones((2, 2))}, "donate": True},
+    {"params": {"a": jnp.ones(70_000), "b": jnp.ones((2, 2))}, "nan_at": 7},
   ],
 )
 def test_state_path_logs_what_the_callback_path_logs(collect, case):

@@ -246,7 +246,7 @@ def _nonfinite_fires(value, value_bad, warned) -> jax.Array:
   return value_bad if value is None else value_bad & jnp.logical_not(warned)
 
 
-def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, interval, on_first):
+def _elect(measured, state, step, due, objective, value_bad, value_fires, rate, interval, on_first):
   """The record of a step where some copy is due or warns, and what fired.
 
   The gradient norm is computed here, on those steps only, and its non-finite
@@ -256,7 +256,7 @@ def _elect(updates, state, step, due, objective, value_bad, value_fires, rate, i
   ``copies``); the warnings count when any copy meets their rule. ``on_first``
   says whether this device is the one that speaks (see ``_speak``).
   """
-  grad_norm = gradient_norm.global_norm(updates)
+  grad_norm = gradient_norm.norm_of(measured)
   value, descending = objective or (jnp.zeros((), jnp.float32), jnp.zeros((), bool))
   payload = jax.lax.stop_gradient((rate, grad_norm, *objective[:1]))
   fires = value_fires
@@ -373,7 +373,7 @@ def _init(settings: _Settings, params) -> LogProgressState:
   )
 
 
-def _speak(settings: _Settings, updates, state, step, due, objective, value_bad, value_fires):
+def _speak(settings: _Settings, measured, state, step, due, objective, value_bad, value_fires):
   """The branch taken where some copy is due or warns: sends the record, or keeps it.
 
   Under ``pmap`` and ``shard_map`` the first device speaks: it alone sends its
@@ -385,7 +385,7 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
   """
   keeps_first = settings.emit == "state" and copies.tracks_varying()
   record, fires = _elect(
-    updates,
+    measured,
     state,
     step,
     due,
@@ -416,7 +416,7 @@ def _speak(settings: _Settings, updates, state, step, due, objective, value_bad,
   return state.record, fires
 
 
-def _logging_step(settings: _Settings, updates, state, step, due, value, value_bad, value_fires):
+def _logging_step(settings: _Settings, measured, state, step, due, value, value_bad, value_fires):
   """The fields after ``count`` at a step where some copy is due or warns.
 
   Only such steps apply the descent rule, measure the gradient and write or
@@ -428,7 +428,7 @@ def _logging_step(settings: _Settings, updates, state, step, due, value, value_b
   if value is not None:
     new, descending = _descent_rule(state, value, due)
     objective = (value, descending)
-  record, fires = _speak(settings, updates, state, step, due, objective, value_bad, value_fires)
+  record, fires = _speak(settings, measured, state, step, due, objective, value_bad, value_fires)
   return tuple(new._replace(nonfinite_warned=new.nonfinite_warned | fires, record=record)[1:])
 
 
@@ -444,12 +444,12 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
   if value is not None:
     value, value_bad = _agreed_objective(_scalar_objective(value))
   if settings.emit == "state":
-    return updates, _update_kept(settings, updates, state, step, due, value, value_bad)
+    return _update_kept(settings, updates, state, step, due, value, value_bad)
   if value is not None:
     # The cond's operand keeps the count the step started from (the rate in force).
     state = _first_objective(state, value)
   value_fires = _nonfinite_fires(value, value_bad, state.nonfinite_warned)
-  fields = _on_logging_steps(
+  updates, fields = _on_logging_steps(
     due | value_fires,
     functools.partial(_logging_step, settings),
     lambda state: tuple(state[1:]),
@@ -465,24 +465,30 @@ def _update(settings: _Settings, updates, state, params=None, *, value=None, **e
 
 
 def _on_logging_steps(wanted, branch, keep, updates, operand, *args):
-  """``branch(updates, operand, *args)`` where ``wanted`` (in some copy), else ``keep(operand)``."""
-  if isinstance(wanted, jax.core.Tracer):
-    return jax.lax.cond(
-      copies.in_any_copy(wanted),
+  """``(updates, branch(measured, operand, *args))`` where ``wanted`` (in some copy), else
+  ``(updates, keep(operand))``; ``measured`` is the gradient as ``gradient_norm.norm_of``
+  takes it, and ``updates`` hold the leaves it measured apart (see ``measure_apart``)."""
+  traced = isinstance(wanted, jax.core.Tracer)
+  if traced:
+    wanted = copies.in_any_copy(wanted)
+  updates, measured = gradient_norm.measure_apart(updates, wanted)
+  if traced:
+    return updates, jax.lax.cond(
+      wanted,
       branch,
-      lambda updates, operand, *_: keep(operand),
-      updates,
+      lambda measured, operand, *_: keep(operand),
+      measured,
       operand,
       *args,
     )
   if wanted:  # known now (no jit): a cond would need every leaf on one device
-    return branch(gradient_norm.on_one_device(updates), operand, *args)
-  return keep(operand)
+    return updates, branch(gradient_norm.on_one_device(measured), operand, *args)
+  return updates, keep(operand)
 
 
 def _update_kept(
   settings: _Settings, updates, state, step, due, value, value_bad
-) -> LogProgressState:
+) -> tuple[optax.Updates, LogProgressState]:
   """The state path's step: all but the count lives in the record, which only the
   branch of steps where some copy is due, warns or sees its first objective unpacks."""
   record = jnp.asarray(state.record)
@@ -491,14 +497,14 @@ def _update_kept(
   if value is not None:
     wanted = wanted | (~_flag(record, "first_seen") & jnp.isfinite(value))
 
-  def logging_step(updates, record, count, *args):
+  def logging_step(measured, record, count, *args):
     full = unpacked(_kept(count, record))
     if value is not None:
       full = _first_objective(full, value)
-    fields = _logging_step(settings, updates, full, *args)
+    fields = _logging_step(settings, measured, full, *args)
     return _packed(LogProgressState(count, *cast(Any, fields))).record
 
-  record = _on_logging_steps(
+  updates, record = _on_logging_steps(
     wanted,
     logging_step,
     lambda record: record,
@@ -513,7 +519,7 @@ def _update_kept(
   )
   # The reader learns from the count where the state is between records.
   record = jnp.asarray(record).at[..., records.COUNT_WORD].set(step.astype(jnp.uint32))
-  return _kept(step, record)
+  return updates, _kept(step, record)
 
 
 def log_progress(
