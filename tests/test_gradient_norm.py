@@ -354,8 +354,11 @@ def _conds(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "cond":
       yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      yield from _conds(sub)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _conds(sub)
 
 
 @pytest.mark.parametrize("path", ["callback", "state"])
