@@ -171,9 +171,9 @@ def measure_apart(updates: optax.Updates, wanted) -> tuple[optax.Updates, Measur
   logging off. A cond that read every gradient would keep them all alive until the
   last one is computed: XLA:CPU then moved the MLP's gradients out of the donated
   buffers where the update is written in place, and a step that logged nothing
-  cost 1.03-1.04x logging off; measured apart, 1.005x (benchmarks' MLP, 400 paired
-  rounds). ``wanted`` is one flag for every copy of the step. Under ``pmap`` and
-  ``shard_map`` nothing is measured apart.
+  cost 1.03-1.05x logging off; measured apart, 1.02-1.03x (the benchmarks' MLP,
+  paired, 300-400 rounds). ``wanted`` is one flag for every copy of the step.
+  Under ``pmap`` and ``shard_map`` nothing is measured apart.
   """
   leaves, treedef = jax.tree.flatten(updates)
   large = [
