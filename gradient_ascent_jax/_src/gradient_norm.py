@@ -145,7 +145,8 @@ def global_norm(tree: optax.Updates) -> jax.Array:
 
 # Leaves of at least this many elements are measured apart (``measure_apart``),
 # the largest ``_MOST_APART`` of them: each such cond adds a few microseconds to
-# the step, and compile time.
+# the step, and compile time (40 leaves of 70,000 elements, 32 apart: 1.09 s
+# against 0.79 s with one cond for all, on XLA:CPU).
 _APART_SIZE = 1 << 16
 _MOST_APART = 32
 
