@@ -468,11 +468,9 @@ def _on_logging_steps(wanted, branch, keep, updates, operand, *args):
   """``(updates, branch(measured, operand, *args))`` where ``wanted`` (in some copy), else
   ``(updates, keep(operand))``; ``measured`` is the gradient as ``gradient_norm.norm_of``
   takes it, and ``updates`` hold the leaves it measured apart (see ``measure_apart``)."""
-  traced = isinstance(wanted, jax.core.Tracer)
-  if traced:
+  if isinstance(wanted, jax.core.Tracer):
     wanted = copies.in_any_copy(wanted)
-  updates, measured = gradient_norm.measure_apart(updates, wanted)
-  if traced:
+    updates, measured = gradient_norm.measure_apart(updates, wanted)
     return updates, jax.lax.cond(
       wanted,
       branch,
@@ -482,6 +480,7 @@ def _on_logging_steps(wanted, branch, keep, updates, operand, *args):
       *args,
     )
   if wanted:  # known now (no jit): a cond would need every leaf on one device
+    updates, measured = gradient_norm.measure_apart(updates, wanted)
     return updates, branch(gradient_norm.on_one_device(measured), operand, *args)
   return updates, keep(operand)
 
