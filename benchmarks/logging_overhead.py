@@ -27,17 +27,26 @@ In a scan the reader can only be called on the state the call returns, so it
 logs the last record of each call and no other: the state path is for Python
 loops, and the scan rows show what the callback path costs where it suits.
 
-Each repeat takes one sample of every peer, in an order drawn anew for each
-repeat (with a fixed seed); a peer's cost "vs off" is
-the median over the repeats of its sample's time over the off sample of the
-same repeat, with a 95% bootstrap interval of that median (see
-``paired_overhead``).
+Each peer is built ``--instances`` times (2 by default), each instance its own
+jitted executable: the first instance of every peer is compiled in the order of
+the table, the second in the reverse order, and so on. On XLA:CPU two
+executables of the very same step can run several percent apart for as long
+as they live (on a 2-core AMD EPYC, five runs of four identical peers: the one
+compiled first the fastest, the others 1.02x-1.09x it; the state path at
+interval 10 measured 1.20x off when compiled after off and 1.06x when compiled
+before it), so one instance per peer would give each peer the luck of its
+executable. Each repeat takes one sample of every instance, in an order drawn
+anew for each repeat (with a fixed seed); a peer's time in a repeat is the
+mean of its instances' samples, and its cost "vs off" is the median over the
+repeats of that time over off's in the same repeat, with a 95% bootstrap
+interval of that median (see ``paired_overhead``).
 
 Run ``python -m benchmarks.logging_overhead --help`` for the options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 import contextlib
 import functools
@@ -185,6 +194,35 @@ def _interleaved(
   return samples, logged
 
 
+def _instances(build: Callable[[], dict[Any, Any]], count: int) -> dict[tuple[Any, int], Any]:
+  """``count`` instances of the peers ``build()`` makes, keyed ``(peer, instance)``.
+
+  The dict's order is the order of compiling (the callers' first calls): each
+  instance's peers in ``build()``'s order, every other instance in reverse.
+  """
+  runners = {}
+  for instance in range(count):
+    built = build()
+    names = list(built) if instance % 2 == 0 else list(built)[::-1]
+    for name in names:
+      runners[name, instance] = built[name]
+  return runners
+
+
+def _per_peer(
+  samples: dict[tuple[Any, int], list[float]], logged: dict[tuple[Any, int], int]
+) -> tuple[dict[Any, list[float]], dict[Any, int]]:
+  """Each peer's time per step in every repeat, the mean of its instances'; and the
+  records its instances logged."""
+  times: dict[Any, list[list[float]]] = {}
+  records: dict[Any, int] = {}
+  for (name, _), peer_samples in samples.items():
+    times.setdefault(name, []).append(peer_samples)
+  for (name, _), count in logged.items():
+    records[name] = records.get(name, 0) + count
+  return {name: list(np.mean(lists, axis=0)) for name, lists in times.items()}, records
+
+
 def paired_overhead(times: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
   """The cost of a peer over its base, ``times[r] / base[r] - 1`` of each repeat ``r``:
   the median, and a 95% bootstrap interval of that median.
@@ -212,10 +250,41 @@ def _fmt_overhead(row: dict) -> str:
   return f"{row['overhead']:+.1%} ({low:+.1%} to {high:+.1%})"
 
 
-def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict]:
+def measure(num_params, num_leaves, repeats, samples_steps, stream, instances=2) -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
+  # Each copy holds its share of the parameters: every peer moves as many.
+  copy_grads = [g[: size // COPIES] for g in grads]
+  runners = _instances(lambda: _case_runners(num_params, num_leaves, grads, copy_grads), instances)
+  checked = {key: runner for key, runner in runners.items() if key[0] not in VMAPPED}
+  # Compile (in the order of ``runners``), check both against gax.gradient_ascent
+  # without logging (logging must not change a step), and leave the counter on a
+  # multiple of 10.
+  _common.check_runners(
+    checked, _common.DEFAULT, grads, dict.fromkeys(checked, 0.0), steps=INTERVAL
+  )
+  vmapped = {key: runner for key, runner in runners.items() if key[0] in VMAPPED}
+  _common.check_runners(
+    vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0), steps=INTERVAL
+  )
+  samples, logged = _per_peer(
+    *_interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
+  )
+  return [
+    {
+      "params": size * num_leaves,
+      "leaves": num_leaves,
+      "peer": name,
+      **_overhead_fields(times, samples[VMAP_OFF if name in VMAPPED else OFF]),
+      "records": logged[name],
+    }
+    for name, times in samples.items()
+  ]
+
+
+def _case_runners(num_params, num_leaves, grads, copy_grads) -> dict[str, _Runner]:
+  """One instance of every peer of a case, in the order of the table."""
   logging_on = _common.gradient_ascent(_common.DEFAULT, INTERVAL)
   logging_state = _common.gradient_ascent(_common.DEFAULT, INTERVAL, logging_emit="state")
   logging_off = _common.gradient_ascent(_common.DEFAULT, None)
@@ -232,8 +301,6 @@ def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict
     # leaves logging_interval unset too.
     DEFAULT: _peer(gax.gradient_ascent(), num_params, num_leaves, grads),
   }
-  # Each copy holds its share of the parameters: every peer moves as many.
-  copy_grads = [g[: size // COPIES] for g in grads]
   for name, interval, with_value in (
     (VMAP_LOGGING, INTERVAL, False),
     (VMAP_LOGGING_VALUE, INTERVAL, True),
@@ -246,27 +313,7 @@ def measure(num_params, num_leaves, repeats, samples_steps, stream) -> list[dict
       copy_grads,
       with_value,
     )
-  checked = {name: runner for name, runner in runners.items() if name not in VMAPPED}
-  # Compile, check both against gax.gradient_ascent without logging (logging
-  # must not change a step), and leave the counter on a multiple of 10.
-  _common.check_runners(
-    checked, _common.DEFAULT, grads, dict.fromkeys(checked, 0.0), steps=INTERVAL
-  )
-  vmapped = {name: runners[name] for name in VMAPPED}
-  _common.check_runners(
-    vmapped, _common.DEFAULT, copy_grads, dict.fromkeys(vmapped, 0.0), steps=INTERVAL
-  )
-  samples, logged = _interleaved(runners, dict.fromkeys(runners, samples_steps), repeats, stream)
-  return [
-    {
-      "params": size * num_leaves,
-      "leaves": num_leaves,
-      "peer": name,
-      **_overhead_fields(times, samples[VMAP_OFF if name in VMAPPED else OFF]),
-      "records": logged[name],
-    }
-    for name, times in samples.items()
-  ]
+  return runners
 
 
 def _model_runners(problem, scan_steps: int) -> dict[tuple[str, str], _Runner]:
@@ -386,14 +433,19 @@ def _nnx_runners(problem) -> dict[tuple[str, str], Any]:
 
 
 def measure_model(
-  problem, repeats: int, samples_steps: int, scan_steps: int, stream: io.StringIO
+  problem,
+  repeats: int,
+  samples_steps: int,
+  scan_steps: int,
+  stream: io.StringIO,
+  instances: int = 2,
 ) -> list[dict]:
   """Each peer's time per step on one model; a loop peer's sample is ``samples_steps``
   steps, a scan peer's is one call."""
   if hasattr(problem, "model"):  # an NNX model
-    runners = _nnx_runners(problem)
+    runners = _instances(lambda: _nnx_runners(problem), instances)
   else:
-    runners = _model_runners(problem, scan_steps)
+    runners = _instances(lambda: _model_runners(problem, scan_steps), instances)
   calls = {key: samples_steps if r.steps_per_call == 1 else 1 for key, r in runners.items()}
   # Compile, and check that logging changes no step: every peer of a loop, from
   # the same params on the same batch, must land on the same params.
@@ -401,14 +453,14 @@ def measure_model(
   for key, runner in runners.items():
     runner(calls[key])
     moved[key] = runner.snapshot()
-  for (loop, peer), params in moved.items():
-    for got, want in zip(params, moved[loop, MODEL_OFF], strict=True):
+  for ((loop, peer), instance), params in moved.items():
+    for got, want in zip(params, moved[(loop, MODEL_OFF), instance], strict=True):
       if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
         raise _common.PeerMismatchError(
           f"{problem.name}, {loop}: {peer!r} moved the params elsewhere than logging off "
           f"(largest difference {np.abs(got - want).max():.3g})."
         )
-  samples, logged = _interleaved(runners, calls, repeats, stream)
+  samples, logged = _per_peer(*_interleaved(runners, calls, repeats, stream))
   return [
     {
       "model": problem.name,
@@ -514,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     "XLA:CPU runs the CNN's step far slower in a scan)",
   )
   parser.add_argument(
+    "--instances",
+    type=int,
+    default=2,
+    help="executables built of every peer, compiled in alternating orders (see above)",
+  )
+  parser.add_argument(
     "--intervals-per-sample",
     type=int,
     default=1,
@@ -532,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   with captured_records() as stream:
     for item in filter(None, args.cases.split(",")):
       params, leaves = item.split(":")
-      rows += measure(int(float(params)), int(leaves), repeats, samples_steps, stream)
+      rows += measure(
+        int(float(params)), int(leaves), repeats, samples_steps, stream, args.instances
+      )
     if models:
       from benchmarks import _models as model_zoo  # needs Flax
 
@@ -541,12 +601,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           problem = model_zoo.nnx_problem(smoke=args.smoke)
         else:
           problem = model_zoo.problem(name, smoke=args.smoke)
-        model_rows += measure_model(problem, repeats, samples_steps, args.scan_steps, stream)
+        model_rows += measure_model(
+          problem, repeats, samples_steps, args.scan_steps, stream, args.instances
+        )
   scan = f" (a scan: one call of {args.scan_steps})" if model_rows and args.scan_steps else ""
   print(
-    f"({repeats} interleaved samples of {samples_steps} steps{scan}; time/step: the median; "
-    "vs off: the median over the repeats of the sample's time over the same repeat's "
-    f"off sample, and a 95% bootstrap interval of it; {_lines(stream)} log records captured)\n"
+    f"({repeats} interleaved samples of {samples_steps} steps{scan} of each of "
+    f"{args.instances} instances of every peer; time/step: the median of the instances' "
+    "mean; vs off: the median over the repeats of that mean over off's in the same "
+    f"repeat, and a 95% bootstrap interval of it; {_lines(stream)} log records captured)\n"
   )
   if rows:
     print(table(rows) + "\n")

@@ -149,6 +149,30 @@ def logging_overhead_run():
   return rows, out.getvalue()
 
 
+def test_logging_overhead_compiles_instances_in_alternating_orders():
+  # Two executables of one step can run several percent apart on XLA:CPU: each
+  # peer is built twice, first in the table's order, then in the reverse one.
+  built = []
+
+  def build():
+    built.append(len(built))
+    return {"off": ("off", built[-1]), "state": ("state", built[-1])}
+
+  runners = logging_overhead._instances(build, 3)
+  assert list(runners) == [
+    ("off", 0),
+    ("state", 0),
+    ("state", 1),
+    ("off", 1),
+    ("off", 2),
+    ("state", 2),
+  ]
+  assert runners["state", 1] == ("state", 1) and built == [0, 1, 2]
+  samples = {("off", 0): [1.0, 2.0], ("off", 1): [3.0, 4.0], ("state", 0): [5.0, 5.0]}
+  times, records = logging_overhead._per_peer(samples, {("off", 0): 1, ("off", 1): 2})
+  assert times == {"off": [2.0, 3.0], "state": [5.0, 5.0]} and records == {"off": 3}
+
+
 @pytest.mark.slow  # runs a benchmark (up to 60 s, shared with the next test)
 def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
   rows, out = logging_overhead_run
@@ -172,11 +196,11 @@ def test_logging_overhead_smoke_logs_every_tenth_step(logging_overhead_run):
   assert "| logging every 10, value= |" in out
   assert "| logging every 10, value= (state) |" in out
   assert "| vmap 8, logging every 10, value= |" in out
-  # 3 timed samples of 10 steps: one record per sample for each logging peer,
-  # sent by callback or read from the state (vmapped peers included); none with
-  # logging off.
+  # 3 timed samples of 10 steps of each of 2 instances: one record per sample for
+  # each logging peer, sent by callback or read from the state (vmapped peers
+  # included); none with logging off.
   logged = {row["peer"]: row["records"] for row in rows}
-  assert logged == {peer: 3 if "every 10" in peer else 0 for peer in logged}
+  assert logged == {peer: 2 * 3 if "every 10" in peer else 0 for peer in logged}
 
 
 @pytest.mark.slow  # runs a benchmark (up to 60 s, shared with the test above)
@@ -201,14 +225,14 @@ def test_logging_overhead_smoke_model_rows(logging_overhead_run):
   logged = {(row["loop"], row["peer"]): row["records"] for row in rows}
   # A Python loop logs one record per 10 steps on both paths. A scan call of 20
   # steps sends two by callback, but its state holds only the last one: the
-  # reader, called once per call, logs one.
+  # reader, called once per call, logs one. Each of 2 instances, 3 samples.
   assert logged == {
     (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_OFF): 0,
-    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_CALLBACK): 3,
-    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_STATE): 3,
+    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_CALLBACK): 2 * 3,
+    (logging_overhead.PYTHON_LOOP, logging_overhead.MODEL_STATE): 2 * 3,
     (scan, logging_overhead.MODEL_OFF): 0,
-    (scan, logging_overhead.MODEL_CALLBACK): 6,
-    (scan, logging_overhead.MODEL_STATE): 3,
+    (scan, logging_overhead.MODEL_CALLBACK): 2 * 6,
+    (scan, logging_overhead.MODEL_STATE): 2 * 3,
   }
   assert "| mlp | 13,002 | 6 | python loop | every 10, state |" in out
 
@@ -233,7 +257,7 @@ def test_logging_overhead_smoke_nnx_rows():
   # Every loop logs one record per 10 steps on both paths: the reader finds them in
   # the nnx.Optimizer and in the State of nnx.split.
   assert {(row["loop"], row["peer"]): row["records"] for row in rows} == {
-    (loop, peer): 0 if peer == logging_overhead.MODEL_OFF else 3
+    (loop, peer): 0 if peer == logging_overhead.MODEL_OFF else 2 * 3  # 2 instances
     for peer in peers
     for loop in logging_overhead.NNX_LOOPS
   }
