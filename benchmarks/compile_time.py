@@ -11,8 +11,8 @@ share one.
 Peers: ``gax`` with progress logging every 10 steps, ``gax`` with logging off
 (the default), the equivalent Optax chain (which has no logging), and that
 chain behind ``optax.clip_by_global_norm``, which computes a global norm too
-(one reduction per leaf; the progress log stacks the leaves of one shape and
-layout, 100 at a time, and reduces each stack once).
+(one reduction per leaf; the progress log reduces the leaves of one shape and
+layout in blocks of 100, each block once).
 A second table sets logging on against off, per number of leaves; for many
 small leaves (where the cost of a per-leaf norm shows) run, for example,
 ``--leaves 1000,3000,5000 --leaf-size 2``.
