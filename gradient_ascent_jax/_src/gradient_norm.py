@@ -152,8 +152,8 @@ def global_norm(tree: optax.Updates) -> jax.Array:
     return jnp.sqrt(total) if right else lifted(blocks)
   # The second pass runs only where the plain sum is not right. Run on every
   # logging step, it took the norm of 100 leaves of 10,000 elements from 250 us
-  # to 380-415 us (jitted alone), and a step that logs every time from 1.24x
-  # logging off to 1.37x (paired, 100 rounds; both on an AMD EPYC). Under vmap,
+  # to 435 us (jitted alone), and a step that logs every time from 1.24x logging
+  # off to 1.37x (paired, 100 rounds; both on an AMD EPYC). Under vmap,
   # where the copies decide apart, both branches run.
   return jax.lax.cond(right, lambda _: jnp.sqrt(total), lifted, blocks)
 
