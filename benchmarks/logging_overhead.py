@@ -90,6 +90,8 @@ NNX_JIT, NNX_CACHED = "python loop, nnx.jit", "python loop, nnx.jit + cached_par
 NNX_SPLIT = "python loop, jax.jit of nnx.split"
 NNX_LOOPS = (NNX_JIT, NNX_CACHED, NNX_SPLIT)
 SCAN_STEPS = 100
+# Executables built of every peer (``--instances``; see the module's docstring).
+INSTANCES = 2
 ONE = jnp.asarray(1.0, jnp.float32)
 
 
@@ -250,7 +252,9 @@ def _fmt_overhead(row: dict) -> str:
   return f"{row['overhead']:+.1%} ({low:+.1%} to {high:+.1%})"
 
 
-def measure(num_params, num_leaves, repeats, samples_steps, stream, instances=2) -> list[dict]:
+def measure(
+  num_params, num_leaves, repeats, samples_steps, stream, instances=INSTANCES
+) -> list[dict]:
   size = num_params // num_leaves
   keys = jax.random.split(jax.random.key(0), num_leaves)
   grads = [jax.random.normal(key, (size,), jnp.float32) for key in keys]
@@ -438,7 +442,7 @@ def measure_model(
   samples_steps: int,
   scan_steps: int,
   stream: io.StringIO,
-  instances: int = 2,
+  instances: int = INSTANCES,
 ) -> list[dict]:
   """Each peer's time per step on one model; a loop peer's sample is ``samples_steps``
   steps, a scan peer's is one call."""
@@ -568,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument(
     "--instances",
     type=int,
-    default=2,
+    default=INSTANCES,
     help="executables built of every peer, compiled in alternating orders (see above)",
   )
   parser.add_argument(
