@@ -306,7 +306,7 @@ def test_compiled_norm_takes_the_second_sum_only_where_the_plain_one_is_not_righ
   tree = {"a": jnp.ones((8, 4)), "b": jnp.ones(3)}
   jaxpr = jax.make_jaxpr(gradient_norm.global_norm)(tree).jaxpr
   names = [eqn.primitive.name for eqn in jaxpr.eqns]
-  # The plain sums of the two groups, and their total; then one cond.
+  # The plain sums of the two blocks, and their total; then one cond.
   assert names.count("reduce_sum") == 3, names
   (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
   sums = sorted(
