@@ -35,11 +35,12 @@ as they live (on a 2-core AMD EPYC, five runs of four identical peers: the one
 compiled first the fastest, the others 1.02x-1.09x it, though one run of eight
 showed no such order; the state path at interval 10 measured 1.20x off when
 compiled after off and 1.06x when compiled before it), so one instance per peer
-would give each peer the luck of its executable. Each repeat takes one sample of every instance, in an order drawn
-anew for each repeat (with a fixed seed); a peer's time in a repeat is the
-mean of its instances' samples, and its cost "vs off" is the median over the
-repeats of that time over off's in the same repeat, with a 95% bootstrap
-interval of that median (see ``paired_overhead``).
+would give each peer the luck of its executable. Each repeat takes one sample
+of every instance, in an order drawn anew for each repeat (with a fixed seed);
+a peer's time in a repeat is the mean of its instances' samples, and its cost
+"vs off" is the median over the repeats of that time over off's in the same
+repeat, with a 95% bootstrap interval of that median (see
+``paired_overhead``).
 
 Run ``python -m benchmarks.logging_overhead --help`` for the options.
 """
